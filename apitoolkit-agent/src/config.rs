@@ -1,0 +1,79 @@
+//! Command line (and `APITOOLKIT_*` environment), validated once into the settings `run` uses.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use uuid::Uuid;
+
+use crate::payload::SdkType;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "apitoolkit-agent",
+    version,
+    about = "Captures the HTTP traffic of running processes with eBPF and emits APIToolkit payloads"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub capture: CaptureArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Runs recorded events (from --record) through the pipeline and prints the payloads.
+    Replay {
+        /// NDJSON file of recorded events.
+        file: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// One JSON payload per line on standard output.
+    Stdout,
+}
+
+#[derive(Debug, Args)]
+pub struct CaptureArgs {
+    /// Process to watch, with its descendants (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+
+    /// Where payloads go.
+    #[arg(long, value_enum, default_value = "stdout", env = "APITOOLKIT_OUTPUT")]
+    pub output: Output,
+
+    /// Debug logging on standard error.
+    #[arg(long, env = "APITOOLKIT_DEBUG")]
+    pub debug: bool,
+
+    /// Largest body kept per message; longer bodies are cut and tagged as truncated.
+    #[arg(long, default_value_t = 1024 * 1024, env = "APITOOLKIT_MAX_BODY_BYTES")]
+    pub max_body_bytes: usize,
+
+    /// Override the detected framework (a backend sdk_type name such as PythonFlask).
+    #[arg(long, env = "APITOOLKIT_SDK_TYPE")]
+    pub sdk_type: Option<SdkType>,
+
+    /// APIToolkit project the payloads belong to.
+    #[arg(long, default_value_t = Uuid::nil(), env = "APITOOLKIT_PROJECT_ID")]
+    pub project_id: Uuid,
+
+    /// Service version stamped on every payload.
+    #[arg(long, env = "APITOOLKIT_SERVICE_VERSION")]
+    pub service_version: Option<String>,
+
+    /// Tag added to every payload (repeatable).
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+
+    /// Also write every captured event to this file (NDJSON), for `replay` and bug reports.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+
+    /// Payloads that may wait for the sink before new ones are dropped.
+    #[arg(long, default_value_t = 10_000, env = "APITOOLKIT_QUEUE_CAPACITY")]
+    pub queue_capacity: usize,
+}

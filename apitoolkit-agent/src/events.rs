@@ -1,0 +1,322 @@
+//! Typed events decoded from ring-buffer records (the only place that reinterprets kernel
+//! bytes), and their recorded form: one JSON object per line, so a capture can be replayed
+//! through the pipeline without root.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use apitoolkit_common as abi;
+use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
+use bytes::Bytes;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ConnId {
+    pub tgid: u32,
+    pub fd: i32,
+    pub generation: u64,
+}
+
+impl From<abi::ConnId> for ConnId {
+    fn from(id: abi::ConnId) -> Self {
+        Self {
+            tgid: id.tgid,
+            fd: id.fd,
+            generation: id.generation,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Unknown,
+    Server,
+    Client,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Syscall,
+    Tls,
+}
+
+/// Bytes one syscall moved on a connection (or a piece of them), at a stream position.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataEvent {
+    pub conn: ConnId,
+    pub tid: u32,
+    pub timestamp_ns: u64,
+    pub direction: Direction,
+    pub source: Source,
+    pub position: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_len: u64,
+    #[serde(with = "payload_bytes")]
+    pub data: Bytes,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Open {
+        conn: ConnId,
+        timestamp_ns: u64,
+        role: Role,
+        remote: Option<SocketAddr>,
+    },
+    Data(DataEvent),
+    Close {
+        conn: ConnId,
+        timestamp_ns: u64,
+        bytes_sent: u64,
+        bytes_received: u64,
+    },
+    ProcessExit {
+        tgid: u32,
+        timestamp_ns: u64,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("ring-buffer record of {0} bytes is too short")]
+    TooShort(usize),
+    #[error("ring-buffer record has unknown kind {0}")]
+    UnknownKind(u32),
+    #[error("ring-buffer record has unknown {field} value {value}")]
+    BadField { field: &'static str, value: u8 },
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
+/// Reads a `repr(C)` record from the front of `bytes`.
+fn read_record<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.len() < size_of::<T>() {
+        return Err(DecodeError::TooShort(bytes.len()));
+    }
+    // SAFETY: length checked above; the ABI types are plain-old-data and read unaligned.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+fn remote_address(address: &abi::SocketAddress) -> Option<SocketAddr> {
+    let ip = match address.family {
+        abi::AF_INET => IpAddr::V4(Ipv4Addr::new(
+            address.addr[0],
+            address.addr[1],
+            address.addr[2],
+            address.addr[3],
+        )),
+        abi::AF_INET6 => IpAddr::V6(Ipv6Addr::from(address.addr)),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, address.port))
+}
+
+impl Event {
+    pub fn decode(record: &[u8]) -> Result<Self, DecodeError> {
+        let kind: u32 = read_record(record)?;
+        match kind {
+            abi::RECORD_DATA => {
+                let header: abi::DataHeader = read_record(record)?;
+                let start = size_of::<abi::DataHeader>();
+                let end = start + header.captured_len as usize;
+                let data = record
+                    .get(start..end)
+                    .ok_or(DecodeError::TooShort(record.len()))?;
+                let direction = match header.direction {
+                    abi::DIRECTION_INGRESS => Direction::Ingress,
+                    abi::DIRECTION_EGRESS => Direction::Egress,
+                    value => {
+                        return Err(DecodeError::BadField {
+                            field: "direction",
+                            value,
+                        });
+                    }
+                };
+                let source = match header.source {
+                    abi::SOURCE_SYSCALL => Source::Syscall,
+                    abi::SOURCE_TLS => Source::Tls,
+                    value => {
+                        return Err(DecodeError::BadField {
+                            field: "source",
+                            value,
+                        });
+                    }
+                };
+                Ok(Event::Data(DataEvent {
+                    conn: header.conn.into(),
+                    tid: header.tid,
+                    timestamp_ns: header.timestamp_ns,
+                    direction,
+                    source,
+                    position: header.position,
+                    skipped_len: header.skipped_len,
+                    data: Bytes::copy_from_slice(data),
+                }))
+            }
+            abi::RECORD_CONN_OPEN => {
+                let record: abi::ConnRecord = read_record(record)?;
+                let role = match record.role {
+                    abi::ROLE_SERVER => Role::Server,
+                    abi::ROLE_CLIENT => Role::Client,
+                    _ => Role::Unknown,
+                };
+                Ok(Event::Open {
+                    conn: record.conn.into(),
+                    timestamp_ns: record.timestamp_ns,
+                    role,
+                    remote: remote_address(&record.remote),
+                })
+            }
+            abi::RECORD_CONN_CLOSE => {
+                let record: abi::ConnRecord = read_record(record)?;
+                Ok(Event::Close {
+                    conn: record.conn.into(),
+                    timestamp_ns: record.timestamp_ns,
+                    bytes_sent: record.bytes_sent,
+                    bytes_received: record.bytes_received,
+                })
+            }
+            abi::RECORD_PROCESS_EXIT => {
+                let record: abi::ProcessRecord = read_record(record)?;
+                Ok(Event::ProcessExit {
+                    tgid: record.tgid,
+                    timestamp_ns: record.timestamp_ns,
+                })
+            }
+            other => Err(DecodeError::UnknownKind(other)),
+        }
+    }
+
+    pub fn timestamp_ns(&self) -> u64 {
+        match self {
+            Event::Open { timestamp_ns, .. }
+            | Event::Close { timestamp_ns, .. }
+            | Event::ProcessExit { timestamp_ns, .. } => *timestamp_ns,
+            Event::Data(data) => data.timestamp_ns,
+        }
+    }
+}
+
+/// Captured bytes in a recording: readable text when they are UTF-8, else `b64:` + base64.
+mod payload_bytes {
+    use super::*;
+
+    const BASE64_PREFIX: &str = "b64:";
+
+    pub fn serialize<S: Serializer>(data: &Bytes, serializer: S) -> Result<S::Ok, S::Error> {
+        match std::str::from_utf8(data) {
+            Ok(text) if !text.starts_with(BASE64_PREFIX) => serializer.serialize_str(text),
+            _ => serializer.serialize_str(&format!("{BASE64_PREFIX}{}", BASE64.encode(data))),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Bytes, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match text.strip_prefix(BASE64_PREFIX) {
+            Some(encoded) => BASE64
+                .decode(encoded)
+                .map(Bytes::from)
+                .map_err(serde::de::Error::custom),
+            None => Ok(Bytes::from(text)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(captured_len: u32) -> abi::DataHeader {
+        abi::DataHeader {
+            kind: abi::RECORD_DATA,
+            tid: 7,
+            conn: abi::ConnId {
+                tgid: 42,
+                fd: 5,
+                generation: 99,
+            },
+            timestamp_ns: 1000,
+            position: 10,
+            skipped_len: 0,
+            captured_len,
+            direction: abi::DIRECTION_EGRESS,
+            source: abi::SOURCE_SYSCALL,
+            _pad: [0; 2],
+        }
+    }
+
+    fn record_bytes(header: &abi::DataHeader, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![0u8; size_of::<abi::DataHeader>()];
+        // SAFETY: the vector is exactly one header long.
+        unsafe { std::ptr::write_unaligned(bytes.as_mut_ptr().cast(), *header) };
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
+    #[test]
+    fn decodes_a_data_record() {
+        let bytes = record_bytes(&header(5), b"HTTP/");
+        let Event::Data(event) = Event::decode(&bytes).unwrap() else {
+            panic!("not a data event");
+        };
+        assert_eq!(event.conn.tgid, 42);
+        assert_eq!(event.conn.generation, 99);
+        assert_eq!(event.direction, Direction::Egress);
+        assert_eq!(event.position, 10);
+        assert_eq!(&event.data[..], b"HTTP/");
+    }
+
+    #[test]
+    fn rejects_a_record_shorter_than_its_captured_length() {
+        let bytes = record_bytes(&header(50), b"HTTP/");
+        assert!(matches!(
+            Event::decode(&bytes),
+            Err(DecodeError::TooShort(_))
+        ));
+    }
+
+    #[test]
+    fn rejects_unknown_kinds() {
+        assert_eq!(
+            Event::decode(&77u32.to_ne_bytes()),
+            Err(DecodeError::UnknownKind(77))
+        );
+    }
+
+    #[test]
+    fn recording_round_trips_text_and_binary() {
+        for data in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            &[0xff, 0x00, 0x1f][..],
+            b"b64:x",
+        ] {
+            let event = Event::Data(DataEvent {
+                conn: ConnId {
+                    tgid: 1,
+                    fd: 3,
+                    generation: 4,
+                },
+                tid: 1,
+                timestamp_ns: 5,
+                direction: Direction::Ingress,
+                source: Source::Syscall,
+                position: 0,
+                skipped_len: 0,
+                data: Bytes::copy_from_slice(data),
+            });
+            let line = serde_json::to_string(&event).unwrap();
+            assert_eq!(serde_json::from_str::<Event>(&line).unwrap(), event);
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! HTTP/1.x reassembly for one connection: a parser per direction and FIFO pairing of
+//! requests with responses into exchanges.
+
+pub mod content;
+pub mod parser;
+
+use std::collections::VecDeque;
+
+use parser::{Message, MessageKind, MessageParser, ParseError, Polled};
+
+/// A request and the response that answered it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exchange {
+    pub request: Message,
+    pub response: Message,
+}
+
+/// Things reassembly noticed that cost an exchange or a connection; the caller counts them.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Anomaly {
+    /// Bytes were lost where no message boundary could absorb them.
+    Desync,
+    /// A request or response dropped because pairing could not be trusted.
+    Unpaired(MessageKind),
+    Malformed(MessageKind, ParseError),
+}
+
+#[derive(Default, Debug, PartialEq, Eq)]
+pub struct Output {
+    pub exchanges: Vec<Exchange>,
+    pub anomalies: Vec<Anomaly>,
+}
+
+pub struct HttpConnection {
+    requests: MessageParser,
+    responses: MessageParser,
+    pending: VecDeque<Message>,
+    /// Set by a gap that dropped a message: responses are discarded until a request starts while
+    /// the response stream is between messages, so no request ever gets another's response.
+    desynced: bool,
+    /// Nothing valid has been parsed yet; a malformed start means the protocol is not HTTP.
+    seen_message: bool,
+    upgraded: bool,
+}
+
+impl HttpConnection {
+    pub fn new(max_body_bytes: usize) -> Self {
+        Self {
+            requests: MessageParser::new(MessageKind::Request, max_body_bytes),
+            responses: MessageParser::new(MessageKind::Response, max_body_bytes),
+            pending: VecDeque::new(),
+            desynced: false,
+            seen_message: false,
+            upgraded: false,
+        }
+    }
+
+    /// For a connection joined mid-stream: both directions wait for a message start, and
+    /// responses to requests sent before the agent started are dropped.
+    pub fn joined_midstream(max_body_bytes: usize) -> Self {
+        Self {
+            requests: MessageParser::resyncing(MessageKind::Request, max_body_bytes),
+            responses: MessageParser::resyncing(MessageKind::Response, max_body_bytes),
+            desynced: true,
+            ..Self::new(max_body_bytes)
+        }
+    }
+
+    /// True once the first bytes of the connection failed to parse as HTTP: the caller can stop
+    /// capturing it.
+    pub fn is_not_http(&self, output: &Output) -> bool {
+        !self.seen_message
+            && output
+                .anomalies
+                .iter()
+                .any(|anomaly| matches!(anomaly, Anomaly::Malformed(..)))
+    }
+
+    pub fn is_upgraded(&self) -> bool {
+        self.upgraded
+    }
+
+    pub fn push(&mut self, kind: MessageKind, data: &[u8], timestamp_ns: u64, output: &mut Output) {
+        match kind {
+            MessageKind::Request => self.requests.push(data, timestamp_ns),
+            MessageKind::Response => self.responses.push(data, timestamp_ns),
+        }
+        self.drain(output);
+    }
+
+    pub fn gap(&mut self, kind: MessageKind, len: u64, output: &mut Output) {
+        let absorbed = match kind {
+            MessageKind::Request => self.requests.gap(len),
+            MessageKind::Response => self.responses.gap(len),
+        };
+        if !absorbed {
+            output.anomalies.push(Anomaly::Desync);
+            for _ in self.pending.drain(..) {
+                output
+                    .anomalies
+                    .push(Anomaly::Unpaired(MessageKind::Request));
+            }
+            self.desynced = true;
+        }
+    }
+
+    /// The connection closed: a close-delimited response completes; what is still pending is
+    /// reported unpaired.
+    pub fn close(&mut self, output: &mut Output) {
+        if let Some(response) = self.responses.close() {
+            self.on_response(response, output);
+        }
+        for _ in self.pending.drain(..) {
+            output
+                .anomalies
+                .push(Anomaly::Unpaired(MessageKind::Request));
+        }
+    }
+
+    fn drain(&mut self, output: &mut Output) {
+        loop {
+            let mut progressed = false;
+            while let Some(polled) = self.requests.poll(None) {
+                progressed = true;
+                match polled {
+                    Polled::Message(request) => self.on_request(request, output),
+                    Polled::Interim => {}
+                    Polled::Malformed(error) => output
+                        .anomalies
+                        .push(Anomaly::Malformed(MessageKind::Request, error)),
+                }
+            }
+            let method = self
+                .pending
+                .front()
+                .and_then(Message::method)
+                .or_else(|| self.requests.request_in_progress_method())
+                .map(str::to_owned);
+            if let Some(polled) = self.responses.poll(method.as_deref()) {
+                progressed = true;
+                match polled {
+                    Polled::Message(response) => self.on_response(response, output),
+                    Polled::Interim => {}
+                    Polled::Malformed(error) => output
+                        .anomalies
+                        .push(Anomaly::Malformed(MessageKind::Response, error)),
+                }
+            }
+            if !progressed || self.upgraded {
+                return;
+            }
+        }
+    }
+
+    fn on_request(&mut self, request: Message, output: &mut Output) {
+        if self.desynced {
+            // In sync again only if no response is half-way: then the next response answers
+            // this request.
+            if self.responses.is_idle() {
+                self.desynced = false;
+            } else {
+                output
+                    .anomalies
+                    .push(Anomaly::Unpaired(MessageKind::Request));
+                return;
+            }
+        }
+        self.seen_message = true;
+        self.pending.push_back(request);
+    }
+
+    fn on_response(&mut self, response: Message, output: &mut Output) {
+        self.seen_message = true;
+        let request = if self.desynced {
+            None
+        } else {
+            self.pending.pop_front()
+        };
+        let Some(request) = request else {
+            output
+                .anomalies
+                .push(Anomaly::Unpaired(MessageKind::Response));
+            return;
+        };
+        if response.status() == Some(101) {
+            self.upgraded = true;
+            self.requests.upgrade();
+            self.responses.upgrade();
+        }
+        output.exchanges.push(Exchange { request, response });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn targets(output: &Output) -> Vec<(String, u16)> {
+        output
+            .exchanges
+            .iter()
+            .map(|exchange| {
+                let parser::StartLine::Request { target, .. } = &exchange.request.start else {
+                    panic!("request expected");
+                };
+                (target.clone(), exchange.response.status().unwrap())
+            })
+            .collect()
+    }
+
+    fn response(status: u16, body: &str) -> Vec<u8> {
+        format!(
+            "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn pipelined_requests_pair_in_order() {
+        let mut connection = HttpConnection::new(1 << 20);
+        let mut output = Output::default();
+        let requests: String = (0..5)
+            .map(|i| format!("GET /{i} HTTP/1.1\r\n\r\n"))
+            .collect();
+        connection.push(MessageKind::Request, requests.as_bytes(), 1, &mut output);
+        let responses: Vec<u8> = (0..5).flat_map(|i| response(200 + i, "ok")).collect();
+        connection.push(MessageKind::Response, &responses, 2, &mut output);
+        assert_eq!(
+            targets(&output),
+            (0..5)
+                .map(|i| (format!("/{i}"), 200 + i as u16))
+                .collect::<Vec<_>>()
+        );
+        assert!(output.anomalies.is_empty());
+    }
+
+    #[test]
+    fn head_request_in_a_pipeline_frames_its_response_without_body() {
+        let mut connection = HttpConnection::new(1 << 20);
+        let mut output = Output::default();
+        connection.push(
+            MessageKind::Request,
+            b"HEAD /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n",
+            1,
+            &mut output,
+        );
+        let mut responses = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n".to_vec();
+        responses.extend(response(201, "hello"));
+        connection.push(MessageKind::Response, &responses, 2, &mut output);
+        assert_eq!(
+            targets(&output),
+            vec![("/a".to_owned(), 200), ("/b".to_owned(), 201)]
+        );
+        assert!(output.exchanges[0].response.body.bytes.is_empty());
+        assert_eq!(output.exchanges[1].response.body.bytes, b"hello");
+    }
+
+    #[test]
+    fn expect_continue_pairs_the_final_response() {
+        let mut connection = HttpConnection::new(1 << 20);
+        let mut output = Output::default();
+        connection.push(
+            MessageKind::Request,
+            b"POST /up HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
+            1,
+            &mut output,
+        );
+        connection.push(
+            MessageKind::Response,
+            b"HTTP/1.1 100 Continue\r\n\r\n",
+            2,
+            &mut output,
+        );
+        connection.push(MessageKind::Request, b"data", 3, &mut output);
+        connection.push(MessageKind::Response, &response(201, "{}"), 4, &mut output);
+        assert_eq!(targets(&output), vec![("/up".to_owned(), 201)]);
+        assert_eq!(output.exchanges[0].request.body.bytes, b"data");
+    }
+
+    #[test]
+    fn a_lost_request_never_takes_the_next_response() {
+        let mut connection = HttpConnection::new(1 << 20);
+        let mut output = Output::default();
+        connection.push(
+            MessageKind::Request,
+            b"GET /1 HTTP/1.1\r\n\r\n",
+            1,
+            &mut output,
+        );
+        connection.push(MessageKind::Response, &response(200, "one"), 2, &mut output);
+        // Request /2 is lost in the middle of its head.
+        connection.push(MessageKind::Request, b"GET /2 HT", 3, &mut output);
+        connection.gap(MessageKind::Request, 30, &mut output);
+        connection.push(MessageKind::Response, &response(202, "two"), 4, &mut output);
+        connection.push(
+            MessageKind::Request,
+            b"GET /3 HTTP/1.1\r\n\r\n",
+            5,
+            &mut output,
+        );
+        connection.push(
+            MessageKind::Response,
+            &response(203, "three"),
+            6,
+            &mut output,
+        );
+        assert_eq!(
+            targets(&output),
+            vec![("/1".to_owned(), 200), ("/3".to_owned(), 203)]
+        );
+        assert!(output.anomalies.contains(&Anomaly::Desync));
+        assert!(
+            output
+                .anomalies
+                .contains(&Anomaly::Unpaired(MessageKind::Response))
+        );
+    }
+
+    #[test]
+    fn non_http_start_is_reported() {
+        let mut connection = HttpConnection::new(1 << 20);
+        let mut output = Output::default();
+        connection.push(
+            MessageKind::Request,
+            b"\x00\x00\x00\x08\x04\xd2\x16\x2f\r\n\r\n",
+            1,
+            &mut output,
+        );
+        assert!(connection.is_not_http(&output));
+    }
+
+    #[test]
+    fn upgrade_pairs_and_then_ignores_the_stream() {
+        let mut connection = HttpConnection::new(1 << 20);
+        let mut output = Output::default();
+        connection.push(
+            MessageKind::Request,
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            1,
+            &mut output,
+        );
+        connection.push(
+            MessageKind::Response,
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x02hi",
+            2,
+            &mut output,
+        );
+        connection.push(MessageKind::Request, b"\x81\x82garbage", 3, &mut output);
+        assert_eq!(targets(&output), vec![("/ws".to_owned(), 101)]);
+        assert!(connection.is_upgraded());
+        assert!(output.anomalies.is_empty());
+    }
+}

@@ -1,0 +1,714 @@
+//! Incremental HTTP/1.x message parser for one direction of one connection.
+//!
+//! Bytes are pushed as they arrive; `poll` yields complete messages. Gaps inside a body of
+//! known length are absorbed (the body is marked incomplete); any other gap drops the partial
+//! message and the parser resynchronises at the next message start.
+
+use bytes::{Buf, BytesMut};
+
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+const MAX_HEADERS: usize = 256;
+/// Longest token a resync scan must keep from a buffer it discards, so a message start split
+/// across two pushes is still found.
+const RESYNC_KEEP: usize = 16;
+const METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"PATCH ",
+    b"OPTIONS ",
+    b"CONNECT ",
+    b"TRACE ",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MessageKind {
+    Request,
+    Response,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Body {
+    pub bytes: Vec<u8>,
+    /// More bytes arrived than the configured maximum; the rest was dropped.
+    pub truncated: bool,
+    /// Part of the body was never captured (a gap inside it).
+    pub incomplete: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StartLine {
+    Request { method: String, target: String },
+    Response { status: u16 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub start: StartLine,
+    pub version_minor: u8,
+    pub headers: Vec<(String, String)>,
+    pub body: Body,
+    pub first_byte_ns: u64,
+    pub last_byte_ns: u64,
+}
+
+impl Message {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+
+    pub fn method(&self) -> Option<&str> {
+        match &self.start {
+            StartLine::Request { method, .. } => Some(method),
+            StartLine::Response { .. } => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self.start {
+            StartLine::Response { status } => Some(status),
+            StartLine::Request { .. } => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("malformed HTTP head: {0}")]
+    Head(httparse::Error),
+    #[error("HTTP head longer than {MAX_HEAD_BYTES} bytes")]
+    HeadTooLong,
+    #[error("malformed chunk size line")]
+    ChunkSize,
+    #[error("invalid Content-Length {0:?}")]
+    ContentLength(String),
+}
+
+/// What `poll` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Polled {
+    Message(Message),
+    /// A complete 1xx interim response: nothing to pair, the final response follows.
+    Interim,
+    /// The bytes are not HTTP; the partial message was dropped and the parser resyncs.
+    Malformed(ParseError),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked(ChunkState),
+    UntilClose,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+#[derive(Debug)]
+enum State {
+    /// At a message boundary, maybe holding part of the next head.
+    Head,
+    Body {
+        message: Message,
+        framing: Framing,
+    },
+    /// Discarding bytes until something that looks like a message start.
+    Resync,
+    /// After `101 Switching Protocols` nothing on this connection is HTTP/1.
+    Upgraded,
+}
+
+pub struct MessageParser {
+    kind: MessageKind,
+    max_body_bytes: usize,
+    buffer: BytesMut,
+    state: State,
+    /// Time of the first byte of the message being assembled.
+    first_byte_ns: Option<u64>,
+    last_push_ns: u64,
+}
+
+impl MessageParser {
+    pub fn new(kind: MessageKind, max_body_bytes: usize) -> Self {
+        Self {
+            kind,
+            max_body_bytes,
+            buffer: BytesMut::new(),
+            state: State::Head,
+            first_byte_ns: None,
+            last_push_ns: 0,
+        }
+    }
+
+    /// A parser that joins a stream in the middle (a connection older than the agent).
+    pub fn resyncing(kind: MessageKind, max_body_bytes: usize) -> Self {
+        let mut parser = Self::new(kind, max_body_bytes);
+        parser.state = State::Resync;
+        parser
+    }
+
+    pub fn push(&mut self, data: &[u8], timestamp_ns: u64) {
+        if matches!(self.state, State::Upgraded) {
+            return;
+        }
+        if self.first_byte_ns.is_none() && !data.is_empty() {
+            self.first_byte_ns = Some(timestamp_ns);
+        }
+        self.last_push_ns = timestamp_ns;
+        self.buffer.extend_from_slice(data);
+    }
+
+    /// True when no message is in progress and no bytes wait: the stream is between messages.
+    pub fn is_idle(&self) -> bool {
+        matches!(self.state, State::Head) && self.buffer.is_empty()
+    }
+
+    pub fn is_resyncing(&self) -> bool {
+        matches!(self.state, State::Resync)
+    }
+
+    /// Method of a request whose head is parsed but whose body is still arriving.
+    pub fn request_in_progress_method(&self) -> Option<&str> {
+        match &self.state {
+            State::Body { message, .. } => message.method(),
+            _ => None,
+        }
+    }
+
+    pub fn upgrade(&mut self) {
+        self.state = State::Upgraded;
+        self.buffer.clear();
+    }
+
+    /// `len` bytes of the stream were lost. Returns false when the message in progress had to
+    /// be dropped (the caller must treat pairing as unreliable).
+    pub fn gap(&mut self, len: u64) -> bool {
+        if let State::Body { message, framing } = &mut self.state
+            && self.buffer.is_empty()
+        {
+            let absorbed = match framing {
+                Framing::Length(remaining) if len <= *remaining => {
+                    *remaining -= len;
+                    true
+                }
+                Framing::Chunked(ChunkState::Data(remaining)) if len <= *remaining => {
+                    *remaining -= len;
+                    true
+                }
+                Framing::UntilClose => true,
+                _ => false,
+            };
+            if absorbed {
+                message.body.incomplete = true;
+                return true;
+            }
+        }
+        match self.state {
+            State::Upgraded => true,
+            State::Head if self.buffer.is_empty() => {
+                // Whole messages may be missing; the next bytes may start anywhere.
+                self.state = State::Resync;
+                false
+            }
+            _ => {
+                self.buffer.clear();
+                self.first_byte_ns = None;
+                self.state = State::Resync;
+                false
+            }
+        }
+    }
+
+    /// The connection closed: a body delimited by the close is complete now.
+    pub fn close(&mut self) -> Option<Message> {
+        match std::mem::replace(&mut self.state, State::Head) {
+            State::Body {
+                mut message,
+                framing: Framing::UntilClose,
+            } => {
+                let pending = self.buffer.split();
+                append_body(&mut message.body, &pending, self.max_body_bytes);
+                message.last_byte_ns = self.last_push_ns;
+                Some(message)
+            }
+            _ => None,
+        }
+    }
+
+    /// Parses as far as the buffered bytes allow. `request_method` is the method of the request
+    /// the next response answers (it decides whether a body follows).
+    pub fn poll(&mut self, request_method: Option<&str>) -> Option<Polled> {
+        loop {
+            match &mut self.state {
+                State::Upgraded => return None,
+                State::Resync => {
+                    if !self.resync() {
+                        return None;
+                    }
+                }
+                State::Head => {
+                    if self.buffer.is_empty() {
+                        self.first_byte_ns = None;
+                        return None;
+                    }
+                    match self.parse_head(request_method) {
+                        Ok(Some(polled)) => return Some(polled),
+                        Ok(None) if matches!(self.state, State::Head) => return None,
+                        Ok(None) => {}
+                        Err(error) => {
+                            self.state = State::Resync;
+                            self.first_byte_ns = None;
+                            return Some(Polled::Malformed(error));
+                        }
+                    }
+                }
+                State::Body { .. } => match self.parse_body() {
+                    Ok(Some(message)) => return Some(Polled::Message(message)),
+                    Ok(None) => return None,
+                    Err(error) => {
+                        self.state = State::Resync;
+                        self.first_byte_ns = None;
+                        return Some(Polled::Malformed(error));
+                    }
+                },
+            }
+        }
+    }
+
+    /// Drops bytes up to the next plausible message start. Returns true when one was found.
+    fn resync(&mut self) -> bool {
+        let found = (0..self.buffer.len()).find(|&index| {
+            (index == 0 || self.buffer[index - 1] == b'\n')
+                && looks_like_start(self.kind, &self.buffer[index..])
+        });
+        match found {
+            Some(index) => {
+                self.buffer.advance(index);
+                self.state = State::Head;
+                self.first_byte_ns = Some(self.last_push_ns);
+                true
+            }
+            None => {
+                let keep = self.buffer.len().min(RESYNC_KEEP);
+                self.buffer.advance(self.buffer.len() - keep);
+                false
+            }
+        }
+    }
+
+    /// Parses a head from the buffer. `Ok(None)` with the state still `Head` means more bytes are
+    /// needed; with the state moved to `Body` it means the body follows.
+    fn parse_head(&mut self, request_method: Option<&str>) -> Result<Option<Polled>, ParseError> {
+        let mut header_storage = vec![httparse::EMPTY_HEADER; 32];
+        loop {
+            let parsed = match self.kind {
+                MessageKind::Request => parse_request_head(&self.buffer, &mut header_storage),
+                MessageKind::Response => parse_response_head(&self.buffer, &mut header_storage),
+            };
+            match parsed {
+                Err(ParseError::Head(httparse::Error::TooManyHeaders))
+                    if header_storage.len() < MAX_HEADERS =>
+                {
+                    header_storage = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
+                }
+                Err(error) => return Err(error),
+                Ok(None) if self.buffer.len() > MAX_HEAD_BYTES => {
+                    return Err(ParseError::HeadTooLong);
+                }
+                Ok(None) => return Ok(None),
+                Ok(Some((head_len, start, version_minor, headers))) => {
+                    self.buffer.advance(head_len);
+                    let first_byte_ns = self.first_byte_ns.take().unwrap_or(self.last_push_ns);
+                    let message = Message {
+                        start,
+                        version_minor,
+                        headers,
+                        body: Body::default(),
+                        first_byte_ns,
+                        last_byte_ns: self.last_push_ns,
+                    };
+                    return self.begin_body(message, request_method);
+                }
+            }
+        }
+    }
+
+    fn begin_body(
+        &mut self,
+        message: Message,
+        request_method: Option<&str>,
+    ) -> Result<Option<Polled>, ParseError> {
+        if let Some(status) = message.status() {
+            if (100..200).contains(&status) && status != 101 {
+                return Ok(Some(Polled::Interim));
+            }
+            let bodiless = status == 101
+                || status == 204
+                || status == 304
+                || request_method.is_some_and(|method| method.eq_ignore_ascii_case("HEAD"))
+                || (request_method.is_some_and(|method| method.eq_ignore_ascii_case("CONNECT"))
+                    && (200..300).contains(&status));
+            if bodiless {
+                return Ok(Some(Polled::Message(message)));
+            }
+        }
+        let chunked = message
+            .header("transfer-encoding")
+            .is_some_and(|value| value.to_ascii_lowercase().contains("chunked"));
+        let framing = if chunked {
+            Framing::Chunked(ChunkState::Size)
+        } else if let Some(length) = message.header("content-length") {
+            let length = length
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| ParseError::ContentLength(length.to_owned()))?;
+            if length == 0 {
+                return Ok(Some(Polled::Message(message)));
+            }
+            Framing::Length(length)
+        } else if message.status().is_some() {
+            Framing::UntilClose
+        } else {
+            return Ok(Some(Polled::Message(message)));
+        };
+        self.state = State::Body { message, framing };
+        Ok(None)
+    }
+
+    fn parse_body(&mut self) -> Result<Option<Message>, ParseError> {
+        let State::Body { message, framing } = &mut self.state else {
+            return Ok(None);
+        };
+        loop {
+            match framing {
+                Framing::UntilClose => {
+                    let data = self.buffer.split();
+                    append_body(&mut message.body, &data, self.max_body_bytes);
+                    return Ok(None);
+                }
+                Framing::Length(remaining) | Framing::Chunked(ChunkState::Data(remaining)) => {
+                    let take = (*remaining).min(self.buffer.len() as u64) as usize;
+                    let data = self.buffer.split_to(take);
+                    append_body(&mut message.body, &data, self.max_body_bytes);
+                    *remaining -= take as u64;
+                    if *remaining > 0 {
+                        return Ok(None);
+                    }
+                    match framing {
+                        Framing::Length(_) => break,
+                        _ => *framing = Framing::Chunked(ChunkState::DataEnd),
+                    }
+                }
+                Framing::Chunked(ChunkState::Size) => {
+                    match httparse::parse_chunk_size(&self.buffer) {
+                        Ok(httparse::Status::Complete((consumed, size))) => {
+                            self.buffer.advance(consumed);
+                            *framing = Framing::Chunked(if size == 0 {
+                                ChunkState::Trailers
+                            } else {
+                                ChunkState::Data(size)
+                            });
+                        }
+                        Ok(httparse::Status::Partial) if self.buffer.len() < 1024 => {
+                            return Ok(None);
+                        }
+                        _ => return Err(ParseError::ChunkSize),
+                    }
+                }
+                Framing::Chunked(ChunkState::DataEnd) => {
+                    if self.buffer.len() < 2 {
+                        return Ok(None);
+                    }
+                    if &self.buffer[..2] != b"\r\n" {
+                        return Err(ParseError::ChunkSize);
+                    }
+                    self.buffer.advance(2);
+                    *framing = Framing::Chunked(ChunkState::Size);
+                }
+                Framing::Chunked(ChunkState::Trailers) => {
+                    // Trailers end at an empty line; without trailers that is the next CRLF.
+                    if self.buffer.starts_with(b"\r\n") {
+                        self.buffer.advance(2);
+                        break;
+                    }
+                    match find(&self.buffer, b"\r\n\r\n") {
+                        Some(end) => {
+                            self.buffer.advance(end + 4);
+                            break;
+                        }
+                        None if self.buffer.len() > MAX_HEAD_BYTES => {
+                            return Err(ParseError::HeadTooLong);
+                        }
+                        None => return Ok(None),
+                    }
+                }
+            }
+        }
+        let State::Body { mut message, .. } = std::mem::replace(&mut self.state, State::Head)
+        else {
+            unreachable!("state checked at the top of parse_body");
+        };
+        message.last_byte_ns = self.last_push_ns;
+        self.first_byte_ns = (!self.buffer.is_empty()).then_some(self.last_push_ns);
+        Ok(Some(message))
+    }
+}
+
+type ParsedHead = (usize, StartLine, u8, Vec<(String, String)>);
+
+fn collect_headers(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|header| {
+            (
+                header.name.to_owned(),
+                String::from_utf8_lossy(header.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
+fn parse_request_head<'b>(
+    buffer: &'b [u8],
+    storage: &mut [httparse::Header<'b>],
+) -> Result<Option<ParsedHead>, ParseError> {
+    let mut request = httparse::Request::new(storage);
+    match request.parse(buffer).map_err(ParseError::Head)? {
+        httparse::Status::Partial => Ok(None),
+        httparse::Status::Complete(len) => Ok(Some((
+            len,
+            StartLine::Request {
+                method: request.method.unwrap_or_default().to_owned(),
+                target: request.path.unwrap_or_default().to_owned(),
+            },
+            request.version.unwrap_or(1),
+            collect_headers(request.headers),
+        ))),
+    }
+}
+
+fn parse_response_head<'b>(
+    buffer: &'b [u8],
+    storage: &mut [httparse::Header<'b>],
+) -> Result<Option<ParsedHead>, ParseError> {
+    let mut response = httparse::Response::new(storage);
+    let parsed = httparse::ParserConfig::default()
+        .allow_spaces_after_header_name_in_responses(true)
+        .allow_obsolete_multiline_headers_in_responses(true)
+        .parse_response(&mut response, buffer)
+        .map_err(ParseError::Head)?;
+    match parsed {
+        httparse::Status::Partial => Ok(None),
+        httparse::Status::Complete(len) => Ok(Some((
+            len,
+            StartLine::Response {
+                status: response.code.unwrap_or_default(),
+            },
+            response.version.unwrap_or(1),
+            collect_headers(response.headers),
+        ))),
+    }
+}
+
+fn append_body(body: &mut Body, data: &[u8], max_body_bytes: usize) {
+    let room = max_body_bytes.saturating_sub(body.bytes.len());
+    if data.len() > room {
+        body.truncated = true;
+    }
+    body.bytes.extend_from_slice(&data[..data.len().min(room)]);
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+/// Whether `bytes` can be the start of a message of `kind`; a prefix too short to tell counts.
+pub fn looks_like_start(kind: MessageKind, bytes: &[u8]) -> bool {
+    let prefix_matches = |token: &[u8]| {
+        let len = token.len().min(bytes.len());
+        !bytes.is_empty() && bytes[..len] == token[..len]
+    };
+    match kind {
+        MessageKind::Request => METHODS.iter().any(|method| prefix_matches(method)),
+        MessageKind::Response => prefix_matches(b"HTTP/1."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(parser: &mut MessageParser, method: Option<&str>) -> Vec<Polled> {
+        std::iter::from_fn(|| parser.poll(method)).collect()
+    }
+
+    fn only_message(polled: Vec<Polled>) -> Message {
+        match <[Polled; 1]>::try_from(polled) {
+            Ok([Polled::Message(message)]) => message,
+            Ok([other]) => panic!("expected a message, got {other:?}"),
+            Err(polled) => panic!("expected one message, got {polled:?}"),
+        }
+    }
+
+    #[test]
+    fn request_split_at_every_byte() {
+        let raw =
+            b"POST /users?id=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\n{\"a\": true}";
+        let mut parser = MessageParser::new(MessageKind::Request, 1 << 20);
+        let mut messages = Vec::new();
+        for (index, byte) in raw.iter().enumerate() {
+            parser.push(&[*byte], index as u64 + 1);
+            messages.extend(parse_all(&mut parser, None));
+        }
+        let message = only_message(messages);
+        assert_eq!(
+            message.start,
+            StartLine::Request {
+                method: "POST".into(),
+                target: "/users?id=1".into()
+            }
+        );
+        assert_eq!(message.body.bytes, b"{\"a\": true}");
+        assert_eq!(message.first_byte_ns, 1);
+        assert_eq!(message.last_byte_ns, raw.len() as u64);
+        assert!(parser.is_idle());
+    }
+
+    #[test]
+    fn chunked_body_is_decoded_with_trailers() {
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n";
+        let mut parser = MessageParser::new(MessageKind::Response, 1 << 20);
+        parser.push(raw, 1);
+        let message = only_message(parse_all(&mut parser, Some("GET")));
+        assert_eq!(message.body.bytes, b"hello world");
+        assert!(parser.is_idle());
+    }
+
+    #[test]
+    fn head_response_has_no_body_despite_content_length() {
+        let mut parser = MessageParser::new(MessageKind::Response, 1 << 20);
+        parser.push(b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n", 1);
+        let message = only_message(parse_all(&mut parser, Some("HEAD")));
+        assert_eq!(message.status(), Some(200));
+        assert!(message.body.bytes.is_empty());
+        assert!(parser.is_idle());
+    }
+
+    #[test]
+    fn interim_response_is_reported_then_final_response() {
+        let mut parser = MessageParser::new(MessageKind::Response, 1 << 20);
+        parser.push(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+            1,
+        );
+        let polled = parse_all(&mut parser, Some("POST"));
+        assert_eq!(polled.len(), 2);
+        assert_eq!(polled[0], Polled::Interim);
+        let Polled::Message(message) = &polled[1] else {
+            panic!("{polled:?}");
+        };
+        assert_eq!(message.status(), Some(204));
+    }
+
+    #[test]
+    fn close_delimited_body_completes_on_close() {
+        let mut parser = MessageParser::new(MessageKind::Response, 1 << 20);
+        parser.push(b"HTTP/1.0 200 OK\r\n\r\nabc", 1);
+        assert!(parse_all(&mut parser, Some("GET")).is_empty());
+        parser.push(b"def", 2);
+        assert!(parse_all(&mut parser, Some("GET")).is_empty());
+        let message = parser.close().expect("message completes at close");
+        assert_eq!(message.body.bytes, b"abcdef");
+        assert_eq!(message.version_minor, 0);
+        assert_eq!(message.last_byte_ns, 2);
+    }
+
+    #[test]
+    fn body_over_the_limit_is_truncated_and_marked() {
+        let mut parser = MessageParser::new(MessageKind::Request, 4);
+        parser.push(b"PUT / HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789", 1);
+        let message = only_message(parse_all(&mut parser, None));
+        assert_eq!(message.body.bytes, b"0123");
+        assert!(message.body.truncated);
+    }
+
+    #[test]
+    fn gap_inside_known_length_body_is_absorbed() {
+        let mut parser = MessageParser::new(MessageKind::Response, 1 << 20);
+        parser.push(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab", 1);
+        assert!(parse_all(&mut parser, Some("GET")).is_empty());
+        assert!(parser.gap(5));
+        parser.push(b"xyz", 2);
+        let message = only_message(parse_all(&mut parser, Some("GET")));
+        assert_eq!(message.body.bytes, b"abxyz");
+        assert!(message.body.incomplete);
+    }
+
+    #[test]
+    fn gap_in_a_head_resyncs_at_the_next_message() {
+        let mut parser = MessageParser::new(MessageKind::Request, 1 << 20);
+        parser.push(b"GET /lost HTTP/1.1\r\nHo", 1);
+        assert!(parse_all(&mut parser, None).is_empty());
+        assert!(!parser.gap(100));
+        parser.push(b"st: a\r\n\r\nGET /next HTTP/1.1\r\n\r\n", 2);
+        let message = only_message(parse_all(&mut parser, None));
+        assert_eq!(
+            message.start,
+            StartLine::Request {
+                method: "GET".into(),
+                target: "/next".into()
+            }
+        );
+    }
+
+    #[test]
+    fn garbage_is_malformed_and_followed_by_resync() {
+        let mut parser = MessageParser::new(MessageKind::Request, 1 << 20);
+        parser.push(b"\x16\x03\x01 binary\r\n\r\nGET /ok HTTP/1.1\r\n\r\n", 1);
+        let polled = parse_all(&mut parser, None);
+        assert!(matches!(polled[0], Polled::Malformed(_)), "{polled:?}");
+        let Polled::Message(message) = &polled[1] else {
+            panic!("{polled:?}");
+        };
+        assert_eq!(message.method(), Some("GET"));
+    }
+
+    #[test]
+    fn many_headers_retry_with_a_larger_table() {
+        let mut raw = b"GET / HTTP/1.1\r\n".to_vec();
+        for index in 0..100 {
+            raw.extend_from_slice(format!("X-H{index}: v\r\n").as_bytes());
+        }
+        raw.extend_from_slice(b"\r\n");
+        let mut parser = MessageParser::new(MessageKind::Request, 1 << 20);
+        parser.push(&raw, 1);
+        let message = only_message(parse_all(&mut parser, None));
+        assert_eq!(message.headers.len(), 100);
+    }
+
+    #[test]
+    fn upgrade_stops_parsing() {
+        let mut parser = MessageParser::new(MessageKind::Response, 1 << 20);
+        parser.push(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+            1,
+        );
+        let message = only_message(parse_all(&mut parser, Some("GET")));
+        assert_eq!(message.status(), Some(101));
+        parser.upgrade();
+        parser.push(b"\x81\x05hello", 2);
+        assert!(parse_all(&mut parser, Some("GET")).is_empty());
+    }
+}

@@ -1,0 +1,245 @@
+//! apitoolkit-agent: kernel events -> connection tracker -> HTTP reassembly -> exchange ->
+//! payload -> sink.
+
+pub mod config;
+pub mod connections;
+pub mod events;
+pub mod http;
+pub mod payload;
+pub mod pipeline;
+pub mod probes;
+pub mod sinks;
+
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, BufWriter, Write},
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{MapData, RingBuf};
+
+use crate::{
+    config::CaptureArgs,
+    events::Event,
+    payload::{PayloadSettings, SdkType},
+    pipeline::Pipeline,
+    probes::{Probes, process},
+    sinks::SinkSender,
+};
+
+/// CLOCK_REALTIME − CLOCK_MONOTONIC, to turn kernel timestamps into wall-clock time.
+fn realtime_offset_ns() -> i128 {
+    let read = |clock| {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid clock id and out pointer.
+        unsafe { libc::clock_gettime(clock, &mut now) };
+        now.tv_sec as i128 * 1_000_000_000 + now.tv_nsec as i128
+    };
+    read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
+}
+
+fn settings(args: &CaptureArgs) -> PayloadSettings {
+    PayloadSettings {
+        project_id: args.project_id,
+        service_version: args.service_version.clone(),
+        tags: args.tags.clone(),
+        max_body_bytes: args.max_body_bytes,
+        realtime_offset_ns: realtime_offset_ns(),
+    }
+}
+
+fn sdk_type_detector(forced: Option<SdkType>) -> Box<dyn FnMut(u32) -> SdkType + Send> {
+    match forced {
+        Some(sdk_type) => Box::new(move |_| sdk_type),
+        None => Box::new(|tgid| {
+            let sdk_type = process::detect_sdk_type(tgid);
+            tracing::info!(pid = tgid, ?sdk_type, "detected framework");
+            sdk_type
+        }),
+    }
+}
+
+/// Replays a recording through the pipeline, writing payloads as NDJSON to `out`.
+pub fn replay(file: &Path, args: &CaptureArgs, mut out: impl Write) -> anyhow::Result<u64> {
+    let reader = BufReader::new(
+        File::open(file).with_context(|| format!("opening recording {}", file.display()))?,
+    );
+    let mut pipeline = Pipeline::new(
+        settings(args),
+        sdk_type_detector(Some(args.sdk_type.unwrap_or(SdkType::SDKUnknown))),
+    );
+    let mut written = 0;
+    for (index, line) in reader.lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", file.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let event: Event = serde_json::from_str(&line)
+            .with_context(|| format!("{}:{}: not a recorded event", file.display(), index + 1))?;
+        for payload in pipeline.feed(event).payloads {
+            serde_json::to_writer(&mut out, &payload)?;
+            out.write_all(b"\n")?;
+            written += 1;
+        }
+    }
+    out.flush()?;
+    tracing::info!(stats = ?pipeline.stats(), "replay finished");
+    Ok(written)
+}
+
+/// Why capture stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StopReason {
+    Signal,
+    TargetsExited,
+}
+
+struct Capture {
+    ring: RingBuf<MapData>,
+    pipeline: Pipeline,
+    sink: SinkSender,
+    recorder: Option<BufWriter<File>>,
+    roots: Vec<u32>,
+    decode_errors: u64,
+}
+
+impl Capture {
+    fn handle(&mut self, event: Event, probes: &mut Probes) -> anyhow::Result<()> {
+        if let Some(recorder) = &mut self.recorder {
+            serde_json::to_writer(&mut *recorder, &event)?;
+            recorder.write_all(b"\n")?;
+        }
+        if let Event::ProcessExit { tgid, .. } = event
+            && self.roots.contains(&tgid)
+        {
+            tracing::info!(pid = tgid, "watched process exited");
+            self.roots.retain(|root| *root != tgid);
+        }
+        let output = self.pipeline.feed(event);
+        for conn in output.disable {
+            if let Err(error) = probes.disable(conn.tgid, conn.fd, conn.generation) {
+                tracing::warn!(%error, ?conn, "could not disable connection in the kernel");
+            }
+        }
+        for payload in output.payloads {
+            self.sink.send(payload);
+        }
+        Ok(())
+    }
+
+    fn drain(&mut self, probes: &mut Probes) -> anyhow::Result<()> {
+        const BATCH: usize = 1024;
+        loop {
+            // Decode into owned events first: ring items borrow the ring buffer.
+            let mut events = Vec::with_capacity(BATCH);
+            let mut read = 0;
+            while read < BATCH {
+                let Some(item) = self.ring.next() else {
+                    break;
+                };
+                read += 1;
+                match Event::decode(&item) {
+                    Ok(event) => events.push(event),
+                    Err(error) => {
+                        self.decode_errors += 1;
+                        tracing::warn!(%error, "dropped undecodable ring-buffer record");
+                    }
+                }
+            }
+            for event in events {
+                self.handle(event, probes)?;
+            }
+            if read < BATCH {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Consumes events until `stop` is set or every watched root process has exited.
+    fn run(&mut self, probes: &mut Probes, stop: &AtomicBool) -> anyhow::Result<StopReason> {
+        let mut last_liveness_check = Instant::now();
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                self.drain(probes)?;
+                return Ok(StopReason::Signal);
+            }
+            if probes::wait_readable(&self.ring, 100).context("polling the ring buffer")? {
+                self.drain(probes)?;
+            }
+            if last_liveness_check.elapsed() > Duration::from_secs(1) {
+                last_liveness_check = Instant::now();
+                // The exit record can be lost when the ring buffer is full: check /proc too.
+                self.roots.retain(|pid| {
+                    let alive = process::exists(*pid);
+                    if !alive {
+                        tracing::info!(pid, "watched process exited");
+                    }
+                    alive
+                });
+            }
+            if self.roots.is_empty() {
+                self.drain(probes)?;
+                return Ok(StopReason::TargetsExited);
+            }
+        }
+    }
+}
+
+/// Attaches to the processes in `args`, streams payloads to the sink until a signal sets
+/// `stop` or the watched processes exit.
+pub fn capture(
+    args: &CaptureArgs,
+    sink: SinkSender,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<StopReason> {
+    if args.pids.is_empty() {
+        bail!("no process to watch: pass --pid <PID>");
+    }
+    for pid in &args.pids {
+        if !process::exists(*pid) {
+            bail!("no process with pid {pid}");
+        }
+    }
+    let mut probes = Probes::load()?;
+    let targets = process::with_descendants(&args.pids);
+    probes.add_targets(&targets)?;
+    tracing::info!(pids = ?targets, "watching processes");
+    let recorder = match &args.record {
+        Some(path) => {
+            Some(BufWriter::new(File::create(path).with_context(|| {
+                format!("creating recording {}", path.display())
+            })?))
+        }
+        None => None,
+    };
+    let mut capture = Capture {
+        ring: probes.take_ring_buffer()?,
+        pipeline: Pipeline::new(settings(args), sdk_type_detector(args.sdk_type)),
+        sink: sink.clone(),
+        recorder,
+        roots: args.pids.clone(),
+        decode_errors: 0,
+    };
+    let reason = capture.run(&mut probes, &stop);
+    if let Some(recorder) = &mut capture.recorder {
+        recorder.flush().context("writing the recording")?;
+    }
+    let losses = probes.losses()?;
+    tracing::info!(
+        stats = ?capture.pipeline.stats(),
+        kernel_losses = ?losses,
+        decode_errors = capture.decode_errors,
+        sink_dropped = sink.dropped(),
+        "capture stopped"
+    );
+    reason
+}

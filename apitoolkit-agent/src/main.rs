@@ -1,0 +1,73 @@
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use anyhow::Context as _;
+use apitoolkit_agent::{
+    StopReason, capture,
+    config::{Cli, Command},
+    replay, sinks,
+};
+use clap::Parser as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+fn init_logging(debug: bool) {
+    let default = if debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("APITOOLKIT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.capture.debug);
+    if let Err(error) = run(cli).await {
+        eprintln!("apitoolkit-agent: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::Replay { file }) = &cli.command {
+        replay(file, &cli.capture, std::io::stdout().lock())?;
+        return Ok(());
+    }
+    let (sender, receiver) = sinks::queue(cli.capture.queue_capacity);
+    let writer = sinks::stdout::spawn(receiver).context("starting the stdout sink")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let args = Arc::new(cli.capture);
+    let mut capture_task = tokio::task::spawn_blocking({
+        let stop = stop.clone();
+        let args = args.clone();
+        move || capture(&args, sender, stop)
+    });
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let reason = tokio::select! {
+        result = &mut capture_task => result.context("capture thread panicked")??,
+        _ = tokio::signal::ctrl_c() => {
+            stop.store(true, Ordering::Relaxed);
+            capture_task.await.context("capture thread panicked")??
+        }
+        _ = terminate.recv() => {
+            stop.store(true, Ordering::Relaxed);
+            capture_task.await.context("capture thread panicked")??
+        }
+    };
+    // The capture side dropped its sender: the writer drains what is queued and ends.
+    let written = tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .context("joining the stdout sink")?
+        .map_err(|_| anyhow::anyhow!("stdout sink panicked"))?
+        .context("writing payloads to stdout")?;
+    match reason {
+        StopReason::Signal => tracing::info!(payloads = written, "stopped by signal"),
+        StopReason::TargetsExited => tracing::info!(payloads = written, "no watched process left"),
+    }
+    Ok(())
+}

@@ -1,0 +1,300 @@
+//! Loads the kernel object, attaches its programs, and owns the maps userspace talks through:
+//! the target set, disabled connections, the event ring buffer and the loss counters.
+
+pub mod process;
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, RawFd},
+    path::Path,
+};
+
+use apitoolkit_common::{
+    COUNTER_CONN_TABLE_FULL, COUNTER_INFLIGHT_TABLE_FULL, COUNTER_READ_FAILED,
+    COUNTER_RINGBUF_FULL, conn_key,
+};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Tracepoints by program: (program, category, event names).
+const TRACEPOINTS: &[(&str, &str, &[&str])] = &[
+    (
+        "enter_buffer_call",
+        "syscalls",
+        &["sys_enter_read", "sys_enter_write"],
+    ),
+    (
+        "enter_socket_buffer_call",
+        "syscalls",
+        &["sys_enter_recvfrom", "sys_enter_sendto"],
+    ),
+    (
+        "enter_iovec_call",
+        "syscalls",
+        &["sys_enter_readv", "sys_enter_writev"],
+    ),
+    (
+        "enter_msghdr_call",
+        "syscalls",
+        &["sys_enter_recvmsg", "sys_enter_sendmsg"],
+    ),
+    ("enter_sendfile", "syscalls", &["sys_enter_sendfile64"]),
+    (
+        "enter_accept",
+        "syscalls",
+        &["sys_enter_accept", "sys_enter_accept4"],
+    ),
+    ("enter_connect", "syscalls", &["sys_enter_connect"]),
+    (
+        "exit_ingress_call",
+        "syscalls",
+        &[
+            "sys_exit_read",
+            "sys_exit_readv",
+            "sys_exit_recvfrom",
+            "sys_exit_recvmsg",
+        ],
+    ),
+    (
+        "exit_egress_call",
+        "syscalls",
+        &[
+            "sys_exit_write",
+            "sys_exit_writev",
+            "sys_exit_sendto",
+            "sys_exit_sendmsg",
+            "sys_exit_sendfile64",
+        ],
+    ),
+    (
+        "exit_accept_or_connect",
+        "syscalls",
+        &["sys_exit_accept", "sys_exit_accept4", "sys_exit_connect"],
+    ),
+    ("enter_close", "syscalls", &["sys_enter_close"]),
+    ("process_fork", "sched", &["sched_process_fork"]),
+    ("process_exit", "sched", &["sched_process_exit"]),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(
+        "permission denied loading eBPF: run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN)"
+    )]
+    PermissionDenied,
+    #[error("kernel feature missing: {feature} ({source})")]
+    MissingFeature {
+        feature: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("could not mount tracefs at {TRACEFS}: {0}")]
+    Tracefs(io::Error),
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+fn is_permission_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(io) = error.downcast_ref::<io::Error>()
+            && io.kind() == io::ErrorKind::PermissionDenied
+        {
+            return true;
+        }
+        if error.to_string().contains("Operation not permitted") {
+            return true;
+        }
+        current = error.source();
+    }
+    false
+}
+
+fn missing(
+    feature: impl Into<String>,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> ProbeError {
+    // SAFETY: geteuid has no preconditions.
+    let is_root = unsafe { libc::geteuid() } == 0;
+    if !is_root && is_permission_error(&source) {
+        return ProbeError::PermissionDenied;
+    }
+    ProbeError::MissingFeature {
+        feature: feature.into(),
+        source: Box::new(source),
+    }
+}
+
+/// Mounts tracefs when nothing is mounted there yet (fresh machines and minimal containers).
+pub fn ensure_tracefs() -> Result<(), ProbeError> {
+    if Path::new(TRACEFS).join("events").exists() {
+        return Ok(());
+    }
+    let target = CString::new(TRACEFS).expect("static path has no NUL");
+    let fstype = CString::new("tracefs").expect("static string has no NUL");
+    // SAFETY: plain mount(2) with valid NUL-terminated strings and no data argument.
+    let result = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if result != 0 {
+        return Err(ProbeError::Tracefs(io::Error::last_os_error()));
+    }
+    tracing::info!(path = TRACEFS, "mounted tracefs");
+    Ok(())
+}
+
+/// Per-cause counts of events the kernel side could not deliver.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelLosses {
+    pub ringbuf_full: u64,
+    pub conn_table_full: u64,
+    pub inflight_table_full: u64,
+    pub user_read_failed: u64,
+}
+
+pub struct Probes {
+    ebpf: Ebpf,
+}
+
+impl Probes {
+    pub fn load() -> Result<Self, ProbeError> {
+        ensure_tracefs()?;
+        let mut ebpf = EbpfLoader::new()
+            .load(aya::include_bytes_aligned!(concat!(
+                env!("OUT_DIR"),
+                "/apitoolkit"
+            )))
+            .map_err(|error| missing("BPF maps and programs (bpf syscall, ring buffer)", error))?;
+        for (program, category, events) in TRACEPOINTS {
+            let tracepoint: &mut TracePoint = ebpf
+                .program_mut(program)
+                .expect("program is defined in the kernel object")
+                .try_into()
+                .expect("program is a tracepoint");
+            tracepoint
+                .load()
+                .map_err(|error| missing(format!("tracepoint program {program}"), error))?;
+            for event in *events {
+                tracepoint
+                    .attach(category, event)
+                    .map_err(|error| missing(format!("tracepoint {category}:{event}"), error))?;
+            }
+        }
+        Ok(Self { ebpf })
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> &mut aya::maps::Map {
+        self.ebpf
+            .map_mut(name)
+            .expect("map is defined in the kernel object")
+    }
+
+    pub fn add_targets(&mut self, pids: &[u32]) -> Result<(), ProbeError> {
+        let mut targets: HashMap<_, u32, u8> =
+            HashMap::try_from(self.map_mut("TARGETS")).map_err(|source| ProbeError::Map {
+                name: "TARGETS",
+                source,
+            })?;
+        for pid in pids {
+            targets
+                .insert(pid, 1, 0)
+                .map_err(|source| ProbeError::Map {
+                    name: "TARGETS",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Stops the kernel from sending this connection generation's bytes.
+    pub fn disable(&mut self, tgid: u32, fd: i32, generation: u64) -> Result<(), ProbeError> {
+        let mut disabled: HashMap<_, u64, u64> = HashMap::try_from(self.map_mut("DISABLED"))
+            .map_err(|source| ProbeError::Map {
+                name: "DISABLED",
+                source,
+            })?;
+        let key = conn_key(tgid, fd);
+        disabled
+            .insert(key, generation, 0)
+            .map_err(|source| ProbeError::Map {
+                name: "DISABLED",
+                source,
+            })
+    }
+
+    pub fn take_ring_buffer(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .expect("map is defined in the kernel object");
+        RingBuf::try_from(map).map_err(|source| ProbeError::Map {
+            name: "EVENTS",
+            source,
+        })
+    }
+
+    pub fn losses(&self) -> Result<KernelLosses, ProbeError> {
+        let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map("COUNTERS")
+                .expect("map is defined in the kernel object"),
+        )
+        .map_err(|source| ProbeError::Map {
+            name: "COUNTERS",
+            source,
+        })?;
+        let total = |index: u32| -> Result<u64, ProbeError> {
+            let values = counters.get(&index, 0).map_err(|source| ProbeError::Map {
+                name: "COUNTERS",
+                source,
+            })?;
+            Ok(values.iter().sum())
+        };
+        Ok(KernelLosses {
+            ringbuf_full: total(COUNTER_RINGBUF_FULL)?,
+            conn_table_full: total(COUNTER_CONN_TABLE_FULL)?,
+            inflight_table_full: total(COUNTER_INFLIGHT_TABLE_FULL)?,
+            user_read_failed: total(COUNTER_READ_FAILED)?,
+        })
+    }
+}
+
+/// Waits until the ring buffer has data or `timeout_ms` passes.
+pub fn wait_readable(ring: &RingBuf<MapData>, timeout_ms: i32) -> io::Result<bool> {
+    let fd: RawFd = ring.as_raw_fd();
+    let mut poll_fd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let ready = unsafe { libc::poll(&mut poll_fd, 1, timeout_ms) };
+    match ready {
+        -1 => {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(error)
+            }
+        }
+        0 => Ok(false),
+        _ => Ok(true),
+    }
+}

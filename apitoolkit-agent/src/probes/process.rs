@@ -1,0 +1,228 @@
+//! What /proc says about target processes: their descendants, and which runtime and framework
+//! serve HTTP in them (the payload's `sdk_type`).
+
+use std::{
+    fs,
+    io::Read,
+    path::{Path, PathBuf},
+};
+
+use crate::payload::SdkType;
+
+pub fn exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The parent pid from /proc/<pid>/stat (the field after the parenthesised command name).
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `roots` plus every live process descending from them (gunicorn forks workers before the
+/// agent starts; later forks are followed in the kernel).
+pub fn with_descendants(roots: &[u32]) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            if let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse().ok())
+                && let Some(parent) = parent_pid(pid)
+            {
+                parents.push((pid, parent));
+            }
+        }
+    }
+    let mut selected = roots.to_vec();
+    let mut index = 0;
+    while index < selected.len() {
+        let parent = selected[index];
+        for (pid, _) in parents.iter().filter(|(_, p)| *p == parent) {
+            if !selected.contains(pid) {
+                selected.push(*pid);
+            }
+        }
+        index += 1;
+    }
+    selected
+}
+
+fn cmdline(pid: u32) -> Vec<String> {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| {
+            raw.split(|byte| *byte == 0)
+                .filter(|part| !part.is_empty())
+                .map(|part| String::from_utf8_lossy(part).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// Reads at most `limit` bytes of a file, for cheap content sniffing.
+fn read_prefix(path: &Path, limit: u64) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    if let Ok(file) = fs::File::open(path) {
+        let _ = file.take(limit).read_to_end(&mut bytes);
+    }
+    bytes
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+/// Source files the command line names: scripts (`app.py`, `server.js`) and WSGI/ASGI
+/// `module:app` targets, resolved against the process's working directory.
+fn named_sources(pid: u32, args: &[String]) -> Vec<PathBuf> {
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let cwd = fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+    let resolve = |path: &str| {
+        let path = Path::new(path);
+        let absolute = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            cwd.join(path)
+        };
+        root.join(absolute.strip_prefix("/").unwrap_or(&absolute))
+    };
+    let mut sources = Vec::new();
+    for arg in args.iter().skip(1) {
+        if arg.ends_with(".py") || arg.ends_with(".js") || arg.ends_with(".mjs") {
+            sources.push(resolve(arg));
+        } else if let Some((module, _)) = arg.split_once(':')
+            && !module.is_empty()
+            && module
+                .chars()
+                .all(|c| c.is_alphanumeric() || c == '_' || c == '.')
+        {
+            let file = module.replace('.', "/");
+            sources.push(resolve(&format!("{file}.py")));
+            sources.push(resolve(&format!("{file}/__init__.py")));
+        }
+    }
+    sources
+}
+
+fn python_framework(pid: u32, args: &[String]) -> SdkType {
+    let joined = args.join(" ").to_ascii_lowercase();
+    let mut haystack = joined.into_bytes();
+    for source in named_sources(pid, args) {
+        haystack.extend(read_prefix(&source, 256 * 1024).to_ascii_lowercase());
+    }
+    if contains(&haystack, b"fastapi") || contains(&haystack, b"uvicorn") {
+        SdkType::PythonFastApi
+    } else if contains(&haystack, b"django") || contains(&haystack, b"manage.py") {
+        SdkType::PythonDjango
+    } else if contains(&haystack, b"pyramid") {
+        SdkType::PythonPyramid
+    } else if contains(&haystack, b"flask") {
+        SdkType::PythonFlask
+    } else {
+        SdkType::SDKUnknown
+    }
+}
+
+fn node_framework(pid: u32, args: &[String]) -> SdkType {
+    let mut haystack = Vec::new();
+    for source in named_sources(pid, args) {
+        haystack.extend(read_prefix(&source, 256 * 1024));
+    }
+    if contains(&haystack, b"@nestjs") {
+        SdkType::JsNest
+    } else if contains(&haystack, b"fastify") {
+        SdkType::JsFastify
+    } else if contains(&haystack, b"express") {
+        SdkType::JsExpress
+    } else {
+        SdkType::SDKUnknown
+    }
+}
+
+fn go_framework(exe: &Path) -> SdkType {
+    let binary = fs::read(exe).unwrap_or_default();
+    if contains(&binary, b"github.com/gin-gonic/gin") {
+        SdkType::GoGin
+    } else if contains(&binary, b"github.com/gofiber/fiber") {
+        SdkType::GoFiber
+    } else if contains(&binary, b"github.com/gorilla/mux") {
+        SdkType::GoGorillaMux
+    } else {
+        SdkType::GoBuiltIn
+    }
+}
+
+/// Best guess of the framework serving HTTP in `pid`; `SDKUnknown` when nothing matches.
+pub fn detect_sdk_type(pid: u32) -> SdkType {
+    let args = cmdline(pid);
+    let exe_link = fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    let exe_name = file_name(exe_link.to_str().unwrap_or_default()).to_owned();
+    let first_arg = args
+        .first()
+        .map(|arg| file_name(arg).to_owned())
+        .unwrap_or_default();
+    let is_python = exe_name.starts_with("python")
+        || [
+            "gunicorn",
+            "uvicorn",
+            "flask",
+            "hypercorn",
+            "waitress-serve",
+        ]
+        .contains(&first_arg.as_str());
+    if is_python {
+        return python_framework(pid, &args);
+    }
+    if exe_name == "node" || exe_name == "nodejs" || exe_name == "bun" {
+        return node_framework(pid, &args);
+    }
+    let exe = PathBuf::from(format!("/proc/{pid}/exe"));
+    // Go binaries carry a build-info blob with this magic near the start of .go.buildinfo.
+    if contains(&read_prefix(&exe, 64 * 1024 * 1024), b"\xff Go buildinf:") {
+        return go_framework(&exe);
+    }
+    SdkType::SDKUnknown
+}
+
+/// The client-side `sdk_type` for outgoing requests made by a process with `incoming`.
+pub fn outgoing_sdk_type(incoming: SdkType) -> SdkType {
+    use SdkType::*;
+    match incoming {
+        PythonFlask | PythonDjango | PythonFastApi | PythonPyramid => PythonOutgoing,
+        GoGin | GoBuiltIn | GoGorillaMux | GoFiber | GoDefault => GoOutgoing,
+        JsExpress | JsNest | JsFastify | JsAdonis | JsNext => JsOutgoing,
+        DotNet => DotNetOutgoing,
+        _ => SDKUnknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_found_with_itself_as_root() {
+        let me = std::process::id();
+        assert!(exists(me));
+        assert_eq!(with_descendants(&[me])[0], me);
+        assert!(parent_pid(me).is_some());
+    }
+
+    #[test]
+    fn outgoing_types_follow_the_runtime() {
+        assert_eq!(
+            outgoing_sdk_type(SdkType::PythonFlask),
+            SdkType::PythonOutgoing
+        );
+        assert_eq!(outgoing_sdk_type(SdkType::GoGin), SdkType::GoOutgoing);
+        assert_eq!(outgoing_sdk_type(SdkType::SDKUnknown), SdkType::SDKUnknown);
+    }
+}

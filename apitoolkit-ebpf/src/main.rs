@@ -1,0 +1,591 @@
+//! Socket capture for the processes userspace selects: syscall tracepoints stash arguments on
+//! entry and emit the bytes actually moved on exit. Only fds known to be TCP connections (seen
+//! in accept/connect, registered by userspace from /proc, or used by a socket-only syscall) are
+//! captured, so file and pipe I/O costs one map lookup.
+#![no_std]
+#![no_main]
+
+use apitoolkit_common::{
+    AF_INET, AF_INET6, CHUNK_SIZE, COUNTER_CONN_TABLE_FULL, COUNTER_COUNT,
+    COUNTER_INFLIGHT_TABLE_FULL, COUNTER_READ_FAILED, COUNTER_RINGBUF_FULL, ConnId, ConnRecord,
+    ConnState, DIRECTION_EGRESS, DIRECTION_INGRESS, DataHeader, DataRecord, MAX_IOVECS,
+    MAX_LOOP_STEPS, ProcessRecord, RECORD_CONN_CLOSE, RECORD_CONN_OPEN, RECORD_DATA,
+    RECORD_PROCESS_EXIT, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SOURCE_SYSCALL, SocketAddress,
+    conn_key,
+};
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated},
+    macros::{map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+
+/// Offsets in the syscall tracepoint records (see events/syscalls/*/format): arguments are
+/// 8-byte slots after the common header and syscall number; the exit record has only `ret`.
+const SYSCALL_ARG0: usize = 16;
+const SYSCALL_RET: usize = 16;
+const EINPROGRESS: i64 = 115;
+
+#[map]
+static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
+
+#[map]
+static CONNECTIONS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65536, 0);
+
+/// Connections userspace gave up on (not HTTP, not TCP): key -> generation.
+#[map]
+static DISABLED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
+
+#[map]
+static IN_FLIGHT: HashMap<u64, InFlightCall> = HashMap::with_max_entries(16384, 0);
+
+#[map]
+static SCRATCH: PerCpuArray<DataRecord> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(32 * 1024 * 1024, 0);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum CallKind {
+    Buffer,
+    IoVec,
+    SizeOnly,
+    Accept,
+    Connect,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct InFlightCall {
+    /// Buffer, iovec array or sockaddr, by kind.
+    user_ptr: u64,
+    /// Iovec count for `IoVec`.
+    count: u64,
+    fd: i32,
+    kind: CallKind,
+    /// The syscall only works on sockets (recv*/send*), so an unknown fd is a connection that
+    /// predates the agent. read/write may be file I/O: userspace registers older sockets for them.
+    socket_only: u8,
+    _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IoVec {
+    base: u64,
+    len: u64,
+}
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(index) {
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+fn current_target() -> Option<(u64, u32)> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    unsafe { TARGETS.get(&tgid) }.map(|_| (pid_tgid, tgid))
+}
+
+#[inline(always)]
+fn arg<T>(ctx: &TracePointContext, n: usize) -> Option<T> {
+    unsafe { ctx.read_at::<T>(SYSCALL_ARG0 + 8 * n) }.ok()
+}
+
+#[inline(always)]
+fn ret(ctx: &TracePointContext) -> i64 {
+    unsafe { ctx.read_at::<i64>(SYSCALL_RET) }.unwrap_or(-1)
+}
+
+#[inline(always)]
+fn stash(pid_tgid: u64, call: InFlightCall) {
+    if IN_FLIGHT.insert(&pid_tgid, &call, 0).is_err() {
+        count(COUNTER_INFLIGHT_TABLE_FULL);
+    }
+}
+
+#[inline(always)]
+fn take_call(pid_tgid: u64) -> Option<InFlightCall> {
+    let call = unsafe { IN_FLIGHT.get(&pid_tgid) }.copied();
+    if call.is_some() {
+        let _ = IN_FLIGHT.remove(&pid_tgid);
+    }
+    call
+}
+
+#[inline(always)]
+fn stash_call(ctx: &TracePointContext, kind: CallKind, socket_only: bool) -> u32 {
+    let Some((pid_tgid, _)) = current_target() else {
+        return 0;
+    };
+    let (Some(fd), Some(user_ptr), Some(count)) = (arg::<u64>(ctx, 0), arg(ctx, 1), arg(ctx, 2))
+    else {
+        return 0;
+    };
+    stash(
+        pid_tgid,
+        InFlightCall {
+            user_ptr,
+            count,
+            fd: fd as i32,
+            kind,
+            socket_only: socket_only as u8,
+            _pad: [0; 2],
+        },
+    );
+    0
+}
+
+#[inline(always)]
+fn read_sockaddr(user_ptr: u64) -> Option<SocketAddress> {
+    if user_ptr == 0 {
+        return None;
+    }
+    let family: u16 = unsafe { bpf_probe_read_user(user_ptr as *const u16) }.ok()?;
+    let port_be: u16 = unsafe { bpf_probe_read_user((user_ptr + 2) as *const u16) }.ok()?;
+    let mut address = SocketAddress {
+        family,
+        port: u16::from_be(port_be),
+        ..Default::default()
+    };
+    match family {
+        AF_INET => {
+            let v4: [u8; 4] =
+                unsafe { bpf_probe_read_user((user_ptr + 4) as *const [u8; 4]) }.ok()?;
+            address.addr[..4].copy_from_slice(&v4);
+        }
+        AF_INET6 => {
+            address.addr =
+                unsafe { bpf_probe_read_user((user_ptr + 8) as *const [u8; 16]) }.ok()?;
+        }
+        _ => {}
+    }
+    Some(address)
+}
+
+#[inline(always)]
+fn emit_conn(kind: u32, role: u8, conn: ConnId, remote: SocketAddress, state: &ConnState) {
+    let record = ConnRecord {
+        kind,
+        role,
+        _pad: [0; 3],
+        conn,
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        remote,
+        bytes_sent: state.bytes_sent,
+        bytes_received: state.bytes_received,
+    };
+    if EVENTS.output::<ConnRecord>(&record, 0).is_err() {
+        count(COUNTER_RINGBUF_FULL);
+    }
+}
+
+/// Starts tracking a connection under a fresh generation and tells userspace about it.
+#[inline(always)]
+fn open_conn(tgid: u32, fd: i32, role: u8, remote: SocketAddress) -> Option<*mut ConnState> {
+    let key = conn_key(tgid, fd);
+    let state = ConnState {
+        generation: unsafe { bpf_ktime_get_ns() },
+        bytes_sent: 0,
+        bytes_received: 0,
+    };
+    if CONNECTIONS.insert(&key, &state, 0).is_err() {
+        count(COUNTER_CONN_TABLE_FULL);
+        return None;
+    }
+    let conn = ConnId {
+        tgid,
+        fd,
+        generation: state.generation,
+    };
+    emit_conn(RECORD_CONN_OPEN, role, conn, remote, &state);
+    CONNECTIONS.get_ptr_mut(&key)
+}
+
+#[inline(always)]
+fn on_accept_or_connect_exit(ctx: &TracePointContext) -> u32 {
+    let Some((pid_tgid, tgid)) = current_target() else {
+        return 0;
+    };
+    let Some(call) = take_call(pid_tgid) else {
+        return 0;
+    };
+    let ret = ret(ctx);
+    let (fd, role) = match call.kind {
+        CallKind::Accept if ret >= 0 => (ret as i32, ROLE_SERVER),
+        CallKind::Connect if ret == 0 || ret == -EINPROGRESS => (call.fd, ROLE_CLIENT),
+        _ => return 0,
+    };
+    let remote = read_sockaddr(call.user_ptr).unwrap_or_default();
+    // A null address (accept without peer buffer) is resolved by userspace; a known non-IP family
+    // (unix sockets) is not HTTP over TCP.
+    if call.user_ptr != 0 && remote.family != AF_INET && remote.family != AF_INET6 {
+        return 0;
+    }
+    open_conn(tgid, fd, role, remote);
+    0
+}
+
+/// Loop state of `emit_step`. It lives in a per-CPU map, not on the stack: the verifier tracks
+/// stack values exactly and would walk every iteration, but treats map values as unknown, so
+/// the callback is verified once.
+#[map]
+static EMIT_STATE: PerCpuArray<EmitState> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+struct EmitState {
+    conn: ConnId,
+    timestamp_ns: u64,
+    /// Stream position of the syscall's first byte.
+    start: u64,
+    total: u64,
+    done: u64,
+    user_ptr: u64,
+    iovec_count: u64,
+    next_iovec: u64,
+    segment_ptr: u64,
+    segment_left: u64,
+    tid: u32,
+    direction: u8,
+    walks_iovecs: u8,
+    _pad: [u8; 2],
+}
+
+/// One `bpf_loop` step: load the next iovec, or copy one chunk of the current segment into a
+/// data record. A callback is verified once, where an open-coded loop over chunks and iovecs
+/// exceeds the verifier's instruction budget. Returns 1 to stop the loop.
+unsafe extern "C" fn emit_step(_index: u64, _context: *mut c_void) -> i64 {
+    let Some(state) = EMIT_STATE.get_ptr_mut(0) else {
+        return 1;
+    };
+    let state = unsafe { &mut *state };
+    if state.done >= state.total {
+        return 1;
+    }
+    if state.segment_left == 0 {
+        if state.walks_iovecs == 0
+            || state.next_iovec >= state.iovec_count
+            || state.next_iovec >= MAX_IOVECS
+        {
+            return 1;
+        }
+        let entry = (state.user_ptr + state.next_iovec * 16) as *const IoVec;
+        state.next_iovec += 1;
+        let Ok(iovec) = (unsafe { bpf_probe_read_user(entry) }) else {
+            count(COUNTER_READ_FAILED);
+            return 1;
+        };
+        state.segment_ptr = iovec.base;
+        state.segment_left = iovec.len;
+        return 0;
+    }
+    let Some(record) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    let record = unsafe { &mut *record };
+    let mut len = state.total - state.done;
+    if len > state.segment_left {
+        len = state.segment_left;
+    }
+    if len > CHUNK_SIZE as u64 {
+        len = CHUNK_SIZE as u64;
+    }
+    let read = unsafe {
+        generated::bpf_probe_read_user(
+            record.data.as_mut_ptr().cast(),
+            len as u32,
+            state.segment_ptr as *const c_void,
+        )
+    };
+    if read < 0 {
+        count(COUNTER_READ_FAILED);
+        return 1;
+    }
+    record.header = DataHeader {
+        kind: RECORD_DATA,
+        tid: state.tid,
+        conn: state.conn,
+        timestamp_ns: state.timestamp_ns,
+        position: state.start + state.done,
+        skipped_len: 0,
+        captured_len: len as u32,
+        direction: state.direction,
+        source: SOURCE_SYSCALL,
+        _pad: [0; 2],
+    };
+    let size = size_of::<DataHeader>() + len as usize;
+    let bytes =
+        unsafe { core::slice::from_raw_parts((record as *const DataRecord).cast::<u8>(), size) };
+    if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+        count(COUNTER_RINGBUF_FULL);
+    }
+    state.done += len;
+    state.segment_ptr += len;
+    state.segment_left -= len;
+    0
+}
+
+/// Copies what one syscall moved into data records, chunk by chunk and iovec by iovec, and
+/// reports whatever the loop bound leaves behind as skipped bytes.
+#[inline(always)]
+fn emit_data(call: &InFlightCall, conn: ConnId, tid: u32, direction: u8, total: u64, start: u64) {
+    let Some(state) = EMIT_STATE.get_ptr_mut(0) else {
+        return;
+    };
+    let state = unsafe { &mut *state };
+    *state = EmitState {
+        conn,
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        start,
+        total,
+        done: 0,
+        user_ptr: call.user_ptr,
+        iovec_count: call.count,
+        next_iovec: 0,
+        segment_ptr: 0,
+        segment_left: 0,
+        tid,
+        direction,
+        walks_iovecs: (call.kind == CallKind::IoVec) as u8,
+        _pad: [0; 2],
+    };
+    if call.kind == CallKind::Buffer {
+        state.segment_ptr = call.user_ptr;
+        state.segment_left = total;
+    }
+    if call.kind != CallKind::SizeOnly {
+        unsafe {
+            generated::bpf_loop(
+                MAX_LOOP_STEPS,
+                emit_step as *mut c_void,
+                core::ptr::null_mut(),
+                0,
+            )
+        };
+    }
+    if state.done < total {
+        let marker = DataHeader {
+            kind: RECORD_DATA,
+            tid,
+            conn,
+            timestamp_ns: state.timestamp_ns,
+            position: start + state.done,
+            skipped_len: total - state.done,
+            captured_len: 0,
+            direction,
+            source: SOURCE_SYSCALL,
+            _pad: [0; 2],
+        };
+        if EVENTS.output::<DataHeader>(&marker, 0).is_err() {
+            count(COUNTER_RINGBUF_FULL);
+        }
+    }
+}
+
+#[inline(always)]
+fn on_data_exit(ctx: &TracePointContext, direction: u8) -> u32 {
+    let Some((pid_tgid, tgid)) = current_target() else {
+        return 0;
+    };
+    let Some(call) = take_call(pid_tgid) else {
+        return 0;
+    };
+    let ret = ret(ctx);
+    if ret <= 0 {
+        return 0;
+    }
+    let total = ret as u64;
+    let key = conn_key(tgid, call.fd);
+    let state = match CONNECTIONS.get_ptr_mut(&key) {
+        Some(state) => state,
+        None if call.socket_only != 0 => {
+            match open_conn(tgid, call.fd, ROLE_UNKNOWN, SocketAddress::default()) {
+                Some(state) => state,
+                None => return 0,
+            }
+        }
+        None => return 0,
+    };
+    let state = unsafe { &mut *state };
+    let start = if direction == DIRECTION_EGRESS {
+        let start = state.bytes_sent;
+        state.bytes_sent += total;
+        start
+    } else {
+        let start = state.bytes_received;
+        state.bytes_received += total;
+        start
+    };
+    if let Some(disabled) = unsafe { DISABLED.get(&key) } {
+        if *disabled == state.generation {
+            return 0;
+        }
+    }
+    let conn = ConnId {
+        tgid,
+        fd: call.fd,
+        generation: state.generation,
+    };
+    emit_data(&call, conn, pid_tgid as u32, direction, total, start);
+    0
+}
+
+/// read/write: the fd may be a file or pipe, so only connections already known are captured.
+#[tracepoint]
+pub fn enter_buffer_call(ctx: TracePointContext) -> u32 {
+    stash_call(&ctx, CallKind::Buffer, false)
+}
+
+/// recvfrom/sendto only work on sockets: an unknown fd is a connection older than the agent.
+#[tracepoint]
+pub fn enter_socket_buffer_call(ctx: TracePointContext) -> u32 {
+    stash_call(&ctx, CallKind::Buffer, true)
+}
+
+#[tracepoint]
+pub fn enter_iovec_call(ctx: TracePointContext) -> u32 {
+    stash_call(&ctx, CallKind::IoVec, false)
+}
+
+/// recvmsg/sendmsg: the iovec array sits inside the user's msghdr (msg_iov at 16, msg_iovlen at 24).
+#[tracepoint]
+pub fn enter_msghdr_call(ctx: TracePointContext) -> u32 {
+    let Some((pid_tgid, _)) = current_target() else {
+        return 0;
+    };
+    let (Some(fd), Some(msghdr)) = (arg::<u64>(&ctx, 0), arg::<u64>(&ctx, 1)) else {
+        return 0;
+    };
+    let (Ok(iov), Ok(iovlen)) = (unsafe {
+        (
+            bpf_probe_read_user((msghdr + 16) as *const u64),
+            bpf_probe_read_user((msghdr + 24) as *const u64),
+        )
+    }) else {
+        count(COUNTER_READ_FAILED);
+        return 0;
+    };
+    stash(
+        pid_tgid,
+        InFlightCall {
+            user_ptr: iov,
+            count: iovlen,
+            fd: fd as i32,
+            kind: CallKind::IoVec,
+            socket_only: 1,
+            _pad: [0; 2],
+        },
+    );
+    0
+}
+
+#[tracepoint]
+pub fn enter_sendfile(ctx: TracePointContext) -> u32 {
+    stash_call(&ctx, CallKind::SizeOnly, false)
+}
+
+#[tracepoint]
+pub fn enter_accept(ctx: TracePointContext) -> u32 {
+    stash_call(&ctx, CallKind::Accept, true)
+}
+
+#[tracepoint]
+pub fn enter_connect(ctx: TracePointContext) -> u32 {
+    stash_call(&ctx, CallKind::Connect, true)
+}
+
+#[tracepoint]
+pub fn exit_ingress_call(ctx: TracePointContext) -> u32 {
+    on_data_exit(&ctx, DIRECTION_INGRESS)
+}
+
+#[tracepoint]
+pub fn exit_egress_call(ctx: TracePointContext) -> u32 {
+    on_data_exit(&ctx, DIRECTION_EGRESS)
+}
+
+#[tracepoint]
+pub fn exit_accept_or_connect(ctx: TracePointContext) -> u32 {
+    on_accept_or_connect_exit(&ctx)
+}
+
+#[tracepoint]
+pub fn enter_close(ctx: TracePointContext) -> u32 {
+    let Some((_, tgid)) = current_target() else {
+        return 0;
+    };
+    let Some(fd) = arg::<u64>(&ctx, 0) else {
+        return 0;
+    };
+    let key = conn_key(tgid, fd as i32);
+    let Some(state) = (unsafe { CONNECTIONS.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = CONNECTIONS.remove(&key);
+    let conn = ConnId {
+        tgid,
+        fd: fd as i32,
+        generation: state.generation,
+    };
+    emit_conn(
+        RECORD_CONN_CLOSE,
+        ROLE_UNKNOWN,
+        conn,
+        SocketAddress::default(),
+        &state,
+    );
+    0
+}
+
+/// sched_process_fork: `child_pid` at offset 20. Threads are added too (their tid never names
+/// another live process) and removed again by sched_process_exit.
+#[tracepoint]
+pub fn process_fork(ctx: TracePointContext) -> u32 {
+    if current_target().is_none() {
+        return 0;
+    }
+    if let Ok(child) = unsafe { ctx.read_at::<i32>(20) } {
+        let _ = TARGETS.insert(&(child as u32), &1, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn process_exit(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    if unsafe { TARGETS.get(&tid) }.is_none() {
+        return 0;
+    }
+    let _ = TARGETS.remove(&tid);
+    if tid == (pid_tgid >> 32) as u32 {
+        let record = ProcessRecord {
+            kind: RECORD_PROCESS_EXIT,
+            tgid: tid,
+            timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        };
+        if EVENTS.output::<ProcessRecord>(&record, 0).is_err() {
+            count(COUNTER_RINGBUF_FULL);
+        }
+    }
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
