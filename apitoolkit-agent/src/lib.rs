@@ -234,9 +234,21 @@ pub fn capture(
         recorder.flush().context("writing the recording")?;
     }
     let losses = probes.losses()?;
+    let stats = capture.pipeline.stats();
     tracing::info!(
-        stats = ?capture.pipeline.stats(),
-        kernel_losses = ?losses,
+        exchanges = stats.exchanges,
+        connections = stats.connections_opened,
+        gaps = stats.gaps,
+        gap_bytes = stats.gap_bytes,
+        desyncs = stats.desyncs,
+        unpaired_requests = stats.unpaired_requests,
+        unpaired_responses = stats.unpaired_responses,
+        malformed_messages = stats.malformed_messages,
+        not_http_connections = stats.not_http_connections,
+        ringbuf_full = losses.ringbuf_full,
+        conn_table_full = losses.conn_table_full,
+        inflight_table_full = losses.inflight_table_full,
+        user_read_failed = losses.user_read_failed,
         decode_errors = capture.decode_errors,
         sink_dropped = sink.dropped(),
         "capture stopped"

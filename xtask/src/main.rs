@@ -1,1 +1,104 @@
-fn main() {}
+//! Build, demo, test and benchmark glue: `cargo xtask <command>`.
+
+mod bench;
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    about = "apitoolkit-agent build, demo, test and benchmark commands"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Installs what building and testing need (rust-src, bpf-linker, Python test packages).
+    Setup,
+    /// Builds the agent with its embedded eBPF object.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Builds, starts a demo Flask app, attaches the agent, sends requests and shows the payloads.
+    Demo,
+    /// Runs every test: unit tests, then the end-to-end suite with real eBPF (needs root).
+    Test {
+        /// Extra arguments for pytest (e.g. -k keepalive).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        pytest_args: Vec<String>,
+    },
+    /// Measures the agent's overhead under load and prints a table.
+    Bench,
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
+
+pub fn agent_binary() -> PathBuf {
+    workspace_root().join("target/release/apitoolkit-agent")
+}
+
+pub fn build_agent(release: bool) -> anyhow::Result<()> {
+    setup::toolchain()?;
+    let mut command = Command::new("cargo");
+    command
+        .current_dir(workspace_root())
+        .args(["build", "--package", "apitoolkit-agent"]);
+    if release {
+        command.arg("--release");
+    }
+    run(&mut command)
+}
+
+fn test(pytest_args: &[String]) -> anyhow::Result<()> {
+    setup::toolchain()?;
+    setup::python_packages()?;
+    run(Command::new("cargo")
+        .current_dir(workspace_root())
+        .args(["test", "--workspace"]))?;
+    build_agent(true)?;
+    run(Command::new("python3")
+        .current_dir(workspace_root())
+        .env("APITOOLKIT_AGENT_BIN", agent_binary())
+        .args(["-m", "pytest", "tests/e2e", "-v", "-rs"])
+        .args(pytest_args))
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => {
+            setup::toolchain()?;
+            setup::python_packages()
+        }
+        Task::Build { release } => build_agent(release),
+        Task::Demo => demo::run(),
+        Task::Test { pytest_args } => test(&pytest_args),
+        Task::Bench => bench::run(),
+    }
+}

@@ -168,9 +168,10 @@ impl MessageParser {
         self.buffer.extend_from_slice(data);
     }
 
-    /// True when no message is in progress and no bytes wait: the stream is between messages.
+    /// True when no message is in progress and no bytes wait: the stream is between messages
+    /// (or waiting to resync with nothing buffered).
     pub fn is_idle(&self) -> bool {
-        matches!(self.state, State::Head) && self.buffer.is_empty()
+        matches!(self.state, State::Head | State::Resync) && self.buffer.is_empty()
     }
 
     pub fn is_resyncing(&self) -> bool {

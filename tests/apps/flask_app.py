@@ -1,0 +1,53 @@
+"""Demo and test service: a plain Flask app, run by werkzeug or gunicorn, never instrumented."""
+import os
+
+from flask import Flask, Response, jsonify, request
+
+app = Flask(__name__)
+
+BIG_BODY_BYTES = 2 * 1024 * 1024
+
+
+def big_body() -> bytes:
+    pattern = bytes(range(256))
+    return (pattern * (BIG_BODY_BYTES // len(pattern) + 1))[:BIG_BODY_BYTES]
+
+
+@app.get("/hello")
+def hello():
+    return jsonify(greeting="hello", args=request.args.to_dict(flat=False))
+
+
+@app.post("/echo")
+def echo():
+    return jsonify(received=request.get_json(), pid=os.getpid())
+
+
+@app.post("/form")
+def form():
+    return jsonify(fields=request.form.to_dict(flat=False))
+
+
+@app.post("/upload")
+def upload():
+    data = request.get_data()
+    return jsonify(size=len(data))
+
+
+@app.get("/big")
+def big():
+    return Response(big_body(), mimetype="application/octet-stream")
+
+
+@app.get("/item/<int:item_id>")
+def item(item_id: int):
+    return jsonify(item=item_id)
+
+
+@app.get("/boom")
+def boom():
+    raise ValueError("boom on purpose")
+
+
+if __name__ == "__main__":
+    app.run(host="127.0.0.1", port=int(os.environ.get("PORT", "5055")))

@@ -1,0 +1,206 @@
+"""Real processes for the end-to-end suite: the agent (real eBPF, needs root), Flask under
+werkzeug and gunicorn, and helpers to read the agent's NDJSON payloads."""
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+APPS = ROOT / "tests" / "apps"
+AGENT_BIN = Path(os.environ.get("APITOOLKIT_AGENT_BIN", ROOT / "target" / "release" / "apitoolkit-agent"))
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = None
+    if os.geteuid() != 0:
+        reason = "end-to-end tests load eBPF programs: run as root (CI does)"
+    elif not AGENT_BIN.exists():
+        reason = f"agent binary {AGENT_BIN} missing: run `cargo xtask test`"
+    if reason:
+        for item in items:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited early with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port}")
+
+
+class Server:
+    def __init__(self, argv, port: int, env=None):
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(
+            argv,
+            cwd=APPS,
+            env={**os.environ, "PORT": str(port), **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(port, self.process)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class Agent:
+    """The agent watching some pids; collects payloads from stdout and log lines from stderr."""
+
+    def __init__(self, pids, *extra_args):
+        args = [str(AGENT_BIN)]
+        for pid in pids:
+            args += ["--pid", str(pid)]
+        args += list(extra_args)
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.payloads = []
+        self.log = []
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        if not self._ready.wait(timeout=60):
+            self.stop()
+            raise RuntimeError("agent did not attach:\n" + "\n".join(self.log))
+
+    def _read_stdout(self):
+        for line in self.process.stdout:
+            with self._lock:
+                self.payloads.append(json.loads(line))
+
+    def _read_stderr(self):
+        for raw in self.process.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            sys.stderr.write(f"[agent] {line}\n")
+            with self._lock:
+                self.log.append(line)
+            if "watching processes" in line:
+                self._ready.set()
+        self._ready.set()
+
+    def wait_for(self, count: int, timeout: float = 20.0):
+        """Waits until at least `count` payloads arrived, then a little longer so that extra
+        (unexpected) payloads show up too."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self.payloads) >= count:
+                    break
+            time.sleep(0.05)
+        time.sleep(0.3)
+        with self._lock:
+            return list(self.payloads)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+    def stats(self) -> dict:
+        """key=value fields of the final `capture stopped` log line."""
+        for line in reversed(self.log):
+            if "capture stopped" in line:
+                fields = {}
+                for token in line.split():
+                    key, sep, value = token.partition("=")
+                    if sep and value.isdigit():
+                        fields[key] = int(value)
+                return fields
+        raise AssertionError("no 'capture stopped' line in the agent log")
+
+
+def body(payload, field: str) -> bytes:
+    return base64.b64decode(payload[field])
+
+
+def body_json(payload, field: str):
+    return json.loads(body(payload, field))
+
+
+def header(payload, field: str, name: str):
+    """Values of a header, matched case-insensitively."""
+    for key, values in payload[field].items():
+        if key.lower() == name.lower():
+            return values
+    return None
+
+
+@pytest.fixture
+def flask_server():
+    port = free_port()
+    server = Server([sys.executable, str(APPS / "flask_app.py")], port)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gunicorn_server():
+    port = free_port()
+    server = Server(
+        [sys.executable, "-m", "gunicorn", "--workers", "2", "--bind", f"127.0.0.1:{port}", "flask_app:app"],
+        port,
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gthread_server():
+    """gunicorn's threaded worker keeps connections alive (werkzeug's dev server closes them)."""
+    port = free_port()
+    server = Server(
+        [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--threads", "4", "--keep-alive", "30",
+         "--bind", f"127.0.0.1:{port}", "flask_app:app"],
+        port,
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def agent_factory():
+    agents = []
+
+    def start(pids, *extra_args):
+        agent = Agent(pids, *extra_args)
+        agents.append(agent)
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.stop()

@@ -1,0 +1,216 @@
+"""Real eBPF capture of real servers: every payload field checked against what was sent."""
+import json
+import socket
+import subprocess
+import time
+import uuid
+from datetime import datetime, timezone
+
+import requests
+
+from conftest import AGENT_BIN, body, body_json, header
+
+
+def by_url(payloads, raw_url):
+    matches = [p for p in payloads if p["raw_url"] == raw_url]
+    assert len(matches) == 1, f"expected one payload for {raw_url}, got {len(matches)}: {[p['raw_url'] for p in payloads]}"
+    return matches[0]
+
+
+def assert_common_fields(payload, server, sdk_type="PythonFlask"):
+    assert payload["host"] == f"127.0.0.1:{server.port}"
+    assert payload["proto_major"] == 1 and payload["proto_minor"] == 1
+    assert payload["sdk_type"] == sdk_type
+    assert payload["duration"] > 0
+    assert payload["path_params"] == {}
+    assert payload["errors"] == []
+    assert payload["parent_id"] is None
+    assert payload["project_id"] == "00000000-0000-0000-0000-000000000000"
+    assert uuid.UUID(payload["msg_id"]).version == 4
+    sent = datetime.fromisoformat(payload["timestamp"])
+    assert sent.tzinfo is not None
+    assert abs((datetime.now(timezone.utc) - sent).total_seconds()) < 120
+
+
+def test_get_post_form_and_errors_on_werkzeug(flask_server, agent_factory):
+    agent = agent_factory([flask_server.pid])
+    base = flask_server.base
+    get = requests.get(f"{base}/hello?name=bob&tag=a&tag=b", headers={"X-Request-Tag": "t1", "Referer": "http://example.com/p"})
+    post = requests.post(f"{base}/echo", json={"name": "bob", "nested": {"n": [1, 2]}})
+    form = requests.post(f"{base}/form", data={"user": "alice", "color": ["red", "blue"]})
+    missing = requests.get(f"{base}/nowhere")
+    boom = requests.get(f"{base}/boom")
+    assert (get.status_code, post.status_code, form.status_code, missing.status_code, boom.status_code) == (200, 200, 200, 404, 500)
+
+    payloads = agent.wait_for(5)
+    assert len(payloads) == 5
+
+    p = by_url(payloads, "/hello?name=bob&tag=a&tag=b")
+    assert_common_fields(p, flask_server)
+    assert p["method"] == "GET" and p["status_code"] == 200
+    assert p["url_path"] == "/hello"
+    assert p["query_params"] == {"name": ["bob"], "tag": ["a", "b"]}
+    assert header(p, "request_headers", "X-Request-Tag") == ["t1"]
+    assert header(p, "request_headers", "User-Agent") == [get.request.headers["User-Agent"]]
+    assert header(p, "response_headers", "Content-Type") == ["application/json"]
+    assert p["referer"] == "http://example.com/p"
+    assert p["request_body"] == ""
+    assert body_json(p, "response_body") == get.json()
+
+    p = by_url(payloads, "/echo")
+    assert_common_fields(p, flask_server)
+    assert p["method"] == "POST" and p["status_code"] == 200
+    assert body(p, "request_body") == post.request.body
+    assert body_json(p, "response_body") == post.json()
+    assert header(p, "request_headers", "Content-Type") == ["application/json"]
+    assert p["query_params"] == {}
+
+    p = by_url(payloads, "/form")
+    assert body(p, "request_body") == form.request.body.encode()
+    assert body_json(p, "response_body") == {"fields": {"user": ["alice"], "color": ["red", "blue"]}}
+
+    assert by_url(payloads, "/nowhere")["status_code"] == 404
+    p = by_url(payloads, "/boom")
+    assert p["status_code"] == 500
+    assert b"Internal Server Error" in body(p, "response_body")
+
+
+def test_chunked_upload_and_two_megabyte_response(flask_server, agent_factory):
+    agent = agent_factory([flask_server.pid], "--max-body-bytes", str(4 * 1024 * 1024))
+    parts = [b'{"part": 1, "pad": "' + b"x" * 5000 + b'"}', b"\n", b"tail-" * 1000]
+
+    def chunks():
+        yield from parts
+
+    upload = requests.post(f"{flask_server.base}/upload", data=chunks())
+    assert upload.request.headers["Transfer-Encoding"] == "chunked"
+    assert upload.json() == {"size": sum(map(len, parts))}
+    big = requests.get(f"{flask_server.base}/big")
+    assert len(big.content) == 2 * 1024 * 1024
+
+    payloads = agent.wait_for(2)
+    assert len(payloads) == 2
+    p = by_url(payloads, "/upload")
+    assert body(p, "request_body") == b"".join(parts)
+    assert header(p, "request_headers", "Transfer-Encoding") == ["chunked"]
+    p = by_url(payloads, "/big")
+    assert body(p, "response_body") == big.content
+    assert not any("truncated" in tag for tag in p["tags"])
+
+
+def test_body_over_the_limit_is_truncated_and_tagged(flask_server, agent_factory):
+    agent = agent_factory([flask_server.pid], "--max-body-bytes", "1000")
+    big = requests.get(f"{flask_server.base}/big")
+    payloads = agent.wait_for(1)
+    assert len(payloads) == 1
+    assert body(payloads[0], "response_body") == big.content[:1000]
+    assert "apitoolkit.response_body_truncated" in payloads[0]["tags"]
+
+
+def test_hundred_keepalive_requests_on_one_connection(gthread_server, agent_factory):
+    agent = agent_factory([gthread_server.pid])
+    host = f"127.0.0.1:{gthread_server.port}"
+    with socket.create_connection(("127.0.0.1", gthread_server.port)) as sock:
+        for i in range(100):
+            sock.sendall(f"GET /item/{i} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert json.loads(read_responses(sock, 1)[0]) == {"item": i}
+    payloads = agent.wait_for(100)
+    assert [p["raw_url"] for p in payloads] == [f"/item/{i}" for i in range(100)]
+    assert all(body_json(p, "response_body") == {"item": i} for i, p in enumerate(payloads))
+    assert agent.stop() == 0
+    stats = agent.stats()
+    assert stats["exchanges"] == 100
+    assert stats["unpaired_requests"] == stats["unpaired_responses"] == stats["desyncs"] == 0
+
+
+def read_responses(sock, count):
+    """Reads `count` Content-Length framed responses, returning their bodies."""
+    data = b""
+    bodies = []
+    while len(bodies) < count:
+        chunk = sock.recv(65536)
+        assert chunk, "server closed early"
+        data += chunk
+        while b"\r\n\r\n" in data:
+            head, rest = data.split(b"\r\n\r\n", 1)
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+            if len(rest) < length:
+                break
+            bodies.append(rest[:length])
+            data = rest[length:]
+    return bodies
+
+
+def test_five_pipelined_requests_pair_in_order(gthread_server, agent_factory):
+    agent = agent_factory([gthread_server.pid])
+    host = f"127.0.0.1:{gthread_server.port}"
+    with socket.create_connection(("127.0.0.1", gthread_server.port)) as sock:
+        sock.sendall(b"".join(f"GET /item/{i} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode() for i in range(5)))
+        bodies = read_responses(sock, 5)
+    assert [json.loads(b) for b in bodies] == [{"item": i} for i in range(5)]
+    payloads = agent.wait_for(5)
+    assert len(payloads) == 5
+    for i in range(5):
+        p = by_url(payloads, f"/item/{i}")
+        assert body_json(p, "response_body") == {"item": i}
+
+
+def test_connection_opened_before_the_agent(gthread_server, agent_factory):
+    host = f"127.0.0.1:{gthread_server.port}"
+    with socket.create_connection(("127.0.0.1", gthread_server.port)) as sock:
+        sock.sendall(f"GET /item/100 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        assert read_responses(sock, 1) == [b'{"item":100}\n']
+        agent = agent_factory([gthread_server.pid])
+        for i in range(3):
+            sock.sendall(f"GET /item/{i} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert json.loads(read_responses(sock, 1)[0]) == {"item": i}
+    payloads = agent.wait_for(3)
+    assert [p["raw_url"] for p in payloads] == ["/item/0", "/item/1", "/item/2"]
+
+
+def test_gunicorn_workers_forked_before_the_agent(gunicorn_server, agent_factory):
+    agent = agent_factory([gunicorn_server.pid])
+    pids = set()
+    for i in range(20):
+        response = requests.post(f"{gunicorn_server.base}/echo", json={"i": i})
+        pids.add(response.json()["pid"])
+    payloads = agent.wait_for(20)
+    assert len(payloads) == 20
+    for i in range(20):
+        p = [p for p in payloads if body_json(p, "request_body") == {"i": i}]
+        assert len(p) == 1
+        assert_common_fields(p[0], gunicorn_server)
+        assert body_json(p[0], "response_body")["received"] == {"i": i}
+    assert len(pids) >= 1
+
+
+def test_gunicorn_worker_forked_after_the_agent(gunicorn_server, agent_factory):
+    agent = agent_factory([gunicorn_server.pid])
+    # Kill a worker: the master forks a replacement, which the kernel-side fork hook follows.
+    before = requests.post(f"{gunicorn_server.base}/echo", json={"probe": 1}).json()["pid"]
+    subprocess.run(["kill", "-9", str(before)], check=True)
+    seen = set()
+    for i in range(30):
+        try:
+            seen.add(requests.post(f"{gunicorn_server.base}/echo", json={"after": i}).json()["pid"])
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    new_workers = seen - {before}
+    assert new_workers, "gunicorn did not replace the worker"
+    payloads = agent.wait_for(31)
+    captured_pids = {body_json(p, "response_body")["pid"] for p in payloads if p["raw_url"] == "/echo"}
+    assert new_workers <= captured_pids
+
+
+def test_agent_exits_when_the_watched_process_exits(flask_server, agent_factory):
+    agent = agent_factory([flask_server.pid])
+    flask_server.stop()
+    assert agent.process.wait(timeout=10) == 0
+    time.sleep(0.2)
+    assert any("watched process exited" in line for line in agent.log)
+
+
+def test_bad_pid_is_a_clear_error():
+    result = subprocess.run([str(AGENT_BIN), "--pid", "999999999"], capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "no process with pid 999999999" in result.stderr

@@ -1,0 +1,80 @@
+//! Idempotent installation of the build and test prerequisites, so a fresh machine needs
+//! nothing by hand.
+
+use std::process::Command;
+
+use anyhow::Context as _;
+
+use crate::{run, workspace_root};
+
+/// bpf-linker must load the same LLVM major as the nightly rustc; 0.10.4 dlopens the nightly
+/// toolchain's own libLLVM.
+const BPF_LINKER_VERSION: &str = "0.10.4";
+
+fn output(command: &mut Command) -> Option<String> {
+    let output = command.output().ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+pub fn toolchain() -> anyhow::Result<()> {
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .unwrap_or_default();
+    if !components.lines().any(|line| line.starts_with("rust-src")) {
+        eprintln!("xtask: installing rust-src for the nightly toolchain");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))
+        .context("installing rust-src (needed to build the eBPF object)")?;
+    }
+    let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if !linker.contains(BPF_LINKER_VERSION) {
+        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (a few minutes, once)");
+        run(Command::new("cargo").args([
+            "+nightly",
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--force",
+        ]))
+        .context("installing bpf-linker")?;
+    }
+    Ok(())
+}
+
+pub fn python_packages() -> anyhow::Result<()> {
+    let requirements = workspace_root().join("tests/requirements.txt");
+    let satisfied = Command::new("python3")
+        .args(["-c", "import flask, gunicorn, pytest, requests"])
+        .status()
+        .is_ok_and(|status| status.success());
+    if satisfied {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Python test packages");
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+        ])
+        .arg(requirements))
+    .context("installing Python test packages")
+}
