@@ -71,6 +71,9 @@ pub enum Event {
         timestamp_ns: u64,
         role: Role,
         remote: Option<SocketAddr>,
+        /// The connection existed before capture began: its bytes start mid-stream.
+        #[serde(default, skip_serializing_if = "is_false")]
+        midstream: bool,
     },
     Data(DataEvent),
     Close {
@@ -97,6 +100,10 @@ pub enum DecodeError {
 
 fn is_zero(value: &u64) -> bool {
     *value == 0
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// Reads a `repr(C)` record from the front of `bytes`.
@@ -176,6 +183,8 @@ impl Event {
                     timestamp_ns: record.timestamp_ns,
                     role,
                     remote: remote_address(&record.remote),
+                    // The kernel opens with an unknown role only when it adopts an older socket.
+                    midstream: role == Role::Unknown,
                 })
             }
             abi::RECORD_CONN_CLOSE => {

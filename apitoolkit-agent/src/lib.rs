@@ -26,25 +26,50 @@ use aya::maps::{MapData, RingBuf};
 
 use crate::{
     config::CaptureArgs,
-    events::Event,
+    events::{ConnId, Event},
     payload::{PayloadSettings, SdkType},
     pipeline::Pipeline,
-    probes::{Probes, process},
+    probes::{Probes, process, sockets},
     sinks::SinkSender,
 };
 
+fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and out pointer.
+    unsafe { libc::clock_gettime(clock, &mut now) };
+    now.tv_sec as i128 * 1_000_000_000 + now.tv_nsec as i128
+}
+
 /// CLOCK_REALTIME − CLOCK_MONOTONIC, to turn kernel timestamps into wall-clock time.
 fn realtime_offset_ns() -> i128 {
-    let read = |clock| {
-        let mut now = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: valid clock id and out pointer.
-        unsafe { libc::clock_gettime(clock, &mut now) };
-        now.tv_sec as i128 * 1_000_000_000 + now.tv_nsec as i128
-    };
-    read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
+    clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// Registers the TCP connections `pids` already hold with the kernel side and returns their
+/// open events; the kernel's timestamps and generations use CLOCK_MONOTONIC too.
+fn register_existing_connections(probes: &mut Probes, pids: &[u32]) -> anyhow::Result<Vec<Event>> {
+    let mut events = Vec::new();
+    for &pid in pids {
+        for existing in sockets::existing_connections(pid) {
+            let generation = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+            probes.register_connection(pid, existing.fd, generation)?;
+            events.push(Event::Open {
+                conn: ConnId {
+                    tgid: pid,
+                    fd: existing.fd,
+                    generation,
+                },
+                timestamp_ns: generation,
+                role: existing.role,
+                remote: Some(existing.remote),
+                midstream: true,
+            });
+        }
+    }
+    Ok(events)
 }
 
 fn settings(args: &CaptureArgs) -> PayloadSettings {
@@ -211,8 +236,9 @@ pub fn capture(
     }
     let mut probes = Probes::load()?;
     let targets = process::with_descendants(&args.pids);
+    let existing = register_existing_connections(&mut probes, &targets)?;
     probes.add_targets(&targets)?;
-    tracing::info!(pids = ?targets, "watching processes");
+    tracing::info!(pids = ?targets, existing_connections = existing.len(), "watching processes");
     let recorder = match &args.record {
         Some(path) => {
             Some(BufWriter::new(File::create(path).with_context(|| {
@@ -229,6 +255,9 @@ pub fn capture(
         roots: args.pids.clone(),
         decode_errors: 0,
     };
+    for event in existing {
+        capture.handle(event, &mut probes)?;
+    }
     let reason = capture.run(&mut probes, &stop);
     if let Some(recorder) = &mut capture.recorder {
         recorder.flush().context("writing the recording")?;

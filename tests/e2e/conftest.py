@@ -193,6 +193,14 @@ def gthread_server():
 
 
 @pytest.fixture
+def node_server():
+    port = free_port()
+    server = Server(["node", str(APPS / "node_server.js")], port)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def agent_factory():
     agents = []
 

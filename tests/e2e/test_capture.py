@@ -168,6 +168,29 @@ def test_connection_opened_before_the_agent(gthread_server, agent_factory):
     assert [p["raw_url"] for p in payloads] == ["/item/0", "/item/1", "/item/2"]
 
 
+def test_node_connection_opened_before_the_agent(node_server, agent_factory):
+    """node reads with read(2) and writes with writev(2): the agent must register the older
+    socket from /proc for those calls to be captured."""
+    host = f"127.0.0.1:{node_server.port}"
+    with socket.create_connection(("127.0.0.1", node_server.port)) as sock:
+        sock.sendall(f"GET /before HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        read_responses(sock, 1)
+        agent = agent_factory([node_server.pid])
+        for i in range(3):
+            request_body = json.dumps({"i": i})
+            sock.sendall(
+                f"POST /after/{i} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(request_body)}\r\n\r\n{request_body}".encode()
+            )
+            assert json.loads(read_responses(sock, 1)[0])["path"] == f"/after/{i}"
+    payloads = agent.wait_for(3)
+    assert [p["raw_url"] for p in payloads] == ["/after/0", "/after/1", "/after/2"]
+    for i, p in enumerate(payloads):
+        assert p["sdk_type"] == "SDKUnknown"
+        assert body_json(p, "request_body") == {"i": i}
+        assert body_json(p, "response_body") == {"path": f"/after/{i}", "received": json.dumps({"i": i})}
+
+
 def test_gunicorn_workers_forked_before_the_agent(gunicorn_server, agent_factory):
     agent = agent_factory([gunicorn_server.pid])
     pids = set()

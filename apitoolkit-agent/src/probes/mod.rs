@@ -2,6 +2,7 @@
 //! the target set, disabled connections, the event ring buffer and the loss counters.
 
 pub mod process;
+pub mod sockets;
 
 use std::{
     ffi::CString,
@@ -12,7 +13,7 @@ use std::{
 
 use apitoolkit_common::{
     COUNTER_CONN_TABLE_FULL, COUNTER_INFLIGHT_TABLE_FULL, COUNTER_READ_FAILED,
-    COUNTER_RINGBUF_FULL, conn_key,
+    COUNTER_RINGBUF_FULL, ConnState, conn_key,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -220,6 +221,20 @@ impl Probes {
                 })?;
         }
         Ok(())
+    }
+
+    /// Makes the kernel capture a connection that predates the agent (read/write on an fd it
+    /// never saw accepted or connected are otherwise ignored as possible file I/O).
+    pub fn register_connection(&mut self, tgid: u32, fd: i32, generation: u64) -> Result<(), ProbeError> {
+        let mut connections: HashMap<_, u64, ConnState> = HashMap::try_from(self.map_mut("CONNECTIONS"))
+            .map_err(|source| ProbeError::Map { name: "CONNECTIONS", source })?;
+        let state = ConnState {
+            generation,
+            ..ConnState::default()
+        };
+        connections
+            .insert(conn_key(tgid, fd), state, 0)
+            .map_err(|source| ProbeError::Map { name: "CONNECTIONS", source })
     }
 
     /// Stops the kernel from sending this connection generation's bytes.
