@@ -306,3 +306,312 @@ impl ConnectionTracker {
             }));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::events::Source;
+
+    const TGID: u32 = 100;
+
+    fn conn(fd: i32, generation: u64) -> ConnId {
+        ConnId {
+            tgid: TGID,
+            fd,
+            generation,
+        }
+    }
+
+    fn open(conn: ConnId, role: Role) -> Event {
+        Event::Open {
+            conn,
+            timestamp_ns: conn.generation,
+            role,
+            remote: None,
+            midstream: false,
+        }
+    }
+
+    fn data(conn: ConnId, direction: Direction, position: u64, bytes: &[u8], at: u64) -> Event {
+        Event::Data(DataEvent {
+            conn,
+            tid: 1,
+            timestamp_ns: at,
+            direction,
+            source: Source::Syscall,
+            position,
+            skipped_len: 0,
+            data: Bytes::copy_from_slice(bytes),
+        })
+    }
+
+    fn close(conn: ConnId, bytes_sent: u64, bytes_received: u64) -> Event {
+        Event::Close {
+            conn,
+            timestamp_ns: 0,
+            bytes_sent,
+            bytes_received,
+        }
+    }
+
+    /// Feeds events, returning (target, status, response body) per exchange.
+    fn run(tracker: &mut ConnectionTracker, events: Vec<Event>) -> Vec<(String, u16, Vec<u8>)> {
+        events
+            .into_iter()
+            .flat_map(|event| tracker.feed(event).exchanges)
+            .map(|tracked| {
+                let exchange = tracked.exchange;
+                let crate::http::parser::StartLine::Request { target, .. } = exchange.request.start
+                else {
+                    panic!("request expected");
+                };
+                (
+                    target,
+                    exchange.response.status().unwrap(),
+                    exchange.response.body.bytes,
+                )
+            })
+            .collect()
+    }
+
+    const REQUEST: &[u8] = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+    const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+
+    #[test]
+    fn messages_split_across_many_events_are_reassembled() {
+        let c = conn(5, 1);
+        let mut events = vec![open(c, Role::Server)];
+        for (index, byte) in REQUEST.iter().enumerate() {
+            events.push(data(
+                c,
+                Direction::Ingress,
+                index as u64,
+                &[*byte],
+                10 + index as u64,
+            ));
+        }
+        for (index, piece) in RESPONSE.chunks(7).enumerate() {
+            events.push(data(
+                c,
+                Direction::Egress,
+                index as u64 * 7,
+                piece,
+                100 + index as u64,
+            ));
+        }
+        let mut tracker = ConnectionTracker::new(1 << 20);
+        assert_eq!(
+            run(&mut tracker, events),
+            vec![("/a".to_owned(), 200, b"hello".to_vec())]
+        );
+    }
+
+    #[test]
+    fn fd_reuse_never_merges_two_connections() {
+        let (first, second) = (conn(5, 1), conn(5, 2));
+        let mut tracker = ConnectionTracker::new(1 << 20);
+        let exchanges = run(
+            &mut tracker,
+            vec![
+                open(first, Role::Server),
+                data(
+                    first,
+                    Direction::Ingress,
+                    0,
+                    b"GET /first HTTP/1.1\r\n\r\n",
+                    1,
+                ),
+                close(first, 0, 24),
+                open(second, Role::Server),
+                data(
+                    second,
+                    Direction::Ingress,
+                    0,
+                    b"GET /second HTTP/1.1\r\n\r\n",
+                    2,
+                ),
+                data(second, Direction::Egress, 0, RESPONSE, 3),
+            ],
+        );
+        assert_eq!(
+            exchanges,
+            vec![("/second".to_owned(), 200, b"hello".to_vec())]
+        );
+        assert_eq!(tracker.stats().unpaired_requests, 1);
+        assert_eq!(tracker.open_connections(), 1);
+    }
+
+    #[test]
+    fn skipped_bytes_inside_a_body_keep_the_exchange_and_mark_it() {
+        let c = conn(6, 1);
+        let mut tracker = ConnectionTracker::new(1 << 20);
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n";
+        let mut sendfile_marker = data(c, Direction::Egress, head.len() as u64, b"", 3);
+        if let Event::Data(marker) = &mut sendfile_marker {
+            marker.skipped_len = 1000;
+        }
+        let mut exchanges = Vec::new();
+        for event in [
+            open(c, Role::Server),
+            data(c, Direction::Ingress, 0, REQUEST, 1),
+            data(c, Direction::Egress, 0, head, 2),
+            sendfile_marker,
+            data(c, Direction::Ingress, REQUEST.len() as u64, REQUEST, 4),
+            data(c, Direction::Egress, head.len() as u64 + 1000, RESPONSE, 5),
+        ] {
+            exchanges.extend(tracker.feed(event).exchanges);
+        }
+        assert_eq!(exchanges.len(), 2);
+        assert!(exchanges[0].exchange.response.body.incomplete);
+        assert!(exchanges[0].exchange.response.body.bytes.is_empty());
+        assert_eq!(exchanges[1].exchange.response.body.bytes, b"hello");
+        assert_eq!(tracker.stats().gap_bytes, 1000);
+    }
+
+    #[test]
+    fn lost_bytes_in_a_head_never_pair_the_wrong_response() {
+        let c = conn(7, 1);
+        let mut tracker = ConnectionTracker::new(1 << 20);
+        let second = b"GET /second HTTP/1.1\r\n\r\n";
+        let third = b"GET /third HTTP/1.1\r\n\r\n";
+        let exchanges = run(
+            &mut tracker,
+            vec![
+                open(c, Role::Server),
+                data(c, Direction::Ingress, 0, REQUEST, 1),
+                data(c, Direction::Egress, 0, RESPONSE, 2),
+                // The record holding the whole second request was lost: the third request's
+                // position jumps past it, but its response is still to come.
+                data(
+                    c,
+                    Direction::Egress,
+                    RESPONSE.len() as u64,
+                    b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
+                    4,
+                ),
+                data(
+                    c,
+                    Direction::Ingress,
+                    (REQUEST.len() + second.len()) as u64,
+                    third,
+                    5,
+                ),
+                data(
+                    c,
+                    Direction::Egress,
+                    RESPONSE.len() as u64 + 43,
+                    b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n",
+                    6,
+                ),
+            ],
+        );
+        let targets: Vec<_> = exchanges.iter().map(|(t, s, _)| (t.as_str(), *s)).collect();
+        assert!(!targets.contains(&("/third", 201)), "{targets:?}");
+        assert_eq!(targets[0], ("/a", 200));
+        assert_eq!(tracker.stats().gaps, 1);
+    }
+
+    #[test]
+    fn close_completes_a_close_delimited_response() {
+        let c = conn(8, 1);
+        let mut tracker = ConnectionTracker::new(1 << 20);
+        let body = b"HTTP/1.0 200 OK\r\n\r\nuntil-close";
+        let exchanges = run(
+            &mut tracker,
+            vec![
+                open(c, Role::Server),
+                data(c, Direction::Ingress, 0, REQUEST, 1),
+                data(c, Direction::Egress, 0, body, 2),
+                close(c, body.len() as u64, REQUEST.len() as u64),
+            ],
+        );
+        assert_eq!(
+            exchanges,
+            vec![("/a".to_owned(), 200, b"until-close".to_vec())]
+        );
+    }
+
+    #[test]
+    fn unknown_role_is_inferred_from_the_first_bytes() {
+        let c = conn(9, 1);
+        let mut tracker = ConnectionTracker::new(1 << 20);
+        let mut events = vec![Event::Open {
+            conn: c,
+            timestamp_ns: 0,
+            role: Role::Unknown,
+            remote: None,
+            midstream: true,
+        }];
+        // The process writes a request and reads a response: it is the client.
+        events.push(data(c, Direction::Egress, 0, REQUEST, 1));
+        events.push(data(c, Direction::Ingress, 0, RESPONSE, 2));
+        let mut exchanges = Vec::new();
+        for event in events {
+            exchanges.extend(tracker.feed(event).exchanges);
+        }
+        assert_eq!(exchanges.len(), 1);
+        assert_eq!(exchanges[0].role, Role::Client);
+    }
+
+    #[test]
+    fn a_connection_that_is_not_http_is_disabled() {
+        let c = conn(10, 1);
+        let mut tracker = ConnectionTracker::new(1 << 20);
+        tracker.feed(open(c, Role::Client));
+        let output = tracker.feed(data(
+            c,
+            Direction::Egress,
+            0,
+            b"\x00\x00\x00\x54\x00\x03\x00\x00user\x00postgres\r\n\r\n",
+            1,
+        ));
+        assert_eq!(output.disable, vec![c]);
+        assert_eq!(tracker.stats().not_http_connections, 1);
+        let later = tracker.feed(data(c, Direction::Egress, 30, REQUEST, 2));
+        assert!(later.exchanges.is_empty() && later.disable.is_empty());
+    }
+
+    #[test]
+    fn overlapping_bytes_are_not_parsed_twice() {
+        let c = conn(11, 1);
+        let mut tracker = ConnectionTracker::new(1 << 20);
+        let exchanges = run(
+            &mut tracker,
+            vec![
+                open(c, Role::Server),
+                data(c, Direction::Ingress, 0, &REQUEST[..10], 1),
+                data(c, Direction::Ingress, 5, &REQUEST[5..], 2),
+                data(c, Direction::Egress, 0, RESPONSE, 3),
+            ],
+        );
+        assert_eq!(exchanges, vec![("/a".to_owned(), 200, b"hello".to_vec())]);
+    }
+
+    #[test]
+    fn process_exit_flushes_its_connections() {
+        let c = conn(12, 1);
+        let mut tracker = ConnectionTracker::new(1 << 20);
+        let exchanges = run(
+            &mut tracker,
+            vec![
+                open(c, Role::Server),
+                data(c, Direction::Ingress, 0, REQUEST, 1),
+                data(
+                    c,
+                    Direction::Egress,
+                    0,
+                    b"HTTP/1.1 200 OK\r\n\r\npartial",
+                    2,
+                ),
+                Event::ProcessExit {
+                    tgid: TGID,
+                    timestamp_ns: 3,
+                },
+            ],
+        );
+        assert_eq!(exchanges, vec![("/a".to_owned(), 200, b"partial".to_vec())]);
+        assert_eq!(tracker.open_connections(), 0);
+    }
+}

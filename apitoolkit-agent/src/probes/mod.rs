@@ -225,16 +225,27 @@ impl Probes {
 
     /// Makes the kernel capture a connection that predates the agent (read/write on an fd it
     /// never saw accepted or connected are otherwise ignored as possible file I/O).
-    pub fn register_connection(&mut self, tgid: u32, fd: i32, generation: u64) -> Result<(), ProbeError> {
-        let mut connections: HashMap<_, u64, ConnState> = HashMap::try_from(self.map_mut("CONNECTIONS"))
-            .map_err(|source| ProbeError::Map { name: "CONNECTIONS", source })?;
+    pub fn register_connection(
+        &mut self,
+        tgid: u32,
+        fd: i32,
+        generation: u64,
+    ) -> Result<(), ProbeError> {
+        let mut connections: HashMap<_, u64, ConnState> =
+            HashMap::try_from(self.map_mut("CONNECTIONS")).map_err(|source| ProbeError::Map {
+                name: "CONNECTIONS",
+                source,
+            })?;
         let state = ConnState {
             generation,
             ..ConnState::default()
         };
         connections
             .insert(conn_key(tgid, fd), state, 0)
-            .map_err(|source| ProbeError::Map { name: "CONNECTIONS", source })
+            .map_err(|source| ProbeError::Map {
+                name: "CONNECTIONS",
+                source,
+            })
     }
 
     /// Stops the kernel from sending this connection generation's bytes.

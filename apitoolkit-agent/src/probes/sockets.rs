@@ -102,7 +102,10 @@ pub fn existing_connections(pid: u32) -> Vec<ExistingConnection> {
                     .strip_prefix("socket:[")
                     .and_then(|rest| rest.strip_suffix(']'))
                     .and_then(|inode| inode.parse::<u64>().ok()),
-                entry.file_name().to_str().and_then(|fd| fd.parse::<i32>().ok()),
+                entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|fd| fd.parse::<i32>().ok()),
             ) {
                 sockets.insert(inode, fd);
             }

@@ -1,0 +1,143 @@
+//! A session recorded live by the agent (`--record`, gunicorn gthread serving the Flask test
+//! app over one keep-alive connection plus one pipelined connection) replayed without root.
+
+use std::path::PathBuf;
+
+use apitoolkit_agent::{
+    events::Event,
+    payload::{Payload, PayloadSettings, SdkType},
+    pipeline::Pipeline,
+};
+use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
+use bytes::Bytes;
+use uuid::Uuid;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/gunicorn_keepalive_session.ndjson")
+}
+
+fn recorded_events() -> Vec<Event> {
+    std::fs::read_to_string(fixture())
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+fn settings() -> PayloadSettings {
+    PayloadSettings {
+        project_id: Uuid::parse_str("6a1c2f8e-8d6f-4c1f-9a57-0b1b7b2a9c11").unwrap(),
+        service_version: Some("2.1.0".into()),
+        tags: vec!["env:test".into()],
+        max_body_bytes: 1 << 20,
+        realtime_offset_ns: 1_700_000_000_000_000_000,
+    }
+}
+
+fn replay(events: Vec<Event>) -> Vec<Payload> {
+    let mut pipeline = Pipeline::new(settings(), Box::new(|_| SdkType::PythonFlask));
+    events
+        .into_iter()
+        .flat_map(|event| pipeline.feed(event).payloads)
+        .collect()
+}
+
+fn decoded(field: &str) -> Vec<u8> {
+    BASE64.decode(field).unwrap()
+}
+
+#[test]
+fn recorded_session_yields_one_payload_per_request() {
+    let payloads = replay(recorded_events());
+    let summary: Vec<(&str, &str, u16)> = payloads
+        .iter()
+        .map(|p| (p.method.as_str(), p.raw_url.as_str(), p.status_code))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("GET", "/hello?name=bob&tag=a&tag=b", 200),
+            ("POST", "/echo", 200),
+            ("POST", "/upload", 200),
+            ("HEAD", "/item/7", 200),
+            ("GET", "/item/0", 200),
+            ("GET", "/item/1", 200),
+            ("GET", "/item/2", 200),
+        ]
+    );
+
+    let get = &payloads[0];
+    assert_eq!(get.url_path, "/hello");
+    assert_eq!(get.host, "127.0.0.1:5079");
+    assert_eq!(get.referer, "http://example.com/p");
+    assert_eq!(get.query_params["tag"], vec!["a", "b"]);
+    assert_eq!(get.request_headers["Connection"], vec!["keep-alive"]);
+    assert_eq!(
+        get.response_headers["Content-Type"],
+        vec!["application/json"]
+    );
+    let body: serde_json::Value = serde_json::from_slice(&decoded(&get.response_body)).unwrap();
+    assert_eq!(body["args"]["name"], serde_json::json!(["bob"]));
+    assert_eq!(get.sdk_type, SdkType::PythonFlask);
+    assert_eq!(get.service_version.as_deref(), Some("2.1.0"));
+    assert_eq!(get.tags, vec!["env:test"]);
+    assert!(get.duration > 0);
+    assert!(
+        get.timestamp.starts_with("2023-11-14T"),
+        "{}",
+        get.timestamp
+    );
+
+    assert_eq!(
+        decoded(&payloads[1].request_body),
+        br#"{"user": "bob", "password": "hunter2"}"#
+    );
+    assert_eq!(decoded(&payloads[2].request_body), b"{\"part\": 1}\ntail");
+    assert_eq!(
+        payloads[2].request_headers["Transfer-Encoding"],
+        vec!["chunked"]
+    );
+    assert!(payloads[3].response_body.is_empty(), "HEAD has no body");
+    for (index, payload) in payloads[4..].iter().enumerate() {
+        let body: serde_json::Value =
+            serde_json::from_slice(&decoded(&payload.response_body)).unwrap();
+        assert_eq!(body["item"], index, "pipelined responses pair in order");
+    }
+    let ids: std::collections::HashSet<Uuid> = payloads.iter().map(|p| p.msg_id).collect();
+    assert_eq!(ids.len(), payloads.len());
+}
+
+#[test]
+fn rechunking_every_record_into_single_bytes_changes_nothing() {
+    let whole = replay(recorded_events());
+    let mut split = Vec::new();
+    for event in recorded_events() {
+        match event {
+            Event::Data(data) if data.data.len() > 1 => {
+                for (offset, byte) in data.data.iter().enumerate() {
+                    let mut piece = data.clone();
+                    piece.position += offset as u64;
+                    piece.data = Bytes::copy_from_slice(&[*byte]);
+                    split.push(Event::Data(piece));
+                }
+            }
+            other => split.push(other),
+        }
+    }
+    let rechunked = replay(split);
+    assert_eq!(rechunked.len(), whole.len());
+    for (a, b) in whole.iter().zip(&rechunked) {
+        let mut b = b.clone();
+        b.msg_id = a.msg_id;
+        assert_eq!(*a, b);
+    }
+}
+
+#[test]
+fn the_recording_format_round_trips() {
+    for event in recorded_events() {
+        let line = serde_json::to_string(&event).unwrap();
+        assert_eq!(serde_json::from_str::<Event>(&line).unwrap(), event);
+    }
+}
