@@ -241,3 +241,156 @@ pub fn build(tracked: &TrackedExchange, sdk_type: SdkType, settings: &PayloadSet
         errors: Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use flate2::{Compression, write::GzEncoder};
+
+    use super::*;
+    use crate::{
+        events::{ConnId, Role},
+        http::{Exchange, parser::StartLine},
+    };
+
+    fn message(start: StartLine, headers: &[(&str, &str)], body: &[u8], at: (u64, u64)) -> Message {
+        Message {
+            start,
+            version_minor: 1,
+            headers: headers
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .collect(),
+            body: Body {
+                bytes: body.to_vec(),
+                truncated: false,
+                incomplete: false,
+            },
+            first_byte_ns: at.0,
+            last_byte_ns: at.1,
+        }
+    }
+
+    fn settings() -> PayloadSettings {
+        PayloadSettings {
+            project_id: Uuid::nil(),
+            service_version: None,
+            tags: vec!["team:api".into()],
+            max_body_bytes: 1 << 20,
+            realtime_offset_ns: 1_764_000_000_000_000_000,
+        }
+    }
+
+    fn exchange(request: Message, response: Message) -> TrackedExchange {
+        TrackedExchange {
+            conn: ConnId {
+                tgid: 1,
+                fd: 3,
+                generation: 1,
+            },
+            role: Role::Server,
+            remote: None,
+            exchange: Exchange { request, response },
+        }
+    }
+
+    #[test]
+    fn fields_follow_the_contract() {
+        let request = message(
+            StartLine::Request {
+                method: "GET".into(),
+                target: "/users/42?page=2&tag=a&tag=b&q=a%20b".into(),
+            },
+            &[
+                ("Host", "api.local:8080"),
+                ("X-Multi", "1"),
+                ("x-multi", "2"),
+            ],
+            b"",
+            (1_000, 2_000),
+        );
+        let response = message(
+            StartLine::Response { status: 201 },
+            &[],
+            b"{}",
+            (5_000, 9_000),
+        );
+        let payload = build(
+            &exchange(request, response),
+            SdkType::PythonFlask,
+            &settings(),
+        );
+        assert_eq!(
+            payload.duration, 8_000,
+            "first request byte to last response byte"
+        );
+        assert_eq!(payload.timestamp, "2025-11-24T16:00:00.000009+00:00");
+        assert_eq!(payload.url_path, "/users/42");
+        assert_eq!(payload.raw_url, "/users/42?page=2&tag=a&tag=b&q=a%20b");
+        assert_eq!(payload.query_params["tag"], vec!["a", "b"]);
+        assert_eq!(payload.query_params["q"], vec!["a b"]);
+        assert_eq!(payload.host, "api.local:8080");
+        assert_eq!(payload.request_headers["X-Multi"], vec!["1"]);
+        assert_eq!(payload.status_code, 201);
+        assert_eq!(payload.response_body, "e30=");
+        assert_eq!(payload.tags, vec!["team:api"]);
+
+        let json: serde_json::Value = serde_json::to_value(&payload).unwrap();
+        assert_eq!(json["sdk_type"], "PythonFlask");
+        assert_eq!(json["parent_id"], serde_json::Value::Null);
+        assert_eq!(json["path_params"], serde_json::json!({}));
+        assert!(json.get("service_version").is_none());
+    }
+
+    #[test]
+    fn gzip_bodies_are_decoded_and_cut_bodies_tagged() {
+        let mut gzip = GzEncoder::new(Vec::new(), Compression::default());
+        gzip.write_all(b"{\"ok\":true}").unwrap();
+        let mut request = message(
+            StartLine::Request {
+                method: "POST".into(),
+                target: "/".into(),
+            },
+            &[],
+            b"partial",
+            (0, 1),
+        );
+        request.body.truncated = true;
+        let response = message(
+            StartLine::Response { status: 200 },
+            &[("Content-Encoding", "gzip")],
+            &gzip.finish().unwrap(),
+            (2, 3),
+        );
+        let payload = build(
+            &exchange(request, response),
+            SdkType::SDKUnknown,
+            &settings(),
+        );
+        assert_eq!(
+            BASE64.decode(&payload.response_body).unwrap(),
+            b"{\"ok\":true}"
+        );
+        assert!(
+            payload
+                .tags
+                .contains(&TAG_REQUEST_BODY_TRUNCATED.to_owned())
+        );
+        assert!(
+            !payload
+                .tags
+                .contains(&TAG_RESPONSE_BODY_TRUNCATED.to_owned())
+        );
+    }
+
+    #[test]
+    fn sdk_type_names_parse_and_serialize_exactly() {
+        assert_eq!("SDKUnknown".parse::<SdkType>(), Ok(SdkType::SDKUnknown));
+        assert!("Flask".parse::<SdkType>().is_err());
+        assert_eq!(
+            serde_json::to_string(&SdkType::JsExpress).unwrap(),
+            "\"JsExpress\""
+        );
+    }
+}

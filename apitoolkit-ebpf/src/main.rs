@@ -38,8 +38,9 @@ static CONNECTIONS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65
 #[map]
 static DISABLED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 
+/// LRU so threads killed inside a syscall (no exit event) cannot fill it up.
 #[map]
-static IN_FLIGHT: HashMap<u64, InFlightCall> = HashMap::with_max_entries(16384, 0);
+static IN_FLIGHT: LruHashMap<u64, InFlightCall> = LruHashMap::with_max_entries(16384, 0);
 
 #[map]
 static SCRATCH: PerCpuArray<DataRecord> = PerCpuArray::with_max_entries(1, 0);

@@ -8,6 +8,10 @@ use std::collections::VecDeque;
 
 use parser::{Message, MessageKind, MessageParser, ParseError, Polled};
 
+/// Requests waiting for a response on one connection; beyond this the oldest is dropped (a
+/// client that pipelines this deep, or a response stream we cannot see).
+const MAX_PENDING_REQUESTS: usize = 128;
+
 /// A request and the response that answered it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exchange {
@@ -166,6 +170,12 @@ impl HttpConnection {
             }
         }
         self.seen_message = true;
+        if self.pending.len() >= MAX_PENDING_REQUESTS {
+            self.pending.pop_front();
+            output
+                .anomalies
+                .push(Anomaly::Unpaired(MessageKind::Request));
+        }
         self.pending.push_back(request);
     }
 
