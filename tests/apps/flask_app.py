@@ -1,7 +1,7 @@
 """Demo and test service: a plain Flask app, run by werkzeug or gunicorn, never instrumented."""
 import os
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, jsonify, request, send_file
 
 app = Flask(__name__)
 
@@ -42,6 +42,12 @@ def big():
 @app.get("/item/<int:item_id>")
 def item(item_id: int):
     return jsonify(item=item_id)
+
+
+@app.get("/source")
+def source():
+    """A file response: gunicorn sends it with sendfile(2), which the agent sees only as a size."""
+    return send_file(__file__, mimetype="text/plain")
 
 
 @app.get("/boom")

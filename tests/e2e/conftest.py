@@ -122,9 +122,9 @@ class Agent:
         with self._lock:
             return list(self.payloads)
 
-    def stop(self) -> int:
+    def stop(self, sig=signal.SIGINT) -> int:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(sig)
         try:
             return self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:

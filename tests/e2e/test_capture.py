@@ -1,5 +1,6 @@
 """Real eBPF capture of real servers: every payload field checked against what was sent."""
 import json
+import signal
 import socket
 import subprocess
 import time
@@ -231,6 +232,40 @@ def test_agent_exits_when_the_watched_process_exits(flask_server, agent_factory)
     assert agent.process.wait(timeout=10) == 0
     time.sleep(0.2)
     assert any("watched process exited" in line for line in agent.log)
+
+
+def test_sendfile_body_is_reported_as_not_captured(gunicorn_server, agent_factory):
+    agent = agent_factory([gunicorn_server.pid])
+    response = requests.get(f"{gunicorn_server.base}/source")
+    assert response.status_code == 200 and b"sendfile" in response.content
+    assert requests.get(f"{gunicorn_server.base}/item/1").json() == {"item": 1}
+    payloads = agent.wait_for(2)
+    assert [p["raw_url"] for p in payloads] == ["/source", "/item/1"]
+    p = payloads[0]
+    assert p["status_code"] == 200
+    assert header(p, "response_headers", "Content-Length") == [str(len(response.content))]
+    assert "apitoolkit.response_body_incomplete" in p["tags"]
+    assert len(body(p, "response_body")) < len(response.content)
+    assert body_json(payloads[1], "response_body") == {"item": 1}
+
+
+def test_sigterm_flushes_and_exits_cleanly(flask_server, agent_factory):
+    agent = agent_factory([flask_server.pid])
+    for i in range(5):
+        requests.get(f"{flask_server.base}/item/{i}")
+    assert agent.stop(signal.SIGTERM) == 0
+    time.sleep(0.2)
+    assert [p["raw_url"] for p in agent.payloads] == [f"/item/{i}" for i in range(5)]
+    assert agent.stats()["exchanges"] == 5
+
+
+def test_unprivileged_run_is_a_clear_error(flask_server):
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(AGENT_BIN), "--pid", str(flask_server.pid)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("apitoolkit-agent: not allowed to load eBPF programs: run as root")
 
 
 def test_bad_pid_is_a_clear_error():

@@ -97,7 +97,10 @@ impl HttpConnection {
             MessageKind::Request => self.requests.gap(len),
             MessageKind::Response => self.responses.gap(len),
         };
-        if !absorbed {
+        if absorbed {
+            // The gap may have been the rest of a body: that message is complete now.
+            self.drain(output);
+        } else {
             output.anomalies.push(Anomaly::Desync);
             for _ in self.pending.drain(..) {
                 output

@@ -86,7 +86,7 @@ const TRACEPOINTS: &[(&str, &str, &[&str])] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error(
-        "permission denied loading eBPF: run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN)"
+        "not allowed to load eBPF programs: run as root (or with CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)"
     )]
     PermissionDenied,
     #[error("kernel feature missing: {feature} ({source})")]
@@ -105,34 +105,34 @@ pub enum ProbeError {
     },
 }
 
-fn is_permission_error(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(error);
-    while let Some(error) = current {
-        if let Some(io) = error.downcast_ref::<io::Error>()
-            && io.kind() == io::ErrorKind::PermissionDenied
-        {
-            return true;
-        }
-        if error.to_string().contains("Operation not permitted") {
-            return true;
-        }
-        current = error.source();
-    }
-    false
-}
-
 fn missing(
     feature: impl Into<String>,
     source: impl std::error::Error + Send + Sync + 'static,
 ) -> ProbeError {
-    // SAFETY: geteuid has no preconditions.
-    let is_root = unsafe { libc::geteuid() } == 0;
-    if !is_root && is_permission_error(&source) {
-        return ProbeError::PermissionDenied;
-    }
     ProbeError::MissingFeature {
         feature: feature.into(),
         source: Box::new(source),
+    }
+}
+
+/// Capability bits (linux/capability.h) the agent needs when it does not run as root.
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Fails early, with the fix in the message, when the process may not load eBPF programs.
+pub fn check_privileges() -> Result<(), ProbeError> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        Ok(())
+    } else {
+        Err(ProbeError::PermissionDenied)
     }
 }
 
@@ -175,6 +175,7 @@ pub struct Probes {
 
 impl Probes {
     pub fn load() -> Result<Self, ProbeError> {
+        check_privileges()?;
         ensure_tracefs()?;
         let mut ebpf = EbpfLoader::new()
             .load(aya::include_bytes_aligned!(concat!(
