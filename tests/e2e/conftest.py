@@ -168,13 +168,29 @@ def flask_server():
     server.stop()
 
 
-@pytest.fixture
-def gunicorn_server():
+def start_gunicorn(*worker_args) -> Server:
     port = free_port()
-    server = Server(
-        [sys.executable, "-m", "gunicorn", "--workers", "2", "--bind", f"127.0.0.1:{port}", "flask_app:app"],
+    return Server(
+        [sys.executable, "-m", "gunicorn", *worker_args, "--bind", f"127.0.0.1:{port}", "flask_app:app"],
         port,
     )
+
+
+@pytest.fixture(params=["werkzeug", "gunicorn"])
+def any_flask_server(request):
+    """The same Flask app under werkzeug's threaded dev server and under 2 gunicorn workers."""
+    if request.param == "werkzeug":
+        port = free_port()
+        server = Server([sys.executable, str(APPS / "flask_app.py")], port)
+    else:
+        server = start_gunicorn("--workers", "2")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gunicorn_server():
+    server = start_gunicorn("--workers", "2")
     yield server
     server.stop()
 
@@ -182,12 +198,7 @@ def gunicorn_server():
 @pytest.fixture
 def gthread_server():
     """gunicorn's threaded worker keeps connections alive (werkzeug's dev server closes them)."""
-    port = free_port()
-    server = Server(
-        [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--threads", "4", "--keep-alive", "30",
-         "--bind", f"127.0.0.1:{port}", "flask_app:app"],
-        port,
-    )
+    server = start_gunicorn("--worker-class", "gthread", "--threads", "4", "--keep-alive", "30")
     yield server
     server.stop()
 
