@@ -73,7 +73,8 @@ pub struct CaptureArgs {
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
 
-    /// Payloads that may wait for the sink before new ones are dropped.
-    #[arg(long, default_value_t = 10_000, env = "APITOOLKIT_QUEUE_CAPACITY")]
-    pub queue_capacity: usize,
+    /// Bytes of payloads that may wait for the sink; beyond that new payloads are dropped and
+    /// counted, so a slow sink never grows the agent's memory.
+    #[arg(long, default_value_t = 64 * 1024 * 1024, env = "APITOOLKIT_QUEUE_BYTES")]
+    pub queue_bytes: usize,
 }

@@ -27,7 +27,7 @@ use aya::maps::{MapData, RingBuf};
 use crate::{
     config::CaptureArgs,
     events::{ConnId, Event},
-    payload::{PayloadSettings, SdkType},
+    payload::{Payload, PayloadSettings, SdkType},
     pipeline::Pipeline,
     probes::{Probes, process, sockets},
     sinks::SinkSender,
@@ -121,6 +121,8 @@ pub fn replay(file: &Path, args: &CaptureArgs, mut out: impl Write) -> anyhow::R
     Ok(written)
 }
 
+const DRAIN_PAUSE: Duration = Duration::from_millis(2);
+
 /// Why capture stopped.
 #[derive(Debug, PartialEq, Eq)]
 pub enum StopReason {
@@ -132,6 +134,8 @@ struct Capture {
     ring: RingBuf<MapData>,
     pipeline: Pipeline,
     sink: SinkSender,
+    /// Payloads of the current drain, handed to the sink as one batch.
+    outbox: Vec<Payload>,
     recorder: Option<BufWriter<File>>,
     roots: Vec<u32>,
     decode_errors: u64,
@@ -155,9 +159,7 @@ impl Capture {
                 tracing::warn!(%error, ?conn, "could not disable connection in the kernel");
             }
         }
-        for payload in output.payloads {
-            self.sink.send(payload);
-        }
+        self.outbox.extend(output.payloads);
         Ok(())
     }
 
@@ -183,6 +185,9 @@ impl Capture {
             for event in events {
                 self.handle(event, probes)?;
             }
+            if !self.outbox.is_empty() {
+                self.sink.send(std::mem::take(&mut self.outbox));
+            }
             if read < BATCH {
                 return Ok(());
             }
@@ -199,6 +204,9 @@ impl Capture {
             }
             if probes::wait_readable(&self.ring, 100).context("polling the ring buffer")? {
                 self.drain(probes)?;
+                // Under load, a short pause lets records accumulate so that one wake-up drains
+                // many of them; it adds at most this much latency.
+                std::thread::sleep(DRAIN_PAUSE);
             }
             if last_liveness_check.elapsed() > Duration::from_secs(1) {
                 last_liveness_check = Instant::now();
@@ -251,6 +259,7 @@ pub fn capture(
         ring: probes.take_ring_buffer()?,
         pipeline: Pipeline::new(settings(args), sdk_type_detector(args.sdk_type)),
         sink: sink.clone(),
+        outbox: Vec::new(),
         recorder,
         roots: args.pids.clone(),
         decode_errors: 0,

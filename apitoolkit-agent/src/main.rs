@@ -15,6 +15,11 @@ use apitoolkit_agent::{
 use clap::Parser as _;
 use tokio::signal::unix::{SignalKind, signal};
 
+/// Payloads are built on the capture thread and freed on the sink thread: glibc malloc handles
+/// that cross-thread pattern poorly.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_logging(debug: bool) {
     let default = if debug { "debug" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("APITOOLKIT_LOG")
@@ -41,7 +46,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         replay(file, &cli.capture, std::io::stdout().lock())?;
         return Ok(());
     }
-    let (sender, receiver) = sinks::queue(cli.capture.queue_capacity);
+    let (sender, receiver) = sinks::queue(cli.capture.queue_bytes);
     let writer = sinks::stdout::spawn(receiver).context("starting the stdout sink")?;
     let stop = Arc::new(AtomicBool::new(false));
     let args = Arc::new(cli.capture);

@@ -153,17 +153,21 @@ fn encode_body(
     out_tags: &mut Vec<String>,
 ) -> String {
     let mut truncated = body.truncated;
-    let bytes = match content::decode(message.header("content-encoding"), &body.bytes, max_bytes) {
-        Ok(decoded) => {
-            truncated |= decoded.truncated;
-            decoded.bytes
-        }
+    let decoded = match content::decode(message.header("content-encoding"), &body.bytes, max_bytes)
+    {
+        Ok(decoded) => decoded,
         Err(error) => {
             tracing::debug!(%error, "body left encoded");
             out_tags.push(tags.undecoded.to_owned());
-            body.bytes.clone()
+            None
         }
     };
+    if let Some(decoded) = &decoded {
+        truncated |= decoded.truncated;
+    }
+    let bytes = decoded
+        .as_ref()
+        .map_or(&body.bytes[..], |decoded| &decoded.bytes[..]);
     if truncated {
         out_tags.push(tags.truncated.to_owned());
     }

@@ -43,7 +43,6 @@ pub fn toolchain() -> anyhow::Result<()> {
     if !linker.contains(BPF_LINKER_VERSION) {
         eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (a few minutes, once)");
         run(Command::new("cargo").args([
-            "+nightly",
             "install",
             "bpf-linker",
             "--version",

@@ -35,44 +35,41 @@ fn read_limited(
 }
 
 /// Undoes `content_encoding` (the header value; encodings applied in order, so undone in
-/// reverse). `identity` and an absent header leave the body as it is.
+/// reverse). `None` when there is nothing to undo (`identity` or no header), so the caller can
+/// use the body as it is without a copy.
 pub fn decode(
     content_encoding: Option<&str>,
     body: &[u8],
     max_bytes: usize,
-) -> Result<Decoded, ContentError> {
+) -> Result<Option<Decoded>, ContentError> {
+    let encodings: Vec<String> = content_encoding
+        .unwrap_or_default()
+        .rsplit(',')
+        .map(|encoding| encoding.trim().to_ascii_lowercase())
+        .filter(|encoding| !encoding.is_empty() && encoding != "identity")
+        .collect();
+    if encodings.is_empty() {
+        return Ok(None);
+    }
     let mut current = Decoded {
         bytes: body.to_vec(),
         truncated: false,
     };
-    let encodings = content_encoding.unwrap_or_default();
-    for encoding in encodings
-        .rsplit(',')
-        .map(str::trim)
-        .filter(|e| !e.is_empty())
-    {
-        let next = match encoding.to_ascii_lowercase().as_str() {
-            "identity" => continue,
-            "gzip" | "x-gzip" => {
-                read_limited(MultiGzDecoder::new(&current.bytes[..]), max_bytes, "gzip")?
-            }
+    for encoding in encodings {
+        let input = &current.bytes[..];
+        let next = match encoding.as_str() {
+            "gzip" | "x-gzip" => read_limited(MultiGzDecoder::new(input), max_bytes, "gzip")?,
             // Servers disagree on whether "deflate" means zlib-wrapped or raw; try both.
-            "deflate" => read_limited(ZlibDecoder::new(&current.bytes[..]), max_bytes, "deflate")
-                .or_else(|_| {
-                read_limited(
-                    DeflateDecoder::new(&current.bytes[..]),
-                    max_bytes,
-                    "deflate",
-                )
-            })?,
-            other => return Err(ContentError::Unsupported(other.to_owned())),
+            "deflate" => read_limited(ZlibDecoder::new(input), max_bytes, "deflate")
+                .or_else(|_| read_limited(DeflateDecoder::new(input), max_bytes, "deflate"))?,
+            _ => return Err(ContentError::Unsupported(encoding)),
         };
         current = Decoded {
             bytes: next.bytes,
             truncated: current.truncated || next.truncated,
         };
     }
-    Ok(current)
+    Ok(Some(current))
 }
 
 #[cfg(test)]
@@ -92,21 +89,26 @@ mod tests {
         gzip.write_all(b"{\"ok\":true}").unwrap();
         let gzip = gzip.finish().unwrap();
         assert_eq!(
-            decode(Some("gzip"), &gzip, 100).unwrap().bytes,
+            decode(Some("gzip"), &gzip, 100).unwrap().unwrap().bytes,
             b"{\"ok\":true}"
         );
 
         let mut zlib = ZlibEncoder::new(Vec::new(), Compression::default());
         zlib.write_all(b"hello").unwrap();
         let zlib = zlib.finish().unwrap();
-        assert_eq!(decode(Some("Deflate"), &zlib, 100).unwrap().bytes, b"hello");
+        assert_eq!(
+            decode(Some("Deflate"), &zlib, 100).unwrap().unwrap().bytes,
+            b"hello"
+        );
     }
 
     #[test]
     fn decoded_size_is_bounded() {
         let mut gzip = GzEncoder::new(Vec::new(), Compression::default());
         gzip.write_all(&[b'a'; 10_000]).unwrap();
-        let decoded = decode(Some("gzip"), &gzip.finish().unwrap(), 100).unwrap();
+        let decoded = decode(Some("gzip"), &gzip.finish().unwrap(), 100)
+            .unwrap()
+            .unwrap();
         assert_eq!(decoded.bytes.len(), 100);
         assert!(decoded.truncated);
     }
@@ -121,6 +123,7 @@ mod tests {
             decode(Some("gzip"), b"not gzip", 10),
             Err(ContentError::Corrupt("gzip"))
         );
-        assert_eq!(decode(None, b"plain", 10).unwrap().bytes, b"plain");
+        assert_eq!(decode(None, b"plain", 10), Ok(None));
+        assert_eq!(decode(Some("identity"), b"plain", 10), Ok(None));
     }
 }
