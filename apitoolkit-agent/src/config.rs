@@ -69,6 +69,35 @@ pub struct CaptureArgs {
     #[arg(long = "tag", value_name = "TAG")]
     pub tags: Vec<String>,
 
+    /// Header whose value is replaced by [CLIENT_REDACTED], matched case-insensitively, in
+    /// requests and responses (repeatable).
+    #[arg(
+        long = "redact-header",
+        value_name = "NAME",
+        env = "APITOOLKIT_REDACT_HEADERS",
+        value_delimiter = ','
+    )]
+    pub redact_headers: Vec<String>,
+
+    /// JSONPath into JSON request bodies whose matches are redacted (repeatable). A body that
+    /// cannot be parsed is withheld.
+    #[arg(
+        long = "redact-request-body",
+        value_name = "JSONPATH",
+        env = "APITOOLKIT_REDACT_REQUEST_BODY",
+        value_delimiter = ','
+    )]
+    pub redact_request_body: Vec<String>,
+
+    /// JSONPath into JSON response bodies whose matches are redacted (repeatable).
+    #[arg(
+        long = "redact-response-body",
+        value_name = "JSONPATH",
+        env = "APITOOLKIT_REDACT_RESPONSE_BODY",
+        value_delimiter = ','
+    )]
+    pub redact_response_body: Vec<String>,
+
     /// Also write every captured event to this file (NDJSON), for `replay` and bug reports.
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,

@@ -8,6 +8,7 @@ pub mod http;
 pub mod payload;
 pub mod pipeline;
 pub mod probes;
+pub mod redact;
 pub mod sinks;
 
 use std::{
@@ -30,6 +31,7 @@ use crate::{
     payload::{Payload, PayloadSettings, SdkType},
     pipeline::Pipeline,
     probes::{Probes, process, sockets},
+    redact::Redactor,
     sinks::SinkSender,
 };
 
@@ -82,6 +84,14 @@ fn settings(args: &CaptureArgs) -> PayloadSettings {
     }
 }
 
+fn redactor(args: &CaptureArgs) -> anyhow::Result<Redactor> {
+    Ok(Redactor::new(
+        &args.redact_headers,
+        &args.redact_request_body,
+        &args.redact_response_body,
+    )?)
+}
+
 fn sdk_type_detector(forced: Option<SdkType>) -> Box<dyn FnMut(u32) -> SdkType + Send> {
     match forced {
         Some(sdk_type) => Box::new(move |_| sdk_type),
@@ -100,6 +110,7 @@ pub fn replay(file: &Path, args: &CaptureArgs, mut out: impl Write) -> anyhow::R
     );
     let mut pipeline = Pipeline::new(
         settings(args),
+        redactor(args)?,
         sdk_type_detector(Some(args.sdk_type.unwrap_or(SdkType::SDKUnknown))),
     );
     let mut written = 0;
@@ -242,6 +253,7 @@ pub fn capture(
             bail!("no process with pid {pid}");
         }
     }
+    let redactor = redactor(args)?;
     let mut probes = Probes::load()?;
     let targets = process::with_descendants(&args.pids);
     let existing = register_existing_connections(&mut probes, &targets)?;
@@ -257,7 +269,7 @@ pub fn capture(
     };
     let mut capture = Capture {
         ring: probes.take_ring_buffer()?,
-        pipeline: Pipeline::new(settings(args), sdk_type_detector(args.sdk_type)),
+        pipeline: Pipeline::new(settings(args), redactor, sdk_type_detector(args.sdk_type)),
         sink: sink.clone(),
         outbox: Vec::new(),
         recorder,

@@ -8,6 +8,7 @@ use crate::{
     events::{ConnId, Event, Role},
     payload::{self, Payload, PayloadSettings, SdkType},
     probes::process::outgoing_sdk_type,
+    redact::Redactor,
 };
 
 #[derive(Debug, Default)]
@@ -19,6 +20,7 @@ pub struct PipelineOutput {
 pub struct Pipeline {
     tracker: ConnectionTracker,
     settings: PayloadSettings,
+    redactor: Redactor,
     sdk_types: HashMap<u32, SdkType>,
     detect_sdk_type: Box<dyn FnMut(u32) -> SdkType + Send>,
 }
@@ -26,11 +28,13 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn new(
         settings: PayloadSettings,
+        redactor: Redactor,
         detect_sdk_type: Box<dyn FnMut(u32) -> SdkType + Send>,
     ) -> Self {
         Self {
             tracker: ConnectionTracker::new(settings.max_body_bytes),
             settings,
+            redactor,
             sdk_types: HashMap::new(),
             detect_sdk_type,
         }
@@ -58,9 +62,9 @@ impl Pipeline {
                 Role::Client => outgoing_sdk_type(incoming),
                 _ => incoming,
             };
-            output
-                .payloads
-                .push(payload::build(&exchange, sdk_type, &self.settings));
+            let mut payload = payload::build(&exchange, sdk_type, &self.settings);
+            self.redactor.apply(&mut payload);
+            output.payloads.push(payload);
         }
         if let Some(tgid) = exited {
             self.sdk_types.remove(&tgid);

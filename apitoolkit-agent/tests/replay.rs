@@ -7,6 +7,7 @@ use apitoolkit_agent::{
     events::Event,
     payload::{Payload, PayloadSettings, SdkType},
     pipeline::Pipeline,
+    redact::{REDACTED, Redactor, TAG_REQUEST_BODY_WITHHELD},
 };
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use bytes::Bytes;
@@ -35,12 +36,16 @@ fn settings() -> PayloadSettings {
     }
 }
 
-fn replay(events: Vec<Event>) -> Vec<Payload> {
-    let mut pipeline = Pipeline::new(settings(), Box::new(|_| SdkType::PythonFlask));
+fn replay_with(events: Vec<Event>, redactor: Redactor) -> Vec<Payload> {
+    let mut pipeline = Pipeline::new(settings(), redactor, Box::new(|_| SdkType::PythonFlask));
     events
         .into_iter()
         .flat_map(|event| pipeline.feed(event).payloads)
         .collect()
+}
+
+fn replay(events: Vec<Event>) -> Vec<Payload> {
+    replay_with(events, Redactor::default())
 }
 
 fn decoded(field: &str) -> Vec<u8> {
@@ -106,6 +111,37 @@ fn recorded_session_yields_one_payload_per_request() {
     }
     let ids: std::collections::HashSet<Uuid> = payloads.iter().map(|p| p.msg_id).collect();
     assert_eq!(ids.len(), payloads.len());
+}
+
+#[test]
+fn redaction_rules_apply_to_the_replayed_session() {
+    let redactor = Redactor::new(&["user-agent".into()], &["$.password".into()], &[]).unwrap();
+    let payloads = replay_with(recorded_events(), redactor);
+    let login: serde_json::Value =
+        serde_json::from_slice(&decoded(&payloads[1].request_body)).unwrap();
+    assert_eq!(
+        login,
+        serde_json::json!({"user": "bob", "password": REDACTED})
+    );
+    // The first four requests came from python-requests, which sends a User-Agent.
+    assert!(
+        payloads[..4]
+            .iter()
+            .all(|p| p.request_headers["User-Agent"] == vec![REDACTED])
+    );
+    // The chunked upload is not JSON: with request-body rules it is withheld, not sent.
+    assert_eq!(payloads[2].request_body, "");
+    assert!(
+        payloads[2]
+            .tags
+            .contains(&TAG_REQUEST_BODY_WITHHELD.to_owned())
+    );
+    // Bodiless requests have nothing to withhold.
+    assert!(
+        !payloads[0]
+            .tags
+            .contains(&TAG_REQUEST_BODY_WITHHELD.to_owned())
+    );
 }
 
 #[test]

@@ -274,3 +274,41 @@ def test_bad_pid_is_a_clear_error():
     result = subprocess.run([str(AGENT_BIN), "--pid", "999999999"], capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert "no process with pid 999999999" in result.stderr
+
+
+def test_redaction_before_anything_leaves_the_agent(flask_server, agent_factory):
+    agent = agent_factory(
+        [flask_server.pid],
+        "--redact-header", "AUTHORIZATION",
+        "--redact-request-body", "$.password",
+        "--redact-request-body", "$.card.password",
+        "--redact-response-body", "$..password",
+    )
+    secret = "hunter2-secret"
+    requests.post(
+        f"{flask_server.base}/echo",
+        json={"user": "bob", "password": secret, "card": {"password": secret, "cvv": "1"}},
+        headers={"Authorization": f"Bearer {secret}"},
+    )
+    requests.post(f"{flask_server.base}/upload", data=f"password={secret}")
+    payloads = agent.wait_for(2)
+    assert len(payloads) == 2
+    assert all(secret not in json.dumps(p) and secret.encode() not in body(p, "request_body") + body(p, "response_body") for p in payloads)
+    echo = by_url(payloads, "/echo")
+    assert header(echo, "request_headers", "Authorization") == ["[CLIENT_REDACTED]"]
+    assert body_json(echo, "request_body") == {
+        "user": "bob", "password": "[CLIENT_REDACTED]", "card": {"password": "[CLIENT_REDACTED]", "cvv": "1"}}
+    received = body_json(echo, "response_body")["received"]
+    assert received["password"] == received["card"]["password"] == "[CLIENT_REDACTED]"
+    upload = by_url(payloads, "/upload")
+    assert upload["request_body"] == ""
+    assert "apitoolkit.request_body_withheld" in upload["tags"]
+
+
+def test_invalid_jsonpath_is_a_clear_error(flask_server):
+    result = subprocess.run(
+        [str(AGENT_BIN), "--pid", str(flask_server.pid), "--redact-request-body", "$[?broken"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1
+    assert 'invalid JSONPath "$[?broken"' in result.stderr

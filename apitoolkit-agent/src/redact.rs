@@ -1,0 +1,323 @@
+//! Client-side redaction, applied to every payload before anything leaves the agent: header
+//! values by name (case-insensitive) and JSON body values by JSONPath. Fails closed: a body
+//! that has rules but cannot be parsed as JSON is withheld, never sent as captured.
+
+use std::collections::HashSet;
+
+use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
+use serde_json::Value;
+use serde_json_path::JsonPath;
+
+use crate::payload::{
+    HeaderMap, Payload, TAG_REQUEST_BODY_INCOMPLETE, TAG_REQUEST_BODY_TRUNCATED,
+    TAG_RESPONSE_BODY_INCOMPLETE, TAG_RESPONSE_BODY_TRUNCATED,
+};
+
+/// What replaces a redacted value (the SDKs' marker, which the backend recognises).
+pub const REDACTED: &str = "[CLIENT_REDACTED]";
+
+/// Tags saying a body was dropped because its redaction rules could not be applied.
+pub const TAG_REQUEST_BODY_WITHHELD: &str = "apitoolkit.request_body_withheld";
+pub const TAG_RESPONSE_BODY_WITHHELD: &str = "apitoolkit.response_body_withheld";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RuleError {
+    #[error("invalid JSONPath {expression:?}: {reason}")]
+    InvalidJsonPath { expression: String, reason: String },
+}
+
+/// Body rules for one direction.
+#[derive(Debug, Default)]
+struct BodyRules {
+    paths: Vec<JsonPath>,
+    withheld_tag: &'static str,
+    /// Tags meaning the captured body is not the whole body: its JSON cannot be trusted.
+    partial_tags: [&'static str; 2],
+}
+
+#[derive(Debug, Default)]
+pub struct Redactor {
+    headers: HashSet<String>,
+    request_body: BodyRules,
+    response_body: BodyRules,
+}
+
+fn compile(expressions: &[String]) -> Result<Vec<JsonPath>, RuleError> {
+    expressions
+        .iter()
+        .map(|expression| {
+            JsonPath::parse(expression).map_err(|error| RuleError::InvalidJsonPath {
+                expression: expression.clone(),
+                reason: error.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Replaces every value the paths select; returns whether anything matched.
+fn redact_value(value: &mut Value, paths: &[JsonPath]) -> bool {
+    let pointers: Vec<String> = paths
+        .iter()
+        .flat_map(|path| {
+            path.query_located(value)
+                .locations()
+                .map(|location| location.to_json_pointer())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for pointer in &pointers {
+        // A pointer under an already redacted parent no longer resolves: nothing left to hide.
+        if let Some(target) = value.pointer_mut(pointer) {
+            *target = Value::String(REDACTED.to_owned());
+        }
+    }
+    !pointers.is_empty()
+}
+
+fn redact_headers(headers: &mut HeaderMap, names: &HashSet<String>) {
+    for (name, values) in headers.iter_mut() {
+        if names.contains(&name.to_ascii_lowercase()) {
+            *values = vec![REDACTED.to_owned()];
+        }
+    }
+}
+
+impl BodyRules {
+    /// Redacts a base64 body in place; withholds it when it cannot be redacted reliably.
+    fn apply(&self, body: &mut String, tags: &mut Vec<String>) {
+        if self.paths.is_empty() || body.is_empty() {
+            return;
+        }
+        let partial = tags
+            .iter()
+            .any(|tag| self.partial_tags.contains(&tag.as_str()));
+        let parsed = BASE64
+            .decode(body.as_bytes())
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok());
+        match parsed {
+            Some(mut value) if !partial => {
+                if redact_value(&mut value, &self.paths) {
+                    *body =
+                        BASE64.encode(serde_json::to_vec(&value).expect("a JSON value serializes"));
+                }
+            }
+            _ => {
+                body.clear();
+                tags.push(self.withheld_tag.to_owned());
+            }
+        }
+    }
+}
+
+impl Redactor {
+    /// Compiles the rules once; an invalid JSONPath is an error naming the expression.
+    pub fn new(
+        headers: &[String],
+        request_body: &[String],
+        response_body: &[String],
+    ) -> Result<Self, RuleError> {
+        Ok(Self {
+            headers: headers
+                .iter()
+                .map(|name| name.to_ascii_lowercase())
+                .collect(),
+            request_body: BodyRules {
+                paths: compile(request_body)?,
+                withheld_tag: TAG_REQUEST_BODY_WITHHELD,
+                partial_tags: [TAG_REQUEST_BODY_TRUNCATED, TAG_REQUEST_BODY_INCOMPLETE],
+            },
+            response_body: BodyRules {
+                paths: compile(response_body)?,
+                withheld_tag: TAG_RESPONSE_BODY_WITHHELD,
+                partial_tags: [TAG_RESPONSE_BODY_TRUNCATED, TAG_RESPONSE_BODY_INCOMPLETE],
+            },
+        })
+    }
+
+    pub fn apply(&self, payload: &mut Payload) {
+        if !self.headers.is_empty() {
+            redact_headers(&mut payload.request_headers, &self.headers);
+            redact_headers(&mut payload.response_headers, &self.headers);
+        }
+        self.request_body
+            .apply(&mut payload.request_body, &mut payload.tags);
+        self.response_body
+            .apply(&mut payload.response_body, &mut payload.tags);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    fn payload(request_body: &Value, response_body: &[u8]) -> Payload {
+        let mut payload: Payload =
+            serde_json::from_str(include_str!("../../tests/fixtures/payload.json")).unwrap();
+        payload.request_body = BASE64.encode(serde_json::to_vec(request_body).unwrap());
+        payload.response_body = BASE64.encode(response_body);
+        payload.request_headers = HeaderMap::from([
+            ("Authorization".to_owned(), vec!["Bearer secret".to_owned()]),
+            (
+                "X-Api-Key".to_owned(),
+                vec!["k1".to_owned(), "k2".to_owned()],
+            ),
+            ("Accept".to_owned(), vec!["*/*".to_owned()]),
+        ]);
+        payload.response_headers =
+            HeaderMap::from([("set-cookie".to_owned(), vec!["session=1".to_owned()])]);
+        payload
+    }
+
+    fn decoded(body: &str) -> Value {
+        serde_json::from_slice(&BASE64.decode(body).unwrap()).unwrap()
+    }
+
+    fn strings(values: &[&str]) -> Vec<String> {
+        values.iter().map(|value| value.to_string()).collect()
+    }
+
+    #[test]
+    fn headers_are_matched_case_insensitively_in_both_directions() {
+        let redactor = Redactor::new(
+            &strings(&["authorization", "X-API-KEY", "Set-Cookie"]),
+            &[],
+            &[],
+        )
+        .unwrap();
+        let mut payload = payload(&json!({}), b"");
+        redactor.apply(&mut payload);
+        assert_eq!(payload.request_headers["Authorization"], vec![REDACTED]);
+        assert_eq!(payload.request_headers["X-Api-Key"], vec![REDACTED]);
+        assert_eq!(payload.request_headers["Accept"], vec!["*/*"]);
+        assert_eq!(payload.response_headers["set-cookie"], vec![REDACTED]);
+    }
+
+    #[test]
+    fn nested_array_and_recursive_paths_redact_every_match_and_nothing_else() {
+        let redactor = Redactor::new(
+            &[],
+            &strings(&["$.user.password", "$.items[*].secret", "$..token"]),
+            &strings(&["$.missing.path"]),
+        )
+        .unwrap();
+        let body = json!({
+            "user": {"name": "bob", "password": "p@ss", "пароль": "keep"},
+            "items": [{"secret": 1, "id": 1}, {"secret": {"deep": true}, "id": 2}],
+            "a": {"b": {"token": "t1", "c": [{"token": "t2"}]}},
+            "token": "t0"
+        });
+        let mut payload = payload(&body, br#"{"ok": true}"#);
+        let response_before = payload.response_body.clone();
+        redactor.apply(&mut payload);
+        assert_eq!(
+            decoded(&payload.request_body),
+            json!({
+                "user": {"name": "bob", "password": REDACTED, "пароль": "keep"},
+                "items": [{"secret": REDACTED, "id": 1}, {"secret": REDACTED, "id": 2}],
+                "a": {"b": {"token": REDACTED, "c": [{"token": REDACTED}]}},
+                "token": REDACTED
+            })
+        );
+        assert_eq!(
+            payload.response_body, response_before,
+            "no match leaves the bytes alone"
+        );
+        assert!(payload.tags.iter().all(|tag| !tag.contains("withheld")));
+    }
+
+    #[test]
+    fn unparsable_or_partial_bodies_with_rules_are_withheld() {
+        let redactor =
+            Redactor::new(&[], &strings(&["$.password"]), &strings(&["$..token"])).unwrap();
+        let mut payload = payload(&json!({"password": "x"}), b"token=abc; not json");
+        payload.tags.push(TAG_REQUEST_BODY_TRUNCATED.to_owned());
+        redactor.apply(&mut payload);
+        assert_eq!(payload.request_body, "");
+        assert_eq!(payload.response_body, "");
+        assert!(payload.tags.contains(&TAG_REQUEST_BODY_WITHHELD.to_owned()));
+        assert!(
+            payload
+                .tags
+                .contains(&TAG_RESPONSE_BODY_WITHHELD.to_owned())
+        );
+    }
+
+    #[test]
+    fn invalid_jsonpath_names_the_expression() {
+        let error = Redactor::new(&[], &strings(&["$.ok", "$[?bad"]), &[]).unwrap_err();
+        assert!(
+            matches!(&error, RuleError::InvalidJsonPath { expression, .. } if expression == "$[?bad")
+        );
+        assert!(error.to_string().contains("$[?bad"));
+    }
+
+    #[test]
+    fn huge_arrays_and_deep_nesting() {
+        let redactor = Redactor::new(&[], &strings(&["$..secret"]), &[]).unwrap();
+        let mut deep = json!({"secret": "bottom"});
+        for _ in 0..60 {
+            deep = json!({"level": deep});
+        }
+        let items: Vec<Value> = (0..20_000).map(|i| json!({"secret": i, "n": i})).collect();
+        let mut payload = payload(&json!({"deep": deep, "items": items}), b"");
+        redactor.apply(&mut payload);
+        let text = String::from_utf8(BASE64.decode(&payload.request_body).unwrap()).unwrap();
+        assert!(!text.contains("bottom"));
+        assert_eq!(text.matches(REDACTED).count(), 20_001);
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            any::<i64>().prop_map(Value::from),
+            "[a-z]{0,8}".prop_map(Value::from),
+            Just(Value::Null),
+        ];
+        leaf.prop_recursive(4, 64, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z]{1,6}", inner, 0..6)
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Wherever a `secret` key sits, its value never reaches the published bytes.
+        #[test]
+        fn a_redacted_value_never_appears_in_the_payload(
+            base in json_value(),
+            pointer_depth in 0usize..4,
+        ) {
+            let marker = "S3CR3T-VALUE-71";
+            let mut body = base;
+            let mut slot = &mut body;
+            for _ in 0..pointer_depth {
+                if !slot.is_object() {
+                    break;
+                }
+                let object = slot.as_object_mut().unwrap();
+                let key = object.keys().next().cloned().unwrap_or_else(|| "k".to_owned());
+                let entry = object.entry(key).or_insert_with(|| json!({}));
+                if !entry.is_object() {
+                    *entry = json!({});
+                }
+                slot = entry;
+            }
+            if !slot.is_object() {
+                *slot = json!({});
+            }
+            slot.as_object_mut().unwrap().insert("secret".into(), json!(marker));
+            let redactor = Redactor::new(&[], &strings(&["$..secret"]), &[]).unwrap();
+            let mut payload = payload(&body, b"");
+            redactor.apply(&mut payload);
+            let published = serde_json::to_vec(&payload).unwrap();
+            let decoded = BASE64.decode(&payload.request_body).unwrap();
+            prop_assert!(!String::from_utf8_lossy(&decoded).contains(marker));
+            prop_assert!(!String::from_utf8_lossy(&published).contains(marker));
+        }
+    }
+}
