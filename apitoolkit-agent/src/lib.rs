@@ -32,7 +32,7 @@ use crate::{
     pipeline::Pipeline,
     probes::{Probes, process, sockets},
     redact::Redactor,
-    sinks::SinkSender,
+    sinks::PayloadQueue,
 };
 
 fn clock_ns(clock: libc::clockid_t) -> i128 {
@@ -144,8 +144,8 @@ pub enum StopReason {
 struct Capture {
     ring: RingBuf<MapData>,
     pipeline: Pipeline,
-    sink: SinkSender,
-    /// Payloads of the current drain, handed to the sink as one batch.
+    sinks: Vec<Arc<PayloadQueue>>,
+    /// Payloads of the current drain, handed to the sinks as one batch.
     outbox: Vec<Payload>,
     recorder: Option<BufWriter<File>>,
     roots: Vec<u32>,
@@ -197,7 +197,13 @@ impl Capture {
                 self.handle(event, probes)?;
             }
             if !self.outbox.is_empty() {
-                self.sink.send(std::mem::take(&mut self.outbox));
+                let batch = std::mem::take(&mut self.outbox);
+                if let Some((last, others)) = self.sinks.split_last() {
+                    for sink in others {
+                        sink.push(batch.iter().cloned());
+                    }
+                    last.push(batch);
+                }
             }
             if read < BATCH {
                 return Ok(());
@@ -238,11 +244,11 @@ impl Capture {
     }
 }
 
-/// Attaches to the processes in `args`, streams payloads to the sink until a signal sets
-/// `stop` or the watched processes exit.
+/// Attaches to the processes in `args`, streams payloads to the sinks' queues until a signal
+/// sets `stop` or the watched processes exit.
 pub fn capture(
     args: &CaptureArgs,
-    sink: SinkSender,
+    sinks: Vec<Arc<PayloadQueue>>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<StopReason> {
     if args.pids.is_empty() {
@@ -270,7 +276,7 @@ pub fn capture(
     let mut capture = Capture {
         ring: probes.take_ring_buffer()?,
         pipeline: Pipeline::new(settings(args), redactor, sdk_type_detector(args.sdk_type)),
-        sink: sink.clone(),
+        sinks,
         outbox: Vec::new(),
         recorder,
         roots: args.pids.clone(),
@@ -300,7 +306,7 @@ pub fn capture(
         inflight_table_full = losses.inflight_table_full,
         user_read_failed = losses.user_read_failed,
         decode_errors = capture.decode_errors,
-        sink_dropped = sink.dropped(),
+        sink_dropped = capture.sinks.iter().map(|sink| sink.dropped()).sum::<u64>(),
         "capture stopped"
     );
     reason

@@ -11,6 +11,7 @@ use apitoolkit_agent::{
     StopReason, capture,
     config::{Cli, Command},
     replay, sinks,
+    sinks::PayloadQueue,
 };
 use clap::Parser as _;
 use tokio::signal::unix::{SignalKind, signal};
@@ -46,14 +47,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         replay(file, &cli.capture, std::io::stdout().lock())?;
         return Ok(());
     }
-    let (sender, receiver) = sinks::queue(cli.capture.queue_bytes);
-    let writer = sinks::stdout::spawn(receiver).context("starting the stdout sink")?;
+    let stdout_queue = PayloadQueue::new("stdout", cli.capture.queue_bytes);
+    let stdout_sink = tokio::spawn(sinks::stdout::run(stdout_queue.clone()));
     let stop = Arc::new(AtomicBool::new(false));
     let args = Arc::new(cli.capture);
     let mut capture_task = tokio::task::spawn_blocking({
         let stop = stop.clone();
         let args = args.clone();
-        move || capture(&args, sender, stop)
+        let queues = vec![stdout_queue.clone()];
+        move || capture(&args, queues, stop)
     });
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -68,11 +70,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             capture_task.await.context("capture thread panicked")??
         }
     };
-    // The capture side dropped its sender: the writer drains what is queued and ends.
-    let written = tokio::task::spawn_blocking(move || writer.join())
+    // Capture is over: the sink drains what is queued and ends.
+    stdout_queue.close();
+    let written = stdout_sink
         .await
-        .context("joining the stdout sink")?
-        .map_err(|_| anyhow::anyhow!("stdout sink panicked"))?
+        .context("stdout sink panicked")?
         .context("writing payloads to stdout")?;
     match reason {
         StopReason::Signal => tracing::info!(payloads = written, "stopped by signal"),

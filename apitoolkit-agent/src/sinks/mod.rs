@@ -1,14 +1,18 @@
-//! Where payloads go. Capture never waits for a sink: payloads cross a queue bounded in bytes,
-//! in batches (one wake-up of the sink per batch, not per payload), and a payload that would
-//! overflow the bound is dropped and counted.
+//! Where payloads go. Capture never waits for a sink: each sink has a queue bounded in bytes;
+//! when a batch would overflow it, the oldest queued payloads are dropped and counted, so a
+//! slow or unreachable destination never grows the agent's memory.
 
 pub mod stdout;
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, AtomicUsize, Ordering},
-    mpsc::{Receiver, Sender, channel},
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
+
+use tokio::sync::Notify;
 
 use crate::payload::Payload;
 
@@ -17,109 +21,160 @@ fn queued_size(payload: &Payload) -> usize {
     1024 + payload.request_body.len() + payload.response_body.len()
 }
 
-struct QueueState {
+#[derive(Default)]
+struct Pending {
+    payloads: VecDeque<Payload>,
+    bytes: usize,
+    closed: bool,
+}
+
+/// A byte-bounded FIFO between capture (sync) and one sink (async).
+pub struct PayloadQueue {
+    name: &'static str,
     max_bytes: usize,
-    queued_bytes: AtomicUsize,
+    pending: Mutex<Pending>,
+    ready: Notify,
     dropped: AtomicU64,
 }
 
-/// The capture side of a sink queue.
-#[derive(Clone)]
-pub struct SinkSender {
-    queue: Sender<Vec<Payload>>,
-    state: Arc<QueueState>,
-}
+impl PayloadQueue {
+    pub fn new(name: &'static str, max_bytes: usize) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            max_bytes,
+            pending: Mutex::new(Pending::default()),
+            ready: Notify::new(),
+            dropped: AtomicU64::new(0),
+        })
+    }
 
-/// The sink side: yields payloads and releases their room in the queue.
-pub struct SinkReceiver {
-    queue: Receiver<Vec<Payload>>,
-    state: Arc<QueueState>,
-}
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
 
-impl SinkSender {
-    /// Queues the payloads that fit in the byte bound and drops (and counts) the rest.
-    pub fn send(&self, payloads: Vec<Payload>) {
-        let mut batch = Vec::with_capacity(payloads.len());
-        let mut batch_bytes = 0;
-        for payload in payloads {
-            let size = queued_size(&payload);
-            let reserved = self.state.queued_bytes.fetch_update(
-                Ordering::AcqRel,
-                Ordering::Acquire,
-                |queued| (queued + size <= self.state.max_bytes).then_some(queued + size),
+    /// Appends a batch, evicting the oldest payloads beyond the byte bound.
+    pub fn push(&self, batch: impl IntoIterator<Item = Payload>) {
+        let mut pending = self.pending.lock().expect("queue lock");
+        for payload in batch {
+            pending.bytes += queued_size(&payload);
+            pending.payloads.push_back(payload);
+        }
+        self.evict_oldest(&mut pending);
+        drop(pending);
+        self.ready.notify_one();
+    }
+
+    /// Puts back payloads a sink could not deliver, ahead of newer ones (still bounded).
+    pub fn requeue(&self, batch: Vec<Payload>) {
+        let mut pending = self.pending.lock().expect("queue lock");
+        for payload in batch.into_iter().rev() {
+            pending.bytes += queued_size(&payload);
+            pending.payloads.push_front(payload);
+        }
+        self.evict_oldest(&mut pending);
+    }
+
+    fn evict_oldest(&self, pending: &mut Pending) {
+        let mut dropped = 0;
+        while pending.bytes > self.max_bytes {
+            let Some(oldest) = pending.payloads.pop_front() else {
+                break;
+            };
+            pending.bytes -= queued_size(&oldest);
+            dropped += 1;
+        }
+        if dropped > 0 {
+            self.dropped.fetch_add(dropped, Ordering::Relaxed);
+            tracing::debug!(
+                sink = self.name,
+                dropped,
+                "sink queue full: dropped oldest payloads"
             );
-            if reserved.is_ok() {
-                batch_bytes += size;
-                batch.push(payload);
-            } else {
-                self.state.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// No more payloads will come: `pop` drains what is left, then returns `None`.
+    pub fn close(&self) {
+        self.pending.lock().expect("queue lock").closed = true;
+        self.ready.notify_one();
+    }
+
+    /// Up to `max` payloads, waiting for at least one; `None` once closed and empty.
+    pub async fn pop(&self, max: usize) -> Option<Vec<Payload>> {
+        loop {
+            {
+                let mut pending = self.pending.lock().expect("queue lock");
+                if !pending.payloads.is_empty() {
+                    let count = max.min(pending.payloads.len());
+                    let batch: Vec<Payload> = pending.payloads.drain(..count).collect();
+                    pending.bytes -= batch.iter().map(queued_size).sum::<usize>();
+                    return Some(batch);
+                }
+                if pending.closed {
+                    return None;
+                }
             }
-        }
-        if batch.is_empty() {
-            return;
-        }
-        let count = batch.len() as u64;
-        if self.queue.send(batch).is_err() {
-            self.state
-                .queued_bytes
-                .fetch_sub(batch_bytes, Ordering::AcqRel);
-            self.state.dropped.fetch_add(count, Ordering::Relaxed);
+            self.ready.notified().await;
         }
     }
 
     pub fn dropped(&self) -> u64 {
-        self.state.dropped.load(Ordering::Relaxed)
+        self.dropped.load(Ordering::Relaxed)
     }
-}
 
-impl SinkReceiver {
-    /// Blocks for the next batch; `None` once every sender is gone and the queue is empty.
-    pub fn recv(&self) -> Option<Vec<Payload>> {
-        let batch = self.queue.recv().ok()?;
-        let bytes: usize = batch.iter().map(queued_size).sum();
-        self.state.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-        Some(batch)
+    pub fn queued_bytes(&self) -> usize {
+        self.pending.lock().expect("queue lock").bytes
     }
-}
-
-pub fn queue(max_bytes: usize) -> (SinkSender, SinkReceiver) {
-    let (sender, receiver) = channel();
-    let state = Arc::new(QueueState {
-        max_bytes,
-        queued_bytes: AtomicUsize::new(0),
-        dropped: AtomicU64::new(0),
-    });
-    (
-        SinkSender {
-            queue: sender,
-            state: state.clone(),
-        },
-        SinkReceiver {
-            queue: receiver,
-            state,
-        },
-    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn payload() -> Payload {
-        serde_json::from_str(include_str!("../../../tests/fixtures/payload.json")).unwrap()
+    fn payload(path: &str) -> Payload {
+        let mut payload: Payload =
+            serde_json::from_str(include_str!("../../../tests/fixtures/payload.json")).unwrap();
+        payload.raw_url = path.to_owned();
+        payload
     }
 
-    #[test]
-    fn a_full_queue_drops_and_counts_until_the_sink_catches_up() {
-        let one = queued_size(&payload());
-        let (sender, receiver) = queue(one * 2);
-        sender.send(vec![payload(), payload(), payload()]);
-        assert_eq!(sender.dropped(), 1);
-        assert_eq!(receiver.recv().map(|batch| batch.len()), Some(2));
-        sender.send(vec![payload()]);
-        assert_eq!(sender.dropped(), 1);
-        assert_eq!(receiver.recv().map(|batch| batch.len()), Some(1));
-        drop(sender);
-        assert!(receiver.recv().is_none());
+    fn paths(batch: Option<Vec<Payload>>) -> Vec<String> {
+        batch
+            .unwrap_or_default()
+            .into_iter()
+            .map(|payload| payload.raw_url)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_the_oldest_and_counts() {
+        let one = queued_size(&payload("/"));
+        let queue = PayloadQueue::new("test", one * 2);
+        queue.push(["/1", "/2", "/3"].map(payload));
+        assert_eq!(queue.dropped(), 1);
+        assert_eq!(paths(queue.pop(10).await), vec!["/2", "/3"]);
+        assert_eq!(queue.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn requeued_payloads_come_back_first_and_close_drains() {
+        let queue = PayloadQueue::new("test", 1 << 20);
+        queue.push(["/1", "/2", "/3"].map(payload));
+        let first = queue.pop(2).await.unwrap();
+        queue.requeue(first);
+        queue.close();
+        assert_eq!(paths(queue.pop(10).await), vec!["/1", "/2", "/3"]);
+        assert!(queue.pop(10).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn pop_waits_for_a_push_from_another_thread() {
+        let queue = PayloadQueue::new("test", 1 << 20);
+        let producer = queue.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            producer.push([payload("/late")]);
+        });
+        assert_eq!(paths(queue.pop(10).await), vec!["/late"]);
     }
 }

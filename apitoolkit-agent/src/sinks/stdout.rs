@@ -1,30 +1,27 @@
 //! NDJSON on standard output: one payload per line.
 
-use std::{
-    io::{self, BufWriter, Write},
-    thread::JoinHandle,
-};
+use std::{io, sync::Arc};
 
-use super::SinkReceiver;
+use tokio::io::AsyncWriteExt as _;
 
-/// Writes payloads until every sender is gone, flushing after each batch so a reader sees each
-/// line promptly.
-pub fn spawn(receiver: SinkReceiver) -> io::Result<JoinHandle<io::Result<u64>>> {
-    std::thread::Builder::new()
-        .name("stdout-sink".into())
-        .spawn(move || {
-            let stdout = io::stdout();
-            let mut out = BufWriter::new(stdout.lock());
-            let mut written = 0;
-            while let Some(batch) = receiver.recv() {
-                for payload in batch {
-                    serde_json::to_writer(&mut out, &payload)?;
-                    out.write_all(b"\n")?;
-                    written += 1;
-                }
-                out.flush()?;
-            }
-            out.flush()?;
-            Ok(written)
-        })
+use super::PayloadQueue;
+
+const BATCH: usize = 1024;
+
+/// Writes payloads until the queue is closed and empty; returns how many were written.
+pub async fn run(queue: Arc<PayloadQueue>) -> io::Result<u64> {
+    let mut stdout = tokio::io::stdout();
+    let mut written = 0;
+    let mut lines = Vec::new();
+    while let Some(batch) = queue.pop(BATCH).await {
+        lines.clear();
+        for payload in &batch {
+            serde_json::to_writer(&mut lines, payload)?;
+            lines.push(b'\n');
+        }
+        stdout.write_all(&lines).await?;
+        stdout.flush().await?;
+        written += batch.len() as u64;
+    }
+    Ok(written)
 }
