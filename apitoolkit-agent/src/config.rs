@@ -102,7 +102,7 @@ pub struct CaptureArgs {
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
 
-    /// Bytes of payloads that may wait for the sink; beyond that new payloads are dropped and
+    /// Bytes of payloads that may wait for each sink; beyond that the oldest are dropped and
     /// counted, so a slow sink never grows the agent's memory.
     #[arg(long, default_value_t = 64 * 1024 * 1024, env = "APITOOLKIT_QUEUE_BYTES")]
     pub queue_bytes: usize,
