@@ -33,6 +33,10 @@ pub enum Command {
 pub enum Output {
     /// One JSON payload per line on standard output.
     Stdout,
+    /// Publish to the APIToolkit Pub/Sub topic.
+    Pubsub,
+    /// Both.
+    Both,
 }
 
 #[derive(Debug, Args)]
@@ -41,9 +45,34 @@ pub struct CaptureArgs {
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
 
-    /// Where payloads go.
-    #[arg(long, value_enum, default_value = "stdout", env = "APITOOLKIT_OUTPUT")]
-    pub output: Output,
+    /// Where payloads go [default: pubsub when --api-key or --topic is set, else stdout].
+    #[arg(long, value_enum, env = "APITOOLKIT_OUTPUT")]
+    pub output: Option<Output>,
+
+    /// APIToolkit API key: project id, topic and Pub/Sub credentials are fetched with it.
+    #[arg(long, env = "APITOOLKIT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// APIToolkit server the API key is checked against.
+    #[arg(
+        long,
+        default_value = "https://app.apitoolkit.io",
+        env = "APITOOLKIT_ROOT_URL"
+    )]
+    pub root_url: String,
+
+    /// Google Cloud project of the Pub/Sub topic (overrides the fetched one).
+    #[arg(long, env = "APITOOLKIT_PUBSUB_PROJECT")]
+    pub pubsub_project: Option<String>,
+
+    /// Pub/Sub topic id (overrides the fetched one).
+    #[arg(long, env = "APITOOLKIT_TOPIC")]
+    pub topic: Option<String>,
+
+    /// Service-account JSON for Pub/Sub (else the fetched one, else Application Default
+    /// Credentials). With PUBSUB_EMULATOR_HOST set, no credentials are used.
+    #[arg(long, value_name = "FILE", env = "APITOOLKIT_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
 
     /// Debug logging on standard error.
     #[arg(long, env = "APITOOLKIT_DEBUG")]
@@ -57,9 +86,10 @@ pub struct CaptureArgs {
     #[arg(long, env = "APITOOLKIT_SDK_TYPE")]
     pub sdk_type: Option<SdkType>,
 
-    /// APIToolkit project the payloads belong to.
-    #[arg(long, default_value_t = Uuid::nil(), env = "APITOOLKIT_PROJECT_ID")]
-    pub project_id: Uuid,
+    /// APIToolkit project the payloads belong to (overrides the fetched one; nil UUID when
+    /// neither is known).
+    #[arg(long, env = "APITOOLKIT_PROJECT_ID")]
+    pub project_id: Option<Uuid>,
 
     /// Service version stamped on every payload.
     #[arg(long, env = "APITOOLKIT_SERVICE_VERSION")]
@@ -106,4 +136,22 @@ pub struct CaptureArgs {
     /// counted, so a slow sink never grows the agent's memory.
     #[arg(long, default_value_t = 64 * 1024 * 1024, env = "APITOOLKIT_QUEUE_BYTES")]
     pub queue_bytes: usize,
+}
+
+impl CaptureArgs {
+    /// Which sinks to feed, as (stdout, pubsub): `--output`, else Pub/Sub when a destination
+    /// is configured.
+    pub fn outputs(&self) -> (bool, bool) {
+        let output = self
+            .output
+            .unwrap_or(if self.api_key.is_some() || self.topic.is_some() {
+                Output::Pubsub
+            } else {
+                Output::Stdout
+            });
+        (
+            matches!(output, Output::Stdout | Output::Both),
+            matches!(output, Output::Pubsub | Output::Both),
+        )
+    }
 }

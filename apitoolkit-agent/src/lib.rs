@@ -1,6 +1,7 @@
 //! apitoolkit-agent: kernel events -> connection tracker -> HTTP reassembly -> exchange ->
 //! payload -> sink.
 
+pub mod bootstrap;
 pub mod config;
 pub mod connections;
 pub mod events;
@@ -76,7 +77,7 @@ fn register_existing_connections(probes: &mut Probes, pids: &[u32]) -> anyhow::R
 
 fn settings(args: &CaptureArgs) -> PayloadSettings {
     PayloadSettings {
-        project_id: args.project_id,
+        project_id: args.project_id.unwrap_or_default(),
         service_version: args.service_version.clone(),
         tags: args.tags.clone(),
         max_body_bytes: args.max_body_bytes,

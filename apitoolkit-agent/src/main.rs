@@ -4,14 +4,15 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use anyhow::Context as _;
 use apitoolkit_agent::{
     StopReason, capture,
-    config::{Cli, Command},
-    replay, sinks,
-    sinks::PayloadQueue,
+    config::{CaptureArgs, Cli, Command},
+    replay,
+    sinks::{self, PayloadQueue, pubsub::DestinationConfig},
 };
 use clap::Parser as _;
 use tokio::signal::unix::{SignalKind, signal};
@@ -20,6 +21,23 @@ use tokio::signal::unix::{SignalKind, signal};
 /// that cross-thread pattern poorly.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// How long a stopping agent keeps trying to publish what it queued.
+const PUBLISH_DEADLINE: Duration = Duration::from_secs(10);
+
+fn destination_config(args: &CaptureArgs) -> DestinationConfig {
+    DestinationConfig {
+        api_key: args.api_key.clone(),
+        root_url: args.root_url.clone(),
+        project_id: args.project_id,
+        pubsub_project: args.pubsub_project.clone(),
+        topic: args.topic.clone(),
+        credentials: args.credentials.clone(),
+        emulator_host: std::env::var("PUBSUB_EMULATOR_HOST")
+            .ok()
+            .filter(|host| !host.is_empty()),
+    }
+}
 
 fn init_logging(debug: bool) {
     let default = if debug { "debug" } else { "info" };
@@ -47,14 +65,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         replay(file, &cli.capture, std::io::stdout().lock())?;
         return Ok(());
     }
-    let stdout_queue = PayloadQueue::new("stdout", cli.capture.queue_bytes);
-    let stdout_sink = tokio::spawn(sinks::stdout::run(stdout_queue.clone()));
+    let (to_stdout, to_pubsub) = cli.capture.outputs();
+    let mut queues = Vec::new();
+    let stdout_sink = to_stdout.then(|| {
+        let queue = PayloadQueue::new("stdout", cli.capture.queue_bytes);
+        queues.push(queue.clone());
+        tokio::spawn(sinks::stdout::run(queue))
+    });
+    let pubsub_sink = if to_pubsub {
+        let config = destination_config(&cli.capture);
+        let destination = match config.resolve().await {
+            Ok(destination) => {
+                tracing::info!(topic = %destination.topic_path, project_id = %destination.project_id, "publishing to Pub/Sub");
+                Some(destination)
+            }
+            Err(error) if error.is_transient() => {
+                tracing::warn!(%error, "capture starts anyway; payloads are queued while the destination is retried");
+                None
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let queue = PayloadQueue::new("pubsub", cli.capture.queue_bytes);
+        queues.push(queue.clone());
+        Some((
+            queue.clone(),
+            tokio::spawn(sinks::pubsub::run(queue, config, destination)),
+        ))
+    } else {
+        None
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let args = Arc::new(cli.capture);
     let mut capture_task = tokio::task::spawn_blocking({
         let stop = stop.clone();
         let args = args.clone();
-        let queues = vec![stdout_queue.clone()];
+        let queues = queues.clone();
         move || capture(&args, queues, stop)
     });
     let mut terminate =
@@ -70,12 +115,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             capture_task.await.context("capture thread panicked")??
         }
     };
-    // Capture is over: the sink drains what is queued and ends.
-    stdout_queue.close();
-    let written = stdout_sink
-        .await
-        .context("stdout sink panicked")?
-        .context("writing payloads to stdout")?;
+    // Capture is over: each sink drains what is queued and ends.
+    for queue in &queues {
+        queue.close();
+    }
+    let mut written = 0;
+    if let Some(sink) = stdout_sink {
+        written = sink
+            .await
+            .context("stdout sink panicked")?
+            .context("writing payloads to stdout")?;
+    }
+    if let Some((queue, sink)) = pubsub_sink {
+        match tokio::time::timeout(PUBLISH_DEADLINE, sink).await {
+            Ok(stats) => {
+                let stats = stats.context("Pub/Sub sink panicked")?;
+                tracing::info!(
+                    published = stats.published,
+                    failed_attempts = stats.failed_attempts,
+                    "Pub/Sub sink stopped"
+                );
+            }
+            Err(_) => tracing::warn!(
+                undelivered_bytes = queue.queued_bytes(),
+                "Pub/Sub unreachable at shutdown: queued payloads were not published"
+            ),
+        }
+    }
     match reason {
         StopReason::Signal => tracing::info!(payloads = written, "stopped by signal"),
         StopReason::TargetsExited => tracing::info!(payloads = written, "no watched process left"),

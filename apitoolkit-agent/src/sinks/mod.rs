@@ -2,6 +2,7 @@
 //! when a batch would overflow it, the oldest queued payloads are dropped and counted, so a
 //! slow or unreachable destination never grows the agent's memory.
 
+pub mod pubsub;
 pub mod stdout;
 
 use std::{

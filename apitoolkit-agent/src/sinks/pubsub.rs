@@ -1,0 +1,276 @@
+//! Publishes payloads to the APIToolkit Pub/Sub topic: one message per payload, its data the
+//! payload's JSON. Batching is the client library's (count, bytes, delay); delivery failures
+//! put the payloads back in the bounded queue and publishing resumes with backoff.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use google_cloud_pubsub::{client::Publisher, model::Message};
+use uuid::Uuid;
+
+use super::PayloadQueue;
+use crate::bootstrap::{self, BootstrapError, ClientMetadata};
+
+const BATCH: usize = 1000;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What the agent was told about the destination on the command line.
+#[derive(Clone, Debug, Default)]
+pub struct DestinationConfig {
+    pub api_key: Option<String>,
+    pub root_url: String,
+    pub project_id: Option<Uuid>,
+    pub pubsub_project: Option<String>,
+    pub topic: Option<String>,
+    pub credentials: Option<PathBuf>,
+    /// `PUBSUB_EMULATOR_HOST`: publish there, without credentials.
+    pub emulator_host: Option<String>,
+}
+
+/// A topic to publish to and the project every payload is stamped with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Destination {
+    pub topic_path: String,
+    pub project_id: Uuid,
+    pub service_account: Option<serde_json::Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DestinationError {
+    #[error(transparent)]
+    Bootstrap(#[from] BootstrapError),
+    #[error("no Pub/Sub destination: pass --api-key, or --pubsub-project and --topic")]
+    Missing,
+    #[error("reading credentials {path}: {reason}")]
+    Credentials { path: PathBuf, reason: String },
+}
+
+impl DestinationError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, DestinationError::Bootstrap(error) if error.is_transient())
+    }
+}
+
+impl DestinationConfig {
+    /// Explicit flags win over what the API key fetches.
+    fn merge(&self, fetched: Option<ClientMetadata>) -> Result<Destination, DestinationError> {
+        let pubsub_project = self
+            .pubsub_project
+            .clone()
+            .or_else(|| fetched.as_ref().map(|m| m.pubsub_project_id.clone()))
+            .ok_or(DestinationError::Missing)?;
+        let topic = self
+            .topic
+            .clone()
+            .or_else(|| fetched.as_ref().map(|m| m.topic_id.clone()))
+            .ok_or(DestinationError::Missing)?;
+        let service_account = match &self.credentials {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|error| error.to_string())
+                    .and_then(|bytes| {
+                        serde_json::from_slice(&bytes).map_err(|error| error.to_string())
+                    })
+                    .map_err(|reason| DestinationError::Credentials {
+                        path: path.clone(),
+                        reason,
+                    })?,
+            ),
+            None => fetched
+                .as_ref()
+                .map(|m| m.pubsub_push_service_account.clone())
+                .filter(serde_json::Value::is_object),
+        };
+        Ok(Destination {
+            topic_path: format!("projects/{pubsub_project}/topics/{topic}"),
+            project_id: self
+                .project_id
+                .or(fetched.map(|m| m.project_id))
+                .unwrap_or_default(),
+            service_account,
+        })
+    }
+
+    /// Resolves the destination once: with an API key that means asking the server.
+    pub async fn resolve(&self) -> Result<Destination, DestinationError> {
+        let fetched = match &self.api_key {
+            Some(key) => Some(bootstrap::client_metadata(&self.root_url, key).await?),
+            None => None,
+        };
+        self.merge(fetched)
+    }
+}
+
+/// Counts for the final summary.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PublishStats {
+    pub published: u64,
+    pub failed_attempts: u64,
+}
+
+async fn connect(
+    config: &DestinationConfig,
+    destination: &Destination,
+) -> anyhow::Result<Publisher> {
+    let mut builder = Publisher::builder(destination.topic_path.clone())
+        .set_message_count_threshold(100)
+        .set_byte_threshold(1024 * 1024)
+        .set_delay_threshold(Duration::from_millis(50));
+    if let Some(host) = &config.emulator_host {
+        builder = builder
+            .with_endpoint(format!("http://{host}"))
+            .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build());
+    } else if let Some(key) = &destination.service_account {
+        let credentials =
+            google_cloud_auth::credentials::service_account::Builder::new(key.clone())
+                .build()
+                .map_err(|error| anyhow::anyhow!("invalid service-account credentials: {error}"))?;
+        builder = builder.with_credentials(credentials);
+    }
+    Ok(builder.build().await?)
+}
+
+/// Publishes until the queue is closed and drained. `destination` is the start-up result:
+/// when the server was unreachable then, the sink keeps asking (capture keeps queueing).
+pub async fn run(
+    queue: Arc<PayloadQueue>,
+    config: DestinationConfig,
+    destination: Option<Destination>,
+) -> PublishStats {
+    let mut stats = PublishStats::default();
+    let mut backoff = Duration::from_secs(1);
+    let destination = match destination {
+        Some(destination) => destination,
+        None => loop {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            match config.resolve().await {
+                Ok(destination) => {
+                    tracing::info!(topic = %destination.topic_path, "Pub/Sub destination resolved");
+                    break destination;
+                }
+                Err(error) => tracing::debug!(%error, "still resolving the Pub/Sub destination"),
+            }
+        },
+    };
+    let publisher = loop {
+        match connect(&config, &destination).await {
+            Ok(publisher) => break publisher,
+            Err(error) => {
+                tracing::warn!(%error, topic = %destination.topic_path, "cannot create the Pub/Sub publisher; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    };
+    backoff = Duration::from_secs(1);
+    let mut failing = false;
+    while let Some(mut batch) = queue.pop(BATCH).await {
+        let futures: Vec<_> = batch
+            .iter_mut()
+            .map(|payload| {
+                payload.project_id = destination.project_id;
+                let data = serde_json::to_vec(payload).expect("payloads serialize");
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    tracing::debug!(payload = %String::from_utf8_lossy(&data), "publishing");
+                }
+                publisher.publish(Message::new().set_data(data))
+            })
+            .collect();
+        let mut undelivered = Vec::new();
+        let mut last_error = None;
+        for (payload, future) in batch.into_iter().zip(futures) {
+            match future.await {
+                Ok(message_id) => {
+                    stats.published += 1;
+                    tracing::debug!(%message_id, msg_id = %payload.msg_id, "published");
+                }
+                Err(error) => {
+                    last_error = Some(error.to_string());
+                    undelivered.push(payload);
+                }
+            }
+        }
+        match last_error {
+            None => {
+                if failing {
+                    tracing::info!(topic = %destination.topic_path, "publishing to Pub/Sub again");
+                    failing = false;
+                }
+                backoff = Duration::from_secs(1);
+            }
+            Some(error) => {
+                stats.failed_attempts += 1;
+                if !failing {
+                    tracing::warn!(%error, topic = %destination.topic_path, undelivered = undelivered.len(),
+                        "publishing failed; payloads stay queued and are retried");
+                    failing = true;
+                }
+                queue.requeue(undelivered);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+    publisher.flush().await;
+    stats
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata() -> ClientMetadata {
+        ClientMetadata {
+            project_id: Uuid::from_u128(7),
+            topic_id: "apitoolkit-prod-default".into(),
+            pubsub_project_id: "past-3".into(),
+            pubsub_push_service_account: serde_json::json!({"type": "service_account"}),
+        }
+    }
+
+    #[test]
+    fn fetched_values_fill_what_flags_leave_open() {
+        let config = DestinationConfig {
+            topic: Some("my-topic".into()),
+            ..Default::default()
+        };
+        let destination = config.merge(Some(metadata())).unwrap();
+        assert_eq!(destination.topic_path, "projects/past-3/topics/my-topic");
+        assert_eq!(destination.project_id, Uuid::from_u128(7));
+        assert!(destination.service_account.is_some());
+    }
+
+    #[test]
+    fn without_a_key_both_project_and_topic_are_needed() {
+        let config = DestinationConfig {
+            topic: Some("t".into()),
+            ..Default::default()
+        };
+        assert!(matches!(config.merge(None), Err(DestinationError::Missing)));
+        let config = DestinationConfig {
+            topic: Some("topic-1".into()),
+            pubsub_project: Some("test-project".into()),
+            project_id: Some(Uuid::from_u128(9)),
+            ..Default::default()
+        };
+        let destination = config.merge(None).unwrap();
+        assert_eq!(
+            destination.topic_path,
+            "projects/test-project/topics/topic-1"
+        );
+        assert_eq!(destination.project_id, Uuid::from_u128(9));
+        assert_eq!(destination.service_account, None);
+    }
+
+    #[test]
+    fn unreadable_credentials_name_the_file() {
+        let config = DestinationConfig {
+            topic: Some("t".into()),
+            pubsub_project: Some("p".into()),
+            credentials: Some("/nonexistent/key.json".into()),
+            ..Default::default()
+        };
+        let error = config.merge(None).unwrap_err();
+        assert!(error.to_string().contains("/nonexistent/key.json"));
+    }
+}
