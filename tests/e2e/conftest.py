@@ -78,12 +78,13 @@ class Server:
 class Agent:
     """The agent watching some pids; collects payloads from stdout and log lines from stderr."""
 
-    def __init__(self, pids, *extra_args):
+    def __init__(self, pids, *extra_args, env=None):
         args = [str(AGENT_BIN)]
         for pid in pids:
             args += ["--pid", str(pid)]
         args += list(extra_args)
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        env={**os.environ, **(env or {})})
         self.payloads = []
         self.log = []
         self._lock = threading.Lock()
@@ -215,11 +216,112 @@ def node_server():
 def agent_factory():
     agents = []
 
-    def start(pids, *extra_args):
-        agent = Agent(pids, *extra_args)
+    def start(pids, *extra_args, env=None):
+        agent = Agent(pids, *extra_args, env=env)
         agents.append(agent)
         return agent
 
     yield start
     for agent in agents:
         agent.stop()
+
+
+EMULATOR = Path("/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator")
+PUBSUB_PROJECT = "apitoolkit-test"
+PROJECT_ID = "6a1c2f8e-8d6f-4c1f-9a57-0b1b7b2a9c11"
+
+
+class PubSubEmulator:
+    """The real Pub/Sub emulator, driven through its REST API."""
+
+    def __init__(self, port=None):
+        self.port = port or free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.base = f"http://{self.host}/v1/projects/{PUBSUB_PROJECT}"
+        self.process = subprocess.Popen(
+            [str(EMULATOR), "--host=127.0.0.1", f"--port={self.port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        wait_for_port(self.port, self.process, timeout=60)
+
+    def create_topic(self, topic: str) -> str:
+        import requests
+        requests.put(f"{self.base}/topics/{topic}", timeout=10).raise_for_status()
+        subscription = f"{topic}-sub"
+        requests.put(
+            f"{self.base}/subscriptions/{subscription}",
+            json={"topic": f"projects/{PUBSUB_PROJECT}/topics/{topic}"}, timeout=10,
+        ).raise_for_status()
+        return subscription
+
+    def pull(self, subscription: str, expected: int, timeout: float = 30.0):
+        """Pulls and acks until `expected` messages arrived (or the timeout), then once more to
+        catch extras; returns the decoded payloads."""
+        import requests
+        payloads = []
+        deadline = time.monotonic() + timeout
+        extra_round = False
+        while time.monotonic() < deadline:
+            response = requests.post(f"{self.base}/subscriptions/{subscription}:pull",
+                                     json={"maxMessages": 100, "returnImmediately": True}, timeout=30)
+            response.raise_for_status()
+            received = response.json().get("receivedMessages", [])
+            if received:
+                requests.post(f"{self.base}/subscriptions/{subscription}:acknowledge",
+                              json={"ackIds": [m["ackId"] for m in received]}, timeout=10).raise_for_status()
+                payloads += [json.loads(base64.b64decode(m["message"]["data"])) for m in received]
+            elif len(payloads) >= expected:
+                if extra_round:
+                    break
+                extra_round = True
+            time.sleep(0.2)
+        return payloads
+
+    def stop(self):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def pubsub_emulator():
+    emulator = PubSubEmulator()
+    yield emulator
+    emulator.stop()
+
+
+class MetadataStub:
+    """Stands in for APIToolkit's client_metadata endpoint; accepts one API key."""
+
+    API_KEY = "test-api-key"
+
+    def __init__(self, topic: str):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        body = json.dumps({
+            "project_id": PROJECT_ID, "topic_id": topic, "pubsub_project_id": PUBSUB_PROJECT,
+            "pubsub_push_service_account": {},
+        }).encode()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                stub.requests.append((self.path, self.headers.get("Authorization")))
+                ok = self.path == "/api/client_metadata" and self.headers.get("Authorization") == f"Bearer {MetadataStub.API_KEY}"
+                self.send_response(200 if ok else 401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body) if ok else 0))
+                self.end_headers()
+                if ok:
+                    self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.requests = []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()

@@ -4,6 +4,10 @@
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
+use google_cloud_gax::{
+    exponential_backoff::ExponentialBackoffBuilder,
+    retry_policy::{Aip194Strict, RetryPolicyExt as _},
+};
 use google_cloud_pubsub::{client::Publisher, model::Message};
 use uuid::Uuid;
 
@@ -11,7 +15,11 @@ use super::PayloadQueue;
 use crate::bootstrap::{self, BootstrapError, ClientMetadata};
 
 const BATCH: usize = 1000;
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest pause between publish attempts while Pub/Sub is unreachable.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long the client library itself retries one batch; after that the payloads return to
+/// the queue, where the bound (not the library's buffer) decides what is kept.
+const LIBRARY_RETRY_LIMIT: Duration = Duration::from_secs(10);
 
 /// What the agent was told about the destination on the command line.
 #[derive(Clone, Debug, Default)]
@@ -111,7 +119,13 @@ async fn connect(
     config: &DestinationConfig,
     destination: &Destination,
 ) -> anyhow::Result<Publisher> {
+    let backoff = ExponentialBackoffBuilder::new()
+        .with_initial_delay(Duration::from_millis(200))
+        .with_maximum_delay(Duration::from_secs(2))
+        .build()?;
     let mut builder = Publisher::builder(destination.topic_path.clone())
+        .with_retry_policy(Aip194Strict.with_time_limit(LIBRARY_RETRY_LIMIT))
+        .with_backoff_policy(backoff)
         .set_message_count_threshold(100)
         .set_byte_threshold(1024 * 1024)
         .set_delay_threshold(Duration::from_millis(50));
