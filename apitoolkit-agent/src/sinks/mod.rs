@@ -15,11 +15,25 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::payload::Payload;
+use crate::payload::{HeaderMap, Payload};
 
-/// Rough in-memory size of a queued payload: its bodies dominate.
+/// Approximate heap size of a queued payload (strings plus per-entry overhead), so the byte
+/// bound tracks real memory rather than just the bodies.
 fn queued_size(payload: &Payload) -> usize {
-    1024 + payload.request_body.len() + payload.response_body.len()
+    let map = |map: &HeaderMap| -> usize {
+        map.iter()
+            .map(|(name, values)| {
+                64 + name.len() + values.iter().map(|v| 24 + v.len()).sum::<usize>()
+            })
+            .sum()
+    };
+    512 + 2 * payload.raw_url.len()
+        + payload.host.len()
+        + payload.request_body.len()
+        + payload.response_body.len()
+        + map(&payload.request_headers)
+        + map(&payload.response_headers)
+        + map(&payload.query_params)
 }
 
 #[derive(Default)]
@@ -149,7 +163,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_drops_the_oldest_and_counts() {
-        let one = queued_size(&payload("/"));
+        let one = queued_size(&payload("/0"));
         let queue = PayloadQueue::new("test", one * 2);
         queue.push(["/1", "/2", "/3"].map(payload));
         assert_eq!(queue.dropped(), 1);
