@@ -108,7 +108,22 @@ fn ret(ctx: &TracePointContext) -> i64 {
 }
 
 #[inline(always)]
-fn stash(pid_tgid: u64, call: InFlightCall) {
+fn stash(
+    pid_tgid: u64,
+    kind: CallKind,
+    fd: u64,
+    user_ptr: u64,
+    iovec_count: u64,
+    socket_only: bool,
+) {
+    let call = InFlightCall {
+        user_ptr,
+        count: iovec_count,
+        fd: fd as i32,
+        kind,
+        socket_only: socket_only as u8,
+        _pad: [0; 2],
+    };
     if IN_FLIGHT.insert(&pid_tgid, &call, 0).is_err() {
         count(COUNTER_INFLIGHT_TABLE_FULL);
     }
@@ -132,17 +147,7 @@ fn stash_call(ctx: &TracePointContext, kind: CallKind, socket_only: bool) -> u32
     else {
         return 0;
     };
-    stash(
-        pid_tgid,
-        InFlightCall {
-            user_ptr,
-            count,
-            fd: fd as i32,
-            kind,
-            socket_only: socket_only as u8,
-            _pad: [0; 2],
-        },
-    );
+    stash(pid_tgid, kind, fd, user_ptr, count, socket_only);
     0
 }
 
@@ -475,17 +480,7 @@ pub fn enter_msghdr_call(ctx: TracePointContext) -> u32 {
         count(COUNTER_READ_FAILED);
         return 0;
     };
-    stash(
-        pid_tgid,
-        InFlightCall {
-            user_ptr: iov,
-            count: iovlen,
-            fd: fd as i32,
-            kind: CallKind::IoVec,
-            socket_only: 1,
-            _pad: [0; 2],
-        },
-    );
+    stash(pid_tgid, CallKind::IoVec, fd, iov, iovlen, true);
     0
 }
 

@@ -102,11 +102,7 @@ impl HttpConnection {
             self.drain(output);
         } else {
             output.anomalies.push(Anomaly::Desync);
-            for _ in self.pending.drain(..) {
-                output
-                    .anomalies
-                    .push(Anomaly::Unpaired(MessageKind::Request));
-            }
+            self.drop_pending(output);
             self.desynced = true;
         }
     }
@@ -117,6 +113,10 @@ impl HttpConnection {
         if let Some(response) = self.responses.close() {
             self.on_response(response, output);
         }
+        self.drop_pending(output);
+    }
+
+    fn drop_pending(&mut self, output: &mut Output) {
         for _ in self.pending.drain(..) {
             output
                 .anomalies
@@ -137,13 +137,13 @@ impl HttpConnection {
                         .push(Anomaly::Malformed(MessageKind::Request, error)),
                 }
             }
+            // Borrows disjoint fields, so no per-poll copy of the method.
             let method = self
                 .pending
                 .front()
                 .and_then(Message::method)
-                .or_else(|| self.requests.request_in_progress_method())
-                .map(str::to_owned);
-            if let Some(polled) = self.responses.poll(method.as_deref()) {
+                .or_else(|| self.requests.request_in_progress_method());
+            if let Some(polled) = self.responses.poll(method) {
                 progressed = true;
                 match polled {
                     Polled::Message(response) => self.on_response(response, output),

@@ -108,6 +108,12 @@ impl DestinationConfig {
     }
 }
 
+/// Waits `delay`, then doubles it up to `MAX_BACKOFF` for the next wait.
+async fn back_off(delay: &mut Duration) {
+    tokio::time::sleep(*delay).await;
+    *delay = (*delay * 2).min(MAX_BACKOFF);
+}
+
 /// Counts for the final summary.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct PublishStats {
@@ -155,8 +161,7 @@ pub async fn run(
     let destination = match destination {
         Some(destination) => destination,
         None => loop {
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            back_off(&mut backoff).await;
             match config.resolve().await {
                 Ok(destination) => {
                     tracing::info!(topic = %destination.topic_path, "Pub/Sub destination resolved");
@@ -171,8 +176,7 @@ pub async fn run(
             Ok(publisher) => break publisher,
             Err(error) => {
                 tracing::warn!(%error, topic = %destination.topic_path, "cannot create the Pub/Sub publisher; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                back_off(&mut backoff).await;
             }
         }
     };
@@ -220,8 +224,7 @@ pub async fn run(
                     failing = true;
                 }
                 queue.requeue(undelivered);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                back_off(&mut backoff).await;
             }
         }
     }
