@@ -1,10 +1,11 @@
 //! Per-connection state keyed by (tgid, fd, generation): byte positions with gap detection, the
-//! connection's role, and its HTTP reassembly.
+//! connection's role, whether its socket carries TLS, and its HTTP reassembly.
 
 use std::{collections::HashMap, net::SocketAddr};
 
 use crate::{
-    events::{ConnId, DataEvent, Direction, Event, Role},
+    ciphertext::{RecordWalker, looks_like_tls_record},
+    events::{ConnId, DataEvent, Direction, Event, Role, Source},
     http::{
         Anomaly, Exchange, HttpConnection, Output,
         parser::{MessageKind, looks_like_start},
@@ -34,18 +35,43 @@ pub struct TrackerStats {
     pub unpaired_responses: u64,
     pub malformed_messages: u64,
     pub not_http_connections: u64,
+    /// Connections whose plaintext came from TLS library probes.
+    pub tls_connections: u64,
+    /// Connections that carried TLS records but no plaintext: their TLS library is not probed.
+    pub unreadable_tls_connections: u64,
 }
 
 #[derive(Debug, Default)]
 pub struct TrackerOutput {
     pub exchanges: Vec<TrackedExchange>,
-    /// Connections that carry no HTTP: the kernel can stop sending their bytes.
-    pub disable: Vec<ConnId>,
+    /// Byte sources of connections that carry no HTTP (or only ciphertext): the kernel can stop
+    /// sending them.
+    pub disable: Vec<(ConnId, Source)>,
+    /// TLS connections that carried application data and no plaintext.
+    pub unreadable_tls: Vec<ConnId>,
+}
+
+/// What the connection's bytes are, as far as the tracker has seen.
+#[derive(Debug)]
+enum Transport {
+    Plain,
+    /// The socket carries TLS records and no plaintext has arrived (yet).
+    Encrypted {
+        ingress: RecordWalker,
+        egress: RecordWalker,
+    },
+    /// Plaintext comes from the TLS library; the socket's ciphertext is ignored.
+    Tls,
+    /// Application data went both ways and no plaintext came: the TLS library is not probed.
+    Unreadable,
 }
 
 struct Connection {
     role: Role,
     remote: Option<SocketAddr>,
+    /// The open was seen, so each stream starts at position 0.
+    seen_from_start: bool,
+    transport: Transport,
     /// Next expected stream position per direction; `None` until the first bytes of a
     /// connection whose start was not seen.
     next_ingress: Option<u64>,
@@ -83,6 +109,40 @@ fn message_kind(role: Role, direction: Direction) -> MessageKind {
     }
 }
 
+impl Connection {
+    fn new(
+        role: Role,
+        remote: Option<SocketAddr>,
+        seen_from_start: bool,
+        max_body_bytes: usize,
+    ) -> Self {
+        let start = seen_from_start.then_some(0);
+        Self {
+            role,
+            remote,
+            seen_from_start,
+            transport: Transport::Plain,
+            next_ingress: start,
+            next_egress: start,
+            unclassified_bytes: 0,
+            http: if role == Role::Unknown {
+                HttpConnection::joined_midstream(max_body_bytes)
+            } else {
+                HttpConnection::new(max_body_bytes)
+            },
+            ignored: false,
+        }
+    }
+
+    /// Restarts reassembly on the TLS library's plaintext, which has its own positions.
+    fn switch_to_tls(&mut self, max_body_bytes: usize) {
+        *self = Self {
+            transport: Transport::Tls,
+            ..Self::new(self.role, self.remote, self.seen_from_start, max_body_bytes)
+        };
+    }
+}
+
 impl ConnectionTracker {
     pub fn new(max_body_bytes: usize) -> Self {
         Self {
@@ -104,24 +164,18 @@ impl ConnectionTracker {
         let mut output = TrackerOutput::default();
         match event {
             Event::Open {
-                conn, role, remote, ..
+                conn,
+                role,
+                remote,
+                midstream,
+                ..
             } => {
                 self.stats.connections_opened += 1;
-                let http = match role {
-                    Role::Unknown => HttpConnection::joined_midstream(self.max_body_bytes),
-                    _ => HttpConnection::new(self.max_body_bytes),
-                };
+                // Kernel positions count from the first byte the kernel saw, which for a
+                // midstream connection is not the start of a message.
                 self.connections.insert(
                     conn,
-                    Connection {
-                        role,
-                        remote,
-                        next_ingress: Some(0),
-                        next_egress: Some(0),
-                        unclassified_bytes: 0,
-                        http,
-                        ignored: false,
-                    },
+                    Connection::new(role, remote, !midstream, self.max_body_bytes),
                 );
             }
             Event::Data(data) => self.on_data(data, &mut output),
@@ -129,23 +183,16 @@ impl ConnectionTracker {
                 conn,
                 bytes_sent,
                 bytes_received,
+                tls_bytes_sent,
+                tls_bytes_received,
                 ..
             } => {
-                if let Some(mut connection) = self.connections.remove(&conn) {
-                    let mut http_output = Output::default();
-                    self.close(
-                        &mut connection,
-                        bytes_sent,
-                        bytes_received,
-                        &mut http_output,
-                    );
-                    self.record(
-                        conn,
-                        connection.role,
-                        connection.remote,
-                        http_output,
-                        &mut output,
-                    );
+                if let Some(connection) = self.connections.remove(&conn) {
+                    let (sent, received) = match &connection.transport {
+                        Transport::Tls => (tls_bytes_sent, tls_bytes_received),
+                        _ => (bytes_sent, bytes_received),
+                    };
+                    self.close(conn, connection, sent, received, &mut output);
                 }
             }
             Event::ProcessExit { tgid, .. } => {
@@ -156,17 +203,9 @@ impl ConnectionTracker {
                     .copied()
                     .collect();
                 for conn in exited {
-                    if let Some(mut connection) = self.connections.remove(&conn) {
-                        let mut http_output = Output::default();
+                    if let Some(connection) = self.connections.remove(&conn) {
                         // The kernel sends no close for fds a dying process leaves open.
-                        self.close(&mut connection, 0, 0, &mut http_output);
-                        self.record(
-                            conn,
-                            connection.role,
-                            connection.remote,
-                            http_output,
-                            &mut output,
-                        );
+                        self.close(conn, connection, 0, 0, &mut output);
                     }
                 }
             }
@@ -174,16 +213,29 @@ impl ConnectionTracker {
         output
     }
 
+    /// Flushes what the connection still holds (a trailing gap, a close-delimited body).
     fn close(
         &mut self,
-        connection: &mut Connection,
+        conn: ConnId,
+        mut connection: Connection,
         sent: u64,
         received: u64,
-        output: &mut Output,
+        output: &mut TrackerOutput,
     ) {
+        match &connection.transport {
+            Transport::Encrypted { ingress, egress } => {
+                if ingress.application_data || egress.application_data {
+                    self.report_unreadable(conn, output);
+                }
+                return;
+            }
+            Transport::Unreadable => return,
+            Transport::Plain | Transport::Tls => {}
+        }
         if connection.ignored || connection.role == Role::Unknown {
             return;
         }
+        let mut http_output = Output::default();
         for (direction, end) in [(Direction::Egress, sent), (Direction::Ingress, received)] {
             let next = match direction {
                 Direction::Egress => connection.next_egress,
@@ -194,28 +246,85 @@ impl ConnectionTracker {
             {
                 self.stats.gaps += 1;
                 self.stats.gap_bytes += end - next;
-                connection
-                    .http
-                    .gap(message_kind(connection.role, direction), end - next, output);
+                connection.http.gap(
+                    message_kind(connection.role, direction),
+                    end - next,
+                    &mut http_output,
+                );
             }
         }
-        connection.http.close(output);
+        connection.http.close(&mut http_output);
+        self.record(
+            conn,
+            connection.role,
+            connection.remote,
+            http_output,
+            output,
+        );
+    }
+
+    fn report_unreadable(&mut self, conn: ConnId, output: &mut TrackerOutput) {
+        self.stats.unreadable_tls_connections += 1;
+        output.unreadable_tls.push(conn);
     }
 
     fn on_data(&mut self, data: DataEvent, output: &mut TrackerOutput) {
         let conn = data.conn;
         let max_body_bytes = self.max_body_bytes;
         // Data for a connection whose open record was lost (or that predates a recording).
-        let connection = self.connections.entry(conn).or_insert_with(|| Connection {
-            role: Role::Unknown,
-            remote: None,
-            next_ingress: None,
-            next_egress: None,
-            unclassified_bytes: 0,
-            http: HttpConnection::joined_midstream(max_body_bytes),
-            ignored: false,
-        });
+        let connection = self
+            .connections
+            .entry(conn)
+            .or_insert_with(|| Connection::new(Role::Unknown, None, false, max_body_bytes));
+        match (data.source, &mut connection.transport) {
+            (Source::Tls, Transport::Tls) | (Source::Syscall, Transport::Plain) => {}
+            (Source::Tls, previous) => {
+                if !matches!(previous, Transport::Unreadable) {
+                    output.disable.push((conn, Source::Syscall));
+                }
+                connection.switch_to_tls(max_body_bytes);
+                self.stats.tls_connections += 1;
+            }
+            (Source::Syscall, Transport::Encrypted { ingress, egress }) => {
+                match data.direction {
+                    Direction::Ingress => ingress.feed(&data.data),
+                    Direction::Egress => egress.feed(&data.data),
+                }
+                // A probed library's plaintext comes within the first exchange; this much
+                // ciphertext without any is a connection the agent cannot read.
+                connection.unclassified_bytes += data.data.len() as u64 + data.skipped_len;
+                if connection.unclassified_bytes > MAX_UNCLASSIFIED_BYTES {
+                    connection.transport = Transport::Unreadable;
+                    output.disable.push((conn, Source::Syscall));
+                    self.report_unreadable(conn, output);
+                }
+                return;
+            }
+            (Source::Syscall, Transport::Tls | Transport::Unreadable) => return,
+        }
         if connection.ignored {
+            return;
+        }
+        let starts_stream = match data.direction {
+            Direction::Ingress => connection.next_ingress,
+            Direction::Egress => connection.next_egress,
+        }
+        .is_none_or(|next| next == 0);
+        if data.source == Source::Syscall && starts_stream && looks_like_tls_record(&data.data) {
+            // Ciphertext: the plaintext, if this process's TLS library is probed, comes as TLS
+            // events on the same connection.
+            let mut walker = RecordWalker::default();
+            walker.feed(&data.data);
+            connection.transport = match data.direction {
+                Direction::Ingress => Transport::Encrypted {
+                    ingress: walker,
+                    egress: RecordWalker::default(),
+                },
+                Direction::Egress => Transport::Encrypted {
+                    ingress: RecordWalker::default(),
+                    egress: walker,
+                },
+            };
             return;
         }
         let next = match data.direction {
@@ -241,7 +350,7 @@ impl ConnectionTracker {
                     if connection.unclassified_bytes > MAX_UNCLASSIFIED_BYTES {
                         connection.ignored = true;
                         self.stats.not_http_connections += 1;
-                        output.disable.push(conn);
+                        output.disable.push((conn, data.source));
                     }
                     return;
                 }
@@ -269,7 +378,7 @@ impl ConnectionTracker {
             if !connection.http.is_upgraded() {
                 self.stats.not_http_connections += 1;
             }
-            output.disable.push(conn);
+            output.disable.push((conn, data.source));
         }
         let connection = &self.connections[&conn];
         let (role, remote) = (connection.role, connection.remote);
@@ -347,12 +456,24 @@ mod tests {
         })
     }
 
+    fn tls(event: Event) -> Event {
+        match event {
+            Event::Data(data) => Event::Data(DataEvent {
+                source: Source::Tls,
+                ..data
+            }),
+            other => other,
+        }
+    }
+
     fn close(conn: ConnId, bytes_sent: u64, bytes_received: u64) -> Event {
         Event::Close {
             conn,
             timestamp_ns: 0,
             bytes_sent,
             bytes_received,
+            tls_bytes_sent: 0,
+            tls_bytes_received: 0,
         }
     }
 
@@ -573,7 +694,7 @@ mod tests {
             b"\x00\x00\x00\x54\x00\x03\x00\x00user\x00postgres\r\n\r\n",
             1,
         ));
-        assert_eq!(output.disable, vec![c]);
+        assert_eq!(output.disable, vec![(c, Source::Syscall)]);
         assert_eq!(tracker.stats().not_http_connections, 1);
         let later = tracker.feed(data(c, Direction::Egress, 30, REQUEST, 2));
         assert!(later.exchanges.is_empty() && later.disable.is_empty());
@@ -619,5 +740,137 @@ mod tests {
         );
         assert_eq!(exchanges, vec![("/a".to_owned(), 200, b"partial".to_vec())]);
         assert_eq!(tracker.open_connections(), 0);
+    }
+
+    const CLIENT_HELLO: &[u8] = b"\x16\x03\x01\x00\xf4\x01\x00\x00\xf0\x03\x03";
+
+    #[test]
+    fn tls_plaintext_is_parsed_and_the_ciphertext_never_is() {
+        let c = conn(13, 1);
+        let mut tracker = ConnectionTracker::new(1 << 20);
+        tracker.feed(open(c, Role::Server));
+        let handshake = tracker.feed(data(c, Direction::Ingress, 0, CLIENT_HELLO, 1));
+        assert!(handshake.disable.is_empty() && handshake.exchanges.is_empty());
+        let plaintext = tracker.feed(tls(data(c, Direction::Ingress, 0, REQUEST, 2)));
+        assert_eq!(plaintext.disable, vec![(c, Source::Syscall)]);
+        let mut exchanges = Vec::new();
+        for event in [
+            // Ciphertext that raced the disable: never parsed, even if it looked like HTTP.
+            data(c, Direction::Ingress, 500, REQUEST, 3),
+            tls(data(c, Direction::Egress, 0, RESPONSE, 4)),
+        ] {
+            let output = tracker.feed(event);
+            assert!(output.disable.is_empty());
+            exchanges.extend(output.exchanges);
+        }
+        assert_eq!(exchanges.len(), 1);
+        assert_eq!(exchanges[0].exchange.response.body.bytes, b"hello");
+        let stats = tracker.stats();
+        assert_eq!(stats.tls_connections, 1);
+        assert_eq!(
+            (stats.malformed_messages, stats.not_http_connections),
+            (0, 0)
+        );
+    }
+
+    #[test]
+    fn plaintext_arriving_first_disables_the_socket_bytes() {
+        let c = conn(14, 1);
+        let mut tracker = ConnectionTracker::new(1 << 20);
+        tracker.feed(open(c, Role::Client));
+        let output = tracker.feed(tls(data(c, Direction::Egress, 0, REQUEST, 1)));
+        assert_eq!(output.disable, vec![(c, Source::Syscall)]);
+        let exchanges: Vec<_> = [
+            data(c, Direction::Ingress, 0, RESPONSE, 2),
+            tls(data(c, Direction::Ingress, 0, RESPONSE, 3)),
+        ]
+        .into_iter()
+        .flat_map(|event| tracker.feed(event).exchanges)
+        .collect();
+        assert_eq!(exchanges.len(), 1);
+        assert_eq!(exchanges[0].role, Role::Client);
+    }
+
+    #[test]
+    fn tls_application_data_without_plaintext_is_reported_and_a_bare_handshake_is_not() {
+        let mut tracker = ConnectionTracker::new(1 << 20);
+        let handshake_only = conn(15, 1);
+        tracker.feed(open(handshake_only, Role::Server));
+        tracker.feed(data(handshake_only, Direction::Ingress, 0, CLIENT_HELLO, 1));
+        tracker.feed(close(handshake_only, 0, CLIENT_HELLO.len() as u64));
+        assert_eq!(tracker.stats().unreadable_tls_connections, 0);
+
+        let unreadable = conn(16, 1);
+        let application_data = b"\x17\x03\x03\x00\x02ab";
+        tracker.feed(open(unreadable, Role::Server));
+        let events = [
+            data(
+                unreadable,
+                Direction::Ingress,
+                0,
+                b"\x16\x03\x01\x00\x01x",
+                1,
+            ),
+            data(unreadable, Direction::Ingress, 6, application_data, 2),
+            data(unreadable, Direction::Egress, 0, application_data, 3),
+        ];
+        for event in events {
+            let output = tracker.feed(event);
+            assert!(output.disable.is_empty() && output.unreadable_tls.is_empty());
+        }
+        let closed = tracker.feed(close(unreadable, 7, 13));
+        assert_eq!(closed.unreadable_tls, vec![unreadable]);
+        assert_eq!(tracker.stats().unreadable_tls_connections, 1);
+        assert_eq!(tracker.stats().tls_connections, 0);
+    }
+
+    #[test]
+    fn tls_totals_at_close_reveal_lost_plaintext() {
+        let c = conn(17, 1);
+        let mut tracker = ConnectionTracker::new(1 << 20);
+        tracker.feed(open(c, Role::Server));
+        tracker.feed(tls(data(c, Direction::Ingress, 0, REQUEST, 1)));
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n";
+        tracker.feed(tls(data(c, Direction::Egress, 0, head, 2)));
+        let output = tracker.feed(Event::Close {
+            conn: c,
+            timestamp_ns: 3,
+            bytes_sent: 9000,
+            bytes_received: 9000,
+            tls_bytes_sent: head.len() as u64 + 100,
+            tls_bytes_received: REQUEST.len() as u64,
+        });
+        assert_eq!(output.exchanges.len(), 1);
+        assert!(output.exchanges[0].exchange.response.body.incomplete);
+        assert_eq!(tracker.stats().gap_bytes, 100);
+    }
+
+    #[test]
+    fn endless_ciphertext_without_plaintext_is_given_up() {
+        let c = conn(18, 1);
+        let mut tracker = ConnectionTracker::new(1 << 20);
+        tracker.feed(open(c, Role::Client));
+        tracker.feed(data(c, Direction::Egress, 0, CLIENT_HELLO, 1));
+        let record = [&b"\x17\x03\x03\x3f\xfb"[..], &[0u8; 0x3ffb]].concat();
+        let mut position = 0;
+        let mut outputs = Vec::new();
+        for at in 0..5 {
+            outputs.push(tracker.feed(data(c, Direction::Ingress, position, &record, at)));
+            position += record.len() as u64;
+        }
+        let disabled: Vec<_> = outputs.iter().flat_map(|o| o.disable.clone()).collect();
+        let unreadable: Vec<_> = outputs
+            .iter()
+            .flat_map(|o| o.unreadable_tls.clone())
+            .collect();
+        assert_eq!(disabled, vec![(c, Source::Syscall)]);
+        assert_eq!(unreadable, vec![c]);
+        assert!(
+            tracker
+                .feed(close(c, 11, position))
+                .unreadable_tls
+                .is_empty()
+        );
+        assert_eq!(tracker.stats().unreadable_tls_connections, 1);
     }
 }

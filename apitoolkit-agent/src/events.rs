@@ -81,6 +81,11 @@ pub enum Event {
         timestamp_ns: u64,
         bytes_sent: u64,
         bytes_received: u64,
+        /// Plaintext totals of a TLS connection.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        tls_bytes_sent: u64,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        tls_bytes_received: u64,
     },
     ProcessExit {
         tgid: u32,
@@ -194,6 +199,8 @@ impl Event {
                     timestamp_ns: record.timestamp_ns,
                     bytes_sent: record.bytes_sent,
                     bytes_received: record.bytes_received,
+                    tls_bytes_sent: record.tls_bytes_sent,
+                    tls_bytes_received: record.tls_bytes_received,
                 })
             }
             abi::RECORD_PROCESS_EXIT => {

@@ -2,6 +2,7 @@
 //! payload -> sink.
 
 pub mod bootstrap;
+pub mod ciphertext;
 pub mod config;
 pub mod connections;
 pub mod events;
@@ -13,6 +14,7 @@ pub mod redact;
 pub mod sinks;
 
 use std::{
+    collections::HashSet,
     fs::File,
     io::{BufRead, BufReader, BufWriter, Write},
     path::Path,
@@ -31,7 +33,7 @@ use crate::{
     events::{ConnId, Event},
     payload::{Payload, PayloadSettings, SdkType},
     pipeline::Pipeline,
-    probes::{Probes, process, sockets},
+    probes::{Probes, process, sockets, tls::TlsWatcher},
     redact::Redactor,
     sinks::PayloadQueue,
 };
@@ -150,6 +152,9 @@ struct Capture {
     outbox: Vec<Payload>,
     recorder: Option<BufWriter<File>>,
     roots: Vec<u32>,
+    tls: TlsWatcher,
+    /// Processes already warned about for TLS the agent cannot read.
+    unreadable_tls_reported: HashSet<u32>,
     decode_errors: u64,
 }
 
@@ -166,9 +171,22 @@ impl Capture {
             self.roots.retain(|root| *root != tgid);
         }
         let output = self.pipeline.feed(event);
-        for conn in output.disable {
-            if let Err(error) = probes.disable(conn.tgid, conn.fd, conn.generation) {
-                tracing::warn!(%error, ?conn, "could not disable connection in the kernel");
+        for (conn, source) in output.disable {
+            if let Err(error) = probes.disable(conn, source) {
+                tracing::warn!(%error, ?conn, ?source, "could not disable connection in the kernel");
+            }
+        }
+        for conn in output.unreadable_tls {
+            if self.tls.probes(conn.tgid) {
+                // A probed library that produced no plaintext: a custom BIO or a lost mapping.
+                tracing::debug!(?conn, "TLS connection without plaintext");
+            } else if self.unreadable_tls_reported.insert(conn.tgid) {
+                tracing::warn!(
+                    pid = conn.tgid,
+                    "HTTPS without plaintext: this process uses a TLS library the agent does not \
+                     probe (Go crypto/tls, rustls, Java, or a static build without SSL symbols), \
+                     so its HTTPS is not captured"
+                );
             }
         }
         self.outbox.extend(output.payloads);
@@ -236,6 +254,8 @@ impl Capture {
                     }
                     alive
                 });
+                self.tls
+                    .scan(probes, &process::with_descendants(&self.roots));
             }
             if self.roots.is_empty() {
                 self.drain(probes)?;
@@ -265,6 +285,8 @@ pub fn capture(
     let targets = process::with_descendants(&args.pids);
     let existing = register_existing_connections(&mut probes, &targets)?;
     probes.add_targets(&targets)?;
+    let mut tls = TlsWatcher::default();
+    tls.scan(&mut probes, &targets);
     tracing::info!(pids = ?targets, existing_connections = existing.len(), "watching processes");
     let recorder = match &args.record {
         Some(path) => {
@@ -281,6 +303,8 @@ pub fn capture(
         outbox: Vec::new(),
         recorder,
         roots: args.pids.clone(),
+        tls,
+        unreadable_tls_reported: HashSet::new(),
         decode_errors: 0,
     };
     for event in existing {
@@ -302,6 +326,9 @@ pub fn capture(
         unpaired_responses = stats.unpaired_responses,
         malformed_messages = stats.malformed_messages,
         not_http_connections = stats.not_http_connections,
+        tls_connections = stats.tls_connections,
+        unreadable_tls_connections = stats.unreadable_tls_connections,
+        tls_unmapped = losses.tls_unmapped,
         ringbuf_full = losses.ringbuf_full,
         conn_table_full = losses.conn_table_full,
         inflight_table_full = losses.inflight_table_full,

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use crate::{
     connections::{ConnectionTracker, TrackerStats},
-    events::{ConnId, Event, Role},
+    events::{ConnId, Event, Role, Source},
     payload::{self, Payload, PayloadSettings, SdkType},
     probes::process::outgoing_sdk_type,
     redact::Redactor,
@@ -14,7 +14,8 @@ use crate::{
 #[derive(Debug, Default)]
 pub struct PipelineOutput {
     pub payloads: Vec<Payload>,
-    pub disable: Vec<ConnId>,
+    pub disable: Vec<(ConnId, Source)>,
+    pub unreadable_tls: Vec<ConnId>,
 }
 
 pub struct Pipeline {
@@ -53,6 +54,7 @@ impl Pipeline {
         let mut output = PipelineOutput {
             payloads: Vec::with_capacity(tracked.exchanges.len()),
             disable: tracked.disable,
+            unreadable_tls: tracked.unreadable_tls,
         };
         for exchange in tracked.exchanges {
             let tgid = exchange.conn.tgid;

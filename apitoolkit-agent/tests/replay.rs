@@ -1,5 +1,6 @@
-//! A session recorded live by the agent (`--record`, gunicorn gthread serving the Flask test
-//! app over one keep-alive connection plus one pipelined connection) replayed without root.
+//! Sessions recorded live by the agent (`--record`) replayed without root: gunicorn gthread
+//! serving the Flask test app over one keep-alive connection plus one pipelined connection, and
+//! node serving HTTPS (handshake ciphertext from the socket, plaintext from OpenSSL uprobes).
 
 use std::path::PathBuf;
 
@@ -13,17 +14,19 @@ use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use bytes::Bytes;
 use uuid::Uuid;
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/gunicorn_keepalive_session.ndjson")
-}
-
-fn recorded_events() -> Vec<Event> {
-    std::fs::read_to_string(fixture())
+fn fixture_events(name: &str) -> Vec<Event> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name);
+    std::fs::read_to_string(path)
         .unwrap()
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect()
+}
+
+fn recorded_events() -> Vec<Event> {
+    fixture_events("gunicorn_keepalive_session.ndjson")
 }
 
 fn settings() -> PayloadSettings {
@@ -176,4 +179,43 @@ fn the_recording_format_round_trips() {
         let line = serde_json::to_string(&event).unwrap();
         assert_eq!(serde_json::from_str::<Event>(&line).unwrap(), event);
     }
+}
+
+#[test]
+fn recorded_node_https_session_yields_the_plaintext_exchanges() {
+    let mut pipeline = Pipeline::new(
+        settings(),
+        Redactor::default(),
+        Box::new(|_| SdkType::SDKUnknown),
+    );
+    let payloads: Vec<Payload> = fixture_events("node_https_session.ndjson")
+        .into_iter()
+        .flat_map(|event| pipeline.feed(event).payloads)
+        .collect();
+    let summary: Vec<(&str, &str, u16)> = payloads
+        .iter()
+        .map(|p| (p.method.as_str(), p.raw_url.as_str(), p.status_code))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("GET", "/hello?name=bob", 200),
+            ("POST", "/echo", 200),
+            ("POST", "/echo", 200)
+        ]
+    );
+    assert_eq!(payloads[0].host, "127.0.0.1:5443");
+    assert_eq!(payloads[0].request_headers["X-Request-Tag"], vec!["t1"]);
+    assert_eq!(decoded(&payloads[1].request_body), br#"{"name": "bob"}"#);
+    let big = "x".repeat(40000);
+    assert_eq!(decoded(&payloads[2].request_body), big.as_bytes());
+    let response: serde_json::Value =
+        serde_json::from_slice(&decoded(&payloads[2].response_body)).unwrap();
+    assert_eq!(response["received"], big);
+    let stats = pipeline.stats();
+    assert_eq!(stats.tls_connections, 1);
+    assert_eq!(
+        (stats.malformed_messages, stats.not_http_connections),
+        (0, 0)
+    );
 }

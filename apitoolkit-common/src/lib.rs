@@ -49,8 +49,29 @@ pub struct ConnId {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ConnState {
     pub generation: u64,
+    /// Socket bytes per direction: ciphertext on a TLS connection.
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Plaintext bytes the TLS library moved per direction: positions of `SOURCE_TLS` records.
+    pub tls_bytes_sent: u64,
+    pub tls_bytes_received: u64,
+}
+
+/// Bit of `Disabled::sources` for each `SOURCE_*`.
+#[inline(always)]
+pub const fn source_bit(source: u8) -> u32 {
+    1 << source
+}
+
+/// An entry of the kernel's disabled-connection map, keyed by `conn_key(tgid, fd)`: the byte
+/// sources userspace no longer wants for that connection generation. The socket bytes of a TLS
+/// connection are disabled while its plaintext keeps flowing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Disabled {
+    pub generation: u64,
+    pub sources: u32,
+    pub _pad: u32,
 }
 
 /// Key of a connection in the kernel maps.
@@ -110,6 +131,8 @@ pub struct ConnRecord {
     /// On close: total bytes each direction carried, so a trailing gap is visible.
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    pub tls_bytes_sent: u64,
+    pub tls_bytes_received: u64,
 }
 
 #[repr(C)]
@@ -125,11 +148,15 @@ pub const COUNTER_RINGBUF_FULL: u32 = 0;
 pub const COUNTER_CONN_TABLE_FULL: u32 = 1;
 pub const COUNTER_INFLIGHT_TABLE_FULL: u32 = 2;
 pub const COUNTER_READ_FAILED: u32 = 3;
-pub const COUNTER_COUNT: u32 = 4;
+/// TLS calls whose socket could not be found (no inner syscall, no earlier mapping).
+pub const COUNTER_TLS_UNMAPPED: u32 = 4;
+pub const COUNTER_COUNT: u32 = 5;
 
 #[cfg(feature = "user")]
 mod user {
     use super::*;
     // SAFETY: plain-old-data, `repr(C)`, every bit pattern valid.
     unsafe impl aya::Pod for ConnState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Disabled {}
 }

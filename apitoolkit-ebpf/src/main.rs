@@ -2,24 +2,28 @@
 //! entry and emit the bytes actually moved on exit. Only fds known to be TCP connections (seen
 //! in accept/connect, registered by userspace from /proc, or used by a socket-only syscall) are
 //! captured, so file and pipe I/O costs one map lookup.
+//!
+//! TLS: uprobes on the TLS library's read/write functions emit the plaintext. The socket
+//! syscall that runs inside an SSL call on the same thread names its connection (no struct
+//! offsets), and its ciphertext is not emitted.
 #![no_std]
 #![no_main]
 
 use apitoolkit_common::{
     AF_INET, AF_INET6, CHUNK_SIZE, COUNTER_CONN_TABLE_FULL, COUNTER_COUNT,
-    COUNTER_INFLIGHT_TABLE_FULL, COUNTER_READ_FAILED, COUNTER_RINGBUF_FULL, ConnId, ConnRecord,
-    ConnState, DIRECTION_EGRESS, DIRECTION_INGRESS, DataHeader, DataRecord, MAX_IOVECS,
-    MAX_LOOP_STEPS, ProcessRecord, RECORD_CONN_CLOSE, RECORD_CONN_OPEN, RECORD_DATA,
-    RECORD_PROCESS_EXIT, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SOURCE_SYSCALL, SocketAddress,
-    conn_key,
+    COUNTER_INFLIGHT_TABLE_FULL, COUNTER_READ_FAILED, COUNTER_RINGBUF_FULL, COUNTER_TLS_UNMAPPED,
+    ConnId, ConnRecord, ConnState, DIRECTION_EGRESS, DIRECTION_INGRESS, DataHeader, DataRecord,
+    Disabled, MAX_IOVECS, MAX_LOOP_STEPS, ProcessRecord, RECORD_CONN_CLOSE, RECORD_CONN_OPEN,
+    RECORD_DATA, RECORD_PROCESS_EXIT, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SOURCE_SYSCALL,
+    SOURCE_TLS, SocketAddress, conn_key, source_bit,
 };
 use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated},
-    macros::{map, tracepoint},
+    macros::{map, tracepoint, uprobe, uretprobe},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 
 /// Offsets in the syscall tracepoint records (see events/syscalls/*/format): arguments are
@@ -34,9 +38,9 @@ static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
 #[map]
 static CONNECTIONS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65536, 0);
 
-/// Connections userspace gave up on (not HTTP, not TCP): key -> generation.
+/// Byte sources userspace gave up on per connection (not HTTP, or TLS ciphertext).
 #[map]
-static DISABLED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
+static DISABLED: LruHashMap<u64, Disabled> = LruHashMap::with_max_entries(16384, 0);
 
 /// LRU so threads killed inside a syscall (no exit event) cannot fill it up.
 #[map]
@@ -189,6 +193,8 @@ fn emit_conn(kind: u32, role: u8, conn: ConnId, remote: SocketAddress, state: &C
         remote,
         bytes_sent: state.bytes_sent,
         bytes_received: state.bytes_received,
+        tls_bytes_sent: state.tls_bytes_sent,
+        tls_bytes_received: state.tls_bytes_received,
     };
     if EVENTS.output::<ConnRecord>(&record, 0).is_err() {
         count(COUNTER_RINGBUF_FULL);
@@ -201,8 +207,7 @@ fn open_conn(tgid: u32, fd: i32, role: u8, remote: SocketAddress) -> Option<*mut
     let key = conn_key(tgid, fd);
     let state = ConnState {
         generation: unsafe { bpf_ktime_get_ns() },
-        bytes_sent: 0,
-        bytes_received: 0,
+        ..ConnState::default()
     };
     if CONNECTIONS.insert(&key, &state, 0).is_err() {
         count(COUNTER_CONN_TABLE_FULL);
@@ -237,7 +242,9 @@ fn on_accept_or_connect_exit(ctx: &TracePointContext) -> u32 {
     if call.user_ptr != 0 && remote.family != AF_INET && remote.family != AF_INET6 {
         return 0;
     }
-    open_conn(tgid, fd, role, remote);
+    if open_conn(tgid, fd, role, remote).is_some() {
+        let _ = LAST_SOCKET_FD.insert(&pid_tgid, &fd, 0);
+    }
     0
 }
 
@@ -263,7 +270,8 @@ struct EmitState {
     tid: u32,
     direction: u8,
     walks_iovecs: u8,
-    _pad: [u8; 2],
+    source: u8,
+    _pad: u8,
 }
 
 /// One `bpf_loop` step: load the next iovec, or copy one chunk of the current segment into a
@@ -325,7 +333,7 @@ unsafe extern "C" fn emit_step(_index: u64, _context: *mut c_void) -> i64 {
         skipped_len: 0,
         captured_len: len as u32,
         direction: state.direction,
-        source: SOURCE_SYSCALL,
+        source: state.source,
         _pad: [0; 2],
     };
     let size = size_of::<DataHeader>() + len as usize;
@@ -343,7 +351,15 @@ unsafe extern "C" fn emit_step(_index: u64, _context: *mut c_void) -> i64 {
 /// Copies what one syscall moved into data records, chunk by chunk and iovec by iovec, and
 /// reports whatever the loop bound leaves behind as skipped bytes.
 #[inline(always)]
-fn emit_data(call: &InFlightCall, conn: ConnId, tid: u32, direction: u8, total: u64, start: u64) {
+fn emit_data(
+    call: &InFlightCall,
+    conn: ConnId,
+    tid: u32,
+    direction: u8,
+    source: u8,
+    total: u64,
+    start: u64,
+) {
     let Some(state) = EMIT_STATE.get_ptr_mut(0) else {
         return;
     };
@@ -362,7 +378,8 @@ fn emit_data(call: &InFlightCall, conn: ConnId, tid: u32, direction: u8, total: 
         tid,
         direction,
         walks_iovecs: (call.kind == CallKind::IoVec) as u8,
-        _pad: [0; 2],
+        source,
+        _pad: 0,
     };
     if call.kind == CallKind::Buffer {
         state.segment_ptr = call.user_ptr;
@@ -388,13 +405,43 @@ fn emit_data(call: &InFlightCall, conn: ConnId, tid: u32, direction: u8, total: 
             skipped_len: total - state.done,
             captured_len: 0,
             direction,
-            source: SOURCE_SYSCALL,
+            source,
             _pad: [0; 2],
         };
         if EVENTS.output::<DataHeader>(&marker, 0).is_err() {
             count(COUNTER_RINGBUF_FULL);
         }
     }
+}
+
+/// The kernel entry of the connection a data call used; recv*/send* on an unknown fd adopt it.
+#[inline(always)]
+fn connection_of(tgid: u32, call: &InFlightCall) -> Option<*mut ConnState> {
+    match CONNECTIONS.get_ptr_mut(&conn_key(tgid, call.fd)) {
+        Some(state) => Some(state),
+        None if call.socket_only != 0 => {
+            open_conn(tgid, call.fd, ROLE_UNKNOWN, SocketAddress::default())
+        }
+        None => None,
+    }
+}
+
+#[inline(always)]
+fn is_disabled(key: u64, generation: u64, source: u8) -> bool {
+    match unsafe { DISABLED.get(&key) } {
+        Some(disabled) => {
+            disabled.generation == generation && disabled.sources & source_bit(source) != 0
+        }
+        None => false,
+    }
+}
+
+/// Advances one direction's byte counter by `total` and returns the position it started at.
+#[inline(always)]
+fn advance(counter: &mut u64, total: u64) -> u64 {
+    let start = *counter;
+    *counter += total;
+    start
 }
 
 #[inline(always)]
@@ -405,44 +452,267 @@ fn on_data_exit(ctx: &TracePointContext, direction: u8) -> u32 {
     let Some(call) = take_call(pid_tgid) else {
         return 0;
     };
+    // Socket I/O inside an SSL call names the TLS connection; its bytes are ciphertext.
+    if let Some(tls) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
+        if connection_of(tgid, &call).is_some() {
+            unsafe { (*tls).fd = call.fd };
+        }
+        return 0;
+    }
     let ret = ret(ctx);
     if ret <= 0 {
         return 0;
     }
     let total = ret as u64;
-    let key = conn_key(tgid, call.fd);
-    let state = match CONNECTIONS.get_ptr_mut(&key) {
-        Some(state) => state,
-        None if call.socket_only != 0 => {
-            match open_conn(tgid, call.fd, ROLE_UNKNOWN, SocketAddress::default()) {
-                Some(state) => state,
-                None => return 0,
-            }
-        }
-        None => return 0,
+    let Some(state) = connection_of(tgid, &call) else {
+        return 0;
     };
     let state = unsafe { &mut *state };
+    // TLS libraries with their own buffers (node) read and write the socket outside SSL calls.
+    let _ = LAST_SOCKET_FD.insert(&pid_tgid, &call.fd, 0);
     let start = if direction == DIRECTION_EGRESS {
-        let start = state.bytes_sent;
-        state.bytes_sent += total;
-        start
+        advance(&mut state.bytes_sent, total)
     } else {
-        let start = state.bytes_received;
-        state.bytes_received += total;
-        start
+        advance(&mut state.bytes_received, total)
     };
-    if let Some(disabled) = unsafe { DISABLED.get(&key) } {
-        if *disabled == state.generation {
-            return 0;
-        }
+    let key = conn_key(tgid, call.fd);
+    if is_disabled(key, state.generation, SOURCE_SYSCALL) {
+        return 0;
     }
     let conn = ConnId {
         tgid,
         fd: call.fd,
         generation: state.generation,
     };
-    emit_data(&call, conn, pid_tgid as u32, direction, total, start);
+    emit_data(
+        &call,
+        conn,
+        pid_tgid as u32,
+        direction,
+        SOURCE_SYSCALL,
+        total,
+        start,
+    );
     0
+}
+
+/// An SSL read or write in progress on one thread.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TlsCall {
+    ssl: u64,
+    buf: u64,
+    /// `size_t *` of the `_ex` variants, where the byte count is returned.
+    length_ptr: u64,
+    /// Set by the socket syscall that runs inside the call; -1 until then.
+    fd: i32,
+    direction: u8,
+    returns_length_via_ptr: u8,
+    _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SslKey {
+    ssl: u64,
+    tgid: u32,
+    _pad: u32,
+}
+
+/// The connection an SSL object was last seen on. `nested` marks fds named by a syscall inside
+/// an SSL call, which beat the thread's last-fd guess.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SslConn {
+    fd: i32,
+    nested: u32,
+}
+
+#[map]
+static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// Kept after the call returns: an SSL_read served from OpenSSL's buffer makes no syscall.
+#[map]
+static SSL_CONNS: LruHashMap<SslKey, SslConn> = LruHashMap::with_max_entries(65536, 0);
+
+/// The last connection fd each thread moved bytes on: the fallback for TLS stacks that do
+/// socket I/O outside the SSL call (node feeds OpenSSL from memory buffers).
+#[map]
+static LAST_SOCKET_FD: LruHashMap<u64, i32> = LruHashMap::with_max_entries(16384, 0);
+
+#[inline(always)]
+fn enter_tls_call(ctx: &ProbeContext, direction: u8, length_arg: Option<usize>) -> u32 {
+    let Some((pid_tgid, _)) = current_target() else {
+        return 0;
+    };
+    let (Some(ssl), Some(buf)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
+        return 0;
+    };
+    let length_ptr = match length_arg {
+        Some(index) => match ctx.arg::<u64>(index) {
+            Some(pointer) => pointer,
+            None => return 0,
+        },
+        None => 0,
+    };
+    let call = TlsCall {
+        ssl,
+        buf,
+        length_ptr,
+        fd: -1,
+        direction,
+        returns_length_via_ptr: length_arg.is_some() as u8,
+        _pad: [0; 2],
+    };
+    if TLS_CALLS.insert(&pid_tgid, &call, 0).is_err() {
+        count(COUNTER_INFLIGHT_TABLE_FULL);
+    }
+    0
+}
+
+/// The fd of the connection an SSL call used: the syscall inside it, else what this SSL object
+/// was mapped to by such a syscall, else the thread's last connection.
+#[inline(always)]
+fn tls_fd(pid_tgid: u64, tgid: u32, call: &TlsCall) -> Option<i32> {
+    let key = SslKey {
+        ssl: call.ssl,
+        tgid,
+        _pad: 0,
+    };
+    if call.fd >= 0 {
+        let nested = SslConn {
+            fd: call.fd,
+            nested: 1,
+        };
+        let _ = SSL_CONNS.insert(&key, &nested, 0);
+        return Some(call.fd);
+    }
+    let known = unsafe { SSL_CONNS.get(&key) }.copied();
+    if let Some(known) = known {
+        // Reads of memory-fed TLS stacks follow the socket read on the same thread, so the
+        // last fd is fresher than an earlier guess; writes keep the SSL object's connection.
+        if known.nested != 0 || call.direction == DIRECTION_EGRESS {
+            return Some(known.fd);
+        }
+    }
+    if let Some(last) = unsafe { LAST_SOCKET_FD.get(&pid_tgid) }.copied() {
+        let guess = SslConn {
+            fd: last,
+            nested: 0,
+        };
+        let _ = SSL_CONNS.insert(&key, &guess, 0);
+        return Some(last);
+    }
+    known.map(|known| known.fd)
+}
+
+#[inline(always)]
+fn exit_tls_call(ctx: &RetProbeContext) -> u32 {
+    let Some((pid_tgid, tgid)) = current_target() else {
+        return 0;
+    };
+    let Some(call) = unsafe { TLS_CALLS.get(&pid_tgid) }.copied() else {
+        return 0;
+    };
+    let _ = TLS_CALLS.remove(&pid_tgid);
+    let ret = ctx.ret::<i32>();
+    let total = if call.returns_length_via_ptr != 0 {
+        if ret != 1 {
+            0
+        } else {
+            match unsafe { bpf_probe_read_user(call.length_ptr as *const u64) } {
+                Ok(length) => length,
+                Err(_) => {
+                    count(COUNTER_READ_FAILED);
+                    0
+                }
+            }
+        }
+    } else if ret > 0 {
+        ret as u64
+    } else {
+        0
+    };
+    let fd = tls_fd(pid_tgid, tgid, &call);
+    if total == 0 {
+        return 0;
+    }
+    let Some(fd) = fd else {
+        count(COUNTER_TLS_UNMAPPED);
+        return 0;
+    };
+    let key = conn_key(tgid, fd);
+    let Some(state) = CONNECTIONS.get_ptr_mut(&key) else {
+        count(COUNTER_TLS_UNMAPPED);
+        return 0;
+    };
+    let state = unsafe { &mut *state };
+    let start = if call.direction == DIRECTION_EGRESS {
+        advance(&mut state.tls_bytes_sent, total)
+    } else {
+        advance(&mut state.tls_bytes_received, total)
+    };
+    if is_disabled(key, state.generation, SOURCE_TLS) {
+        return 0;
+    }
+    let conn = ConnId {
+        tgid,
+        fd,
+        generation: state.generation,
+    };
+    let buffer = InFlightCall {
+        user_ptr: call.buf,
+        count: 0,
+        fd,
+        kind: CallKind::Buffer,
+        socket_only: 0,
+        _pad: [0; 2],
+    };
+    emit_data(
+        &buffer,
+        conn,
+        pid_tgid as u32,
+        call.direction,
+        SOURCE_TLS,
+        total,
+        start,
+    );
+    0
+}
+
+/// SSL_read(ssl, buf, num) -> bytes read.
+#[uprobe]
+pub fn ssl_read_enter(ctx: ProbeContext) -> u32 {
+    enter_tls_call(&ctx, DIRECTION_INGRESS, None)
+}
+
+/// SSL_read_ex(ssl, buf, num, *readbytes) -> 1 on success.
+#[uprobe]
+pub fn ssl_read_ex_enter(ctx: ProbeContext) -> u32 {
+    enter_tls_call(&ctx, DIRECTION_INGRESS, Some(3))
+}
+
+/// SSL_write(ssl, buf, num) -> bytes written.
+#[uprobe]
+pub fn ssl_write_enter(ctx: ProbeContext) -> u32 {
+    enter_tls_call(&ctx, DIRECTION_EGRESS, None)
+}
+
+/// SSL_write_ex(ssl, buf, num, *written) -> 1 on success.
+#[uprobe]
+pub fn ssl_write_ex_enter(ctx: ProbeContext) -> u32 {
+    enter_tls_call(&ctx, DIRECTION_EGRESS, Some(3))
+}
+
+/// SSL_write_ex2(ssl, buf, num, flags, *written) -> 1 on success.
+#[uprobe]
+pub fn ssl_write_ex2_enter(ctx: ProbeContext) -> u32 {
+    enter_tls_call(&ctx, DIRECTION_EGRESS, Some(4))
+}
+
+#[uretprobe]
+pub fn ssl_call_return(ctx: RetProbeContext) -> u32 {
+    exit_tls_call(&ctx)
 }
 
 /// read/write: the fd may be a file or pipe, so only connections already known are captured.
@@ -559,6 +829,11 @@ pub fn process_fork(ctx: TracePointContext) -> u32 {
 pub fn process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
+    if current_target().is_some() {
+        // A thread that dies inside an SSL call never returns from it.
+        let _ = TLS_CALLS.remove(&pid_tgid);
+        let _ = LAST_SOCKET_FD.remove(&pid_tgid);
+    }
     if unsafe { TARGETS.get(&tid) }.is_none() {
         return 0;
     }

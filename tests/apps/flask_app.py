@@ -1,6 +1,7 @@
 """Demo and test service: a plain Flask app, run by werkzeug or gunicorn, never instrumented."""
 import os
 
+import requests
 from flask import Flask, Response, jsonify, request, send_file
 
 app = Flask(__name__)
@@ -50,10 +51,22 @@ def source():
     return send_file(__file__, mimetype="text/plain")
 
 
+@app.get("/proxy")
+def proxy():
+    """Calls another service: the agent sees an outgoing (client-side) exchange."""
+    upstream = requests.get(request.args["url"], verify=os.environ.get("UPSTREAM_CA", True), timeout=10)
+    return jsonify(upstream_status=upstream.status_code, upstream_body=upstream.text)
+
+
 @app.get("/boom")
 def boom():
     raise ValueError("boom on purpose")
 
 
 if __name__ == "__main__":
-    app.run(host="127.0.0.1", port=int(os.environ.get("PORT", "5055")))
+    certificate = os.environ.get("TLS_CERT")
+    app.run(
+        host="127.0.0.1",
+        port=int(os.environ.get("PORT", "5055")),
+        ssl_context=(certificate, os.environ["TLS_KEY"]) if certificate else None,
+    )

@@ -49,9 +49,9 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 15.0) -
 
 
 class Server:
-    def __init__(self, argv, port: int, env=None):
+    def __init__(self, argv, port: int, env=None, scheme="http"):
         self.port = port
-        self.base = f"http://127.0.0.1:{port}"
+        self.base = f"{scheme}://127.0.0.1:{port}"
         self.process = subprocess.Popen(
             argv,
             cwd=APPS,
@@ -123,6 +123,17 @@ class Agent:
         with self._lock:
             return list(self.payloads)
 
+    def wait_for_log(self, *fragments, timeout: float = 10.0) -> str:
+        """The first log line containing every fragment, waiting for it to appear."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                for line in self.log:
+                    if all(fragment in line for fragment in fragments):
+                        return line
+            time.sleep(0.05)
+        raise AssertionError(f"no log line with {fragments}:\n" + "\n".join(self.log))
+
     def stop(self, sig=signal.SIGINT) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
@@ -169,11 +180,13 @@ def flask_server():
     server.stop()
 
 
-def start_gunicorn(*worker_args) -> Server:
+def start_gunicorn(*worker_args, scheme="http", env=None) -> Server:
     port = free_port()
     return Server(
         [sys.executable, "-m", "gunicorn", *worker_args, "--bind", f"127.0.0.1:{port}", "flask_app:app"],
         port,
+        env=env,
+        scheme=scheme,
     )
 
 
@@ -208,6 +221,62 @@ def gthread_server():
 def node_server():
     port = free_port()
     server = Server(["node", str(APPS / "node_server.js")], port)
+    yield server
+    server.stop()
+
+
+class Certificate:
+    """A self-signed certificate for 127.0.0.1, made with the openssl CLI."""
+
+    def __init__(self, directory: Path):
+        self.cert = directory / "cert.pem"
+        self.key = directory / "key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+             "-keyout", str(self.key), "-out", str(self.cert)],
+            check=True, capture_output=True,
+        )
+
+    @property
+    def env(self):
+        return {"TLS_CERT": str(self.cert), "TLS_KEY": str(self.key), "UPSTREAM_CA": str(self.cert)}
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory):
+    return Certificate(tmp_path_factory.mktemp("tls"))
+
+
+def start_https_gthread(certificate) -> Server:
+    return start_gunicorn("--worker-class", "gthread", "--threads", "4", "--keep-alive", "30",
+                          "--certfile", str(certificate.cert), "--keyfile", str(certificate.key),
+                          scheme="https", env=certificate.env)
+
+
+@pytest.fixture(params=["werkzeug", "gunicorn"])
+def https_flask_server(request, certificate):
+    """Flask over HTTPS: werkzeug's ssl_context, and gunicorn gthread with --certfile."""
+    if request.param == "werkzeug":
+        port = free_port()
+        server = Server([sys.executable, str(APPS / "flask_app.py")], port, env=certificate.env, scheme="https")
+    else:
+        server = start_https_gthread(certificate)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def https_gthread_server(certificate):
+    server = start_https_gthread(certificate)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def https_node_server(certificate):
+    port = free_port()
+    server = Server(["node", str(APPS / "node_server.js")], port, env=certificate.env, scheme="https")
     yield server
     server.stop()
 

@@ -1,4 +1,5 @@
-//! `cargo xtask bench`: nginx under wrk with and without the agent, in one run, on loopback.
+//! `cargo xtask bench`: nginx under wrk with and without the agent, in one run, on loopback,
+//! over plain HTTP and over HTTPS (the agent reading plaintext from nginx's OpenSSL).
 //! Prints throughput, latency, capture completeness, agent CPU per payload, peak RSS and drops,
 //! plus the agent's cost to syscalls of processes it does not watch, and writes them to
 //! target/bench/capture.json. Numbers are reported, not asserted: only setup failures fail.
@@ -27,23 +28,32 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 const WRITES_PER_ROUND: u32 = 200_000;
 const WRITE_ROUNDS: u32 = 5;
 
-/// A response body nginx serves, under `/<path>`.
+/// A response body nginx serves, under `/<path>`, over HTTP or HTTPS.
 struct Body {
     path: &'static str,
     label: &'static str,
     bytes: usize,
+    https: bool,
 }
 
-const BODIES: [Body; 2] = [
+const BODIES: [Body; 3] = [
     Body {
         path: "1k",
         label: "1 KiB",
         bytes: 1024,
+        https: false,
     },
     Body {
         path: "64k",
         label: "64 KiB",
         bytes: 64 * 1024,
+        https: false,
+    },
+    Body {
+        path: "1k",
+        label: "1 KiB HTTPS",
+        bytes: 1024,
+        https: true,
     },
 ];
 
@@ -136,9 +146,27 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// The ports nginx listens on.
+#[derive(Clone, Copy)]
+struct Ports {
+    http: u16,
+    https: u16,
+}
+
+impl Ports {
+    fn url(self, body: &Body) -> String {
+        if body.https {
+            format!("https://127.0.0.1:{}/{}", self.https, body.path)
+        } else {
+            format!("http://127.0.0.1:{}/{}", self.http, body.path)
+        }
+    }
+}
+
 /// nginx with one worker (the other core runs wrk and the agent) and `sendfile off`, so every
-/// response body goes through write(2) and is captured: the agent's most expensive path.
-fn start_nginx(port: u16) -> anyhow::Result<ChildGuard> {
+/// response body goes through write(2) and is captured: the agent's most expensive path. The
+/// HTTPS server uses a self-signed certificate made here.
+fn start_nginx(ports: Ports) -> anyhow::Result<ChildGuard> {
     let prefix = bench_dir().join("nginx");
     let html = prefix.join("html");
     fs::create_dir_all(&html).with_context(|| format!("creating {}", html.display()))?;
@@ -146,15 +174,33 @@ fn start_nginx(port: u16) -> anyhow::Result<ChildGuard> {
     for body in &BODIES {
         fs::write(html.join(body.path), vec![b'a'; body.bytes])?;
     }
+    let (cert, key) = (prefix.join("cert.pem"), prefix.join("key.pem"));
+    crate::run(
+        Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=127.0.0.1", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(Stdio::null()),
+    )?;
     let config = format!(
         "daemon off;\nmaster_process on;\nworker_processes 1;\npid {pid};\nerror_log {log} warn;\n\
          events {{ worker_connections 1024; }}\n\
          http {{\n  access_log off;\n  sendfile off;\n  keepalive_requests 1000000;\n  \
          default_type application/octet-stream;\n  \
-         server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
+         server {{ listen 127.0.0.1:{http}; root {root}; }}\n  \
+         server {{ listen 127.0.0.1:{https} ssl; ssl_certificate {cert}; \
+         ssl_certificate_key {key}; root {root}; }}\n}}\n",
         pid = prefix.join("nginx.pid").display(),
         log = prefix.join("logs/error.log").display(),
         root = html.display(),
+        http = ports.http,
+        https = ports.https,
+        cert = cert.display(),
+        key = key.display(),
     );
     let config_path = prefix.join("nginx.conf");
     fs::write(&config_path, config)?;
@@ -170,6 +216,7 @@ fn start_nginx(port: u16) -> anyhow::Result<ChildGuard> {
         signal: "TERM",
     };
     let deadline = Instant::now() + Duration::from_secs(10);
+    let port = ports.https;
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if let Some(status) = nginx.child.try_wait()? {
             bail!(
@@ -433,12 +480,12 @@ impl BodyResult {
 }
 
 fn measure_body(
-    port: u16,
+    ports: Ports,
     nginx_pid: u32,
     ticks_per_second: f64,
     body: &'static Body,
 ) -> anyhow::Result<BodyResult> {
-    let url = format!("http://127.0.0.1:{port}/{}", body.path);
+    let url = ports.url(body);
     eprintln!("bench: {} without the agent", body.label);
     let without_agent = wrk(&url)?;
     eprintln!("bench: {} with the agent", body.label);
@@ -510,7 +557,7 @@ fn print_table(results: &[BodyResult], writes: &UnwatchedWriteCost) {
         println!("{name:<36}{cells}");
     };
     println!(
-        "nginx (1 worker, keep-alive, sendfile off) under wrk -t1 -c{WRK_CONNECTIONS} \
+        "nginx (1 worker, keep-alive, sendfile off; HTTPS: TLS 1.3 via OpenSSL) under wrk -t1 -c{WRK_CONNECTIONS} \
          -d{WRK_SECONDS}s on 127.0.0.1"
     );
     row("response body", &|r| r.body.label.to_string());
@@ -571,7 +618,7 @@ fn to_json(results: &[BodyResult], writes: &UnwatchedWriteCost) -> String {
         .iter()
         .map(|r| {
             format!(
-                "    {{\"body\": \"{}\", \"body_bytes\": {}, \
+                "    {{\"body\": \"{}\", \"https\": {}, \"body_bytes\": {}, \
                  \"rps_without_agent\": {}, \"rps_with_agent\": {}, \"throughput_ratio\": {}, \
                  \"p50_us_without_agent\": {}, \"p50_us_with_agent\": {}, \
                  \"p99_us_without_agent\": {}, \"p99_us_with_agent\": {}, \
@@ -579,6 +626,7 @@ fn to_json(results: &[BodyResult], writes: &UnwatchedWriteCost) -> String {
                  \"agent_cpu_seconds\": {}, \"agent_cpu_us_per_payload\": {}, \
                  \"agent_peak_rss_mib\": {}, \"ringbuf_drops\": {}, \"sink_drops\": {}}}",
                 r.body.path,
+                r.body.https,
                 r.body.bytes,
                 json_number(r.without_agent.requests_per_second, 1),
                 json_number(r.with_agent.requests_per_second, 1),
@@ -613,11 +661,14 @@ pub fn run() -> anyhow::Result<()> {
     build_agent(true)?;
     fs::create_dir_all(bench_dir())?;
     let ticks_per_second = clock_ticks_per_second()?;
-    let port = free_port()?;
-    let mut nginx = start_nginx(port)?;
+    let ports = Ports {
+        http: free_port()?,
+        https: free_port()?,
+    };
+    let mut nginx = start_nginx(ports)?;
     let results = BODIES
         .iter()
-        .map(|body| measure_body(port, nginx.pid(), ticks_per_second, body))
+        .map(|body| measure_body(ports, nginx.pid(), ticks_per_second, body))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let writes = measure_unwatched_writes(nginx.pid())?;
     nginx.stop().context("stopping nginx")?;

@@ -1,8 +1,10 @@
 //! Loads the kernel object, attaches its programs, and owns the maps userspace talks through:
 //! the target set, disabled connections, the event ring buffer and the loss counters.
 
+pub mod elf;
 pub mod process;
 pub mod sockets;
+pub mod tls;
 
 use std::{
     ffi::CString,
@@ -13,13 +15,21 @@ use std::{
 
 use apitoolkit_common::{
     COUNTER_CONN_TABLE_FULL, COUNTER_INFLIGHT_TABLE_FULL, COUNTER_READ_FAILED,
-    COUNTER_RINGBUF_FULL, ConnState, conn_key,
+    COUNTER_RINGBUF_FULL, COUNTER_TLS_UNMAPPED, ConnState, Disabled, conn_key, source_bit,
 };
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{
+        TracePoint, UProbe,
+        uprobe::{UProbeAttachLocation, UProbeScope},
+    },
 };
+
+use crate::events::{ConnId, Source};
+
+/// The return program shared by every SSL function.
+const SSL_RETURN_PROGRAM: &str = "ssl_call_return";
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 
@@ -103,6 +113,15 @@ pub enum ProbeError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("TLS uprobes are unavailable on this kernel")]
+    TlsUnavailable,
+    #[error("uprobe {program} on {function}: {source}")]
+    Uprobe {
+        program: &'static str,
+        function: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
 }
 
 fn missing(
@@ -167,10 +186,13 @@ pub struct KernelLosses {
     pub conn_table_full: u64,
     pub inflight_table_full: u64,
     pub user_read_failed: u64,
+    pub tls_unmapped: u64,
 }
 
 pub struct Probes {
     ebpf: Ebpf,
+    /// The SSL uprobe programs passed the verifier and can be attached.
+    tls_loaded: bool,
 }
 
 impl Probes {
@@ -198,7 +220,52 @@ impl Probes {
                     .map_err(|error| missing(format!("tracepoint {category}:{event}"), error))?;
             }
         }
-        Ok(Self { ebpf })
+        let tls_loaded = match load_tls_programs(&mut ebpf) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "TLS uprobes cannot be loaded: HTTPS is not captured");
+                false
+            }
+        };
+        Ok(Self { ebpf, tls_loaded })
+    }
+
+    fn uprobe(&mut self, program: &str) -> &mut UProbe {
+        uprobe(&mut self.ebpf, program)
+    }
+
+    /// Attaches the SSL entry and return programs at `functions` (name, file offset) of the
+    /// library at `path`, for every process: the programs filter on the target set, so one
+    /// attachment serves all processes that share the file.
+    pub fn attach_tls(
+        &mut self,
+        path: &Path,
+        functions: &[(&'static str, u64)],
+    ) -> Result<(), ProbeError> {
+        if !self.tls_loaded {
+            return Err(ProbeError::TlsUnavailable);
+        }
+        for &(function, offset) in functions {
+            let entry = tls::SSL_FUNCTIONS
+                .iter()
+                .find(|(name, _)| *name == function)
+                .map(|(_, program)| *program)
+                .expect("offsets are only looked up for SSL_FUNCTIONS");
+            for program in [entry, SSL_RETURN_PROGRAM] {
+                self.uprobe(program)
+                    .attach(
+                        UProbeAttachLocation::AbsoluteOffset(offset),
+                        path,
+                        UProbeScope::AllProcesses,
+                    )
+                    .map_err(|source| ProbeError::Uprobe {
+                        program,
+                        function,
+                        source,
+                    })?;
+            }
+        }
+        Ok(())
     }
 
     fn map_mut(&mut self, name: &'static str) -> &mut aya::maps::Map {
@@ -249,20 +316,29 @@ impl Probes {
             })
     }
 
-    /// Stops the kernel from sending this connection generation's bytes.
-    pub fn disable(&mut self, tgid: u32, fd: i32, generation: u64) -> Result<(), ProbeError> {
-        let mut disabled: HashMap<_, u64, u64> = HashMap::try_from(self.map_mut("DISABLED"))
-            .map_err(|source| ProbeError::Map {
-                name: "DISABLED",
-                source,
-            })?;
-        let key = conn_key(tgid, fd);
-        disabled
-            .insert(key, generation, 0)
-            .map_err(|source| ProbeError::Map {
-                name: "DISABLED",
-                source,
-            })
+    /// Stops the kernel from sending this connection generation's bytes from `source`.
+    pub fn disable(&mut self, conn: ConnId, source: Source) -> Result<(), ProbeError> {
+        let map_error = |source| ProbeError::Map {
+            name: "DISABLED",
+            source,
+        };
+        let mut disabled: HashMap<_, u64, Disabled> =
+            HashMap::try_from(self.map_mut("DISABLED")).map_err(map_error)?;
+        let key = conn_key(conn.tgid, conn.fd);
+        let sources = match disabled.get(&key, 0) {
+            Ok(entry) if entry.generation == conn.generation => entry.sources,
+            _ => 0,
+        };
+        let source = match source {
+            Source::Syscall => apitoolkit_common::SOURCE_SYSCALL,
+            Source::Tls => apitoolkit_common::SOURCE_TLS,
+        };
+        let entry = Disabled {
+            generation: conn.generation,
+            sources: sources | source_bit(source),
+            _pad: 0,
+        };
+        disabled.insert(key, entry, 0).map_err(map_error)
     }
 
     pub fn take_ring_buffer(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
@@ -298,8 +374,29 @@ impl Probes {
             conn_table_full: total(COUNTER_CONN_TABLE_FULL)?,
             inflight_table_full: total(COUNTER_INFLIGHT_TABLE_FULL)?,
             user_read_failed: total(COUNTER_READ_FAILED)?,
+            tls_unmapped: total(COUNTER_TLS_UNMAPPED)?,
         })
     }
+}
+
+fn uprobe<'a>(ebpf: &'a mut Ebpf, program: &str) -> &'a mut UProbe {
+    ebpf.program_mut(program)
+        .expect("program is defined in the kernel object")
+        .try_into()
+        .expect("program is a uprobe")
+}
+
+fn load_tls_programs(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    let programs = tls::SSL_FUNCTIONS
+        .iter()
+        .map(|(_, program)| *program)
+        .chain([SSL_RETURN_PROGRAM]);
+    for program in programs {
+        uprobe(ebpf, program)
+            .load()
+            .map_err(|error| missing(format!("uprobe program {program}"), error))?;
+    }
+    Ok(())
 }
 
 /// Waits until the ring buffer has data or `timeout_ms` passes.

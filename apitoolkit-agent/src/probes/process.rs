@@ -7,6 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use super::elf::ElfFile;
 use crate::payload::SdkType;
 
 pub fn exists(pid: u32) -> bool {
@@ -185,8 +186,7 @@ pub fn detect_sdk_type(pid: u32) -> SdkType {
         return node_framework(pid, &args);
     }
     let exe = PathBuf::from(format!("/proc/{pid}/exe"));
-    // Go binaries carry a build-info blob with this magic near the start of .go.buildinfo.
-    if contains(&read_prefix(&exe, 64 * 1024 * 1024), b"\xff Go buildinf:") {
+    if ElfFile::open(&exe).is_ok_and(|elf| elf.is_go()) {
         return go_framework(&exe);
     }
     SdkType::SDKUnknown

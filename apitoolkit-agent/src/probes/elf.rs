@@ -1,0 +1,101 @@
+//! What the agent needs from an executable or shared library on disk: whether it is a Go
+//! binary, and the file offsets of exported functions (where uprobes attach).
+
+use std::{fs::File, io, path::Path};
+
+use memmap2::Mmap;
+use object::{Object, ObjectSection, ObjectSymbol};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ElfError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("not a readable ELF file: {0}")]
+    Parse(#[from] object::Error),
+}
+
+pub struct ElfFile {
+    map: Mmap,
+}
+
+impl ElfFile {
+    pub fn open(path: &Path) -> Result<Self, ElfError> {
+        let file = File::open(path)?;
+        // SAFETY: read-only private mapping; a file truncated underneath us can only make the
+        // parser see garbage or fault, and binaries in use are not truncated in place.
+        let map = unsafe { Mmap::map(&file) }?;
+        object::File::parse(&*map)?;
+        Ok(Self { map })
+    }
+
+    fn parsed(&self) -> object::File<'_> {
+        object::File::parse(&*self.map).expect("parsed when opened")
+    }
+
+    /// Go binaries carry their build information in this section (Go 1.13+).
+    pub fn is_go(&self) -> bool {
+        self.parsed().section_by_name(".go.buildinfo").is_some()
+    }
+
+    /// File offsets of those of `names` the file defines, in the order of `names`.
+    pub fn function_offsets<'n>(&self, names: &[&'n str]) -> Vec<(&'n str, u64)> {
+        let file = self.parsed();
+        let mut found: Vec<Option<u64>> = vec![None; names.len()];
+        for symbol in file.dynamic_symbols().chain(file.symbols()) {
+            if !symbol.is_definition() {
+                continue;
+            }
+            let Ok(name) = symbol.name() else {
+                continue;
+            };
+            let Some(index) = names.iter().position(|wanted| *wanted == name) else {
+                continue;
+            };
+            if found[index].is_some() {
+                continue;
+            }
+            // The kernel wants offsets in the file, not virtual addresses.
+            found[index] = symbol
+                .section_index()
+                .and_then(|section| file.section_by_index(section).ok())
+                .and_then(|section| {
+                    let (file_offset, _) = section.file_range()?;
+                    Some(symbol.address() - section.address() + file_offset)
+                });
+        }
+        names
+            .iter()
+            .zip(found)
+            .filter_map(|(name, offset)| offset.map(|offset| (*name, offset)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_exported_functions_of_libc_and_knows_it_is_not_go() {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let libc = maps
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(5))
+            .find(|path| path.contains("libc.so"))
+            .expect("the test binary links libc dynamically");
+        let elf = ElfFile::open(Path::new(libc)).unwrap();
+        let offsets = elf.function_offsets(&["write", "no_such_function_here", "read"]);
+        let names: Vec<_> = offsets.iter().map(|(name, _)| *name).collect();
+        assert_eq!(names, ["write", "read"]);
+        assert!(offsets.iter().all(|(_, offset)| *offset > 0));
+        assert!(!elf.is_go());
+    }
+
+    #[test]
+    fn a_non_elf_file_is_an_error() {
+        assert!(matches!(
+            ElfFile::open(Path::new("/proc/self/cmdline")),
+            Err(ElfError::Parse(_) | ElfError::Io(_))
+        ));
+    }
+}
