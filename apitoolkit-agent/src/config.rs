@@ -78,6 +78,18 @@ pub struct CaptureArgs {
     #[arg(long, env = "APITOOLKIT_DEBUG")]
     pub debug: bool,
 
+    /// Publish the requests watched processes make (client side) as their own payloads,
+    /// linked to the incoming request being served.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL",
+          env = "APITOOLKIT_CAPTURE_OUTGOING")]
+    pub capture_outgoing: bool,
+
+    /// Attach the errors watched processes print on stderr (Python tracebacks, JavaScript
+    /// stacks) to the request being served.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL",
+          env = "APITOOLKIT_CAPTURE_ERRORS")]
+    pub capture_errors: bool,
+
     /// Largest body kept per message; longer bodies are cut and tagged as truncated.
     #[arg(long, default_value_t = 1024 * 1024, env = "APITOOLKIT_MAX_BODY_BYTES")]
     pub max_body_bytes: usize,

@@ -20,7 +20,19 @@ pub struct TrackedExchange {
     pub conn: ConnId,
     pub role: Role,
     pub remote: Option<SocketAddr>,
+    /// The thread whose bytes completed the exchange: the one that wrote a server's response
+    /// or read a client's.
+    pub tid: u32,
     pub exchange: Exchange,
+}
+
+/// A server thread read a whole request and is now serving it (until the exchange with the
+/// same connection and serial comes out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Serving {
+    pub conn: ConnId,
+    pub serial: u64,
+    pub tid: u32,
 }
 
 /// Counters of what the tracker saw and what it could not use.
@@ -49,6 +61,7 @@ pub struct TrackerOutput {
     pub disable: Vec<(ConnId, Source)>,
     /// TLS connections that carried application data and no plaintext.
     pub unreadable_tls: Vec<ConnId>,
+    pub serving: Vec<Serving>,
 }
 
 /// What the connection's bytes are, as far as the tracker has seen.
@@ -71,6 +84,8 @@ struct Connection {
     remote: Option<SocketAddr>,
     /// The open was seen, so each stream starts at position 0.
     seen_from_start: bool,
+    /// The thread that last moved bytes on the connection.
+    last_tid: u32,
     transport: Transport,
     /// Next expected stream position per direction; `None` until the first bytes of a
     /// connection whose start was not seen.
@@ -121,6 +136,7 @@ impl Connection {
             role,
             remote,
             seen_from_start,
+            last_tid: 0,
             transport: Transport::Plain,
             next_ingress: start,
             next_egress: start,
@@ -254,13 +270,7 @@ impl ConnectionTracker {
             }
         }
         connection.http.close(&mut http_output);
-        self.record(
-            conn,
-            connection.role,
-            connection.remote,
-            http_output,
-            output,
-        );
+        record(&mut self.stats, conn, &connection, http_output, output);
     }
 
     fn report_unreadable(&mut self, conn: ConnId, output: &mut TrackerOutput) {
@@ -300,7 +310,9 @@ impl ConnectionTracker {
                 }
                 return;
             }
-            (Source::Syscall, Transport::Tls | Transport::Unreadable) => return,
+            (Source::Syscall, Transport::Tls | Transport::Unreadable) | (Source::Stderr, _) => {
+                return;
+            }
         }
         if connection.ignored {
             return;
@@ -380,40 +392,50 @@ impl ConnectionTracker {
             }
             output.disable.push((conn, data.source));
         }
-        let connection = &self.connections[&conn];
-        let (role, remote) = (connection.role, connection.remote);
-        self.record(conn, role, remote, http_output, output);
+        connection.last_tid = data.tid;
+        record(&mut self.stats, conn, connection, http_output, output);
     }
+}
 
-    fn record(
-        &mut self,
-        conn: ConnId,
-        role: Role,
-        remote: Option<SocketAddr>,
-        http: Output,
-        output: &mut TrackerOutput,
-    ) {
-        for anomaly in http.anomalies {
-            match anomaly {
-                Anomaly::Desync => self.stats.desyncs += 1,
-                Anomaly::Unpaired(MessageKind::Request) => self.stats.unpaired_requests += 1,
-                Anomaly::Unpaired(MessageKind::Response) => self.stats.unpaired_responses += 1,
-                Anomaly::Malformed(kind, error) => {
-                    self.stats.malformed_messages += 1;
-                    tracing::debug!(?conn, ?kind, %error, "malformed HTTP message");
-                }
+/// Counts what reassembly noticed and hands on its exchanges and served requests.
+fn record(
+    stats: &mut TrackerStats,
+    conn: ConnId,
+    connection: &Connection,
+    http: Output,
+    output: &mut TrackerOutput,
+) {
+    let (role, remote, tid) = (connection.role, connection.remote, connection.last_tid);
+    if role == Role::Server {
+        output
+            .serving
+            .extend(
+                http.requests_read
+                    .iter()
+                    .map(|&serial| Serving { conn, serial, tid }),
+            );
+    }
+    for anomaly in http.anomalies {
+        match anomaly {
+            Anomaly::Desync => stats.desyncs += 1,
+            Anomaly::Unpaired(MessageKind::Request) => stats.unpaired_requests += 1,
+            Anomaly::Unpaired(MessageKind::Response) => stats.unpaired_responses += 1,
+            Anomaly::Malformed(kind, error) => {
+                stats.malformed_messages += 1;
+                tracing::debug!(?conn, ?kind, %error, "malformed HTTP message");
             }
         }
-        self.stats.exchanges += http.exchanges.len() as u64;
-        output
-            .exchanges
-            .extend(http.exchanges.into_iter().map(|exchange| TrackedExchange {
-                conn,
-                role,
-                remote,
-                exchange,
-            }));
     }
+    stats.exchanges += http.exchanges.len() as u64;
+    output
+        .exchanges
+        .extend(http.exchanges.into_iter().map(|exchange| TrackedExchange {
+            conn,
+            role,
+            remote,
+            tid,
+            exchange,
+        }));
 }
 
 #[cfg(test)]

@@ -46,6 +46,8 @@ pub enum Role {
 pub enum Source {
     Syscall,
     Tls,
+    /// A write to the process's stderr (not a connection).
+    Stderr,
 }
 
 /// Bytes one syscall moved on a connection (or a piece of them), at a stream position.
@@ -158,6 +160,7 @@ impl Event {
                 let source = match header.source {
                     abi::SOURCE_SYSCALL => Source::Syscall,
                     abi::SOURCE_TLS => Source::Tls,
+                    abi::SOURCE_STDERR => Source::Stderr,
                     value => {
                         return Err(DecodeError::BadField {
                             field: "source",

@@ -5,8 +5,10 @@ pub mod bootstrap;
 pub mod ciphertext;
 pub mod config;
 pub mod connections;
+pub mod errors;
 pub mod events;
 pub mod http;
+pub mod link;
 pub mod payload;
 pub mod pipeline;
 pub mod probes;
@@ -32,8 +34,13 @@ use crate::{
     config::CaptureArgs,
     events::{ConnId, Event},
     payload::{Payload, PayloadSettings, SdkType},
-    pipeline::Pipeline,
-    probes::{Probes, process, sockets, tls::TlsWatcher},
+    pipeline::{CaptureScope, Pipeline, ProfileDetector},
+    probes::{
+        Probes,
+        process::{self, ProcessProfile},
+        sockets,
+        tls::TlsWatcher,
+    },
     redact::Redactor,
     sinks::PayloadQueue,
 };
@@ -95,15 +102,29 @@ fn redactor(args: &CaptureArgs) -> anyhow::Result<Redactor> {
     )?)
 }
 
-fn sdk_type_detector(forced: Option<SdkType>) -> Box<dyn FnMut(u32) -> SdkType + Send> {
-    match forced {
-        Some(sdk_type) => Box::new(move |_| sdk_type),
-        None => Box::new(|tgid| {
-            let sdk_type = process::detect_sdk_type(tgid);
-            tracing::info!(pid = tgid, ?sdk_type, "detected framework");
-            sdk_type
-        }),
+fn scope(args: &CaptureArgs) -> CaptureScope {
+    CaptureScope {
+        outgoing: args.capture_outgoing,
+        errors: args.capture_errors,
     }
+}
+
+/// Profiles live processes from /proc; `--sdk-type` overrides the detected framework.
+fn live_profiles(forced: Option<SdkType>) -> ProfileDetector {
+    Box::new(move |tgid| {
+        let detected = process::profile(tgid);
+        let profile = ProcessProfile {
+            sdk_type: forced.unwrap_or(detected.sdk_type),
+            ..detected
+        };
+        tracing::info!(
+            pid = tgid,
+            sdk_type = ?profile.sdk_type,
+            thread_per_request = profile.thread_per_request,
+            "detected framework"
+        );
+        profile
+    })
 }
 
 /// Replays a recording through the pipeline, writing payloads as NDJSON to `out`.
@@ -111,10 +132,16 @@ pub fn replay(file: &Path, args: &CaptureArgs, mut out: impl Write) -> anyhow::R
     let reader = BufReader::new(
         File::open(file).with_context(|| format!("opening recording {}", file.display()))?,
     );
+    // The recorded processes are gone: nothing to read from /proc.
+    let profile = ProcessProfile {
+        sdk_type: args.sdk_type.unwrap_or(SdkType::SDKUnknown),
+        thread_per_request: true,
+    };
     let mut pipeline = Pipeline::new(
         settings(args),
+        scope(args),
         redactor(args)?,
-        sdk_type_detector(Some(args.sdk_type.unwrap_or(SdkType::SDKUnknown))),
+        Box::new(move |_| profile),
     );
     let mut written = 0;
     for (index, line) in reader.lines().enumerate() {
@@ -284,6 +311,7 @@ pub fn capture(
     let mut probes = Probes::load()?;
     let targets = process::with_descendants(&args.pids);
     let existing = register_existing_connections(&mut probes, &targets)?;
+    probes.capture_stderr(args.capture_errors)?;
     probes.add_targets(&targets)?;
     let mut tls = TlsWatcher::default();
     tls.scan(&mut probes, &targets);
@@ -298,7 +326,12 @@ pub fn capture(
     };
     let mut capture = Capture {
         ring: probes.take_ring_buffer()?,
-        pipeline: Pipeline::new(settings(args), redactor, sdk_type_detector(args.sdk_type)),
+        pipeline: Pipeline::new(
+            settings(args),
+            scope(args),
+            redactor,
+            live_profiles(args.sdk_type),
+        ),
         sinks,
         outbox: Vec::new(),
         recorder,
@@ -316,6 +349,7 @@ pub fn capture(
     }
     let losses = probes.losses()?;
     let stats = capture.pipeline.stats();
+    let links = capture.pipeline.link_stats();
     tracing::info!(
         exchanges = stats.exchanges,
         connections = stats.connections_opened,
@@ -326,6 +360,9 @@ pub fn capture(
         unpaired_responses = stats.unpaired_responses,
         malformed_messages = stats.malformed_messages,
         not_http_connections = stats.not_http_connections,
+        outgoing_with_parent = links.outgoing_with_parent,
+        errors_attached = links.errors_attached,
+        errors_unattached = links.errors_unattached,
         tls_connections = stats.tls_connections,
         unreadable_tls_connections = stats.unreadable_tls_connections,
         tls_unmapped = losses.tls_unmapped,

@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use crate::{
     connections::TrackedExchange,
+    errors::CapturedError,
     http::{
         content,
         parser::{Body, Message, StartLine},
@@ -112,6 +113,34 @@ pub struct PayloadSettings {
     pub realtime_offset_ns: i128,
 }
 
+/// How a payload relates to others: its own id, the incoming request that caused it, and the
+/// errors raised while serving it.
+#[derive(Debug)]
+pub struct Links {
+    pub msg_id: Uuid,
+    pub parent_id: Option<Uuid>,
+    pub errors: Vec<CapturedError>,
+}
+
+impl Links {
+    pub fn incoming(msg_id: Uuid, errors: Vec<CapturedError>) -> Self {
+        Self {
+            msg_id,
+            parent_id: None,
+            errors,
+        }
+    }
+
+    /// An outgoing request gets its own id, as the Go SDK gives it.
+    pub fn outgoing(parent_id: Option<Uuid>) -> Self {
+        Self {
+            msg_id: Uuid::new_v4(),
+            parent_id,
+            errors: Vec::new(),
+        }
+    }
+}
+
 /// Tags that say a body in this payload is not the whole body.
 pub const TAG_REQUEST_BODY_TRUNCATED: &str = "apitoolkit.request_body_truncated";
 pub const TAG_RESPONSE_BODY_TRUNCATED: &str = "apitoolkit.response_body_truncated";
@@ -185,7 +214,23 @@ fn rfc3339(unix_ns: i128) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
 }
 
-pub fn build(tracked: &TrackedExchange, sdk_type: SdkType, settings: &PayloadSettings) -> Payload {
+fn at_error(error: CapturedError, settings: &PayloadSettings) -> AtError {
+    AtError {
+        when: rfc3339(error.timestamp_ns as i128 + settings.realtime_offset_ns),
+        error_type: error.error_type,
+        message: error.message,
+        root_error_type: error.root_error_type,
+        root_error_message: error.root_error_message,
+        stack_trace: error.stack_trace,
+    }
+}
+
+pub fn build(
+    tracked: &TrackedExchange,
+    sdk_type: SdkType,
+    links: Links,
+    settings: &PayloadSettings,
+) -> Payload {
     let request = &tracked.exchange.request;
     let response = &tracked.exchange.response;
     let (method, target) = match &request.start {
@@ -237,12 +282,16 @@ pub fn build(tracked: &TrackedExchange, sdk_type: SdkType, settings: &PayloadSet
         status_code: response.status().unwrap_or_default(),
         sdk_type,
         project_id: settings.project_id,
-        msg_id: Uuid::new_v4(),
-        parent_id: None,
+        msg_id: links.msg_id,
+        parent_id: links.parent_id,
         referer: request.header("referer").unwrap_or_default().to_owned(),
         service_version: settings.service_version.clone(),
         tags,
-        errors: Vec::new(),
+        errors: links
+            .errors
+            .into_iter()
+            .map(|error| at_error(error, settings))
+            .collect(),
     }
 }
 
@@ -295,7 +344,12 @@ mod tests {
             },
             role: Role::Server,
             remote: None,
-            exchange: Exchange { request, response },
+            tid: 1,
+            exchange: Exchange {
+                serial: 0,
+                request,
+                response,
+            },
         }
     }
 
@@ -320,10 +374,32 @@ mod tests {
             b"{}",
             (5_000, 9_000),
         );
+        let error = CapturedError {
+            timestamp_ns: 8_500,
+            error_type: "ValueError".into(),
+            message: "bad".into(),
+            root_error_type: "KeyError".into(),
+            root_error_message: "'id'".into(),
+            stack_trace: "Traceback (most recent call last):\nValueError: bad".into(),
+        };
+        let msg_id = Uuid::new_v4();
         let payload = build(
             &exchange(request, response),
             SdkType::PythonFlask,
+            Links::incoming(msg_id, vec![error]),
             &settings(),
+        );
+        assert_eq!(payload.msg_id, msg_id);
+        assert_eq!(
+            payload.errors,
+            vec![AtError {
+                when: "2025-11-24T16:00:00.000008+00:00".into(),
+                error_type: "ValueError".into(),
+                message: "bad".into(),
+                root_error_type: "KeyError".into(),
+                root_error_message: "'id'".into(),
+                stack_trace: "Traceback (most recent call last):\nValueError: bad".into(),
+            }]
         );
         assert_eq!(
             payload.duration, 8_000,
@@ -370,6 +446,7 @@ mod tests {
         let payload = build(
             &exchange(request, response),
             SdkType::SDKUnknown,
+            Links::outgoing(None),
             &settings(),
         );
         assert_eq!(

@@ -4,12 +4,31 @@
 use std::collections::HashMap;
 
 use crate::{
-    connections::{ConnectionTracker, TrackerStats},
-    events::{ConnId, Event, Role, Source},
-    payload::{self, Payload, PayloadSettings, SdkType},
-    probes::process::outgoing_sdk_type,
+    connections::{ConnectionTracker, TrackedExchange, TrackerStats},
+    errors::StderrCollector,
+    events::{ConnId, DataEvent, Event, Role, Source},
+    link::{Answered, Linker},
+    payload::{self, Links, Payload, PayloadSettings},
+    probes::process::{ProcessProfile, outgoing_sdk_type},
     redact::Redactor,
 };
+
+/// What besides incoming requests becomes part of the payloads.
+#[derive(Clone, Copy, Debug)]
+pub struct CaptureScope {
+    /// Requests the watched processes make, as their own payloads.
+    pub outgoing: bool,
+    /// Errors the watched processes print, in their requests' `errors`.
+    pub errors: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub outgoing_with_parent: u64,
+    pub errors_attached: u64,
+    /// Errors printed by a thread that was serving no single request.
+    pub errors_unattached: u64,
+}
 
 #[derive(Debug, Default)]
 pub struct PipelineOutput {
@@ -18,26 +37,43 @@ pub struct PipelineOutput {
     pub unreadable_tls: Vec<ConnId>,
 }
 
+/// State that ends with a connection or a process.
+enum Ended {
+    Connection(ConnId),
+    Process(u32),
+}
+
+pub type ProfileDetector = Box<dyn FnMut(u32) -> ProcessProfile + Send>;
+
 pub struct Pipeline {
     tracker: ConnectionTracker,
     settings: PayloadSettings,
+    scope: CaptureScope,
     redactor: Redactor,
-    sdk_types: HashMap<u32, SdkType>,
-    detect_sdk_type: Box<dyn FnMut(u32) -> SdkType + Send>,
+    linker: Linker,
+    stderr: StderrCollector,
+    link_stats: LinkStats,
+    profiles: HashMap<u32, ProcessProfile>,
+    detect_profile: ProfileDetector,
 }
 
 impl Pipeline {
     pub fn new(
         settings: PayloadSettings,
+        scope: CaptureScope,
         redactor: Redactor,
-        detect_sdk_type: Box<dyn FnMut(u32) -> SdkType + Send>,
+        detect_profile: ProfileDetector,
     ) -> Self {
         Self {
             tracker: ConnectionTracker::new(settings.max_body_bytes),
             settings,
+            scope,
             redactor,
-            sdk_types: HashMap::new(),
-            detect_sdk_type,
+            linker: Linker::default(),
+            stderr: StderrCollector::default(),
+            link_stats: LinkStats::default(),
+            profiles: HashMap::new(),
+            detect_profile,
         }
     }
 
@@ -45,9 +81,65 @@ impl Pipeline {
         self.tracker.stats()
     }
 
+    pub fn link_stats(&self) -> &LinkStats {
+        &self.link_stats
+    }
+
+    fn profile(&mut self, tgid: u32) -> ProcessProfile {
+        let detect = &mut self.detect_profile;
+        *self.profiles.entry(tgid).or_insert_with(|| detect(tgid))
+    }
+
+    fn on_stderr(&mut self, data: &DataEvent) {
+        if !self.scope.errors {
+            return;
+        }
+        let errors = self
+            .stderr
+            .feed(data.conn.tgid, data.tid, data.timestamp_ns, &data.data);
+        for error in errors {
+            match self.linker.attach_error(data.tid, error) {
+                None => self.link_stats.errors_attached += 1,
+                Some(error) => {
+                    self.link_stats.errors_unattached += 1;
+                    tracing::debug!(
+                        tid = data.tid,
+                        error_type = error.error_type,
+                        "error printed outside a request"
+                    );
+                }
+            }
+        }
+    }
+
+    fn links(&mut self, exchange: &TrackedExchange, profile: ProcessProfile) -> Links {
+        match exchange.role {
+            Role::Client => {
+                let parent_id = if profile.thread_per_request {
+                    self.linker.parent(exchange.tid)
+                } else {
+                    None
+                };
+                self.link_stats.outgoing_with_parent += u64::from(parent_id.is_some());
+                Links::outgoing(parent_id)
+            }
+            _ => {
+                let Answered { msg_id, errors } = self
+                    .linker
+                    .answered(exchange.conn, exchange.exchange.serial);
+                Links::incoming(msg_id, errors)
+            }
+        }
+    }
+
     pub fn feed(&mut self, event: Event) -> PipelineOutput {
-        let exited = match event {
-            Event::ProcessExit { tgid, .. } => Some(tgid),
+        let ended = match &event {
+            Event::Data(data) if data.source == Source::Stderr => {
+                self.on_stderr(data);
+                return PipelineOutput::default();
+            }
+            Event::Close { conn, .. } => Some(Ended::Connection(*conn)),
+            Event::ProcessExit { tgid, .. } => Some(Ended::Process(*tgid)),
             _ => None,
         };
         let tracked = self.tracker.feed(event);
@@ -56,20 +148,31 @@ impl Pipeline {
             disable: tracked.disable,
             unreadable_tls: tracked.unreadable_tls,
         };
+        for serving in tracked.serving {
+            self.linker.serving(serving);
+        }
         for exchange in tracked.exchanges {
-            let tgid = exchange.conn.tgid;
-            let detect = &mut self.detect_sdk_type;
-            let incoming = *self.sdk_types.entry(tgid).or_insert_with(|| detect(tgid));
+            if exchange.role == Role::Client && !self.scope.outgoing {
+                continue;
+            }
+            let profile = self.profile(exchange.conn.tgid);
             let sdk_type = match exchange.role {
-                Role::Client => outgoing_sdk_type(incoming),
-                _ => incoming,
+                Role::Client => outgoing_sdk_type(profile.sdk_type),
+                _ => profile.sdk_type,
             };
-            let mut payload = payload::build(&exchange, sdk_type, &self.settings);
+            let links = self.links(&exchange, profile);
+            let mut payload = payload::build(&exchange, sdk_type, links, &self.settings);
             self.redactor.apply(&mut payload);
             output.payloads.push(payload);
         }
-        if let Some(tgid) = exited {
-            self.sdk_types.remove(&tgid);
+        match ended {
+            Some(Ended::Connection(conn)) => self.linker.forget_connection(conn),
+            Some(Ended::Process(tgid)) => {
+                self.linker.forget_process(tgid);
+                self.stderr.forget_process(tgid);
+                self.profiles.remove(&tgid);
+            }
+            None => {}
         }
         output
     }

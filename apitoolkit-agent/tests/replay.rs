@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use apitoolkit_agent::{
     events::Event,
     payload::{Payload, PayloadSettings, SdkType},
-    pipeline::Pipeline,
+    pipeline::{CaptureScope, Pipeline},
+    probes::process::ProcessProfile,
     redact::{REDACTED, Redactor, TAG_REQUEST_BODY_WITHHELD},
 };
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
@@ -39,8 +40,20 @@ fn settings() -> PayloadSettings {
     }
 }
 
+fn pipeline(sdk_type: SdkType, redactor: Redactor) -> Pipeline {
+    let profile = ProcessProfile {
+        sdk_type,
+        thread_per_request: true,
+    };
+    let scope = CaptureScope {
+        outgoing: true,
+        errors: true,
+    };
+    Pipeline::new(settings(), scope, redactor, Box::new(move |_| profile))
+}
+
 fn replay_with(events: Vec<Event>, redactor: Redactor) -> Vec<Payload> {
-    let mut pipeline = Pipeline::new(settings(), redactor, Box::new(|_| SdkType::PythonFlask));
+    let mut pipeline = pipeline(SdkType::PythonFlask, redactor);
     events
         .into_iter()
         .flat_map(|event| pipeline.feed(event).payloads)
@@ -183,11 +196,7 @@ fn the_recording_format_round_trips() {
 
 #[test]
 fn recorded_node_https_session_yields_the_plaintext_exchanges() {
-    let mut pipeline = Pipeline::new(
-        settings(),
-        Redactor::default(),
-        Box::new(|_| SdkType::SDKUnknown),
-    );
+    let mut pipeline = pipeline(SdkType::SDKUnknown, Redactor::default());
     let payloads: Vec<Payload> = fixture_events("node_https_session.ndjson")
         .into_iter()
         .flat_map(|event| pipeline.feed(event).payloads)

@@ -29,6 +29,13 @@ pub const ROLE_CLIENT: u8 = 2;
 
 pub const SOURCE_SYSCALL: u8 = 0;
 pub const SOURCE_TLS: u8 = 1;
+/// What a target thread wrote to fd 2 (tracebacks become payload errors); the record's
+/// connection is `{tgid, fd: 2, generation: 0}` and its position is meaningless.
+pub const SOURCE_STDERR: u8 = 2;
+
+/// Indices of the kernel's configuration array, written by userspace before targets are added.
+pub const CONFIG_CAPTURE_STDERR: u32 = 0;
+pub const CONFIG_COUNT: u32 = 1;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;

@@ -10,19 +10,19 @@
 #![no_main]
 
 use apitoolkit_common::{
-    AF_INET, AF_INET6, CHUNK_SIZE, COUNTER_CONN_TABLE_FULL, COUNTER_COUNT,
-    COUNTER_INFLIGHT_TABLE_FULL, COUNTER_READ_FAILED, COUNTER_RINGBUF_FULL, COUNTER_TLS_UNMAPPED,
-    ConnId, ConnRecord, ConnState, DIRECTION_EGRESS, DIRECTION_INGRESS, DataHeader, DataRecord,
-    Disabled, MAX_IOVECS, MAX_LOOP_STEPS, ProcessRecord, RECORD_CONN_CLOSE, RECORD_CONN_OPEN,
-    RECORD_DATA, RECORD_PROCESS_EXIT, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SOURCE_SYSCALL,
-    SOURCE_TLS, SocketAddress, conn_key, source_bit,
+    AF_INET, AF_INET6, CHUNK_SIZE, CONFIG_CAPTURE_STDERR, CONFIG_COUNT, COUNTER_CONN_TABLE_FULL,
+    COUNTER_COUNT, COUNTER_INFLIGHT_TABLE_FULL, COUNTER_READ_FAILED, COUNTER_RINGBUF_FULL,
+    COUNTER_TLS_UNMAPPED, ConnId, ConnRecord, ConnState, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    DataHeader, DataRecord, Disabled, MAX_IOVECS, MAX_LOOP_STEPS, ProcessRecord, RECORD_CONN_CLOSE,
+    RECORD_CONN_OPEN, RECORD_DATA, RECORD_PROCESS_EXIT, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN,
+    SOURCE_STDERR, SOURCE_SYSCALL, SOURCE_TLS, SocketAddress, conn_key, source_bit,
 };
 use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated},
     macros::{map, tracepoint, uprobe, uretprobe},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 
@@ -31,6 +31,7 @@ use aya_ebpf::{
 const SYSCALL_ARG0: usize = 16;
 const SYSCALL_RET: usize = 16;
 const EINPROGRESS: i64 = 115;
+const STDERR_FD: i32 = 2;
 
 #[map]
 static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
@@ -48,6 +49,10 @@ static IN_FLIGHT: LruHashMap<u64, InFlightCall> = LruHashMap::with_max_entries(1
 
 #[map]
 static SCRATCH: PerCpuArray<DataRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// Switches userspace sets at start-up (`CONFIG_*`).
+#[map]
+static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_COUNT, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
@@ -427,6 +432,13 @@ fn connection_of(tgid: u32, call: &InFlightCall) -> Option<*mut ConnState> {
 }
 
 #[inline(always)]
+fn captures_stderr() -> bool {
+    CONFIG
+        .get(CONFIG_CAPTURE_STDERR)
+        .is_some_and(|enabled| *enabled != 0)
+}
+
+#[inline(always)]
 fn is_disabled(key: u64, generation: u64, source: u8) -> bool {
     match unsafe { DISABLED.get(&key) } {
         Some(disabled) => {
@@ -465,6 +477,24 @@ fn on_data_exit(ctx: &TracePointContext, direction: u8) -> u32 {
     }
     let total = ret as u64;
     let Some(state) = connection_of(tgid, &call) else {
+        if direction == DIRECTION_EGRESS && call.fd == STDERR_FD && captures_stderr() {
+            let stderr = ConnId {
+                tgid,
+                fd: STDERR_FD,
+                generation: 0,
+            };
+            // One chunk is enough for an error report; the rest of a huge write is not needed.
+            let captured = total.min(CHUNK_SIZE as u64);
+            emit_data(
+                &call,
+                stderr,
+                pid_tgid as u32,
+                direction,
+                SOURCE_STDERR,
+                captured,
+                0,
+            );
+        }
         return 0;
     };
     let state = unsafe { &mut *state };

@@ -120,6 +120,7 @@ def test_outgoing_https_call_is_a_client_exchange(certificate, https_node_server
     assert incoming["sdk_type"] == "PythonFlask"
     outgoing = by_url(payloads, "/upstream?q=1")
     assert outgoing["sdk_type"] == "PythonOutgoing"
+    assert outgoing["parent_id"] == incoming["msg_id"]
     assert outgoing["host"] == f"127.0.0.1:{https_node_server.port}"
     assert outgoing["method"] == "GET" and outgoing["status_code"] == 200
     assert body_json(outgoing, "response_body") == {"path": "/upstream?q=1", "received": ""}

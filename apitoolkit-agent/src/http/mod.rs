@@ -15,6 +15,8 @@ const MAX_PENDING_REQUESTS: usize = 128;
 /// A request and the response that answered it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exchange {
+    /// The request's number on its connection (see `Output::requests_read`).
+    pub serial: u64,
     pub request: Message,
     pub response: Message,
 }
@@ -33,12 +35,17 @@ pub enum Anomaly {
 pub struct Output {
     pub exchanges: Vec<Exchange>,
     pub anomalies: Vec<Anomaly>,
+    /// Serials of requests read completely and now awaiting their response; the exchange that
+    /// answers one carries the same serial.
+    pub requests_read: Vec<u64>,
 }
 
 pub struct HttpConnection {
     requests: MessageParser,
     responses: MessageParser,
-    pending: VecDeque<Message>,
+    /// Requests awaiting a response, with their serials.
+    pending: VecDeque<(u64, Message)>,
+    next_serial: u64,
     /// Set by a gap that dropped a message: responses are discarded until a request starts while
     /// the response stream is between messages, so no request ever gets another's response.
     desynced: bool,
@@ -53,6 +60,7 @@ impl HttpConnection {
             requests: MessageParser::new(MessageKind::Request, max_body_bytes),
             responses: MessageParser::new(MessageKind::Response, max_body_bytes),
             pending: VecDeque::new(),
+            next_serial: 0,
             desynced: false,
             seen_message: false,
             upgraded: false,
@@ -141,7 +149,7 @@ impl HttpConnection {
             let method = self
                 .pending
                 .front()
-                .and_then(Message::method)
+                .and_then(|(_, request)| request.method())
                 .or_else(|| self.requests.request_in_progress_method());
             if let Some(polled) = self.responses.poll(method) {
                 progressed = true;
@@ -179,7 +187,10 @@ impl HttpConnection {
                 .anomalies
                 .push(Anomaly::Unpaired(MessageKind::Request));
         }
-        self.pending.push_back(request);
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        self.pending.push_back((serial, request));
+        output.requests_read.push(serial);
     }
 
     fn on_response(&mut self, response: Message, output: &mut Output) {
@@ -189,7 +200,7 @@ impl HttpConnection {
         } else {
             self.pending.pop_front()
         };
-        let Some(request) = request else {
+        let Some((serial, request)) = request else {
             output
                 .anomalies
                 .push(Anomaly::Unpaired(MessageKind::Response));
@@ -200,7 +211,11 @@ impl HttpConnection {
             self.requests.upgrade();
             self.responses.upgrade();
         }
-        output.exchanges.push(Exchange { request, response });
+        output.exchanges.push(Exchange {
+            serial,
+            request,
+            response,
+        });
     }
 }
 

@@ -14,12 +14,13 @@ use std::{
 };
 
 use apitoolkit_common::{
-    COUNTER_CONN_TABLE_FULL, COUNTER_INFLIGHT_TABLE_FULL, COUNTER_READ_FAILED,
-    COUNTER_RINGBUF_FULL, COUNTER_TLS_UNMAPPED, ConnState, Disabled, conn_key, source_bit,
+    CONFIG_CAPTURE_STDERR, COUNTER_CONN_TABLE_FULL, COUNTER_INFLIGHT_TABLE_FULL,
+    COUNTER_READ_FAILED, COUNTER_RINGBUF_FULL, COUNTER_TLS_UNMAPPED, ConnState, Disabled, conn_key,
+    source_bit,
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeScope},
@@ -274,6 +275,19 @@ impl Probes {
             .expect("map is defined in the kernel object")
     }
 
+    /// Makes the kernel send what target threads write to stderr (for error reports).
+    pub fn capture_stderr(&mut self, enabled: bool) -> Result<(), ProbeError> {
+        let map_error = |source| ProbeError::Map {
+            name: "CONFIG",
+            source,
+        };
+        let mut config: Array<_, u32> =
+            Array::try_from(self.map_mut("CONFIG")).map_err(map_error)?;
+        config
+            .set(CONFIG_CAPTURE_STDERR, u32::from(enabled), 0)
+            .map_err(map_error)
+    }
+
     pub fn add_targets(&mut self, pids: &[u32]) -> Result<(), ProbeError> {
         let mut targets: HashMap<_, u32, u8> =
             HashMap::try_from(self.map_mut("TARGETS")).map_err(|source| ProbeError::Map {
@@ -332,6 +346,7 @@ impl Probes {
         let source = match source {
             Source::Syscall => apitoolkit_common::SOURCE_SYSCALL,
             Source::Tls => apitoolkit_common::SOURCE_TLS,
+            Source::Stderr => apitoolkit_common::SOURCE_STDERR,
         };
         let entry = Disabled {
             generation: conn.generation,

@@ -161,8 +161,21 @@ fn go_framework(exe: &Path) -> SdkType {
     }
 }
 
-/// Best guess of the framework serving HTTP in `pid`; `SDKUnknown` when nothing matches.
-pub fn detect_sdk_type(pid: u32) -> SdkType {
+/// How a process serves HTTP, as far as /proc tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessProfile {
+    /// Best guess of the framework; `SDKUnknown` when nothing matches.
+    pub sdk_type: SdkType,
+    /// Each thread serves one request at a time (werkzeug, gunicorn sync and gthread, Java,
+    /// Ruby …), so what a thread does belongs to the request it serves. False for event loops
+    /// (node, asyncio, gevent) and for Go, whose goroutines move between threads.
+    pub thread_per_request: bool,
+}
+
+/// Python servers that run requests on an event loop rather than one per thread.
+const PYTHON_EVENT_LOOPS: [&str; 5] = ["uvicorn", "hypercorn", "gevent", "eventlet", "asyncio"];
+
+pub fn profile(pid: u32) -> ProcessProfile {
     let args = cmdline(pid);
     let exe_link = fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
     let exe_name = file_name(exe_link.to_str().unwrap_or_default()).to_owned();
@@ -180,16 +193,33 @@ pub fn detect_sdk_type(pid: u32) -> SdkType {
         ]
         .contains(&first_arg.as_str());
     if is_python {
-        return python_framework(pid, &args);
+        let sdk_type = python_framework(pid, &args);
+        let event_loop = sdk_type == SdkType::PythonFastApi
+            || args
+                .iter()
+                .any(|arg| PYTHON_EVENT_LOOPS.iter().any(|name| arg.contains(name)));
+        return ProcessProfile {
+            sdk_type,
+            thread_per_request: !event_loop,
+        };
     }
     if exe_name == "node" || exe_name == "nodejs" || exe_name == "bun" {
-        return node_framework(pid, &args);
+        return ProcessProfile {
+            sdk_type: node_framework(pid, &args),
+            thread_per_request: false,
+        };
     }
     let exe = PathBuf::from(format!("/proc/{pid}/exe"));
     if ElfFile::open(&exe).is_ok_and(|elf| elf.is_go()) {
-        return go_framework(&exe);
+        return ProcessProfile {
+            sdk_type: go_framework(&exe),
+            thread_per_request: false,
+        };
     }
-    SdkType::SDKUnknown
+    ProcessProfile {
+        sdk_type: SdkType::SDKUnknown,
+        thread_per_request: true,
+    }
 }
 
 /// The client-side `sdk_type` for outgoing requests made by a process with `incoming`.

@@ -1,0 +1,316 @@
+//! Unhandled errors a watched process prints on stderr: Python tracebacks (werkzeug, gunicorn
+//! and Flask log them) and JavaScript stacks (`Error: …` followed by `    at …` lines), parsed
+//! into the backend's ATError fields. Text is assembled per thread, so the error can be
+//! attached to the request that thread is serving.
+
+use std::collections::HashMap;
+
+/// Text kept per thread while waiting for the rest of an error; older text is dropped.
+const MAX_PENDING_TEXT: usize = 64 * 1024;
+
+const PYTHON_TRACEBACK: &str = "Traceback (most recent call last):";
+const PYTHON_CHAIN_SEPARATORS: [&str; 2] = [
+    "During handling of the above exception, another exception occurred:",
+    "The above exception was the direct cause of the following exception:",
+];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CapturedError {
+    /// Kernel time of the write that completed the error.
+    pub timestamp_ns: u64,
+    pub error_type: String,
+    pub message: String,
+    /// The first error of a chain (the cause); the error itself when there is no chain.
+    pub root_error_type: String,
+    pub root_error_message: String,
+    pub stack_trace: String,
+}
+
+/// Text per (tgid, tid) that may still become part of an error.
+#[derive(Default)]
+pub struct StderrCollector {
+    pending: HashMap<(u32, u32), String>,
+}
+
+/// `ValueError: bad input` -> (`ValueError`, `bad input`); a dotted type keeps its last name,
+/// as the SDKs report `type(error).__name__`.
+fn split_error_line(line: &str) -> (String, String) {
+    let (error_type, message) = line.split_once(": ").unwrap_or((line, ""));
+    let name = error_type.rsplit('.').next().unwrap_or(error_type);
+    (name.trim().to_owned(), message.trim().to_owned())
+}
+
+fn is_error_type(text: &str) -> bool {
+    let name = text.rsplit('.').next().unwrap_or(text);
+    !name.is_empty()
+        && name.chars().next().is_some_and(char::is_alphabetic)
+        && text
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || c == '.' || c == '$')
+}
+
+/// A JavaScript error line: `Error`, `TypeError: message`, `Uncaught Error: message`.
+fn javascript_error_line(line: &str) -> Option<&str> {
+    let line = line.strip_prefix("Uncaught ").unwrap_or(line);
+    let name = line.split_once(": ").map_or(line, |(name, _)| name);
+    (name.ends_with("Error") && is_error_type(name)).then_some(line)
+}
+
+/// A Python traceback chain starting at `lines[start]`. Returns the error and the index after
+/// it, or `None` when the final error line has not arrived yet.
+fn python_traceback(lines: &[&str], start: usize) -> Option<(usize, Vec<(String, String)>)> {
+    let mut chain = Vec::new();
+    let mut index = start;
+    loop {
+        // lines[index] is a "Traceback" line: frames are indented, the error line is not.
+        index += 1;
+        while index < lines.len() && (lines[index].starts_with(' ') || lines[index].is_empty()) {
+            index += 1;
+        }
+        let error_line = lines.get(index)?;
+        chain.push(split_error_line(error_line));
+        index += 1;
+        let mut next = index;
+        while next < lines.len() && lines[next].trim().is_empty() {
+            next += 1;
+        }
+        let chained = lines
+            .get(next)
+            .is_some_and(|line| PYTHON_CHAIN_SEPARATORS.contains(&line.trim()));
+        if !chained {
+            return Some((index, chain));
+        }
+        next += 1;
+        while next < lines.len() && lines[next].trim().is_empty() {
+            next += 1;
+        }
+        match lines.get(next) {
+            Some(line) if line.trim() == PYTHON_TRACEBACK => index = next,
+            Some(_) => return Some((index, chain)),
+            None => return None,
+        }
+    }
+}
+
+/// A JavaScript stack starting at `lines[start]`: the error line and its `    at` frames.
+fn javascript_stack(lines: &[&str], start: usize) -> Option<usize> {
+    javascript_error_line(lines[start])?;
+    let mut end = start + 1;
+    while end < lines.len() && lines[end].trim_start().starts_with("at ") {
+        end += 1;
+    }
+    (end > start + 1).then_some(end)
+}
+
+/// Every complete error in `lines`, and the index of the first line still needed.
+fn parse_errors(lines: &[&str], timestamp_ns: u64) -> (Vec<CapturedError>, usize) {
+    let mut errors = Vec::new();
+    let mut index = 0;
+    while index < lines.len() {
+        if lines[index].trim() == PYTHON_TRACEBACK {
+            let Some((end, chain)) = python_traceback(lines, index) else {
+                return (errors, index);
+            };
+            let (error_type, message) = chain.last().cloned().unwrap_or_default();
+            let (root_error_type, root_error_message) = chain[0].clone();
+            errors.push(CapturedError {
+                timestamp_ns,
+                error_type,
+                message,
+                root_error_type,
+                root_error_message,
+                stack_trace: lines[index..end].join("\n"),
+            });
+            index = end;
+        } else if let Some(end) = javascript_stack(lines, index) {
+            let (error_type, message) = split_error_line(
+                javascript_error_line(lines[index]).expect("checked by javascript_stack"),
+            );
+            errors.push(CapturedError {
+                timestamp_ns,
+                root_error_type: error_type.clone(),
+                root_error_message: message.clone(),
+                error_type,
+                message,
+                stack_trace: lines[index..end].join("\n"),
+            });
+            index = end;
+        } else {
+            index += 1;
+        }
+    }
+    (errors, index)
+}
+
+impl StderrCollector {
+    /// Adds what thread `tid` of process `tgid` wrote to stderr; returns the errors it
+    /// completed.
+    pub fn feed(
+        &mut self,
+        tgid: u32,
+        tid: u32,
+        timestamp_ns: u64,
+        bytes: &[u8],
+    ) -> Vec<CapturedError> {
+        let text = self.pending.entry((tgid, tid)).or_default();
+        text.push_str(&String::from_utf8_lossy(bytes));
+        // Only complete lines are parsed; a partial last line waits for the next write.
+        let complete = text.rfind('\n').map_or(0, |end| end + 1);
+        let lines: Vec<&str> = text[..complete].lines().collect();
+        let (errors, needed_from) = parse_errors(&lines, timestamp_ns);
+        let keep_from = lines[..needed_from]
+            .iter()
+            .map(|line| line.len() + 1)
+            .sum::<usize>()
+            .min(complete);
+        text.drain(..keep_from);
+        if text.len() > MAX_PENDING_TEXT {
+            let cut = text.len() - MAX_PENDING_TEXT;
+            let cut = (cut..text.len())
+                .find(|index| text.is_char_boundary(*index))
+                .unwrap_or(text.len());
+            text.drain(..cut);
+        }
+        if text.is_empty() {
+            self.pending.remove(&(tgid, tid));
+        }
+        errors
+    }
+
+    /// The process exited: what it left half-written is dropped.
+    pub fn forget_process(&mut self, tgid: u32) {
+        self.pending.retain(|(owner, _), _| *owner != tgid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FLASK_LOG: &str = "[2026-11-25 06:00:00,000] ERROR in app: Exception on /boom [GET]
+Traceback (most recent call last):
+  File \"/usr/lib/python3/flask/app.py\", line 1511, in wsgi_app
+    response = self.full_dispatch_request()
+               ^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+  File \"/srv/app.py\", line 70, in boom
+    raise ValueError(\"boom on purpose\")
+ValueError: boom on purpose
+127.0.0.1 - - [25/Nov/2026 06:00:00] \"GET /boom HTTP/1.1\" 500 -
+";
+
+    #[test]
+    fn parses_a_flask_traceback_in_one_write() {
+        let mut collector = StderrCollector::default();
+        let errors = collector.feed(1, 7, 42, FLASK_LOG.as_bytes());
+        assert_eq!(errors.len(), 1);
+        let error = &errors[0];
+        assert_eq!(error.timestamp_ns, 42);
+        assert_eq!(
+            (error.error_type.as_str(), error.message.as_str()),
+            ("ValueError", "boom on purpose")
+        );
+        assert_eq!(error.root_error_type, "ValueError");
+        assert!(
+            error
+                .stack_trace
+                .starts_with("Traceback (most recent call last):")
+        );
+        assert!(error.stack_trace.ends_with("ValueError: boom on purpose"));
+        assert!(error.stack_trace.contains("in boom"));
+        assert!(collector.pending.is_empty());
+    }
+
+    #[test]
+    fn a_traceback_written_line_by_line_completes_once() {
+        let mut collector = StderrCollector::default();
+        let mut errors = Vec::new();
+        for (index, line) in FLASK_LOG.split_inclusive('\n').enumerate() {
+            // Split inside lines too.
+            let (head, tail) = line.split_at(line.len() / 2);
+            errors.extend(collector.feed(1, 7, index as u64, head.as_bytes()));
+            errors.extend(collector.feed(1, 7, index as u64, tail.as_bytes()));
+        }
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].message, "boom on purpose");
+        // The write that completed the error line (line 7) dates it.
+        assert_eq!(errors[0].timestamp_ns, 7);
+    }
+
+    #[test]
+    fn threads_do_not_mix() {
+        let mut collector = StderrCollector::default();
+        let lines: Vec<&str> = FLASK_LOG.split_inclusive('\n').collect();
+        let mut errors = Vec::new();
+        for line in &lines {
+            errors.extend(collector.feed(1, 1, 1, line.as_bytes()));
+            errors.extend(collector.feed(1, 2, 2, b"noise from another thread\n"));
+        }
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].timestamp_ns, 1);
+    }
+
+    #[test]
+    fn a_chain_reports_its_root_cause() {
+        let text = "Traceback (most recent call last):
+  File \"a.py\", line 3, in lookup
+    return table[key]
+KeyError: 'user'
+
+During handling of the above exception, another exception occurred:
+
+Traceback (most recent call last):
+  File \"a.py\", line 5, in handler
+    raise requests.exceptions.ConnectionError(\"refused\")
+requests.exceptions.ConnectionError: refused
+";
+        let errors = StderrCollector::default().feed(1, 1, 1, text.as_bytes());
+        assert_eq!(errors.len(), 1);
+        assert_eq!(
+            (errors[0].error_type.as_str(), errors[0].message.as_str()),
+            ("ConnectionError", "refused")
+        );
+        assert_eq!(
+            (
+                errors[0].root_error_type.as_str(),
+                errors[0].root_error_message.as_str()
+            ),
+            ("KeyError", "'user'")
+        );
+        assert!(errors[0].stack_trace.contains("During handling"));
+    }
+
+    #[test]
+    fn a_traceback_without_its_error_line_waits() {
+        let mut collector = StderrCollector::default();
+        let (head, tail) = FLASK_LOG.split_at(FLASK_LOG.find("ValueError").unwrap());
+        assert!(collector.feed(1, 3, 1, head.as_bytes()).is_empty());
+        assert_eq!(collector.feed(1, 3, 2, tail.as_bytes()).len(), 1);
+    }
+
+    #[test]
+    fn parses_a_node_stack() {
+        let text = "TypeError: Cannot read properties of undefined (reading 'id')
+    at handler (/srv/server.js:10:20)
+    at Server.<anonymous> (/srv/server.js:30:5)
+GET /next 200
+";
+        let errors = StderrCollector::default().feed(1, 1, 5, text.as_bytes());
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].error_type, "TypeError");
+        assert_eq!(
+            errors[0].message,
+            "Cannot read properties of undefined (reading 'id')"
+        );
+        assert_eq!(errors[0].stack_trace.lines().count(), 3);
+    }
+
+    #[test]
+    fn ordinary_log_lines_are_not_errors() {
+        let text = "INFO: started\nError handling is configured\nValueError: but no traceback\n";
+        assert!(
+            StderrCollector::default()
+                .feed(1, 1, 1, text.as_bytes())
+                .is_empty()
+        );
+    }
+}
