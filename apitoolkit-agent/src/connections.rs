@@ -8,7 +8,7 @@ use crate::{
     events::{ConnId, DataEvent, Direction, Event, Role, Source},
     http::{
         Anomaly, Exchange, HttpConnection, Output,
-        parser::{MessageKind, looks_like_start},
+        parser::{Message, MessageKind, looks_like_start},
     },
 };
 
@@ -24,6 +24,21 @@ pub struct TrackedExchange {
     /// or read a client's.
     pub tid: u32,
     pub exchange: Exchange,
+}
+
+/// An outgoing call that got no response: its connect failed, the connection broke, or it
+/// closed with the request unanswered.
+#[derive(Debug)]
+pub struct FailedCall {
+    pub conn: ConnId,
+    pub remote: Option<SocketAddr>,
+    /// The thread that made the call.
+    pub tid: u32,
+    pub timestamp_ns: u64,
+    /// What the kernel reported; `None` when the connection just closed.
+    pub errno: Option<u32>,
+    /// The request, when it was sent.
+    pub request: Option<Message>,
 }
 
 /// A server thread read a whole request and is now serving it (until the exchange with the
@@ -62,6 +77,7 @@ pub struct TrackerOutput {
     /// TLS connections that carried application data and no plaintext.
     pub unreadable_tls: Vec<ConnId>,
     pub serving: Vec<Serving>,
+    pub failed_calls: Vec<FailedCall>,
 }
 
 /// What the connection's bytes are, as far as the tracker has seen.
@@ -79,6 +95,13 @@ enum Transport {
     Unreadable,
 }
 
+/// How far each direction of a closing connection went, and when it closed.
+struct StreamEnd {
+    sent: u64,
+    received: u64,
+    timestamp_ns: u64,
+}
+
 struct Connection {
     role: Role,
     remote: Option<SocketAddr>,
@@ -86,6 +109,8 @@ struct Connection {
     seen_from_start: bool,
     /// The thread that last moved bytes on the connection.
     last_tid: u32,
+    /// The error a call on this connection failed with, reported with its unanswered request.
+    error: Option<u32>,
     transport: Transport,
     /// Next expected stream position per direction; `None` until the first bytes of a
     /// connection whose start was not seen.
@@ -137,6 +162,7 @@ impl Connection {
             remote,
             seen_from_start,
             last_tid: 0,
+            error: None,
             transport: Transport::Plain,
             next_ingress: start,
             next_egress: start,
@@ -197,21 +223,33 @@ impl ConnectionTracker {
             Event::Data(data) => self.on_data(data, &mut output),
             Event::Close {
                 conn,
+                timestamp_ns,
                 bytes_sent,
                 bytes_received,
                 tls_bytes_sent,
                 tls_bytes_received,
-                ..
             } => {
                 if let Some(connection) = self.connections.remove(&conn) {
                     let (sent, received) = match &connection.transport {
                         Transport::Tls => (tls_bytes_sent, tls_bytes_received),
                         _ => (bytes_sent, bytes_received),
                     };
-                    self.close(conn, connection, sent, received, &mut output);
+                    let end = StreamEnd {
+                        sent,
+                        received,
+                        timestamp_ns,
+                    };
+                    self.close(conn, connection, end, &mut output);
                 }
             }
-            Event::ProcessExit { tgid, .. } => {
+            Event::ConnError {
+                conn,
+                tid,
+                timestamp_ns,
+                remote,
+                errno,
+            } => self.on_error(conn, tid, timestamp_ns, remote, errno, &mut output),
+            Event::ProcessExit { tgid, timestamp_ns } => {
                 let exited: Vec<ConnId> = self
                     .connections
                     .keys()
@@ -221,7 +259,12 @@ impl ConnectionTracker {
                 for conn in exited {
                     if let Some(connection) = self.connections.remove(&conn) {
                         // The kernel sends no close for fds a dying process leaves open.
-                        self.close(conn, connection, 0, 0, &mut output);
+                        let end = StreamEnd {
+                            sent: 0,
+                            received: 0,
+                            timestamp_ns,
+                        };
+                        self.close(conn, connection, end, &mut output);
                     }
                 }
             }
@@ -229,13 +272,49 @@ impl ConnectionTracker {
         output
     }
 
-    /// Flushes what the connection still holds (a trailing gap, a close-delimited body).
+    /// A connect failed (the connection may never have been opened) or a call found the
+    /// connection broken: a client's call fails now if nothing was sent, else when it closes.
+    fn on_error(
+        &mut self,
+        conn: ConnId,
+        tid: u32,
+        timestamp_ns: u64,
+        remote: Option<SocketAddr>,
+        errno: u32,
+        output: &mut TrackerOutput,
+    ) {
+        let failed_connect = FailedCall {
+            conn,
+            remote,
+            tid,
+            timestamp_ns,
+            errno: Some(errno),
+            request: None,
+        };
+        let Some(connection) = self.connections.get_mut(&conn) else {
+            output.failed_calls.push(failed_connect);
+            return;
+        };
+        if connection.role != Role::Client {
+            return;
+        }
+        if connection.http.awaits_response() {
+            connection.error = Some(errno);
+        } else if connection.next_egress.is_none_or(|next| next == 0) {
+            output.failed_calls.push(FailedCall {
+                remote: connection.remote,
+                ..failed_connect
+            });
+        }
+    }
+
+    /// Flushes what the connection still holds (a trailing gap, a close-delimited body, requests
+    /// that will never be answered).
     fn close(
         &mut self,
         conn: ConnId,
         mut connection: Connection,
-        sent: u64,
-        received: u64,
+        end: StreamEnd,
         output: &mut TrackerOutput,
     ) {
         match &connection.transport {
@@ -252,7 +331,10 @@ impl ConnectionTracker {
             return;
         }
         let mut http_output = Output::default();
-        for (direction, end) in [(Direction::Egress, sent), (Direction::Ingress, received)] {
+        for (direction, end) in [
+            (Direction::Egress, end.sent),
+            (Direction::Ingress, end.received),
+        ] {
             let next = match direction {
                 Direction::Egress => connection.next_egress,
                 Direction::Ingress => connection.next_ingress,
@@ -270,7 +352,22 @@ impl ConnectionTracker {
             }
         }
         connection.http.close(&mut http_output);
+        let unanswered = std::mem::take(&mut http_output.unanswered);
         record(&mut self.stats, conn, &connection, http_output, output);
+        if connection.role == Role::Client {
+            output
+                .failed_calls
+                .extend(unanswered.into_iter().map(|request| FailedCall {
+                    conn,
+                    remote: connection.remote,
+                    tid: connection.last_tid,
+                    timestamp_ns: end.timestamp_ns,
+                    errno: connection.error,
+                    request: Some(request),
+                }));
+        } else {
+            self.stats.unpaired_requests += unanswered.len() as u64;
+        }
     }
 
     fn report_unreadable(&mut self, conn: ConnId, output: &mut TrackerOutput) {

@@ -3,7 +3,7 @@
 //! into the backend's ATError fields. Text is assembled per thread, so the error can be
 //! attached to the request that thread is serving.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, net::SocketAddr};
 
 /// Text kept per thread while waiting for the rest of an error; older text is dropped.
 const MAX_PENDING_TEXT: usize = 64 * 1024;
@@ -27,6 +27,42 @@ pub struct CapturedError {
 }
 
 /// Text per (tgid, tid) that may still become part of an error.
+impl CapturedError {
+    /// The error of an outgoing call that got no response: `errno` as the kernel reported it,
+    /// or none when the connection closed unanswered.
+    pub fn failed_call(errno: Option<u32>, remote: Option<SocketAddr>, timestamp_ns: u64) -> Self {
+        let (error_type, description) = match errno {
+            Some(111) => ("ConnectionRefusedError", "connection refused".to_owned()),
+            Some(104) => (
+                "ConnectionResetError",
+                "connection reset by peer".to_owned(),
+            ),
+            Some(110) => ("TimeoutError", "connection timed out".to_owned()),
+            Some(32) => ("BrokenPipeError", "broken pipe".to_owned()),
+            Some(other) => (
+                "ConnectionError",
+                format!("connection failed (errno {other})"),
+            ),
+            None => (
+                "NoResponseError",
+                "the connection closed without a response".to_owned(),
+            ),
+        };
+        let message = match remote {
+            Some(remote) => format!("{description} ({remote})"),
+            None => description,
+        };
+        Self {
+            timestamp_ns,
+            error_type: error_type.to_owned(),
+            root_error_type: error_type.to_owned(),
+            root_error_message: message.clone(),
+            message,
+            stack_trace: String::new(),
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct StderrCollector {
     pending: HashMap<(u32, u32), String>,
@@ -312,5 +348,16 @@ GET /next 200
                 .feed(1, 1, 1, text.as_bytes())
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn failed_calls_name_their_cause() {
+        let refused =
+            CapturedError::failed_call(Some(111), Some("127.0.0.1:9".parse().unwrap()), 5);
+        assert_eq!(refused.error_type, "ConnectionRefusedError");
+        assert_eq!(refused.message, "connection refused (127.0.0.1:9)");
+        assert_eq!(refused.root_error_message, refused.message);
+        let unanswered = CapturedError::failed_call(None, None, 5);
+        assert_eq!(unanswered.error_type, "NoResponseError");
     }
 }

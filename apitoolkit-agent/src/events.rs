@@ -93,6 +93,15 @@ pub enum Event {
         tgid: u32,
         timestamp_ns: u64,
     },
+    /// A connect failed, or a call found the connection broken.
+    ConnError {
+        conn: ConnId,
+        tid: u32,
+        timestamp_ns: u64,
+        /// Known for a failed connect.
+        remote: Option<SocketAddr>,
+        errno: u32,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -206,6 +215,16 @@ impl Event {
                     tls_bytes_received: record.tls_bytes_received,
                 })
             }
+            abi::RECORD_CONN_ERROR => {
+                let record: abi::ConnRecord = read_record(record)?;
+                Ok(Event::ConnError {
+                    conn: record.conn.into(),
+                    tid: record.tid,
+                    timestamp_ns: record.timestamp_ns,
+                    remote: remote_address(&record.remote),
+                    errno: record.error,
+                })
+            }
             abi::RECORD_PROCESS_EXIT => {
                 let record: abi::ProcessRecord = read_record(record)?;
                 Ok(Event::ProcessExit {
@@ -221,6 +240,7 @@ impl Event {
         match self {
             Event::Open { timestamp_ns, .. }
             | Event::Close { timestamp_ns, .. }
+            | Event::ConnError { timestamp_ns, .. }
             | Event::ProcessExit { timestamp_ns, .. } => *timestamp_ns,
             Event::Data(data) => data.timestamp_ns,
         }

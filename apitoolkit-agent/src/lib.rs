@@ -361,6 +361,7 @@ pub fn capture(
         malformed_messages = stats.malformed_messages,
         not_http_connections = stats.not_http_connections,
         outgoing_with_parent = links.outgoing_with_parent,
+        failed_calls = links.failed_calls,
         errors_attached = links.errors_attached,
         errors_unattached = links.errors_unattached,
         tls_connections = stats.tls_connections,

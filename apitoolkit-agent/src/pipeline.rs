@@ -4,11 +4,12 @@
 use std::collections::HashMap;
 
 use crate::{
-    connections::{ConnectionTracker, TrackedExchange, TrackerStats},
-    errors::StderrCollector,
+    connections::{ConnectionTracker, FailedCall, TrackedExchange, TrackerStats},
+    errors::{CapturedError, StderrCollector},
     events::{ConnId, DataEvent, Event, Role, Source},
+    http::{Exchange, parser::Message},
     link::{Answered, Linker},
-    payload::{self, Links, Payload, PayloadSettings},
+    payload::{self, Links, Payload, PayloadSettings, SdkType},
     probes::process::{ProcessProfile, outgoing_sdk_type},
     redact::Redactor,
 };
@@ -25,6 +26,8 @@ pub struct CaptureScope {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LinkStats {
     pub outgoing_with_parent: u64,
+    /// Outgoing calls refused, broken or left unanswered.
+    pub failed_calls: u64,
     pub errors_attached: u64,
     /// Errors printed by a thread that was serving no single request.
     pub errors_unattached: u64,
@@ -112,17 +115,71 @@ impl Pipeline {
         }
     }
 
+    /// The request thread `tid` serves, where the runtime makes that a reliable parent.
+    fn parent(&mut self, tid: u32, profile: ProcessProfile) -> Option<uuid::Uuid> {
+        let parent_id = if profile.thread_per_request {
+            self.linker.parent(tid)
+        } else {
+            None
+        };
+        self.link_stats.outgoing_with_parent += u64::from(parent_id.is_some());
+        parent_id
+    }
+
+    /// A failed call is an error of the request being served, and, when its request was
+    /// sent, an outgoing payload of its own with status 0, as the Go SDK reports it.
+    fn on_failed_call(&mut self, call: FailedCall, output: &mut PipelineOutput) {
+        self.link_stats.failed_calls += 1;
+        let profile = self.profile(call.conn.tgid);
+        let error = CapturedError::failed_call(call.errno, call.remote, call.timestamp_ns);
+        if self.scope.errors && profile.thread_per_request {
+            let attached = self.linker.attach_error(call.tid, error.clone()).is_none();
+            self.link_stats.errors_attached += u64::from(attached);
+        }
+        let Some(request) = call.request else {
+            return;
+        };
+        if !self.scope.outgoing {
+            return;
+        }
+        let exchange = TrackedExchange {
+            conn: call.conn,
+            role: Role::Client,
+            remote: call.remote,
+            tid: call.tid,
+            exchange: Exchange {
+                serial: 0,
+                request,
+                response: Message::missing_response(call.timestamp_ns),
+            },
+        };
+        let links = Links {
+            errors: vec![error],
+            ..Links::outgoing(self.parent(call.tid, profile))
+        };
+        self.emit(
+            &exchange,
+            outgoing_sdk_type(profile.sdk_type),
+            links,
+            output,
+        );
+    }
+
+    fn emit(
+        &mut self,
+        exchange: &TrackedExchange,
+        sdk_type: SdkType,
+        links: Links,
+        output: &mut PipelineOutput,
+    ) {
+        let mut payload = payload::build(exchange, sdk_type, links, &self.settings);
+        self.redactor.apply(&mut payload);
+        output.payloads.push(payload);
+    }
+
     fn links(&mut self, exchange: &TrackedExchange, profile: ProcessProfile) -> Links {
         match exchange.role {
-            Role::Client => {
-                let parent_id = if profile.thread_per_request {
-                    self.linker.parent(exchange.tid)
-                } else {
-                    None
-                };
-                self.link_stats.outgoing_with_parent += u64::from(parent_id.is_some());
-                Links::outgoing(parent_id)
-            }
+            Role::Client => Links::outgoing(self.parent(exchange.tid, profile)),
             _ => {
                 let Answered { msg_id, errors } = self
                     .linker
@@ -161,9 +218,10 @@ impl Pipeline {
                 _ => profile.sdk_type,
             };
             let links = self.links(&exchange, profile);
-            let mut payload = payload::build(&exchange, sdk_type, links, &self.settings);
-            self.redactor.apply(&mut payload);
-            output.payloads.push(payload);
+            self.emit(&exchange, sdk_type, links, &mut output);
+        }
+        for call in tracked.failed_calls {
+            self.on_failed_call(call, &mut output);
         }
         match ended {
             Some(Ended::Connection(conn)) => self.linker.forget_connection(conn),

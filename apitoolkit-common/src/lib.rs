@@ -19,6 +19,8 @@ pub const RECORD_DATA: u32 = 1;
 pub const RECORD_CONN_OPEN: u32 = 2;
 pub const RECORD_CONN_CLOSE: u32 = 3;
 pub const RECORD_PROCESS_EXIT: u32 = 4;
+/// A connect that failed, or a connection a data call found broken (reset, timed out).
+pub const RECORD_CONN_ERROR: u32 = 5;
 
 pub const DIRECTION_INGRESS: u8 = 0;
 pub const DIRECTION_EGRESS: u8 = 1;
@@ -125,13 +127,17 @@ pub struct SocketAddress {
     pub addr: [u8; 16],
 }
 
-/// Open and close of a connection share one layout.
+/// Open, close and error of a connection share one layout.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ConnRecord {
     pub kind: u32,
     pub role: u8,
     pub _pad: [u8; 3],
+    /// The thread that made the call.
+    pub tid: u32,
+    /// `RECORD_CONN_ERROR`: the errno the call failed with (positive).
+    pub error: u32,
     pub conn: ConnId,
     pub timestamp_ns: u64,
     pub remote: SocketAddress,

@@ -14,8 +14,9 @@ use apitoolkit_common::{
     COUNTER_COUNT, COUNTER_INFLIGHT_TABLE_FULL, COUNTER_READ_FAILED, COUNTER_RINGBUF_FULL,
     COUNTER_TLS_UNMAPPED, ConnId, ConnRecord, ConnState, DIRECTION_EGRESS, DIRECTION_INGRESS,
     DataHeader, DataRecord, Disabled, MAX_IOVECS, MAX_LOOP_STEPS, ProcessRecord, RECORD_CONN_CLOSE,
-    RECORD_CONN_OPEN, RECORD_DATA, RECORD_PROCESS_EXIT, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN,
-    SOURCE_STDERR, SOURCE_SYSCALL, SOURCE_TLS, SocketAddress, conn_key, source_bit,
+    RECORD_CONN_ERROR, RECORD_CONN_OPEN, RECORD_DATA, RECORD_PROCESS_EXIT, ROLE_CLIENT,
+    ROLE_SERVER, ROLE_UNKNOWN, SOURCE_STDERR, SOURCE_SYSCALL, SOURCE_TLS, SocketAddress, conn_key,
+    source_bit,
 };
 use core::ffi::c_void;
 
@@ -31,6 +32,12 @@ use aya_ebpf::{
 const SYSCALL_ARG0: usize = 16;
 const SYSCALL_RET: usize = 16;
 const EINPROGRESS: i64 = 115;
+const EPIPE: i64 = 32;
+const ECONNRESET: i64 = 104;
+const ETIMEDOUT: i64 = 110;
+const ECONNREFUSED: i64 = 111;
+const SOL_SOCKET: u64 = 1;
+const SO_ERROR: u64 = 4;
 const STDERR_FD: i32 = 2;
 
 #[map]
@@ -68,6 +75,8 @@ enum CallKind {
     SizeOnly,
     Accept,
     Connect,
+    /// getsockopt(SO_ERROR): how a non-blocking connect ended.
+    SocketError,
 }
 
 #[repr(C)]
@@ -188,11 +197,20 @@ fn read_sockaddr(user_ptr: u64) -> Option<SocketAddress> {
 }
 
 #[inline(always)]
-fn emit_conn(kind: u32, role: u8, conn: ConnId, remote: SocketAddress, state: &ConnState) {
+fn emit_conn(
+    kind: u32,
+    role: u8,
+    conn: ConnId,
+    remote: SocketAddress,
+    state: &ConnState,
+    error: u32,
+) {
     let record = ConnRecord {
         kind,
         role,
         _pad: [0; 3],
+        tid: bpf_get_current_pid_tgid() as u32,
+        error,
         conn,
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         remote,
@@ -223,8 +241,37 @@ fn open_conn(tgid: u32, fd: i32, role: u8, remote: SocketAddress) -> Option<*mut
         fd,
         generation: state.generation,
     };
-    emit_conn(RECORD_CONN_OPEN, role, conn, remote, &state);
+    emit_conn(RECORD_CONN_OPEN, role, conn, remote, &state, 0);
     CONNECTIONS.get_ptr_mut(&key)
+}
+
+#[inline(always)]
+fn is_ip(address: &SocketAddress) -> bool {
+    address.family == AF_INET || address.family == AF_INET6
+}
+
+/// Tells userspace that a call on a known connection failed in a way that breaks it.
+#[inline(always)]
+fn report_broken(tgid: u32, fd: i32, error: i64) {
+    if !matches!(error, EPIPE | ECONNRESET | ETIMEDOUT | ECONNREFUSED) {
+        return;
+    }
+    let Some(state) = (unsafe { CONNECTIONS.get(&conn_key(tgid, fd)) }) else {
+        return;
+    };
+    let conn = ConnId {
+        tgid,
+        fd,
+        generation: state.generation,
+    };
+    emit_conn(
+        RECORD_CONN_ERROR,
+        ROLE_UNKNOWN,
+        conn,
+        SocketAddress::default(),
+        state,
+        error as u32,
+    );
 }
 
 #[inline(always)]
@@ -236,15 +283,32 @@ fn on_accept_or_connect_exit(ctx: &TracePointContext) -> u32 {
         return 0;
     };
     let ret = ret(ctx);
+    let remote = read_sockaddr(call.user_ptr).unwrap_or_default();
     let (fd, role) = match call.kind {
         CallKind::Accept if ret >= 0 => (ret as i32, ROLE_SERVER),
         CallKind::Connect if ret == 0 || ret == -EINPROGRESS => (call.fd, ROLE_CLIENT),
+        CallKind::Connect if is_ip(&remote) => {
+            let conn = ConnId {
+                tgid,
+                fd: call.fd,
+                generation: unsafe { bpf_ktime_get_ns() },
+            };
+            let state = ConnState::default();
+            emit_conn(
+                RECORD_CONN_ERROR,
+                ROLE_CLIENT,
+                conn,
+                remote,
+                &state,
+                -ret as u32,
+            );
+            return 0;
+        }
         _ => return 0,
     };
-    let remote = read_sockaddr(call.user_ptr).unwrap_or_default();
     // A null address (accept without peer buffer) is resolved by userspace; a known non-IP family
     // (unix sockets) is not HTTP over TCP.
-    if call.user_ptr != 0 && remote.family != AF_INET && remote.family != AF_INET6 {
+    if call.user_ptr != 0 && !is_ip(&remote) {
         return 0;
     }
     if open_conn(tgid, fd, role, remote).is_some() {
@@ -464,6 +528,10 @@ fn on_data_exit(ctx: &TracePointContext, direction: u8) -> u32 {
     let Some(call) = take_call(pid_tgid) else {
         return 0;
     };
+    let ret = ret(ctx);
+    if ret < 0 {
+        report_broken(tgid, call.fd, -ret);
+    }
     // Socket I/O inside an SSL call names the TLS connection; its bytes are ciphertext.
     if let Some(tls) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
         if connection_of(tgid, &call).is_some() {
@@ -471,7 +539,6 @@ fn on_data_exit(ctx: &TracePointContext, direction: u8) -> u32 {
         }
         return 0;
     }
-    let ret = ret(ctx);
     if ret <= 0 {
         return 0;
     }
@@ -814,6 +881,46 @@ pub fn exit_accept_or_connect(ctx: TracePointContext) -> u32 {
     on_accept_or_connect_exit(&ctx)
 }
 
+/// getsockopt(fd, level, optname, optval, optlen): only SO_ERROR matters, the way a
+/// non-blocking connect reports refusal.
+#[tracepoint]
+pub fn enter_getsockopt(ctx: TracePointContext) -> u32 {
+    let Some((pid_tgid, _)) = current_target() else {
+        return 0;
+    };
+    let (Some(fd), Some(level), Some(name), Some(value)) = (
+        arg::<u64>(&ctx, 0),
+        arg::<u64>(&ctx, 1),
+        arg::<u64>(&ctx, 2),
+        arg::<u64>(&ctx, 3),
+    ) else {
+        return 0;
+    };
+    if level == SOL_SOCKET && name == SO_ERROR {
+        stash(pid_tgid, CallKind::SocketError, fd, value, 0, false);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn exit_getsockopt(ctx: TracePointContext) -> u32 {
+    let Some((pid_tgid, tgid)) = current_target() else {
+        return 0;
+    };
+    let Some(call) = take_call(pid_tgid) else {
+        return 0;
+    };
+    if call.kind != CallKind::SocketError || ret(&ctx) != 0 {
+        return 0;
+    }
+    if let Ok(error) = unsafe { bpf_probe_read_user(call.user_ptr as *const i32) }
+        && error > 0
+    {
+        report_broken(tgid, call.fd, error as i64);
+    }
+    0
+}
+
 #[tracepoint]
 pub fn enter_close(ctx: TracePointContext) -> u32 {
     let Some((_, tgid)) = current_target() else {
@@ -838,6 +945,7 @@ pub fn enter_close(ctx: TracePointContext) -> u32 {
         conn,
         SocketAddress::default(),
         &state,
+        0,
     );
     0
 }

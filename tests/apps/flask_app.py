@@ -54,7 +54,8 @@ def source():
 @app.get("/proxy")
 def proxy():
     """Calls another service: the agent sees an outgoing (client-side) exchange."""
-    upstream = requests.get(request.args["url"], verify=os.environ.get("UPSTREAM_CA", True), timeout=10)
+    upstream = requests.get(request.args["url"], verify=os.environ.get("UPSTREAM_CA", True),
+                            timeout=float(request.args.get("timeout", "10")))
     return jsonify(upstream_status=upstream.status_code, upstream_body=upstream.text)
 
 

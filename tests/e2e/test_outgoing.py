@@ -98,3 +98,78 @@ def test_outgoing_and_errors_can_be_switched_off(node_server, certificate, agent
         server.stop()
     assert sorted(p["url_path"] for p in payloads) == ["/boom", "/proxy"]
     assert all(p["errors"] == [] and p["sdk_type"] == "PythonFlask" for p in payloads)
+
+
+class BadUpstream:
+    """Accepts HTTP requests and never answers them well: `hang` keeps the connection open
+    without a response, `reset` reads the request and resets the connection."""
+
+    def __init__(self, mode):
+        import socket
+        import struct
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.held = []
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = self.listener.accept()
+                except OSError:
+                    return
+                conn.recv(65536)
+                if mode == "reset":
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.close()
+                else:
+                    self.held.append(conn)
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def close(self):
+        self.listener.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_refused_call_is_an_error_of_its_request(certificate, agent_factory):
+    closed_port = free_port()
+    server = flask_server("werkzeug", certificate)
+    try:
+        agent = agent_factory([server.pid])
+        response = requests.get(f"{server.base}/proxy", params={"url": f"http://127.0.0.1:{closed_port}/x"})
+        assert response.status_code == 500
+        payloads = agent.wait_for(1)
+    finally:
+        server.stop()
+    assert len(payloads) == 1, "a refused call sent no request: no outgoing payload"
+    errors = {error["error_type"]: error for error in payloads[0]["errors"]}
+    assert errors["ConnectionRefusedError"]["message"] == f"connection refused (127.0.0.1:{closed_port})"
+    assert "ConnectionError" in errors, "the traceback Flask printed"
+
+
+@pytest.mark.parametrize("mode,error_type", [("hang", "NoResponseError"), ("reset", "ConnectionResetError")])
+def test_call_without_response_is_an_outgoing_payload_with_its_error(mode, error_type, certificate, agent_factory):
+    upstream = BadUpstream(mode)
+    server = flask_server("werkzeug", certificate)
+    try:
+        agent = agent_factory([server.pid])
+        response = requests.get(f"{server.base}/proxy",
+                                params={"url": f"http://127.0.0.1:{upstream.port}/slow?x=1", "timeout": "0.5"})
+        assert response.status_code == 500
+        payloads = agent.wait_for(2)
+    finally:
+        server.stop()
+        upstream.close()
+    assert len(payloads) == 2
+    outgoing = next(p for p in payloads if p["sdk_type"] == "PythonOutgoing")
+    incoming = next(p for p in payloads if p["sdk_type"] == "PythonFlask")
+    assert outgoing["raw_url"] == "/slow?x=1" and outgoing["method"] == "GET"
+    assert outgoing["status_code"] == 0 and outgoing["response_body"] == ""
+    assert outgoing["parent_id"] == incoming["msg_id"]
+    assert [e["error_type"] for e in outgoing["errors"]] == [error_type]
+    assert error_type in [e["error_type"] for e in incoming["errors"]]
+    if mode == "hang":
+        assert outgoing["duration"] >= 400_000_000, "waited for the client's 0.5 s timeout"

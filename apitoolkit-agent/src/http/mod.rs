@@ -38,6 +38,8 @@ pub struct Output {
     /// Serials of requests read completely and now awaiting their response; the exchange that
     /// answers one carries the same serial.
     pub requests_read: Vec<u64>,
+    /// Requests still awaiting a response when the connection closed.
+    pub unanswered: Vec<Message>,
 }
 
 pub struct HttpConnection {
@@ -115,13 +117,19 @@ impl HttpConnection {
         }
     }
 
-    /// The connection closed: a close-delimited response completes; what is still pending is
-    /// reported unpaired.
+    /// The connection closed: a close-delimited response completes; what is still pending
+    /// never got an answer.
     pub fn close(&mut self, output: &mut Output) {
         if let Some(response) = self.responses.close() {
             self.on_response(response, output);
         }
-        self.drop_pending(output);
+        output
+            .unanswered
+            .extend(self.pending.drain(..).map(|(_, request)| request));
+    }
+
+    pub fn awaits_response(&self) -> bool {
+        !self.pending.is_empty()
     }
 
     fn drop_pending(&mut self, output: &mut Output) {

@@ -69,6 +69,19 @@ impl Message {
         }
     }
 
+    /// Stands for the response an outgoing request never got: status 0, no headers, no body,
+    /// as the SDKs report a failed call.
+    pub fn missing_response(at_ns: u64) -> Self {
+        Self {
+            start: StartLine::Response { status: 0 },
+            version_minor: 1,
+            headers: Vec::new(),
+            body: Body::default(),
+            first_byte_ns: at_ns,
+            last_byte_ns: at_ns,
+        }
+    }
+
     pub fn status(&self) -> Option<u16> {
         match self.start {
             StartLine::Response { status } => Some(status),

@@ -89,6 +89,8 @@ const TRACEPOINTS: &[(&str, &str, &[&str])] = &[
         "syscalls",
         &["sys_exit_accept", "sys_exit_accept4", "sys_exit_connect"],
     ),
+    ("enter_getsockopt", "syscalls", &["sys_enter_getsockopt"]),
+    ("exit_getsockopt", "syscalls", &["sys_exit_getsockopt"]),
     ("enter_close", "syscalls", &["sys_enter_close"]),
     ("process_fork", "sched", &["sched_process_fork"]),
     ("process_exit", "sched", &["sched_process_exit"]),
