@@ -228,3 +228,49 @@ fn recorded_node_https_session_yields_the_plaintext_exchanges() {
         (0, 0)
     );
 }
+
+/// werkzeug serving 4 concurrent `/proxy` requests, each calling node over plain HTTP from its
+/// own thread, then `/boom` printing a traceback.
+#[test]
+fn recorded_outgoing_calls_and_errors_link_to_their_requests() {
+    let mut pipeline = pipeline(SdkType::PythonFlask, Redactor::default());
+    let payloads: Vec<Payload> = fixture_events("flask_outgoing_session.ndjson")
+        .into_iter()
+        .flat_map(|event| pipeline.feed(event).payloads)
+        .collect();
+    let incoming: Vec<&Payload> = payloads
+        .iter()
+        .filter(|p| p.sdk_type == SdkType::PythonFlask)
+        .collect();
+    let outgoing: Vec<&Payload> = payloads
+        .iter()
+        .filter(|p| p.sdk_type == SdkType::PythonOutgoing)
+        .collect();
+    assert_eq!((incoming.len(), outgoing.len()), (5, 4));
+    for call in &outgoing {
+        let parent = incoming
+            .iter()
+            .find(|p| Some(p.msg_id) == call.parent_id)
+            .expect("every outgoing call has its parent");
+        // The parent proxied exactly this call: its URL names the upstream path.
+        let upstream_path = call.raw_url.replace('/', "%2F");
+        assert!(parent.raw_url.ends_with(&upstream_path), "{}", parent.raw_url);
+        let proxied: serde_json::Value =
+            serde_json::from_slice(&decoded(&parent.response_body)).unwrap();
+        assert_eq!(
+            proxied["upstream_body"].as_str().unwrap().as_bytes(),
+            decoded(&call.response_body)
+        );
+    }
+    let boom = incoming.iter().find(|p| p.url_path == "/boom").unwrap();
+    assert_eq!(boom.errors.len(), 1);
+    assert_eq!(boom.errors[0].error_type, "ValueError");
+    assert_eq!(boom.errors[0].message, "boom on purpose");
+    assert!(
+        incoming
+            .iter()
+            .filter(|p| p.url_path != "/boom")
+            .all(|p| p.errors.is_empty())
+    );
+    assert_eq!(pipeline.link_stats().outgoing_with_parent, 4);
+}
