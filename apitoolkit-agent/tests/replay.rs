@@ -64,6 +64,23 @@ fn replay(events: Vec<Event>) -> Vec<Payload> {
     replay_with(events, Redactor::default())
 }
 
+/// Replays a fixture, returning its payloads and the pipeline (for its counters).
+fn replay_fixture(name: &str, sdk_type: SdkType) -> (Vec<Payload>, Pipeline) {
+    let mut pipeline = pipeline(sdk_type, Redactor::default());
+    let payloads = fixture_events(name)
+        .into_iter()
+        .flat_map(|event| pipeline.feed(event).payloads)
+        .collect();
+    (payloads, pipeline)
+}
+
+fn summary(payloads: &[Payload]) -> Vec<(&str, &str, u16)> {
+    payloads
+        .iter()
+        .map(|p| (p.method.as_str(), p.raw_url.as_str(), p.status_code))
+        .collect()
+}
+
 fn decoded(field: &str) -> Vec<u8> {
     BASE64.decode(field).unwrap()
 }
@@ -71,12 +88,8 @@ fn decoded(field: &str) -> Vec<u8> {
 #[test]
 fn recorded_session_yields_one_payload_per_request() {
     let payloads = replay(recorded_events());
-    let summary: Vec<(&str, &str, u16)> = payloads
-        .iter()
-        .map(|p| (p.method.as_str(), p.raw_url.as_str(), p.status_code))
-        .collect();
     assert_eq!(
-        summary,
+        summary(&payloads),
         vec![
             ("GET", "/hello?name=bob&tag=a&tag=b", 200),
             ("POST", "/echo", 200),
@@ -196,17 +209,9 @@ fn the_recording_format_round_trips() {
 
 #[test]
 fn recorded_node_https_session_yields_the_plaintext_exchanges() {
-    let mut pipeline = pipeline(SdkType::SDKUnknown, Redactor::default());
-    let payloads: Vec<Payload> = fixture_events("node_https_session.ndjson")
-        .into_iter()
-        .flat_map(|event| pipeline.feed(event).payloads)
-        .collect();
-    let summary: Vec<(&str, &str, u16)> = payloads
-        .iter()
-        .map(|p| (p.method.as_str(), p.raw_url.as_str(), p.status_code))
-        .collect();
+    let (payloads, pipeline) = replay_fixture("node_https_session.ndjson", SdkType::SDKUnknown);
     assert_eq!(
-        summary,
+        summary(&payloads),
         vec![
             ("GET", "/hello?name=bob", 200),
             ("POST", "/echo", 200),
@@ -233,11 +238,8 @@ fn recorded_node_https_session_yields_the_plaintext_exchanges() {
 /// own thread, then `/boom` printing a traceback.
 #[test]
 fn recorded_outgoing_calls_and_errors_link_to_their_requests() {
-    let mut pipeline = pipeline(SdkType::PythonFlask, Redactor::default());
-    let payloads: Vec<Payload> = fixture_events("flask_outgoing_session.ndjson")
-        .into_iter()
-        .flat_map(|event| pipeline.feed(event).payloads)
-        .collect();
+    let (payloads, pipeline) =
+        replay_fixture("flask_outgoing_session.ndjson", SdkType::PythonFlask);
     let incoming: Vec<&Payload> = payloads
         .iter()
         .filter(|p| p.sdk_type == SdkType::PythonFlask)
@@ -254,7 +256,11 @@ fn recorded_outgoing_calls_and_errors_link_to_their_requests() {
             .expect("every outgoing call has its parent");
         // The parent proxied exactly this call: its URL names the upstream path.
         let upstream_path = call.raw_url.replace('/', "%2F");
-        assert!(parent.raw_url.ends_with(&upstream_path), "{}", parent.raw_url);
+        assert!(
+            parent.raw_url.ends_with(&upstream_path),
+            "{}",
+            parent.raw_url
+        );
         let proxied: serde_json::Value =
             serde_json::from_slice(&decoded(&parent.response_body)).unwrap();
         assert_eq!(

@@ -14,6 +14,14 @@ from test_capture import assert_common_fields, by_url, read_responses
 MAX_BODY = str(4 * 1024 * 1024)
 
 
+def https_session(certificate):
+    """A keep-alive session that trusts the test certificate."""
+    session = requests.Session()
+    session.trust_env = False  # REQUESTS_CA_BUNDLE would override session.verify
+    session.verify = str(certificate.cert)
+    return session
+
+
 def assert_no_ciphertext_parsed(agent, tls_connections):
     assert agent.stop() == 0
     stats = agent.stats()
@@ -26,9 +34,7 @@ def test_flask_over_https(https_flask_server, certificate, agent_factory):
     server = https_flask_server
     agent = agent_factory([server.pid], "--max-body-bytes", MAX_BODY)
     assert any("TLS plaintext probed" in line and "libssl.so" in line for line in agent.log)
-    with requests.Session() as session:
-        session.trust_env = False  # REQUESTS_CA_BUNDLE would override session.verify
-        session.verify = str(certificate.cert)
+    with https_session(certificate) as session:
         get = session.get(f"{server.base}/hello?name=bob&tag=a&tag=b", headers={"X-Request-Tag": "t1"})
         post = session.post(f"{server.base}/echo", json={"name": "bob", "nested": {"n": [1, 2]}})
         big = session.get(f"{server.base}/big")
@@ -64,9 +70,7 @@ def test_node_https_server_keepalive_and_big_response(https_node_server, certifi
     server = https_node_server
     agent = agent_factory([server.pid], "--max-body-bytes", MAX_BODY)
     assert any("TLS plaintext probed" in line and "node" in line for line in agent.log)
-    with requests.Session() as session:
-        session.trust_env = False  # REQUESTS_CA_BUNDLE would override session.verify
-        session.verify = str(certificate.cert)
+    with https_session(certificate) as session:
         posts = [session.post(f"{server.base}/post/{i}", data=f"body-{i}") for i in range(10)]
         big = session.get(f"{server.base}/big")
     assert [r.json()["received"] for r in posts] == [f"body-{i}" for i in range(10)]
