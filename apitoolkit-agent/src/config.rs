@@ -1,8 +1,16 @@
-//! Command line (and `APITOOLKIT_*` environment), validated once into the settings `run` uses.
+//! Settings from the command line, `APITOOLKIT_*` environment variables and a `--config` file
+//! (TOML or YAML, keys named like the flags), in that order of precedence.
 
-use std::path::PathBuf;
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{
+    ArgAction, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum,
+    parser::ValueSource,
+};
+use serde::{Serialize, Serializer};
 use uuid::Uuid;
 
 use crate::payload::SdkType;
@@ -27,9 +35,18 @@ pub enum Command {
         /// NDJSON file of recorded events.
         file: PathBuf,
     },
+    /// Checks that this host can run the agent (kernel, privileges, tracefs, eBPF, uprobes)
+    /// and prints the fix for what fails; exits 1 when something required fails.
+    Check,
+    /// Prints the settings merged from flags, environment and config file (secrets masked).
+    Config {
+        #[arg(long, required = true)]
+        print: bool,
+    },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Output {
     /// One JSON payload per line on standard output.
     Stdout,
@@ -39,11 +56,60 @@ pub enum Output {
     Both,
 }
 
-#[derive(Debug, Args)]
+/// Every field serializes under its flag's name, so `config --print` output is a config file.
+#[derive(Debug, Args, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct CaptureArgs {
+    /// Settings file (TOML, or YAML for .yaml/.yml); flags and environment override it.
+    #[arg(long, value_name = "FILE", env = "APITOOLKIT_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
     /// Process to watch, with its descendants (repeatable).
-    #[arg(long = "pid", value_name = "PID")]
+    #[arg(
+        long = "pid",
+        value_name = "PID",
+        env = "APITOOLKIT_PIDS",
+        value_delimiter = ','
+    )]
+    #[serde(rename = "pid")]
     pub pids: Vec<u32>,
+
+    /// Watch processes whose executable has this path or file name, or whose argv[0] has
+    /// this file name (repeatable); processes started later are picked up.
+    #[arg(
+        long = "exe",
+        value_name = "PATH|NAME",
+        env = "APITOOLKIT_EXES",
+        value_delimiter = ','
+    )]
+    #[serde(rename = "exe")]
+    pub exes: Vec<String>,
+
+    /// Watch processes listening on this TCP port (repeatable); picked up when they start.
+    #[arg(
+        long = "port",
+        value_name = "PORT",
+        env = "APITOOLKIT_PORTS",
+        value_delimiter = ','
+    )]
+    #[serde(rename = "port")]
+    pub ports: Vec<u16>,
+
+    /// Watch every process in this cgroup v2 (a container, a systemd unit), e.g.
+    /// /system.slice/app.service (repeatable); selected in the kernel.
+    #[arg(
+        long = "cgroup",
+        value_name = "PATH",
+        env = "APITOOLKIT_CGROUPS",
+        value_delimiter = ','
+    )]
+    #[serde(rename = "cgroup")]
+    pub cgroups: Vec<String>,
+
+    /// Watch every process on the host except the agent; selected in the kernel.
+    #[arg(long, env = "APITOOLKIT_ALL")]
+    pub all: bool,
 
     /// Where payloads go [default: pubsub when --api-key or --topic is set, else stdout].
     #[arg(long, value_enum, env = "APITOOLKIT_OUTPUT")]
@@ -51,6 +117,7 @@ pub struct CaptureArgs {
 
     /// APIToolkit API key: project id, topic and Pub/Sub credentials are fetched with it.
     #[arg(long, env = "APITOOLKIT_API_KEY", hide_env_values = true)]
+    #[serde(serialize_with = "masked")]
     pub api_key: Option<String>,
 
     /// APIToolkit server the API key is checked against.
@@ -108,7 +175,13 @@ pub struct CaptureArgs {
     pub service_version: Option<String>,
 
     /// Tag added to every payload (repeatable).
-    #[arg(long = "tag", value_name = "TAG")]
+    #[arg(
+        long = "tag",
+        value_name = "TAG",
+        env = "APITOOLKIT_TAGS",
+        value_delimiter = ','
+    )]
+    #[serde(rename = "tag")]
     pub tags: Vec<String>,
 
     /// Header whose value is replaced by [CLIENT_REDACTED], matched case-insensitively, in
@@ -119,6 +192,7 @@ pub struct CaptureArgs {
         env = "APITOOLKIT_REDACT_HEADERS",
         value_delimiter = ','
     )]
+    #[serde(rename = "redact-header")]
     pub redact_headers: Vec<String>,
 
     /// JSONPath into JSON request bodies whose matches are redacted (repeatable). A body that
@@ -141,7 +215,7 @@ pub struct CaptureArgs {
     pub redact_response_body: Vec<String>,
 
     /// Also write every captured event to this file (NDJSON), for `replay` and bug reports.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "APITOOLKIT_RECORD")]
     pub record: Option<PathBuf>,
 
     /// Bytes of payloads that may wait for each sink; beyond that the oldest are dropped and
@@ -165,5 +239,232 @@ impl CaptureArgs {
             matches!(output, Output::Stdout | Output::Both),
             matches!(output, Output::Pubsub | Output::Both),
         )
+    }
+}
+
+fn masked<S: Serializer>(secret: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(_) => serializer.serialize_some("****"),
+        None => serializer.serialize_none(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error(
+        "config file {path}: unknown key {key:?} (keys are the flag names, e.g. redact-header)"
+    )]
+    UnknownKey { path: PathBuf, key: String },
+    #[error("config file {path}: {key} must be a string, number or boolean (or a list of them)")]
+    BadValue { path: PathBuf, key: String },
+    #[error(transparent)]
+    Cli(#[from] clap::Error),
+}
+
+/// The file's settings as a JSON object, whatever its format.
+fn read_config_file(
+    path: &PathBuf,
+) -> Result<serde_json::Map<String, serde_json::Value>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let parse_error = |message: String| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message,
+    };
+    let yaml = path
+        .extension()
+        .is_some_and(|extension| extension == "yaml" || extension == "yml");
+    let value: serde_json::Value = if yaml {
+        serde_yaml_ng::from_str(&text).map_err(|error| parse_error(error.to_string()))?
+    } else {
+        toml::from_str(&text).map_err(|error| parse_error(error.to_string()))?
+    };
+    match value {
+        serde_json::Value::Object(map) => Ok(map),
+        serde_json::Value::Null => Ok(serde_json::Map::new()),
+        _ => Err(parse_error("expected a table of settings".into())),
+    }
+}
+
+fn scalar(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(text) => Some(text.clone()),
+        serde_json::Value::Number(number) => Some(number.to_string()),
+        serde_json::Value::Bool(flag) => Some(flag.to_string()),
+        _ => None,
+    }
+}
+
+/// The file's settings as flags, leaving out those the command line or environment set.
+fn file_flags(
+    path: &Path,
+    file: serde_json::Map<String, serde_json::Value>,
+    given: &clap::ArgMatches,
+) -> Result<Vec<OsString>, ConfigError> {
+    let command = Cli::command();
+    let mut flags = Vec::new();
+    for (key, value) in file {
+        let long = key.replace('_', "-");
+        let arg = command
+            .get_arguments()
+            .find(|arg| arg.get_long() == Some(long.as_str()) && long != "config")
+            .ok_or_else(|| ConfigError::UnknownKey {
+                path: path.to_path_buf(),
+                key: key.clone(),
+            })?;
+        if matches!(
+            given.value_source(arg.get_id().as_str()),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            continue;
+        }
+        let bad_value = || ConfigError::BadValue {
+            path: path.to_path_buf(),
+            key: key.clone(),
+        };
+        let items = match &value {
+            serde_json::Value::Array(items) => items.iter().collect(),
+            single => vec![single],
+        };
+        for item in items {
+            let text = scalar(item).ok_or_else(bad_value)?;
+            if matches!(arg.get_action(), ArgAction::SetTrue) {
+                // A switch: present or not.
+                if text == "true" {
+                    flags.push(OsString::from(format!("--{long}")));
+                }
+            } else {
+                flags.push(OsString::from(format!("--{long}={text}")));
+            }
+        }
+    }
+    Ok(flags)
+}
+
+/// Parses `argv` with the environment and the `--config` file it names.
+pub fn parse(argv: Vec<OsString>) -> Result<Cli, ConfigError> {
+    let given = Cli::command().try_get_matches_from(&argv)?;
+    let Some(path) = given.get_one::<PathBuf>("config").cloned() else {
+        return Ok(Cli::from_arg_matches(&given)?);
+    };
+    let file = read_config_file(&path)?;
+    let mut merged: Vec<OsString> = argv.iter().take(1).cloned().collect();
+    merged.extend(file_flags(&path, file, &given)?);
+    merged.extend(argv.into_iter().skip(1));
+    Ok(Cli::try_parse_from(merged)?)
+}
+
+impl CaptureArgs {
+    /// The settings as a TOML config file, secrets masked.
+    pub fn to_toml(&self) -> String {
+        let mut value = serde_json::to_value(self).expect("settings serialize to JSON");
+        if let serde_json::Value::Object(map) = &mut value {
+            map.retain(|_, value| !value.is_null());
+        }
+        toml::to_string(&value).expect("a JSON object without nulls is valid TOML")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config file removed when dropped.
+    struct ConfigFile(PathBuf);
+
+    impl ConfigFile {
+        fn new(extension: &str, text: &str) -> Self {
+            let path = std::env::temp_dir()
+                .join(format!("apitoolkit-config-{}.{extension}", Uuid::new_v4()));
+            std::fs::write(&path, text).unwrap();
+            Self(path)
+        }
+
+        fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for ConfigFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn parse_args(args: &[&str]) -> Result<CaptureArgs, ConfigError> {
+        let argv = std::iter::once("apitoolkit-agent")
+            .chain(args.iter().copied())
+            .map(OsString::from)
+            .collect();
+        parse(argv).map(|cli| cli.capture)
+    }
+
+    #[test]
+    fn flags_override_the_file_and_the_file_fills_the_rest() {
+        let file = ConfigFile::new(
+            "toml",
+            "pid = [10, 11]\ntopic = \"from-file\"\nredact_header = [\"Authorization\", \"Cookie\"]\n\
+             debug = true\ncapture-outgoing = false\nmax-body-bytes = 2048\n",
+        );
+        let args = parse_args(&["--config", file.path(), "--topic", "from-flag"]).unwrap();
+        assert_eq!(args.pids, vec![10, 11]);
+        assert_eq!(args.topic.as_deref(), Some("from-flag"));
+        assert_eq!(args.redact_headers, vec!["Authorization", "Cookie"]);
+        assert!(args.debug);
+        assert!(!args.capture_outgoing);
+        assert_eq!(args.max_body_bytes, 2048);
+    }
+
+    #[test]
+    fn yaml_files_work_and_unknown_keys_are_errors() {
+        let file = ConfigFile::new("yaml", "tag: [\"env:prod\"]\nservice-version: \"1.2\"\n");
+        let args = parse_args(&["--config", file.path()]).unwrap();
+        assert_eq!(args.tags, vec!["env:prod"]);
+        assert_eq!(args.service_version.as_deref(), Some("1.2"));
+
+        let bad = ConfigFile::new("toml", "pids = [1]\n");
+        let error = parse_args(&["--config", bad.path()]).unwrap_err();
+        assert!(
+            error.to_string().contains("unknown key \"pids\""),
+            "{error}"
+        );
+        assert!(matches!(
+            parse_args(&["--config", "/nonexistent/agent.toml"]),
+            Err(ConfigError::Read { .. })
+        ));
+        assert!(Path::new(file.path()).exists());
+    }
+
+    #[test]
+    fn printed_settings_mask_secrets_and_read_back() {
+        let args = parse_args(&[
+            "--pid",
+            "7",
+            "--api-key",
+            "secret-key",
+            "--tag",
+            "a",
+            "--output",
+            "both",
+        ])
+        .unwrap();
+        let printed = args.to_toml();
+        assert!(printed.contains("api-key = \"****\""), "{printed}");
+        assert!(!printed.contains("secret-key"));
+        let file = ConfigFile::new("toml", &printed.replace("api-key = \"****\"\n", ""));
+        let reread = parse_args(&["--config", file.path()]).unwrap();
+        assert_eq!(reread.pids, vec![7]);
+        assert_eq!(reread.tags, vec!["a"]);
+        assert_eq!(reread.output, Some(Output::Both));
+        assert_eq!(reread.api_key, None);
     }
 }

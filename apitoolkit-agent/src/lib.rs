@@ -11,6 +11,7 @@ pub mod http;
 pub mod link;
 pub mod payload;
 pub mod pipeline;
+pub mod preflight;
 pub mod probes;
 pub mod redact;
 pub mod sinks;
@@ -27,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 
 use crate::{
@@ -38,6 +39,7 @@ use crate::{
     probes::{
         Probes,
         process::{self, ProcessProfile},
+        select::Selector,
         sockets,
         tls::TlsWatcher,
     },
@@ -171,6 +173,12 @@ pub enum StopReason {
     TargetsExited,
 }
 
+/// Processes a discovery pass set up.
+struct Discovered {
+    pids: Vec<u32>,
+    existing_connections: usize,
+}
+
 struct Capture {
     ring: RingBuf<MapData>,
     pipeline: Pipeline,
@@ -178,7 +186,11 @@ struct Capture {
     /// Payloads of the current drain, handed to the sinks as one batch.
     outbox: Vec<Payload>,
     recorder: Option<BufWriter<File>>,
-    roots: Vec<u32>,
+    selector: Selector,
+    /// Processes set up so far (existing connections registered, target map entry written).
+    watched: HashSet<u32>,
+    /// Seconds since the last TLS rescan of every watched process (new ones are scanned at once).
+    since_tls_rescan: u32,
     tls: TlsWatcher,
     /// Processes already warned about for TLS the agent cannot read.
     unreadable_tls_reported: HashSet<u32>,
@@ -190,12 +202,6 @@ impl Capture {
         if let Some(recorder) = &mut self.recorder {
             serde_json::to_writer(&mut *recorder, &event)?;
             recorder.write_all(b"\n")?;
-        }
-        if let Event::ProcessExit { tgid, .. } = event
-            && self.roots.contains(&tgid)
-        {
-            tracing::info!(pid = tgid, "watched process exited");
-            self.roots.retain(|root| *root != tgid);
         }
         let output = self.pipeline.feed(event);
         for (conn, source) in output.disable {
@@ -257,6 +263,43 @@ impl Capture {
         }
     }
 
+    /// Sets up processes selected since the last call: their existing connections, their
+    /// target-map entry and their TLS libraries. Every few seconds all watched processes are
+    /// rescanned for TLS libraries loaded since (dlopen).
+    fn discover(&mut self, probes: &mut Probes) -> anyhow::Result<Discovered> {
+        const TLS_RESCAN_SECONDS: u32 = 5;
+        let selected = self.selector.scan();
+        let new: Vec<u32> = selected
+            .all()
+            .filter(|pid| !self.watched.contains(pid))
+            .collect();
+        let existing = register_existing_connections(probes, &new)?;
+        let existing_connections = existing.len();
+        let new_by_id: Vec<u32> = selected
+            .by_id
+            .iter()
+            .filter(|pid| new.contains(pid))
+            .copied()
+            .collect();
+        probes.add_targets(&new_by_id)?;
+        for event in existing {
+            self.handle(event, probes)?;
+        }
+        self.watched = selected.all().collect();
+        self.since_tls_rescan += 1;
+        if self.since_tls_rescan >= TLS_RESCAN_SECONDS {
+            self.since_tls_rescan = 0;
+            let watched: Vec<u32> = self.watched.iter().copied().collect();
+            self.tls.scan(probes, &watched);
+        } else {
+            self.tls.scan(probes, &new);
+        }
+        Ok(Discovered {
+            pids: new,
+            existing_connections,
+        })
+    }
+
     /// Consumes events until `stop` is set or every watched root process has exited.
     fn run(&mut self, probes: &mut Probes, stop: &AtomicBool) -> anyhow::Result<StopReason> {
         let mut last_liveness_check = Instant::now();
@@ -273,20 +316,19 @@ impl Capture {
             }
             if last_liveness_check.elapsed() > Duration::from_secs(1) {
                 last_liveness_check = Instant::now();
-                // The exit record can be lost when the ring buffer is full: check /proc too.
-                self.roots.retain(|pid| {
-                    let alive = process::exists(*pid);
-                    if !alive {
-                        tracing::info!(pid, "watched process exited");
-                    }
-                    alive
-                });
-                self.tls
-                    .scan(probes, &process::with_descendants(&self.roots));
-            }
-            if self.roots.is_empty() {
-                self.drain(probes)?;
-                return Ok(StopReason::TargetsExited);
+                // Exit records can be lost when the ring buffer is full: /proc decides.
+                if !self.selector.is_open_ended() && self.selector.live_roots().is_empty() {
+                    self.drain(probes)?;
+                    return Ok(StopReason::TargetsExited);
+                }
+                let discovered = self.discover(probes)?;
+                if !discovered.pids.is_empty() {
+                    tracing::info!(
+                        pids = ?discovered.pids,
+                        existing_connections = discovered.existing_connections,
+                        "watching new processes"
+                    );
+                }
             }
         }
     }
@@ -299,23 +341,17 @@ pub fn capture(
     sinks: Vec<Arc<PayloadQueue>>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<StopReason> {
-    if args.pids.is_empty() {
-        bail!("no process to watch: pass --pid <PID>");
-    }
-    for pid in &args.pids {
-        if !process::exists(*pid) {
-            bail!("no process with pid {pid}");
-        }
-    }
+    let selector = Selector::new(&args.pids, &args.exes, &args.ports, &args.cgroups, args.all)?;
     let redactor = redactor(args)?;
     let mut probes = Probes::load()?;
-    let targets = process::with_descendants(&args.pids);
-    let existing = register_existing_connections(&mut probes, &targets)?;
     probes.capture_stderr(args.capture_errors)?;
-    probes.add_targets(&targets)?;
-    let mut tls = TlsWatcher::default();
-    tls.scan(&mut probes, &targets);
-    tracing::info!(pids = ?targets, existing_connections = existing.len(), "watching processes");
+    if selector.all() {
+        probes.select_all()?;
+    }
+    if !selector.cgroups().is_empty() {
+        let ids: Vec<u64> = selector.cgroups().iter().map(|cgroup| cgroup.id).collect();
+        probes.select_cgroups(&ids)?;
+    }
     let recorder = match &args.record {
         Some(path) => {
             Some(BufWriter::new(File::create(path).with_context(|| {
@@ -335,14 +371,23 @@ pub fn capture(
         sinks,
         outbox: Vec::new(),
         recorder,
-        roots: args.pids.clone(),
-        tls,
+        selector,
+        watched: HashSet::new(),
+        since_tls_rescan: 0,
+        tls: TlsWatcher::default(),
         unreadable_tls_reported: HashSet::new(),
         decode_errors: 0,
     };
-    for event in existing {
-        capture.handle(event, &mut probes)?;
-    }
+    let discovered = capture.discover(&mut probes)?;
+    tracing::info!(
+        pids = ?discovered.pids,
+        existing_connections = discovered.existing_connections,
+        all = args.all,
+        cgroups = ?args.cgroups,
+        exes = ?args.exes,
+        ports = ?args.ports,
+        "watching processes"
+    );
     let reason = capture.run(&mut probes, &stop);
     if let Some(recorder) = &mut capture.recorder {
         recorder.flush().context("writing the recording")?;

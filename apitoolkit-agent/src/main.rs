@@ -10,11 +10,10 @@ use std::{
 use anyhow::Context as _;
 use apitoolkit_agent::{
     StopReason, capture,
-    config::{CaptureArgs, Cli, Command},
-    replay,
+    config::{self, CaptureArgs, Cli, Command, ConfigError},
+    preflight, replay,
     sinks::{self, PayloadQueue, pubsub::DestinationConfig},
 };
-use clap::Parser as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Payloads are built on the capture thread and freed on the sink thread: glibc malloc handles
@@ -52,7 +51,15 @@ fn init_logging(debug: bool) {
 
 #[tokio::main]
 async fn main() {
-    let cli = Cli::parse();
+    let cli = match config::parse(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        // Usage errors, --help and --version print themselves.
+        Err(ConfigError::Cli(error)) => error.exit(),
+        Err(error) => {
+            eprintln!("apitoolkit-agent: {error}");
+            std::process::exit(1);
+        }
+    };
     init_logging(cli.capture.debug);
     if let Err(error) = run(cli).await {
         eprintln!("apitoolkit-agent: {error:#}");
@@ -61,9 +68,24 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Some(Command::Replay { file }) = &cli.command {
-        replay(file, &cli.capture, std::io::stdout().lock())?;
-        return Ok(());
+    match &cli.command {
+        Some(Command::Replay { file }) => {
+            replay(file, &cli.capture, std::io::stdout().lock())?;
+            return Ok(());
+        }
+        Some(Command::Config { .. }) => {
+            print!("{}", cli.capture.to_toml());
+            return Ok(());
+        }
+        Some(Command::Check) => {
+            let (table, ok) = preflight::report(&preflight::run());
+            print!("{table}");
+            if !ok {
+                anyhow::bail!("this host cannot run the agent: fix the FAIL lines above");
+            }
+            return Ok(());
+        }
+        None => {}
     }
     let (to_stdout, to_pubsub) = cli.capture.outputs();
     let mut queues = Vec::new();

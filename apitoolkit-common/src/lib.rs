@@ -37,7 +37,12 @@ pub const SOURCE_STDERR: u8 = 2;
 
 /// Indices of the kernel's configuration array, written by userspace before targets are added.
 pub const CONFIG_CAPTURE_STDERR: u32 = 0;
-pub const CONFIG_COUNT: u32 = 1;
+/// Every process is a target, except `CONFIG_AGENT_TGID`.
+pub const CONFIG_SELECT_ALL: u32 = 1;
+/// Processes in the cgroups of the kernel's cgroup-target map are targets.
+pub const CONFIG_SELECT_CGROUPS: u32 = 2;
+pub const CONFIG_AGENT_TGID: u32 = 3;
+pub const CONFIG_COUNT: u32 = 4;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;

@@ -10,18 +10,21 @@
 #![no_main]
 
 use apitoolkit_common::{
-    AF_INET, AF_INET6, CHUNK_SIZE, CONFIG_CAPTURE_STDERR, CONFIG_COUNT, COUNTER_CONN_TABLE_FULL,
-    COUNTER_COUNT, COUNTER_INFLIGHT_TABLE_FULL, COUNTER_READ_FAILED, COUNTER_RINGBUF_FULL,
-    COUNTER_TLS_UNMAPPED, ConnId, ConnRecord, ConnState, DIRECTION_EGRESS, DIRECTION_INGRESS,
-    DataHeader, DataRecord, Disabled, MAX_IOVECS, MAX_LOOP_STEPS, ProcessRecord, RECORD_CONN_CLOSE,
-    RECORD_CONN_ERROR, RECORD_CONN_OPEN, RECORD_DATA, RECORD_PROCESS_EXIT, ROLE_CLIENT,
-    ROLE_SERVER, ROLE_UNKNOWN, SOURCE_STDERR, SOURCE_SYSCALL, SOURCE_TLS, SocketAddress, conn_key,
-    source_bit,
+    AF_INET, AF_INET6, CHUNK_SIZE, CONFIG_AGENT_TGID, CONFIG_CAPTURE_STDERR, CONFIG_COUNT,
+    CONFIG_SELECT_ALL, CONFIG_SELECT_CGROUPS, COUNTER_CONN_TABLE_FULL, COUNTER_COUNT,
+    COUNTER_INFLIGHT_TABLE_FULL, COUNTER_READ_FAILED, COUNTER_RINGBUF_FULL, COUNTER_TLS_UNMAPPED,
+    ConnId, ConnRecord, ConnState, DIRECTION_EGRESS, DIRECTION_INGRESS, DataHeader, DataRecord,
+    Disabled, MAX_IOVECS, MAX_LOOP_STEPS, ProcessRecord, RECORD_CONN_CLOSE, RECORD_CONN_ERROR,
+    RECORD_CONN_OPEN, RECORD_DATA, RECORD_PROCESS_EXIT, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN,
+    SOURCE_STDERR, SOURCE_SYSCALL, SOURCE_TLS, SocketAddress, conn_key, source_bit,
 };
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated,
+    },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
@@ -40,8 +43,13 @@ const SOL_SOCKET: u64 = 1;
 const SO_ERROR: u64 = 4;
 const STDERR_FD: i32 = 2;
 
+/// Selected processes (and their threads) by id: `--pid` and what userspace discovers.
 #[map]
 static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
+
+/// Selected cgroups (v2 ids) for `--cgroup`.
+#[map]
+static CGROUP_TARGETS: HashMap<u64, u8> = HashMap::with_max_entries(256, 0);
 
 #[map]
 static CONNECTIONS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65536, 0);
@@ -112,7 +120,27 @@ fn count(index: u32) {
 fn current_target() -> Option<(u64, u32)> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    unsafe { TARGETS.get(&tgid) }.map(|_| (pid_tgid, tgid))
+    let selected = unsafe { TARGETS.get(&tgid) }.is_some() || selected_by_config(tgid);
+    selected.then_some((pid_tgid, tgid))
+}
+
+#[inline(always)]
+fn config(index: u32) -> u32 {
+    CONFIG.get(index).copied().unwrap_or(0)
+}
+
+/// `--all` and `--cgroup` select in the kernel, so new processes are captured from their first
+/// syscall.
+#[inline(always)]
+fn selected_by_config(tgid: u32) -> bool {
+    if config(CONFIG_SELECT_ALL) != 0 {
+        return tgid != config(CONFIG_AGENT_TGID);
+    }
+    if config(CONFIG_SELECT_CGROUPS) != 0 {
+        let cgroup = unsafe { bpf_get_current_cgroup_id() };
+        return unsafe { CGROUP_TARGETS.get(&cgroup) }.is_some();
+    }
+    false
 }
 
 #[inline(always)]
@@ -497,9 +525,7 @@ fn connection_of(tgid: u32, call: &InFlightCall) -> Option<*mut ConnState> {
 
 #[inline(always)]
 fn captures_stderr() -> bool {
-    CONFIG
-        .get(CONFIG_CAPTURE_STDERR)
-        .is_some_and(|enabled| *enabled != 0)
+    config(CONFIG_CAPTURE_STDERR) != 0
 }
 
 #[inline(always)]
@@ -950,11 +976,13 @@ pub fn enter_close(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// sched_process_fork: `child_pid` at offset 20. Threads are added too (their tid never names
-/// another live process) and removed again by sched_process_exit.
+/// sched_process_fork: `child_pid` at offset 20. Children of processes selected by id are
+/// selected too; threads are added as well (their tid never names another live process) and
+/// removed again by sched_process_exit.
 #[tracepoint]
 pub fn process_fork(ctx: TracePointContext) -> u32 {
-    if current_target().is_none() {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if unsafe { TARGETS.get(&tgid) }.is_none() {
         return 0;
     }
     if let Ok(child) = unsafe { ctx.read_at::<i32>(20) } {
@@ -965,18 +993,15 @@ pub fn process_fork(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn process_exit(_ctx: TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tid = pid_tgid as u32;
-    if current_target().is_some() {
-        // A thread that dies inside an SSL call never returns from it.
-        let _ = TLS_CALLS.remove(&pid_tgid);
-        let _ = LAST_SOCKET_FD.remove(&pid_tgid);
-    }
-    if unsafe { TARGETS.get(&tid) }.is_none() {
+    let Some((pid_tgid, tgid)) = current_target() else {
         return 0;
-    }
+    };
+    // A thread that dies inside an SSL call never returns from it.
+    let _ = TLS_CALLS.remove(&pid_tgid);
+    let _ = LAST_SOCKET_FD.remove(&pid_tgid);
+    let tid = pid_tgid as u32;
     let _ = TARGETS.remove(&tid);
-    if tid == (pid_tgid >> 32) as u32 {
+    if tid == tgid {
         let record = ProcessRecord {
             kind: RECORD_PROCESS_EXIT,
             tgid: tid,

@@ -3,6 +3,7 @@
 
 pub mod elf;
 pub mod process;
+pub mod select;
 pub mod sockets;
 pub mod tls;
 
@@ -14,9 +15,9 @@ use std::{
 };
 
 use apitoolkit_common::{
-    CONFIG_CAPTURE_STDERR, COUNTER_CONN_TABLE_FULL, COUNTER_INFLIGHT_TABLE_FULL,
-    COUNTER_READ_FAILED, COUNTER_RINGBUF_FULL, COUNTER_TLS_UNMAPPED, ConnState, Disabled, conn_key,
-    source_bit,
+    CONFIG_AGENT_TGID, CONFIG_CAPTURE_STDERR, CONFIG_SELECT_ALL, CONFIG_SELECT_CGROUPS,
+    COUNTER_CONN_TABLE_FULL, COUNTER_INFLIGHT_TABLE_FULL, COUNTER_READ_FAILED,
+    COUNTER_RINGBUF_FULL, COUNTER_TLS_UNMAPPED, ConnState, Disabled, conn_key, source_bit,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -233,6 +234,11 @@ impl Probes {
         Ok(Self { ebpf, tls_loaded })
     }
 
+    /// The SSL uprobe programs loaded, so TLS libraries can be probed.
+    pub fn tls_available(&self) -> bool {
+        self.tls_loaded
+    }
+
     fn uprobe(&mut self, program: &str) -> &mut UProbe {
         uprobe(&mut self.ebpf, program)
     }
@@ -277,17 +283,39 @@ impl Probes {
             .expect("map is defined in the kernel object")
     }
 
-    /// Makes the kernel send what target threads write to stderr (for error reports).
-    pub fn capture_stderr(&mut self, enabled: bool) -> Result<(), ProbeError> {
+    fn set_config(&mut self, index: u32, value: u32) -> Result<(), ProbeError> {
         let map_error = |source| ProbeError::Map {
             name: "CONFIG",
             source,
         };
         let mut config: Array<_, u32> =
             Array::try_from(self.map_mut("CONFIG")).map_err(map_error)?;
-        config
-            .set(CONFIG_CAPTURE_STDERR, u32::from(enabled), 0)
-            .map_err(map_error)
+        config.set(index, value, 0).map_err(map_error)
+    }
+
+    /// Makes the kernel send what target threads write to stderr (for error reports).
+    pub fn capture_stderr(&mut self, enabled: bool) -> Result<(), ProbeError> {
+        self.set_config(CONFIG_CAPTURE_STDERR, u32::from(enabled))
+    }
+
+    /// Makes every process but the agent a target, in the kernel.
+    pub fn select_all(&mut self) -> Result<(), ProbeError> {
+        self.set_config(CONFIG_AGENT_TGID, std::process::id())?;
+        self.set_config(CONFIG_SELECT_ALL, 1)
+    }
+
+    /// Makes the processes of these cgroups (v2 ids) targets, in the kernel.
+    pub fn select_cgroups(&mut self, ids: &[u64]) -> Result<(), ProbeError> {
+        let map_error = |source| ProbeError::Map {
+            name: "CGROUP_TARGETS",
+            source,
+        };
+        let mut cgroups: HashMap<_, u64, u8> =
+            HashMap::try_from(self.map_mut("CGROUP_TARGETS")).map_err(map_error)?;
+        for id in ids {
+            cgroups.insert(id, 1, 0).map_err(map_error)?;
+        }
+        self.set_config(CONFIG_SELECT_CGROUPS, 1)
     }
 
     pub fn add_targets(&mut self, pids: &[u32]) -> Result<(), ProbeError> {

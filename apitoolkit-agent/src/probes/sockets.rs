@@ -88,8 +88,8 @@ fn classify(entries: &[TcpEntry], sockets: &HashMap<u64, i32>) -> Vec<ExistingCo
     connections
 }
 
-/// Established TCP connections held by `pid`, with the role its side plays.
-pub fn existing_connections(pid: u32) -> Vec<ExistingConnection> {
+/// The process's socket fds by inode.
+fn socket_fds(pid: u32) -> HashMap<u64, i32> {
     let mut sockets = HashMap::new();
     if let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) {
         for entry in entries.flatten() {
@@ -111,13 +111,36 @@ pub fn existing_connections(pid: u32) -> Vec<ExistingConnection> {
             }
         }
     }
+    sockets
+}
+
+/// The TCP sockets of the process's network namespace.
+fn tcp_entries(pid: u32) -> Vec<TcpEntry> {
     let mut entries = Vec::new();
     for table in ["tcp", "tcp6"] {
         if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
             entries.extend(parse_tcp_table(&text));
         }
     }
-    classify(&entries, &sockets)
+    entries
+}
+
+/// Established TCP connections held by `pid`, with the role its side plays.
+pub fn existing_connections(pid: u32) -> Vec<ExistingConnection> {
+    classify(&tcp_entries(pid), &socket_fds(pid))
+}
+
+/// Whether `pid` holds a socket listening on one of `ports`.
+pub fn listens_on(pid: u32, ports: &[u16]) -> bool {
+    let sockets = socket_fds(pid);
+    if sockets.is_empty() {
+        return false;
+    }
+    tcp_entries(pid).iter().any(|entry| {
+        entry.state == TCP_LISTEN
+            && ports.contains(&entry.local.port())
+            && sockets.contains_key(&entry.inode)
+    })
 }
 
 #[cfg(test)]
