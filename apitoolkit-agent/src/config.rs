@@ -47,6 +47,15 @@ pub enum Command {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Output {
     /// One JSON payload per line on standard output.
     Stdout,
@@ -145,6 +154,20 @@ pub struct CaptureArgs {
     #[arg(long, env = "APITOOLKIT_DEBUG")]
     pub debug: bool,
 
+    /// Log line format on standard error.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "APITOOLKIT_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
+    /// Address serving the agent's Prometheus /metrics and /healthz, or `off`.
+    #[arg(
+        long,
+        value_name = "ADDR|off",
+        default_value = "127.0.0.1:9464",
+        value_parser = parse_endpoint,
+        env = "APITOOLKIT_METRICS_ADDRESS"
+    )]
+    pub metrics_address: Endpoint,
+
     /// Publish the requests watched processes make (client side) as their own payloads,
     /// linked to the incoming request being served.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL",
@@ -239,6 +262,28 @@ impl CaptureArgs {
             matches!(output, Output::Stdout | Output::Both),
             matches!(output, Output::Pubsub | Output::Both),
         )
+    }
+}
+
+/// A local address to serve on, or none (`off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint(pub Option<std::net::SocketAddr>);
+
+fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
+    if text == "off" {
+        return Ok(Endpoint(None));
+    }
+    text.parse()
+        .map(|address| Endpoint(Some(address)))
+        .map_err(|_| format!("{text:?} is not an address such as 127.0.0.1:9464 (or off)"))
+}
+
+impl Serialize for Endpoint {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(address) => serializer.collect_str(&address),
+            None => serializer.serialize_str("off"),
+        }
     }
 }
 

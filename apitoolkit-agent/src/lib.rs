@@ -9,6 +9,7 @@ pub mod errors;
 pub mod events;
 pub mod http;
 pub mod link;
+pub mod observability;
 pub mod payload;
 pub mod pipeline;
 pub mod preflight;
@@ -17,7 +18,7 @@ pub mod redact;
 pub mod sinks;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fs::File,
     io::{BufRead, BufReader, BufWriter, Write},
     path::Path,
@@ -34,6 +35,7 @@ use aya::maps::{MapData, RingBuf};
 use crate::{
     config::CaptureArgs,
     events::{ConnId, Event},
+    observability::{Heartbeat, Snapshot},
     payload::{Payload, PayloadSettings, SdkType},
     pipeline::{CaptureScope, Pipeline, ProfileDetector},
     probes::{
@@ -195,6 +197,11 @@ struct Capture {
     /// Processes already warned about for TLS the agent cannot read.
     unreadable_tls_reported: HashSet<u32>,
     decode_errors: u64,
+    /// Payload bytes the kernel delivered.
+    captured_bytes: u64,
+    /// Names of watched processes, for metric labels.
+    process_names: HashMap<u32, String>,
+    heartbeat: Heartbeat,
 }
 
 impl Capture {
@@ -202,6 +209,9 @@ impl Capture {
         if let Some(recorder) = &mut self.recorder {
             serde_json::to_writer(&mut *recorder, &event)?;
             recorder.write_all(b"\n")?;
+        }
+        if let Event::Data(data) = &event {
+            self.captured_bytes += data.data.len() as u64;
         }
         let output = self.pipeline.feed(event);
         for (conn, source) in output.disable {
@@ -300,6 +310,37 @@ impl Capture {
         })
     }
 
+    fn record_metrics(&mut self, probes: &Probes) -> anyhow::Result<()> {
+        let losses = probes.losses()?;
+        let watched = &self.watched;
+        self.process_names.retain(|pid, _| watched.contains(pid));
+        for pid in self.pipeline.payloads_by_process().keys() {
+            self.process_names
+                .entry(*pid)
+                .or_insert_with(|| process::name(*pid));
+        }
+        let payloads_by_process = self
+            .pipeline
+            .payloads_by_process()
+            .iter()
+            .map(|(pid, payloads)| {
+                let name = self.process_names.get(pid).map_or("", String::as_str);
+                (*pid, name, *payloads)
+            })
+            .collect();
+        observability::record(&Snapshot {
+            tracker: self.pipeline.stats(),
+            links: self.pipeline.link_stats(),
+            losses: &losses,
+            decode_errors: self.decode_errors,
+            captured_bytes: self.captured_bytes,
+            sinks: &self.sinks,
+            watched_processes: self.watched.len(),
+            payloads_by_process,
+        });
+        Ok(())
+    }
+
     /// Consumes events until `stop` is set or every watched root process has exited.
     fn run(&mut self, probes: &mut Probes, stop: &AtomicBool) -> anyhow::Result<StopReason> {
         let mut last_liveness_check = Instant::now();
@@ -316,6 +357,8 @@ impl Capture {
             }
             if last_liveness_check.elapsed() > Duration::from_secs(1) {
                 last_liveness_check = Instant::now();
+                self.heartbeat.beat();
+                self.record_metrics(probes)?;
                 // Exit records can be lost when the ring buffer is full: /proc decides.
                 if !self.selector.is_open_ended() && self.selector.live_roots().is_empty() {
                     self.drain(probes)?;
@@ -340,6 +383,7 @@ pub fn capture(
     args: &CaptureArgs,
     sinks: Vec<Arc<PayloadQueue>>,
     stop: Arc<AtomicBool>,
+    heartbeat: Heartbeat,
 ) -> anyhow::Result<StopReason> {
     let selector = Selector::new(&args.pids, &args.exes, &args.ports, &args.cgroups, args.all)?;
     let redactor = redactor(args)?;
@@ -377,6 +421,9 @@ pub fn capture(
         tls: TlsWatcher::default(),
         unreadable_tls_reported: HashSet::new(),
         decode_errors: 0,
+        captured_bytes: 0,
+        process_names: HashMap::new(),
+        heartbeat,
     };
     let discovered = capture.discover(&mut probes)?;
     tracing::info!(
@@ -388,7 +435,9 @@ pub fn capture(
         ports = ?args.ports,
         "watching processes"
     );
+    capture.heartbeat.beat();
     let reason = capture.run(&mut probes, &stop);
+    capture.record_metrics(&probes)?;
     if let Some(recorder) = &mut capture.recorder {
         recorder.flush().context("writing the recording")?;
     }

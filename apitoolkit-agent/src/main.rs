@@ -10,7 +10,8 @@ use std::{
 use anyhow::Context as _;
 use apitoolkit_agent::{
     StopReason, capture,
-    config::{self, CaptureArgs, Cli, Command, ConfigError},
+    config::{self, CaptureArgs, Cli, Command, ConfigError, Endpoint, LogFormat},
+    observability::{self, Heartbeat},
     preflight, replay,
     sinks::{self, PayloadQueue, pubsub::DestinationConfig},
 };
@@ -38,15 +39,34 @@ fn destination_config(args: &CaptureArgs) -> DestinationConfig {
     }
 }
 
-fn init_logging(debug: bool) {
+fn init_logging(debug: bool, format: LogFormat) {
     let default = if debug { "debug" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("APITOOLKIT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let logger = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logger.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logger.json().init(),
+    }
+}
+
+/// Serves /metrics and /healthz in the background; failures cost the endpoint, not capture.
+async fn start_observability(endpoint: Endpoint, heartbeat: Heartbeat) {
+    let Endpoint(Some(address)) = endpoint else {
+        return;
+    };
+    let metrics = match observability::install_recorder() {
+        Ok(metrics) => metrics,
+        Err(error) => {
+            tracing::warn!(%error, "metrics recorder not installed");
+            return;
+        }
+    };
+    if let Some(listener) = observability::bind(address).await {
+        tokio::spawn(observability::serve(listener, metrics, heartbeat));
+    }
 }
 
 #[tokio::main]
@@ -60,7 +80,7 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    init_logging(cli.capture.debug);
+    init_logging(cli.capture.debug, cli.capture.log_format);
     if let Err(error) = run(cli).await {
         eprintln!("apitoolkit-agent: {error:#}");
         std::process::exit(1);
@@ -116,13 +136,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         None
     };
+    let heartbeat = Heartbeat::default();
+    start_observability(cli.capture.metrics_address, heartbeat.clone()).await;
     let stop = Arc::new(AtomicBool::new(false));
     let args = Arc::new(cli.capture);
     let mut capture_task = tokio::task::spawn_blocking({
         let stop = stop.clone();
         let args = args.clone();
         let queues = queues.clone();
-        move || capture(&args, queues, stop)
+        move || capture(&args, queues, stop, heartbeat)
     });
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

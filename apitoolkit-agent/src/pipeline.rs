@@ -58,6 +58,8 @@ pub struct Pipeline {
     link_stats: LinkStats,
     profiles: HashMap<u32, ProcessProfile>,
     detect_profile: ProfileDetector,
+    /// Payloads per live process, for the agent's metrics.
+    payloads_by_process: HashMap<u32, u64>,
 }
 
 impl Pipeline {
@@ -77,6 +79,7 @@ impl Pipeline {
             link_stats: LinkStats::default(),
             profiles: HashMap::new(),
             detect_profile,
+            payloads_by_process: HashMap::new(),
         }
     }
 
@@ -86,6 +89,11 @@ impl Pipeline {
 
     pub fn link_stats(&self) -> &LinkStats {
         &self.link_stats
+    }
+
+    /// Payloads emitted so far for each live watched process.
+    pub fn payloads_by_process(&self) -> &HashMap<u32, u64> {
+        &self.payloads_by_process
     }
 
     fn profile(&mut self, tgid: u32) -> ProcessProfile {
@@ -175,6 +183,10 @@ impl Pipeline {
         let mut payload = payload::build(exchange, sdk_type, links, &self.settings);
         self.redactor.apply(&mut payload);
         output.payloads.push(payload);
+        *self
+            .payloads_by_process
+            .entry(exchange.conn.tgid)
+            .or_default() += 1;
     }
 
     fn links(&mut self, exchange: &TrackedExchange, profile: ProcessProfile) -> Links {
@@ -229,6 +241,7 @@ impl Pipeline {
                 self.linker.forget_process(tgid);
                 self.stderr.forget_process(tgid);
                 self.profiles.remove(&tgid);
+                self.payloads_by_process.remove(&tgid);
             }
             None => {}
         }

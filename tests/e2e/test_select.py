@@ -126,3 +126,41 @@ def test_config_print_merges_flag_env_and_file(tmp_path):
     assert 'topic = "from-env"' in printed
     assert "port = [8080]" in printed
     assert 'api-key = "****"' in printed
+
+
+def metric(text, name):
+    """The value of an unlabelled (or exactly labelled) sample in Prometheus text."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return None
+
+
+def test_metrics_healthz_and_json_logs(flask_server):
+    import json
+    import time
+
+    port = free_port()
+    agent = Agent([flask_server.pid], "--metrics-address", f"127.0.0.1:{port}", "--log-format", "json")
+    try:
+        for i in range(3):
+            assert requests.get(f"{flask_server.base}/item/{i}").status_code == 200
+        assert len(agent.wait_for(3)) == 3
+        endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            text = requests.get(f"{endpoint}/metrics").text
+            if metric(text, "apitoolkit_agent_exchanges_total") == 3:
+                break
+            time.sleep(0.2)
+        assert metric(text, "apitoolkit_agent_exchanges_total") == 3, text
+        name = Path(f"/proc/{flask_server.pid}/comm").read_text().strip()
+        assert metric(text, f'apitoolkit_agent_payloads_total{{pid="{flask_server.pid}",process="{name}"}}') == 3
+        assert metric(text, 'apitoolkit_agent_dropped_events_total{cause="ringbuf_full"}') == 0
+        assert metric(text, "apitoolkit_agent_watched_processes") == 1
+        health = requests.get(f"{endpoint}/healthz")
+        assert (health.status_code, health.text) == (200, "ok\n")
+    finally:
+        assert agent.stop() == 0
+    records = [json.loads(line) for line in agent.log]
+    assert any(r["fields"]["message"] == "capture stopped" and r["fields"]["exchanges"] == 3 for r in records)

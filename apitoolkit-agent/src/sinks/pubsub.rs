@@ -200,6 +200,7 @@ pub async fn run(
             match future.await {
                 Ok(message_id) => {
                     stats.published += 1;
+                    metrics::counter!("apitoolkit_agent_published_payloads_total").increment(1);
                     tracing::debug!(%message_id, msg_id = %payload.msg_id, "published");
                 }
                 Err(error) => {
@@ -218,6 +219,7 @@ pub async fn run(
             }
             Some(error) => {
                 stats.failed_attempts += 1;
+                metrics::counter!("apitoolkit_agent_publish_failures_total").increment(1);
                 if !failing {
                     tracing::warn!(%error, topic = %destination.topic_path, undelivered = undelivered.len(),
                         "publishing failed; payloads stay queued and are retried");

@@ -1,0 +1,213 @@
+//! The agent's own health and metrics: Prometheus text on `/metrics` and a liveness answer on
+//! `/healthz`, served on a local address. The capture loop publishes its counters here once a
+//! second; a loop that stops ticking makes `/healthz` fail.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use crate::{
+    connections::TrackerStats, pipeline::LinkStats, probes::KernelLosses, sinks::PayloadQueue,
+};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+/// `/healthz` fails when the capture loop has not ticked for this long.
+const STALL_SECONDS: u64 = 5;
+const MAX_REQUEST_BYTES: usize = 8 * 1024;
+
+fn now_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or_default()
+}
+
+/// When the capture loop last ran, shared between it and the HTTP endpoint.
+#[derive(Clone, Default)]
+pub struct Heartbeat(Arc<AtomicU64>);
+
+impl Heartbeat {
+    pub fn beat(&self) {
+        self.0.store(now_seconds(), Ordering::Relaxed);
+    }
+
+    fn healthy(&self) -> bool {
+        now_seconds().saturating_sub(self.0.load(Ordering::Relaxed)) < STALL_SECONDS
+    }
+}
+
+/// What the capture loop reports once a second; counters are absolute totals.
+pub struct Snapshot<'a> {
+    pub tracker: &'a TrackerStats,
+    pub links: &'a LinkStats,
+    pub losses: &'a KernelLosses,
+    pub decode_errors: u64,
+    pub captured_bytes: u64,
+    pub sinks: &'a [Arc<PayloadQueue>],
+    pub watched_processes: usize,
+    /// Payloads per live process, with its name.
+    pub payloads_by_process: Vec<(u32, &'a str, u64)>,
+}
+
+/// Publishes a snapshot to the metrics recorder (a no-op without one).
+pub fn record(snapshot: &Snapshot<'_>) {
+    use metrics::{counter, gauge};
+    let tracker = snapshot.tracker;
+    counter!("apitoolkit_agent_exchanges_total").absolute(tracker.exchanges);
+    counter!("apitoolkit_agent_connections_total").absolute(tracker.connections_opened);
+    counter!("apitoolkit_agent_captured_bytes_total").absolute(snapshot.captured_bytes);
+    counter!("apitoolkit_agent_gaps_total").absolute(tracker.gaps);
+    counter!("apitoolkit_agent_gap_bytes_total").absolute(tracker.gap_bytes);
+    for (kind, value) in [
+        ("malformed", tracker.malformed_messages),
+        ("desync", tracker.desyncs),
+        ("unpaired_request", tracker.unpaired_requests),
+        ("unpaired_response", tracker.unpaired_responses),
+    ] {
+        counter!("apitoolkit_agent_parse_failures_total", "kind" => kind).absolute(value);
+    }
+    let losses = snapshot.losses;
+    for (cause, value) in [
+        ("ringbuf_full", losses.ringbuf_full),
+        ("conn_table_full", losses.conn_table_full),
+        ("inflight_table_full", losses.inflight_table_full),
+        ("user_read_failed", losses.user_read_failed),
+        ("tls_unmapped", losses.tls_unmapped),
+        ("decode_error", snapshot.decode_errors),
+    ] {
+        counter!("apitoolkit_agent_dropped_events_total", "cause" => cause).absolute(value);
+    }
+    counter!("apitoolkit_agent_tls_connections_total").absolute(tracker.tls_connections);
+    counter!("apitoolkit_agent_unreadable_tls_connections_total")
+        .absolute(tracker.unreadable_tls_connections);
+    let links = snapshot.links;
+    counter!("apitoolkit_agent_outgoing_with_parent_total").absolute(links.outgoing_with_parent);
+    counter!("apitoolkit_agent_failed_calls_total").absolute(links.failed_calls);
+    counter!("apitoolkit_agent_errors_attached_total").absolute(links.errors_attached);
+    for sink in snapshot.sinks {
+        let name = sink.name();
+        gauge!("apitoolkit_agent_sink_queued_bytes", "sink" => name)
+            .set(sink.queued_bytes() as f64);
+        counter!("apitoolkit_agent_sink_dropped_payloads_total", "sink" => name)
+            .absolute(sink.dropped());
+    }
+    gauge!("apitoolkit_agent_watched_processes").set(snapshot.watched_processes as f64);
+    for (pid, name, payloads) in &snapshot.payloads_by_process {
+        counter!("apitoolkit_agent_payloads_total", "pid" => pid.to_string(), "process" => name.to_string())
+            .absolute(*payloads);
+    }
+}
+
+/// Installs the process-wide metrics recorder.
+pub fn install_recorder() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    PrometheusBuilder::new().install_recorder()
+}
+
+fn response(status: &str, content_type: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// The answer to one request, from its bytes.
+fn answer(request: &[u8], metrics: &PrometheusHandle, heartbeat: &Heartbeat) -> Option<String> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut parsed = httparse::Request::new(&mut headers);
+    if !parsed.parse(request).ok()?.is_complete() {
+        return None;
+    }
+    Some(match (parsed.method, parsed.path) {
+        (Some("GET"), Some("/metrics")) => {
+            response("200 OK", "text/plain; version=0.0.4", &metrics.render())
+        }
+        (Some("GET"), Some("/healthz")) if heartbeat.healthy() => {
+            response("200 OK", "text/plain", "ok\n")
+        }
+        (Some("GET"), Some("/healthz")) => response(
+            "503 Service Unavailable",
+            "text/plain",
+            "capture loop stalled\n",
+        ),
+        _ => response("404 Not Found", "text/plain", "try /metrics or /healthz\n"),
+    })
+}
+
+async fn handle(mut stream: TcpStream, metrics: PrometheusHandle, heartbeat: Heartbeat) {
+    let mut request = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while request.len() < MAX_REQUEST_BYTES {
+        match stream.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => request.extend_from_slice(&buffer[..read]),
+        }
+        if let Some(answer) = answer(&request, &metrics, &heartbeat) {
+            let _ = stream.write_all(answer.as_bytes()).await;
+            return;
+        }
+    }
+}
+
+/// Serves `/metrics` and `/healthz` until the runtime stops.
+pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, heartbeat: Heartbeat) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(handle(stream, metrics.clone(), heartbeat.clone()));
+            }
+            Err(error) => tracing::debug!(%error, "metrics endpoint accept failed"),
+        }
+    }
+}
+
+/// Binds the endpoint; a busy address costs the endpoint, never the capture.
+pub async fn bind(address: SocketAddr) -> Option<TcpListener> {
+    match TcpListener::bind(address).await {
+        Ok(listener) => {
+            tracing::info!(%address, "serving /metrics and /healthz");
+            Some(listener)
+        }
+        Err(error) => {
+            tracing::warn!(%address, %error, "metrics endpoint not served");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle() -> PrometheusHandle {
+        PrometheusBuilder::new().build_recorder().handle()
+    }
+
+    #[test]
+    fn healthz_follows_the_heartbeat_and_unknown_paths_are_404() {
+        let heartbeat = Heartbeat::default();
+        let get = |path: &str| {
+            answer(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+                &handle(),
+                &heartbeat,
+            )
+            .unwrap()
+        };
+        assert!(get("/healthz").starts_with("HTTP/1.1 503"));
+        heartbeat.beat();
+        assert!(get("/healthz").starts_with("HTTP/1.1 200"));
+        assert!(get("/metrics").starts_with("HTTP/1.1 200"));
+        assert!(get("/other").starts_with("HTTP/1.1 404"));
+        assert!(answer(b"GET /metr", &handle(), &heartbeat).is_none());
+    }
+}
