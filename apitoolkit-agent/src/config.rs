@@ -116,6 +116,31 @@ pub struct CaptureArgs {
     #[serde(rename = "cgroup")]
     pub cgroups: Vec<String>,
 
+    /// Watch the pods of this Kubernetes namespace (repeatable; the agent runs in a pod of
+    /// the DaemonSet and asks the API server).
+    #[arg(
+        long = "k8s-namespace",
+        value_name = "NAMESPACE",
+        env = "APITOOLKIT_K8S_NAMESPACES",
+        value_delimiter = ','
+    )]
+    #[serde(rename = "k8s-namespace")]
+    pub k8s_namespaces: Vec<String>,
+
+    /// Watch the pods with this label (repeatable; all given labels must match).
+    #[arg(
+        long = "k8s-label",
+        value_name = "KEY=VALUE",
+        env = "APITOOLKIT_K8S_LABELS",
+        value_delimiter = ','
+    )]
+    #[serde(rename = "k8s-label")]
+    pub k8s_labels: Vec<String>,
+
+    /// The Kubernetes node the agent runs on: only its pods are listed (the DaemonSet sets it).
+    #[arg(long, env = "APITOOLKIT_NODE_NAME")]
+    pub node_name: Option<String>,
+
     /// Watch every process on the host except the agent; selected in the kernel.
     #[arg(long, env = "APITOOLKIT_ALL")]
     pub all: bool,

@@ -8,6 +8,7 @@ pub mod connections;
 pub mod errors;
 pub mod events;
 pub mod http;
+pub mod kubernetes;
 pub mod link;
 pub mod observability;
 pub mod payload;
@@ -35,13 +36,14 @@ use aya::maps::{MapData, RingBuf};
 use crate::{
     config::CaptureArgs,
     events::{ConnId, Event},
+    kubernetes::SharedPods,
     observability::{Heartbeat, Snapshot},
     payload::{Payload, PayloadSettings, SdkType},
     pipeline::{CaptureScope, Pipeline, ProfileDetector},
     probes::{
         Probes,
         process::{self, ProcessProfile},
-        select::Selector,
+        select::{Criteria, Selector},
         sockets,
         tls::TlsWatcher,
     },
@@ -106,6 +108,23 @@ fn redactor(args: &CaptureArgs) -> anyhow::Result<Redactor> {
     )?)
 }
 
+fn pod_selector(args: &CaptureArgs) -> anyhow::Result<kubernetes::PodSelector> {
+    let labels = args
+        .k8s_labels
+        .iter()
+        .map(|label| {
+            label
+                .split_once('=')
+                .map(|(key, value)| (key.to_owned(), value.to_owned()))
+                .with_context(|| format!("--k8s-label {label:?}: expected KEY=VALUE"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(kubernetes::PodSelector {
+        namespaces: args.k8s_namespaces.clone(),
+        labels,
+    })
+}
+
 fn scope(args: &CaptureArgs) -> CaptureScope {
     CaptureScope {
         outgoing: args.capture_outgoing,
@@ -113,18 +132,24 @@ fn scope(args: &CaptureArgs) -> CaptureScope {
     }
 }
 
-/// Profiles live processes from /proc; `--sdk-type` overrides the detected framework.
-fn live_profiles(forced: Option<SdkType>) -> ProfileDetector {
+/// Profiles live processes from /proc, tagged with their pod when running in Kubernetes;
+/// `--sdk-type` overrides the detected framework.
+fn live_profiles(forced: Option<SdkType>, pods: SharedPods) -> ProfileDetector {
     Box::new(move |tgid| {
         let detected = process::profile(tgid);
+        let tags = kubernetes::pod_of_process(tgid)
+            .and_then(|pod| pods.read().ok().map(|index| index.tags(&pod)))
+            .unwrap_or_default();
         let profile = ProcessProfile {
             sdk_type: forced.unwrap_or(detected.sdk_type),
+            tags: tags.into(),
             ..detected
         };
         tracing::info!(
             pid = tgid,
             sdk_type = ?profile.sdk_type,
             thread_per_request = profile.thread_per_request,
+            tags = ?profile.tags,
             "detected framework"
         );
         profile
@@ -140,12 +165,13 @@ pub fn replay(file: &Path, args: &CaptureArgs, mut out: impl Write) -> anyhow::R
     let profile = ProcessProfile {
         sdk_type: args.sdk_type.unwrap_or(SdkType::SDKUnknown),
         thread_per_request: true,
+        tags: Arc::default(),
     };
     let mut pipeline = Pipeline::new(
         settings(args),
         scope(args),
         redactor(args)?,
-        Box::new(move |_| profile),
+        Box::new(move |_| profile.clone()),
     );
     let mut written = 0;
     for (index, line) in reader.lines().enumerate() {
@@ -384,8 +410,17 @@ pub fn capture(
     sinks: Vec<Arc<PayloadQueue>>,
     stop: Arc<AtomicBool>,
     heartbeat: Heartbeat,
+    pods: SharedPods,
 ) -> anyhow::Result<StopReason> {
-    let selector = Selector::new(&args.pids, &args.exes, &args.ports, &args.cgroups, args.all)?;
+    let criteria = Criteria {
+        pids: args.pids.clone(),
+        exes: args.exes.clone(),
+        ports: args.ports.clone(),
+        cgroups: args.cgroups.clone(),
+        all: args.all,
+        pods: pod_selector(args)?,
+    };
+    let selector = Selector::new(criteria, pods.clone())?;
     let redactor = redactor(args)?;
     let mut probes = Probes::load()?;
     probes.capture_stderr(args.capture_errors)?;
@@ -410,7 +445,7 @@ pub fn capture(
             settings(args),
             scope(args),
             redactor,
-            live_profiles(args.sdk_type),
+            live_profiles(args.sdk_type, pods),
         ),
         sinks,
         outbox: Vec::new(),

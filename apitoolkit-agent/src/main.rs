@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use apitoolkit_agent::{
     StopReason, capture,
     config::{self, CaptureArgs, Cli, Command, ConfigError, Endpoint, LogFormat},
+    kubernetes::{ApiClient, SharedPods},
     observability::{self, Heartbeat},
     preflight, replay,
     sinks::{self, PayloadQueue, pubsub::DestinationConfig},
@@ -50,6 +51,33 @@ fn init_logging(debug: bool, format: LogFormat) {
         LogFormat::Text => logger.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => logger.json().init(),
     }
+}
+
+/// In a Kubernetes pod: the node's pods, listed now and kept fresh, give pod tags and
+/// `--k8s-*` selection. Outside Kubernetes those flags are an error.
+async fn start_kubernetes(args: &CaptureArgs) -> anyhow::Result<SharedPods> {
+    let pods = SharedPods::default();
+    let selects_pods = !args.k8s_namespaces.is_empty() || !args.k8s_labels.is_empty();
+    let client = match ApiClient::in_cluster() {
+        Some(Ok(client)) => client,
+        Some(Err(error)) if !selects_pods => {
+            tracing::warn!(%error, "no Kubernetes metadata: payloads carry no pod tags");
+            return Ok(pods);
+        }
+        Some(Err(error)) => return Err(error.into()),
+        None if selects_pods => anyhow::bail!(
+            "--k8s-namespace and --k8s-label need the agent to run in a Kubernetes pod (its \
+             service account and KUBERNETES_SERVICE_HOST)"
+        ),
+        None => return Ok(pods),
+    };
+    // The first list must be there before processes are selected.
+    match client.pods(args.node_name.as_deref()).await {
+        Ok(index) => *pods.write().expect("not poisoned before any reader") = index,
+        Err(error) => tracing::warn!(%error, "could not list pods yet"),
+    }
+    tokio::spawn(client.keep_fresh(args.node_name.clone(), pods.clone()));
+    Ok(pods)
 }
 
 /// Serves /metrics and /healthz in the background; failures cost the endpoint, not capture.
@@ -136,6 +164,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         None
     };
+    let pods = start_kubernetes(&cli.capture).await?;
     let heartbeat = Heartbeat::default();
     start_observability(cli.capture.metrics_address, heartbeat.clone()).await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -144,7 +173,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let stop = stop.clone();
         let args = args.clone();
         let queues = queues.clone();
-        move || capture(&args, queues, stop, heartbeat)
+        move || capture(&args, queues, stop, heartbeat, pods)
     });
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

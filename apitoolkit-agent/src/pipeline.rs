@@ -98,7 +98,10 @@ impl Pipeline {
 
     fn profile(&mut self, tgid: u32) -> ProcessProfile {
         let detect = &mut self.detect_profile;
-        *self.profiles.entry(tgid).or_insert_with(|| detect(tgid))
+        self.profiles
+            .entry(tgid)
+            .or_insert_with(|| detect(tgid))
+            .clone()
     }
 
     fn on_stderr(&mut self, data: &DataEvent) {
@@ -124,8 +127,8 @@ impl Pipeline {
     }
 
     /// The request thread `tid` serves, where the runtime makes that a reliable parent.
-    fn parent(&mut self, tid: u32, profile: ProcessProfile) -> Option<uuid::Uuid> {
-        let parent_id = if profile.thread_per_request {
+    fn parent(&mut self, tid: u32, thread_per_request: bool) -> Option<uuid::Uuid> {
+        let parent_id = if thread_per_request {
             self.linker.parent(tid)
         } else {
             None
@@ -163,24 +166,28 @@ impl Pipeline {
         };
         let links = Links {
             errors: vec![error],
-            ..Links::outgoing(self.parent(call.tid, profile))
+            ..Links::outgoing(self.parent(call.tid, profile.thread_per_request))
         };
         self.emit(
             &exchange,
             outgoing_sdk_type(profile.sdk_type),
+            &profile.tags,
             links,
             output,
         );
     }
 
+    /// Builds, tags (with the process's own tags, e.g. its pod) and redacts one payload.
     fn emit(
         &mut self,
         exchange: &TrackedExchange,
         sdk_type: SdkType,
+        process_tags: &[String],
         links: Links,
         output: &mut PipelineOutput,
     ) {
         let mut payload = payload::build(exchange, sdk_type, links, &self.settings);
+        payload.tags.extend(process_tags.iter().cloned());
         self.redactor.apply(&mut payload);
         output.payloads.push(payload);
         *self
@@ -189,9 +196,9 @@ impl Pipeline {
             .or_default() += 1;
     }
 
-    fn links(&mut self, exchange: &TrackedExchange, profile: ProcessProfile) -> Links {
+    fn links(&mut self, exchange: &TrackedExchange, thread_per_request: bool) -> Links {
         match exchange.role {
-            Role::Client => Links::outgoing(self.parent(exchange.tid, profile)),
+            Role::Client => Links::outgoing(self.parent(exchange.tid, thread_per_request)),
             _ => {
                 let Answered { msg_id, errors } = self
                     .linker
@@ -229,8 +236,8 @@ impl Pipeline {
                 Role::Client => outgoing_sdk_type(profile.sdk_type),
                 _ => profile.sdk_type,
             };
-            let links = self.links(&exchange, profile);
-            self.emit(&exchange, sdk_type, links, &mut output);
+            let links = self.links(&exchange, profile.thread_per_request);
+            self.emit(&exchange, sdk_type, &profile.tags, links, &mut output);
         }
         for call in tracked.failed_calls {
             self.on_failed_call(call, &mut output);

@@ -41,15 +41,22 @@ fn settings() -> PayloadSettings {
 }
 
 fn pipeline(sdk_type: SdkType, redactor: Redactor) -> Pipeline {
+    // As a pod in Kubernetes would be tagged.
     let profile = ProcessProfile {
         sdk_type,
         thread_per_request: true,
+        tags: vec!["k8s.pod:shop-1".to_owned()].into(),
     };
     let scope = CaptureScope {
         outgoing: true,
         errors: true,
     };
-    Pipeline::new(settings(), scope, redactor, Box::new(move |_| profile))
+    Pipeline::new(
+        settings(),
+        scope,
+        redactor,
+        Box::new(move |_| profile.clone()),
+    )
 }
 
 fn replay_with(events: Vec<Event>, redactor: Redactor) -> Vec<Payload> {
@@ -115,7 +122,7 @@ fn recorded_session_yields_one_payload_per_request() {
     assert_eq!(body["args"]["name"], serde_json::json!(["bob"]));
     assert_eq!(get.sdk_type, SdkType::PythonFlask);
     assert_eq!(get.service_version.as_deref(), Some("2.1.0"));
-    assert_eq!(get.tags, vec!["env:test"]);
+    assert_eq!(get.tags, vec!["env:test", "k8s.pod:shop-1"]);
     assert!(get.duration > 0);
     assert!(
         get.timestamp.starts_with("2023-11-14T"),

@@ -164,3 +164,10 @@ def test_metrics_healthz_and_json_logs(flask_server):
         assert agent.stop() == 0
     records = [json.loads(line) for line in agent.log]
     assert any(r["fields"]["message"] == "capture stopped" and r["fields"]["exchanges"] == 3 for r in records)
+
+
+def test_kubernetes_selectors_outside_kubernetes_are_a_clear_error():
+    result = subprocess.run([str(AGENT_BIN), "--k8s-namespace", "shop"], capture_output=True, text=True,
+                            timeout=30, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1
+    assert "--k8s-namespace and --k8s-label need the agent to run in a Kubernetes pod" in result.stderr

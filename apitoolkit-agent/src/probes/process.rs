@@ -5,6 +5,7 @@ use std::{
     fs,
     io::Read,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use super::elf::ElfFile;
@@ -169,7 +170,7 @@ fn go_framework(exe: &Path) -> SdkType {
 }
 
 /// How a process serves HTTP, as far as /proc tells.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessProfile {
     /// Best guess of the framework; `SDKUnknown` when nothing matches.
     pub sdk_type: SdkType,
@@ -177,6 +178,8 @@ pub struct ProcessProfile {
     /// Ruby …), so what a thread does belongs to the request it serves. False for event loops
     /// (node, asyncio, gevent) and for Go, whose goroutines move between threads.
     pub thread_per_request: bool,
+    /// Added to every payload of the process (its pod, namespace, container and node).
+    pub tags: Arc<[String]>,
 }
 
 /// Python servers that run requests on an event loop rather than one per thread.
@@ -208,12 +211,14 @@ pub fn profile(pid: u32) -> ProcessProfile {
         return ProcessProfile {
             sdk_type,
             thread_per_request: !event_loop,
+            tags: Arc::default(),
         };
     }
     if exe_name == "node" || exe_name == "nodejs" || exe_name == "bun" {
         return ProcessProfile {
             sdk_type: node_framework(pid, &args),
             thread_per_request: false,
+            tags: Arc::default(),
         };
     }
     let exe = PathBuf::from(format!("/proc/{pid}/exe"));
@@ -221,11 +226,13 @@ pub fn profile(pid: u32) -> ProcessProfile {
         return ProcessProfile {
             sdk_type: go_framework(&exe),
             thread_per_request: false,
+            tags: Arc::default(),
         };
     }
     ProcessProfile {
         sdk_type: SdkType::SDKUnknown,
         thread_per_request: true,
+        tags: Arc::default(),
     }
 }
 

@@ -10,6 +10,7 @@ use std::{
 };
 
 use super::{process, sockets};
+use crate::kubernetes::{self, PodSelector, SharedPods};
 
 /// Where cgroup v2 is mounted: `/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts.
 fn cgroup2_root() -> PathBuf {
@@ -26,7 +27,9 @@ fn cgroup2_root() -> PathBuf {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SelectError {
-    #[error("no process to watch: pass --pid, --exe, --port, --cgroup or --all")]
+    #[error(
+        "no process to watch: pass --pid, --exe, --port, --cgroup, --k8s-namespace, --k8s-label or --all"
+    )]
     Nothing,
     #[error("no process with pid {0}")]
     NoSuchPid(u32),
@@ -45,13 +48,25 @@ pub struct Cgroup {
     pub id: u64,
 }
 
+/// What to select, as the flags give it.
 #[derive(Debug, Default)]
+pub struct Criteria {
+    pub pids: Vec<u32>,
+    pub exes: Vec<String>,
+    pub ports: Vec<u16>,
+    pub cgroups: Vec<String>,
+    pub all: bool,
+    pub pods: PodSelector,
+}
+
 pub struct Selector {
     roots: Vec<u32>,
     exes: Vec<String>,
     ports: Vec<u16>,
     cgroups: Vec<Cgroup>,
     all: bool,
+    pods: PodSelector,
+    pod_index: SharedPods,
 }
 
 /// `<cgroup2 mount>/a/b`, `/a/b` and `a/b` all name the cgroup `/a/b`.
@@ -121,14 +136,22 @@ fn all_pids() -> Vec<u32> {
 }
 
 impl Selector {
-    pub fn new(
-        pids: &[u32],
-        exes: &[String],
-        ports: &[u16],
-        cgroups: &[String],
-        all: bool,
-    ) -> Result<Self, SelectError> {
-        if pids.is_empty() && exes.is_empty() && ports.is_empty() && cgroups.is_empty() && !all {
+    pub fn new(criteria: Criteria, pod_index: SharedPods) -> Result<Self, SelectError> {
+        let Criteria {
+            pids,
+            exes,
+            ports,
+            cgroups,
+            all,
+            pods,
+        } = criteria;
+        if pids.is_empty()
+            && exes.is_empty()
+            && ports.is_empty()
+            && cgroups.is_empty()
+            && pods.is_empty()
+            && !all
+        {
             return Err(SelectError::Nothing);
         }
         if let Some(missing) = pids.iter().find(|pid| !process::exists(**pid)) {
@@ -150,11 +173,13 @@ impl Selector {
             })
             .collect::<Result<_, SelectError>>()?;
         Ok(Self {
-            roots: pids.to_vec(),
-            exes: exes.to_vec(),
-            ports: ports.to_vec(),
+            roots: pids,
+            exes,
+            ports,
             cgroups,
             all,
+            pods,
+            pod_index,
         })
     }
 
@@ -169,7 +194,22 @@ impl Selector {
     /// Whether processes that appear later can be selected: then the agent keeps running
     /// when none is left.
     pub fn is_open_ended(&self) -> bool {
-        self.all || !self.cgroups.is_empty() || !self.exes.is_empty() || !self.ports.is_empty()
+        self.all
+            || !self.cgroups.is_empty()
+            || !self.exes.is_empty()
+            || !self.ports.is_empty()
+            || !self.pods.is_empty()
+    }
+
+    fn pod_matches(&self, pid: u32) -> bool {
+        let Some(pod) = kubernetes::pod_of_process(pid) else {
+            return false;
+        };
+        self.pod_index
+            .read()
+            .ok()
+            .and_then(|index| index.pod(&pod).map(|info| self.pods.matches(info)))
+            .unwrap_or(false)
     }
 
     /// `--pid` processes still alive.
@@ -188,8 +228,7 @@ impl Selector {
     /// others it selects itself).
     pub fn scan(&self) -> Selected {
         let mut by_id = process::with_descendants(&self.roots);
-        let needs_proc_scan =
-            self.all || !self.cgroups.is_empty() || !self.exes.is_empty() || !self.ports.is_empty();
+        let needs_proc_scan = self.is_open_ended();
         let mut in_kernel = Vec::new();
         if needs_proc_scan {
             for pid in all_pids() {
@@ -198,6 +237,7 @@ impl Selector {
                 }
                 if (!self.exes.is_empty() && exe_matches(pid, &self.exes))
                     || (!self.ports.is_empty() && sockets::listens_on(pid, &self.ports))
+                    || (!self.pods.is_empty() && self.pod_matches(pid))
                 {
                     by_id.push(pid);
                 } else if self.all
@@ -233,6 +273,15 @@ impl Selected {
 mod tests {
     use super::*;
 
+    fn selector(pids: &[u32], cgroups: &[String]) -> Result<Selector, SelectError> {
+        let criteria = Criteria {
+            pids: pids.to_vec(),
+            cgroups: cgroups.to_vec(),
+            ..Criteria::default()
+        };
+        Selector::new(criteria, SharedPods::default())
+    }
+
     #[test]
     fn cgroup_paths_are_normalised_and_nest() {
         let root = Path::new("/sys/fs/cgroup");
@@ -254,7 +303,7 @@ mod tests {
         assert!(exe_matches(me, &[exe.to_string_lossy().into_owned()]));
         assert!(!exe_matches(me, &["no-such-program".to_owned()]));
         let own = cgroup_of(me).expect("cgroup v2 is mounted");
-        let selector = Selector::new(&[], &[], &[], &[own], false).unwrap();
+        let selector = selector(&[], &[own]).unwrap();
         assert!(selector.is_open_ended());
         // The agent never selects itself, and this test is the agent's process.
         assert!(!selector.scan().all().any(|pid| pid == me));
@@ -262,16 +311,13 @@ mod tests {
 
     #[test]
     fn selecting_nothing_or_a_missing_process_is_an_error() {
+        assert!(matches!(selector(&[], &[]), Err(SelectError::Nothing)));
         assert!(matches!(
-            Selector::new(&[], &[], &[], &[], false),
-            Err(SelectError::Nothing)
-        ));
-        assert!(matches!(
-            Selector::new(&[u32::MAX], &[], &[], &[], false),
+            selector(&[u32::MAX], &[]),
             Err(SelectError::NoSuchPid(_))
         ));
         assert!(matches!(
-            Selector::new(&[], &[], &[], &["/no/such/cgroup".into()], false),
+            selector(&[], &["/no/such/cgroup".into()]),
             Err(SelectError::Cgroup { .. })
         ));
     }
