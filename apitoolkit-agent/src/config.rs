@@ -266,6 +266,16 @@ pub struct CaptureArgs {
     #[arg(long, value_name = "FILE", env = "APITOOLKIT_RECORD")]
     pub record: Option<PathBuf>,
 
+    /// Size of the kernel-to-agent ring buffer (a power of two, at least 4096): more absorbs
+    /// longer bursts, at the cost of locked kernel memory. Overflow is counted, never blocking.
+    #[arg(
+        long,
+        default_value_t = crate::probes::DEFAULT_RING_BUFFER_BYTES,
+        value_parser = parse_ring_buffer_bytes,
+        env = "APITOOLKIT_RING_BUFFER_BYTES"
+    )]
+    pub ring_buffer_bytes: u32,
+
     /// Bytes of payloads that may wait for each sink; beyond that the oldest are dropped and
     /// counted, so a slow sink never grows the agent's memory.
     #[arg(long, default_value_t = 64 * 1024 * 1024, env = "APITOOLKIT_QUEUE_BYTES")]
@@ -287,6 +297,13 @@ impl CaptureArgs {
             matches!(output, Output::Stdout | Output::Both),
             matches!(output, Output::Pubsub | Output::Both),
         )
+    }
+}
+
+fn parse_ring_buffer_bytes(text: &str) -> Result<u32, String> {
+    match text.parse::<u32>() {
+        Ok(bytes) if bytes >= 4096 && bytes.is_power_of_two() => Ok(bytes),
+        _ => Err(format!("{text:?} is not a power of two of at least 4096")),
     }
 }
 

@@ -422,7 +422,7 @@ pub fn capture(
     };
     let selector = Selector::new(criteria, pods.clone())?;
     let redactor = redactor(args)?;
-    let mut probes = Probes::load()?;
+    let mut probes = Probes::load(args.ring_buffer_bytes)?;
     probes.capture_stderr(args.capture_errors)?;
     if selector.all() {
         probes.select_all()?;

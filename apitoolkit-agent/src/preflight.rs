@@ -148,7 +148,7 @@ pub fn run() -> Vec<Check> {
             "kernel without CONFIG_UPROBE_EVENTS: HTTPS is not captured",
         ),
     ];
-    checks.push(match Probes::load() {
+    checks.push(match Probes::load(probes::DEFAULT_RING_BUFFER_BYTES) {
         Ok(probes) if probes.tls_available() => check(
             "eBPF programs",
             Verdict::Pass,

@@ -138,6 +138,9 @@ fn missing(
     }
 }
 
+/// The ring buffer the kernel object declares: 32 MiB.
+pub const DEFAULT_RING_BUFFER_BYTES: u32 = 32 * 1024 * 1024;
+
 /// Capability bits (linux/capability.h) the agent needs when it does not run as root.
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
@@ -200,10 +203,13 @@ pub struct Probes {
 }
 
 impl Probes {
-    pub fn load() -> Result<Self, ProbeError> {
+    /// Loads and attaches everything; the event ring buffer gets `ring_buffer_bytes` (a power
+    /// of two, at least a page).
+    pub fn load(ring_buffer_bytes: u32) -> Result<Self, ProbeError> {
         check_privileges()?;
         ensure_tracefs()?;
         let mut ebpf = EbpfLoader::new()
+            .map_max_entries("EVENTS", ring_buffer_bytes)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/apitoolkit"

@@ -1,0 +1,87 @@
+"""Faults the agent must survive without hurting the service or pairing wrongly: the agent
+killed under load, thousands of short connections reusing fds, a ring buffer far too small."""
+import json
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from conftest import Agent, body, body_json
+from test_capture import read_responses
+
+
+def test_sigkill_under_load_costs_the_service_nothing(gthread_server):
+    agent = Agent([gthread_server.pid])
+    statuses = []
+    stop = threading.Event()
+
+    def load():
+        with requests.Session() as session:
+            while not stop.is_set():
+                statuses.append(session.get(f"{gthread_server.base}/item/1", timeout=5).status_code)
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    time.sleep(1.5)
+    agent.process.send_signal(signal.SIGKILL)
+    agent.process.wait(timeout=10)
+    served_at_kill = len(statuses)
+    time.sleep(1.5)
+    stop.set()
+    for worker in workers:
+        worker.join(timeout=10)
+    assert served_at_kill > 100
+    assert len(statuses) > served_at_kill + 100, "the service keeps serving after the kill"
+    assert set(statuses) == {200}
+
+
+def test_ten_thousand_short_connections_never_cross_pair(gthread_server):
+    """Each request on its own connection: the server reuses the same few fds all the time."""
+    total = 10_000
+    agent = Agent([gthread_server.pid])
+    host = f"127.0.0.1:{gthread_server.port}"
+
+    def one(i):
+        with socket.create_connection(("127.0.0.1", gthread_server.port)) as sock:
+            sock.sendall(f"GET /item/{i} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            return read_responses(sock, 1)[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        bodies = list(pool.map(one, range(total)))
+    assert all(json.loads(b) == {"item": i} for i, b in enumerate(bodies))
+    payloads = agent.wait_for(total, timeout=60)
+    assert agent.stop() == 0
+    stats = agent.stats()
+    for p in payloads:
+        assert body_json(p, "response_body") == {"item": int(p["url_path"].rsplit("/", 1)[1])}
+    assert len(payloads) == total, stats
+    assert stats["unpaired_requests"] == stats["unpaired_responses"] == stats["desyncs"] == 0
+
+
+def test_tiny_ring_buffer_counts_losses_and_never_mispairs(gthread_server):
+    agent = Agent([gthread_server.pid], "--ring-buffer-bytes", "65536", "--max-body-bytes", str(4 << 20))
+
+    def big(_):
+        return requests.get(f"{gthread_server.base}/big").content
+
+    def small(i):
+        return requests.get(f"{gthread_server.base}/item/{i}").json()
+
+    with ThreadPoolExecutor(8) as pool:
+        bigs = list(pool.map(big, range(16)))
+        smalls = list(pool.map(small, range(200)))
+    assert smalls == [{"item": i} for i in range(200)]
+    payloads = agent.wait_for(216, timeout=10)
+    assert agent.stop() == 0
+    stats = agent.stats()
+    assert stats["ringbuf_full"] > 0, "a 64 KiB ring cannot hold 2 MB responses"
+    for p in payloads:
+        if p["url_path"] == "/big":
+            complete = body(p, "response_body") == bigs[0]
+            assert complete or "apitoolkit.response_body_incomplete" in p["tags"]
+        else:
+            assert body_json(p, "response_body") == {"item": int(p["url_path"].rsplit("/", 1)[1])}
