@@ -322,6 +322,8 @@ impl Capture {
             self.handle(event, probes)?;
         }
         self.watched = selected.all().collect();
+        let watched = &self.watched;
+        self.tls.retain_processes(|pid| watched.contains(&pid));
         self.since_tls_rescan += 1;
         if self.since_tls_rescan >= TLS_RESCAN_SECONDS {
             self.since_tls_rescan = 0;

@@ -4,6 +4,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
@@ -145,6 +146,10 @@ def test_tls_library_loaded_after_the_agent_started(https_node_server, certifica
         client.stdin.flush()
         response = client.stdout.readline().strip()
         payloads = agent.wait_for(1)
+        # Past the next full rescan (every 5 s): an unchanged process is not reported again.
+        time.sleep(5.5)
+        probed = [line for line in agent.log if "TLS plaintext probed" in line and f"pid={client.pid}" in line]
+        assert len(probed) == 1, probed
     finally:
         client.kill()
         client.wait()

@@ -112,7 +112,11 @@ impl TlsWatcher {
             }
             self.reported.insert(pid, found);
         }
-        self.reported.retain(|pid, _| pids.contains(pid));
+    }
+
+    /// Forgets processes no longer watched; a scan of only some processes keeps the others.
+    pub fn retain_processes(&mut self, watched: impl Fn(u32) -> bool) {
+        self.reported.retain(|pid, _| watched(*pid));
     }
 
     /// Whether a TLS library of `pid` is probed (as of the last scan).
