@@ -91,7 +91,7 @@ enum Transport {
     },
     /// Plaintext comes from the TLS library; the socket's ciphertext is ignored.
     Tls,
-    /// Application data went both ways and no plaintext came: the TLS library is not probed.
+    /// Too much ciphertext came without plaintext: the TLS library is not probed.
     Unreadable,
 }
 
@@ -383,6 +383,24 @@ impl ConnectionTracker {
             .connections
             .entry(conn)
             .or_insert_with(|| Connection::new(Role::Unknown, None, false, max_body_bytes));
+        let starts_stream = match data.direction {
+            Direction::Ingress => connection.next_ingress,
+            Direction::Egress => connection.next_egress,
+        }
+        .is_none_or(|next| next == 0);
+        if data.source == Source::Syscall
+            && matches!(connection.transport, Transport::Plain)
+            && !connection.ignored
+            && starts_stream
+            && looks_like_tls_record(&data.data)
+        {
+            // Ciphertext: the plaintext, if this process's TLS library is probed, comes as TLS
+            // events on the same connection.
+            connection.transport = Transport::Encrypted {
+                ingress: RecordWalker::default(),
+                egress: RecordWalker::default(),
+            };
+        }
         match (data.source, &mut connection.transport) {
             (Source::Tls, Transport::Tls) | (Source::Syscall, Transport::Plain) => {}
             (Source::Tls, previous) => {
@@ -412,28 +430,6 @@ impl ConnectionTracker {
             }
         }
         if connection.ignored {
-            return;
-        }
-        let starts_stream = match data.direction {
-            Direction::Ingress => connection.next_ingress,
-            Direction::Egress => connection.next_egress,
-        }
-        .is_none_or(|next| next == 0);
-        if data.source == Source::Syscall && starts_stream && looks_like_tls_record(&data.data) {
-            // Ciphertext: the plaintext, if this process's TLS library is probed, comes as TLS
-            // events on the same connection.
-            let mut walker = RecordWalker::default();
-            walker.feed(&data.data);
-            connection.transport = match data.direction {
-                Direction::Ingress => Transport::Encrypted {
-                    ingress: walker,
-                    egress: RecordWalker::default(),
-                },
-                Direction::Egress => Transport::Encrypted {
-                    ingress: RecordWalker::default(),
-                    egress: walker,
-                },
-            };
             return;
         }
         let next = match data.direction {

@@ -314,7 +314,7 @@ impl Capture {
         let new_by_id: Vec<u32> = selected
             .by_id
             .iter()
-            .filter(|pid| new.contains(pid))
+            .filter(|pid| !self.watched.contains(pid))
             .copied()
             .collect();
         probes.add_targets(&new_by_id)?;

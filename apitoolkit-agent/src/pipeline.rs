@@ -9,7 +9,7 @@ use crate::{
     events::{ConnId, DataEvent, Event, Role, Source},
     http::{Exchange, parser::Message},
     link::{Answered, Linker},
-    payload::{self, Links, Payload, PayloadSettings, SdkType},
+    payload::{self, Links, Payload, PayloadSettings},
     probes::process::{ProcessProfile, outgoing_sdk_type},
     redact::Redactor,
 };
@@ -168,26 +168,24 @@ impl Pipeline {
             errors: vec![error],
             ..Links::outgoing(self.parent(call.tid, profile.thread_per_request))
         };
-        self.emit(
-            &exchange,
-            outgoing_sdk_type(profile.sdk_type),
-            &profile.tags,
-            links,
-            output,
-        );
+        self.emit(&exchange, &profile, links, output);
     }
 
-    /// Builds, tags (with the process's own tags, e.g. its pod) and redacts one payload.
+    /// Builds, tags (with the process's own tags, e.g. its pod) and redacts one payload; the
+    /// `sdk_type` is the process's, or its runtime's outgoing one for a client exchange.
     fn emit(
         &mut self,
         exchange: &TrackedExchange,
-        sdk_type: SdkType,
-        process_tags: &[String],
+        profile: &ProcessProfile,
         links: Links,
         output: &mut PipelineOutput,
     ) {
+        let sdk_type = match exchange.role {
+            Role::Client => outgoing_sdk_type(profile.sdk_type),
+            _ => profile.sdk_type,
+        };
         let mut payload = payload::build(exchange, sdk_type, links, &self.settings);
-        payload.tags.extend(process_tags.iter().cloned());
+        payload.tags.extend(profile.tags.iter().cloned());
         self.redactor.apply(&mut payload);
         output.payloads.push(payload);
         *self
@@ -232,12 +230,8 @@ impl Pipeline {
                 continue;
             }
             let profile = self.profile(exchange.conn.tgid);
-            let sdk_type = match exchange.role {
-                Role::Client => outgoing_sdk_type(profile.sdk_type),
-                _ => profile.sdk_type,
-            };
             let links = self.links(&exchange, profile.thread_per_request);
-            self.emit(&exchange, sdk_type, &profile.tags, links, &mut output);
+            self.emit(&exchange, &profile, links, &mut output);
         }
         for call in tracked.failed_calls {
             self.on_failed_call(call, &mut output);

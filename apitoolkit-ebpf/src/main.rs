@@ -538,12 +538,36 @@ fn is_disabled(key: u64, generation: u64, source: u8) -> bool {
     }
 }
 
-/// Advances one direction's byte counter by `total` and returns the position it started at.
+/// Places `total` bytes of `call` in the connection's stream for that source and direction,
+/// and emits them unless userspace disabled the source. Syscall bytes and TLS plaintext keep
+/// separate positions.
 #[inline(always)]
-fn advance(counter: &mut u64, total: u64) -> u64 {
+fn emit_on_connection(
+    state: &mut ConnState,
+    tgid: u32,
+    call: &InFlightCall,
+    tid: u32,
+    direction: u8,
+    source: u8,
+    total: u64,
+) {
+    let counter = match (source == SOURCE_TLS, direction == DIRECTION_EGRESS) {
+        (false, true) => &mut state.bytes_sent,
+        (false, false) => &mut state.bytes_received,
+        (true, true) => &mut state.tls_bytes_sent,
+        (true, false) => &mut state.tls_bytes_received,
+    };
     let start = *counter;
     *counter += total;
-    start
+    if is_disabled(conn_key(tgid, call.fd), state.generation, source) {
+        return;
+    }
+    let conn = ConnId {
+        tgid,
+        fd: call.fd,
+        generation: state.generation,
+    };
+    emit_data(call, conn, tid, direction, source, total, start);
 }
 
 #[inline(always)]
@@ -590,31 +614,16 @@ fn on_data_exit(ctx: &TracePointContext, direction: u8) -> u32 {
         }
         return 0;
     };
-    let state = unsafe { &mut *state };
     // TLS libraries with their own buffers (node) read and write the socket outside SSL calls.
     let _ = LAST_SOCKET_FD.insert(&pid_tgid, &call.fd, 0);
-    let start = if direction == DIRECTION_EGRESS {
-        advance(&mut state.bytes_sent, total)
-    } else {
-        advance(&mut state.bytes_received, total)
-    };
-    let key = conn_key(tgid, call.fd);
-    if is_disabled(key, state.generation, SOURCE_SYSCALL) {
-        return 0;
-    }
-    let conn = ConnId {
+    emit_on_connection(
+        unsafe { &mut *state },
         tgid,
-        fd: call.fd,
-        generation: state.generation,
-    };
-    emit_data(
         &call,
-        conn,
         pid_tgid as u32,
         direction,
         SOURCE_SYSCALL,
         total,
-        start,
     );
     0
 }
@@ -764,24 +773,9 @@ fn exit_tls_call(ctx: &RetProbeContext) -> u32 {
         count(COUNTER_TLS_UNMAPPED);
         return 0;
     };
-    let key = conn_key(tgid, fd);
-    let Some(state) = CONNECTIONS.get_ptr_mut(&key) else {
+    let Some(state) = CONNECTIONS.get_ptr_mut(&conn_key(tgid, fd)) else {
         count(COUNTER_TLS_UNMAPPED);
         return 0;
-    };
-    let state = unsafe { &mut *state };
-    let start = if call.direction == DIRECTION_EGRESS {
-        advance(&mut state.tls_bytes_sent, total)
-    } else {
-        advance(&mut state.tls_bytes_received, total)
-    };
-    if is_disabled(key, state.generation, SOURCE_TLS) {
-        return 0;
-    }
-    let conn = ConnId {
-        tgid,
-        fd,
-        generation: state.generation,
     };
     let buffer = InFlightCall {
         user_ptr: call.buf,
@@ -791,14 +785,14 @@ fn exit_tls_call(ctx: &RetProbeContext) -> u32 {
         socket_only: 0,
         _pad: [0; 2],
     };
-    emit_data(
+    emit_on_connection(
+        unsafe { &mut *state },
+        tgid,
         &buffer,
-        conn,
         pid_tgid as u32,
         call.direction,
         SOURCE_TLS,
         total,
-        start,
     );
     0
 }
