@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -24,7 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Installs what building and testing need (rust-src, bpf-linker, Python test packages).
+    /// Installs what building and testing need (rust-src, bpf-linker, cargo-fuzz, Python test
+    /// packages).
     Setup,
     /// Builds the agent with its embedded eBPF object.
     Build {
@@ -33,7 +35,8 @@ enum Task {
     },
     /// Builds, starts a demo Flask app, attaches the agent, sends requests and shows the payloads.
     Demo,
-    /// Runs every test: unit tests, then the end-to-end suite with real eBPF (needs root).
+    /// Runs every test: unit tests, a bounded fuzzing run, then the end-to-end suite with real
+    /// eBPF (needs root).
     Test {
         /// Extra arguments for pytest (e.g. -k keepalive).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -41,6 +44,15 @@ enum Task {
     },
     /// Measures the agent's overhead under load and prints a table.
     Bench,
+    /// Runs the fuzz targets (HTTP reassembly, redaction); by default as long as the test suite.
+    Fuzz {
+        /// Executions per target.
+        #[arg(long, conflicts_with = "seconds")]
+        runs: Option<u64>,
+        /// Seconds per target instead of an execution count.
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -83,6 +95,7 @@ fn test(pytest_args: &[String]) -> anyhow::Result<()> {
     run(Command::new("cargo")
         .current_dir(workspace_root())
         .arg("test"))?;
+    fuzz::run_all(fuzz::TEST_BUDGET)?;
     build_agent(true)?;
     run(Command::new("python3")
         .current_dir(workspace_root())
@@ -95,11 +108,17 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Setup => {
             setup::toolchain()?;
+            setup::cargo_fuzz()?;
             setup::python_packages()
         }
         Task::Build { release } => build_agent(release),
         Task::Demo => demo::run(),
         Task::Test { pytest_args } => test(&pytest_args),
         Task::Bench => bench::run(),
+        Task::Fuzz { runs, seconds } => fuzz::run_all(match (runs, seconds) {
+            (_, Some(seconds)) => fuzz::Budget::Seconds(seconds),
+            (Some(runs), None) => fuzz::Budget::Runs(runs),
+            (None, None) => fuzz::TEST_BUDGET,
+        }),
     }
 }

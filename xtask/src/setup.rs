@@ -10,6 +10,7 @@ use crate::{run, workspace_root};
 /// bpf-linker must load the same LLVM major as the nightly rustc; 0.10.4 dlopens the nightly
 /// toolchain's own libLLVM.
 const BPF_LINKER_VERSION: &str = "0.10.4";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn output(command: &mut Command) -> Option<String> {
     let output = command.output().ok()?;
@@ -53,6 +54,23 @@ pub fn toolchain() -> anyhow::Result<()> {
         .context("installing bpf-linker")?;
     }
     Ok(())
+}
+
+pub fn cargo_fuzz() -> anyhow::Result<()> {
+    let installed = output(Command::new("cargo").args(["fuzz", "--version"])).unwrap_or_default();
+    if installed.contains(CARGO_FUZZ_VERSION) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+    run(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+        "--force",
+    ]))
+    .context("installing cargo-fuzz")
 }
 
 pub fn python_packages() -> anyhow::Result<()> {

@@ -279,24 +279,27 @@ impl MessageParser {
                         Ok(Some(polled)) => return Some(polled),
                         Ok(None) if matches!(self.state, State::Head) => return None,
                         Ok(None) => {}
-                        Err(error) => {
-                            self.state = State::Resync;
-                            self.first_byte_ns = None;
-                            return Some(Polled::Malformed(error));
-                        }
+                        Err(error) => return Some(self.malformed(error)),
                     }
                 }
                 State::Body { .. } => match self.parse_body() {
                     Ok(Some(message)) => return Some(Polled::Message(message)),
                     Ok(None) => return None,
-                    Err(error) => {
-                        self.state = State::Resync;
-                        self.first_byte_ns = None;
-                        return Some(Polled::Malformed(error));
-                    }
+                    Err(error) => return Some(self.malformed(error)),
                 },
             }
         }
+    }
+
+    /// Drops the message in progress and resyncs past its first byte: the bytes that failed may
+    /// themselves look like a message start, and resyncing on them would fail forever.
+    fn malformed(&mut self, error: ParseError) -> Polled {
+        if !self.buffer.is_empty() {
+            self.buffer.advance(1);
+        }
+        self.state = State::Resync;
+        self.first_byte_ns = None;
+        Polled::Malformed(error)
     }
 
     /// Drops bytes up to the next plausible message start. Returns true when one was found.
@@ -697,6 +700,31 @@ mod tests {
             panic!("{polled:?}");
         };
         assert_eq!(message.method(), Some("GET"));
+    }
+
+    /// Found by fuzzing: a bad head that starts like a message used to resync onto itself and
+    /// report it as malformed forever.
+    #[test]
+    fn a_malformed_head_that_looks_like_a_start_is_reported_once() {
+        let mut responses = MessageParser::new(MessageKind::Response, 1 << 20);
+        responses.push(b"HTTP/1.1 200 OK\r\x10Content-Length: 0\r\n\r\n", 1);
+        responses.push(b"HTTP/1.1 204 No Content\r\n\r\n", 2);
+        let polled = parse_all(&mut responses, None);
+        assert!(matches!(polled[0], Polled::Malformed(_)), "{polled:?}");
+        assert!(
+            matches!(&polled[1..], [Polled::Message(message)] if message.status() == Some(204))
+        );
+
+        let mut requests = MessageParser::new(MessageKind::Request, 1 << 20);
+        requests.push(
+            b"GET / HTTP/1.1\r\nBad Header\r\n\r\nGET /ok HTTP/1.1\r\n\r\n",
+            1,
+        );
+        let polled = parse_all(&mut requests, None);
+        assert!(matches!(polled[0], Polled::Malformed(_)), "{polled:?}");
+        assert!(
+            matches!(&polled[1..], [Polled::Message(message)] if message.method() == Some("GET"))
+        );
     }
 
     #[test]

@@ -1,0 +1,139 @@
+//! HTTP reassembly under arbitrary bytes and arbitrary chunking.
+//!
+//! Input: one byte seeding the chunk sizes, then the request stream, the separator `\n~~~\n`,
+//! and the response stream (so seeds and findings stay readable text). Properties:
+//! - nothing panics, whatever the bytes, the chunking, the gaps or the close;
+//! - exchanges come out in serial order, each a request paired with a response, bodies within
+//!   the limit, and every exchange builds a payload;
+//! - a stream that reassembles cleanly in one piece gives the same exchanges in any chunking.
+#![no_main]
+
+use apitoolkit_agent::{
+    connections::TrackedExchange,
+    events::{ConnId, Role},
+    http::{
+        Exchange, HttpConnection, Output,
+        parser::{MessageKind, StartLine},
+    },
+    payload::{self, Links, PayloadSettings, SdkType},
+};
+use libfuzzer_sys::fuzz_target;
+
+const SEPARATOR: &[u8] = b"\n~~~\n";
+const MAX_BODY_BYTES: usize = 256;
+
+/// Deterministic chunk sizes from the seed byte (xorshift), 1 to 64 bytes.
+struct Chunker(u32);
+
+impl Chunker {
+    fn next(&mut self) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 17;
+        self.0 ^= self.0 << 5;
+        (self.0 % 64) as usize + 1
+    }
+}
+
+enum Feed {
+    Whole,
+    Chunked(u8),
+    /// Chunked, with a lost stretch of bytes wherever the seed says.
+    WithGaps(u8),
+}
+
+fn reassemble(requests: &[u8], responses: &[u8], feed: &Feed) -> Output {
+    let mut connection = HttpConnection::new(MAX_BODY_BYTES);
+    let mut output = Output::default();
+    for (kind, stream) in [
+        (MessageKind::Request, requests),
+        (MessageKind::Response, responses),
+    ] {
+        let (mut chunker, gaps) = match feed {
+            Feed::Whole => {
+                connection.push(kind, stream, 0, &mut output);
+                continue;
+            }
+            Feed::Chunked(seed) => (Chunker(u32::from(*seed) | 0x100), false),
+            Feed::WithGaps(seed) => (Chunker(u32::from(*seed) | 0x200), true),
+        };
+        let mut rest = stream;
+        while !rest.is_empty() {
+            let (chunk, tail) = rest.split_at(chunker.next().min(rest.len()));
+            if gaps && chunker.next() > 56 {
+                connection.gap(kind, chunk.len() as u64, &mut output);
+            } else {
+                connection.push(kind, chunk, 0, &mut output);
+            }
+            rest = tail;
+        }
+    }
+    connection.close(&mut output);
+    output
+}
+
+fn check(exchanges: &[Exchange]) {
+    let settings = PayloadSettings {
+        project_id: uuid::Uuid::nil(),
+        service_version: None,
+        tags: Vec::new(),
+        max_body_bytes: MAX_BODY_BYTES,
+        realtime_offset_ns: 0,
+    };
+    for pair in exchanges.windows(2) {
+        assert!(pair[0].serial < pair[1].serial, "exchanges out of order");
+    }
+    for exchange in exchanges {
+        assert!(matches!(exchange.request.start, StartLine::Request { .. }));
+        assert!(matches!(
+            exchange.response.start,
+            StartLine::Response { .. }
+        ));
+        for body in [&exchange.request.body, &exchange.response.body] {
+            assert!(body.bytes.len() <= MAX_BODY_BYTES);
+        }
+        let tracked = TrackedExchange {
+            conn: ConnId {
+                tgid: 1,
+                fd: 3,
+                generation: 1,
+            },
+            role: Role::Server,
+            remote: None,
+            tid: 1,
+            exchange: exchange.clone(),
+        };
+        let built = payload::build(
+            &tracked,
+            SdkType::PythonFlask,
+            Links::incoming(uuid::Uuid::nil(), Vec::new()),
+            &settings,
+        );
+        assert_eq!(built.method, exchange.request.method().unwrap_or_default());
+        serde_json::to_vec(&built).expect("every payload serializes");
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&seed, streams)) = data.split_first() else {
+        return;
+    };
+    let (requests, responses) = match streams
+        .windows(SEPARATOR.len())
+        .position(|window| window == SEPARATOR)
+    {
+        Some(at) => (&streams[..at], &streams[at + SEPARATOR.len()..]),
+        None => (streams, &[][..]),
+    };
+    let whole = reassemble(requests, responses, &Feed::Whole);
+    check(&whole.exchanges);
+    let chunked = reassemble(requests, responses, &Feed::Chunked(seed));
+    check(&chunked.exchanges);
+    if whole.anomalies.is_empty() {
+        assert_eq!(
+            whole.exchanges, chunked.exchanges,
+            "chunking changed the exchanges"
+        );
+        assert_eq!(whole.requests_read, chunked.requests_read);
+    }
+    check(&reassemble(requests, responses, &Feed::WithGaps(seed)).exchanges);
+});
