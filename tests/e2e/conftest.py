@@ -15,6 +15,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 APPS = ROOT / "tests" / "apps"
+sys.path.insert(0, str(APPS))
+from metadata_stub import PROJECT_ID, PUBSUB_PROJECT, MetadataStub  # noqa: E402  (apps are not a package)
+
 AGENT_BIN = Path(os.environ.get("APITOOLKIT_AGENT_BIN", ROOT / "target" / "release" / "apitoolkit-agent"))
 
 
@@ -296,8 +299,6 @@ def agent_factory():
 
 
 EMULATOR = Path("/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator")
-PUBSUB_PROJECT = "apitoolkit-test"
-PROJECT_ID = "6a1c2f8e-8d6f-4c1f-9a57-0b1b7b2a9c11"
 
 
 class PubSubEmulator:
@@ -359,38 +360,100 @@ def pubsub_emulator():
     emulator.stop()
 
 
-class MetadataStub:
-    """Stands in for APIToolkit's client_metadata endpoint; accepts one API key."""
+class Relay:
+    """A TCP forwarder on a fixed port in front of a server that may die and come back on
+    another port. While cut, the port refuses connections, as a dead server's would; the
+    server's replacement is only reachable once `restore` is called, after it is set up."""
 
-    API_KEY = "test-api-key"
+    def __init__(self, upstream_port: int):
+        self.port = free_port()
+        self.upstream_port = upstream_port
+        self.connections = []
+        self.lock = threading.Lock()
+        self.listener = None
+        self.restore(upstream_port)
+
+    def restore(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(64)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def cut(self):
+        self.listener.close()
+        with self.lock:
+            for sock in self.connections:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+            self.connections.clear()
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.connections += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+class InterruptiblePubSub:
+    """A Pub/Sub emulator the agent reaches through a Relay, so a test can kill it and bring up
+    a fresh one (topic and subscription created before the agent can reach it: nothing the
+    agent publishes can fall between the two)."""
 
     def __init__(self, topic: str):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        self.topic = topic
+        self.emulator = PubSubEmulator()
+        self.subscription = self.emulator.create_topic(topic)
+        self.relay = Relay(self.emulator.port)
+        self.host = f"127.0.0.1:{self.relay.port}"
 
-        body = json.dumps({
-            "project_id": PROJECT_ID, "topic_id": topic, "pubsub_project_id": PUBSUB_PROJECT,
-            "pubsub_push_service_account": {},
-        }).encode()
-        stub = self
+    def kill(self):
+        self.emulator.stop()
+        self.relay.cut()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                stub.requests.append((self.path, self.headers.get("Authorization")))
-                ok = self.path == "/api/client_metadata" and self.headers.get("Authorization") == f"Bearer {MetadataStub.API_KEY}"
-                self.send_response(200 if ok else 401)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body) if ok else 0))
-                self.end_headers()
-                if ok:
-                    self.wfile.write(body)
+    def replace(self):
+        self.emulator = PubSubEmulator()
+        self.subscription = self.emulator.create_topic(self.topic)
+        self.relay.restore(self.emulator.port)
 
-            def log_message(self, *args):
-                pass
-
-        self.requests = []
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def pull(self, expected: int, timeout: float = 30.0):
+        return [m["raw_url"] for m in self.emulator.pull(self.subscription, expected, timeout)]
 
     def stop(self):
-        self.server.shutdown()
+        self.relay.cut()
+        self.emulator.stop()
+
+
+@pytest.fixture
+def interruptible_pubsub():
+    pubsub = InterruptiblePubSub("outage")
+    yield pubsub
+    pubsub.stop()

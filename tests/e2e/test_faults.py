@@ -1,5 +1,6 @@
 """Faults the agent must survive without hurting the service or pairing wrongly: the agent
-killed under load, thousands of short connections reusing fds, a ring buffer far too small."""
+killed under load, thousands of short connections reusing fds, a ring buffer far too small, and
+Pub/Sub unreachable for a minute."""
 import json
 import signal
 import socket
@@ -9,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from conftest import Agent, body, body_json
+from conftest import PROJECT_ID, Agent, body, body_json
 from test_capture import read_responses
 
 
@@ -85,3 +86,35 @@ def test_tiny_ring_buffer_counts_losses_and_never_mispairs(gthread_server):
             assert complete or "apitoolkit.response_body_incomplete" in p["tags"]
         else:
             assert body_json(p, "response_body") == {"item": int(p["url_path"].rsplit("/", 1)[1])}
+
+
+def test_pubsub_down_for_a_minute_loses_nothing_it_could_keep(flask_server, interruptible_pubsub):
+    """The emulator is killed for 60 s under steady traffic, then a new one comes up: every
+    payload of the outage is delivered once, none dropped (they fit in the default queue)."""
+    pubsub = interruptible_pubsub
+    agent = Agent([flask_server.pid], "--pubsub-project", "apitoolkit-test", "--topic", pubsub.topic,
+                  "--project-id", PROJECT_ID, env={"PUBSUB_EMULATOR_HOST": pubsub.host})
+    sent = []
+    with requests.Session() as session:
+        for i in range(20):
+            session.get(f"{flask_server.base}/item/{i}")
+        assert sorted(pubsub.pull(expected=20)) == sorted(f"/item/{i}" for i in range(20))
+
+        pubsub.kill()
+        outage_end = time.monotonic() + 60
+        while time.monotonic() < outage_end:
+            sent.append(f"/item/{1000 + len(sent)}")
+            session.get(f"{flask_server.base}{sent[-1]}")
+            time.sleep(0.05)
+        agent.wait_for_log("publishing failed", timeout=1)
+
+        pubsub.replace()
+        for _ in range(20):
+            sent.append(f"/item/{1000 + len(sent)}")
+            session.get(f"{flask_server.base}{sent[-1]}")
+    delivered = pubsub.pull(expected=len(sent), timeout=90)
+    agent.wait_for_log("publishing to Pub/Sub again", timeout=1)
+    assert agent.stop() == 0
+    assert len(sent) > 500
+    assert sorted(delivered) == sorted(sent), f"{len(delivered)} of {len(sent)} delivered"
+    assert agent.stats()["sink_dropped"] == 0

@@ -92,33 +92,27 @@ def test_invalid_api_key_is_a_clean_exit(flask_server, metadata_stub):
     assert result.stderr.strip().splitlines()[-1].startswith("apitoolkit-agent: invalid API key")
 
 
-def test_outage_keeps_payloads_within_the_bound_and_counts_the_rest(flask_server, agent_factory):
-    emulator = PubSubEmulator()
-    try:
-        subscription = emulator.create_topic("outage-topic")
-        # Room for about five of these small payloads: the rest of the outage is dropped, oldest first.
-        agent = agent_factory(
-            [flask_server.pid], "--pubsub-project", "apitoolkit-test", "--topic", "outage-topic",
-            "--project-id", PROJECT_ID, "--queue-bytes", "6000",
-            env={"PUBSUB_EMULATOR_HOST": emulator.host},
-        )
-        for i in range(3):
-            requests.get(f"{flask_server.base}/item/{i}")
-        assert sorted(m["raw_url"] for m in emulator.pull(subscription, expected=3)) == [f"/item/{i}" for i in range(3)]
+def test_outage_keeps_payloads_within_the_bound_and_counts_the_rest(flask_server, agent_factory, interruptible_pubsub):
+    pubsub = interruptible_pubsub
+    # Room for about four of these small payloads: the rest of the outage is dropped, oldest first.
+    agent = agent_factory(
+        [flask_server.pid], "--pubsub-project", "apitoolkit-test", "--topic", pubsub.topic,
+        "--project-id", PROJECT_ID, "--queue-bytes", "6000", env={"PUBSUB_EMULATOR_HOST": pubsub.host},
+    )
+    for i in range(3):
+        requests.get(f"{flask_server.base}/item/{i}")
+    assert sorted(pubsub.pull(expected=3)) == [f"/item/{i}" for i in range(3)]
 
-        emulator.stop()
-        for i in range(10, 22):
-            requests.get(f"{flask_server.base}/item/{i}")
-        time.sleep(2)
-        emulator = PubSubEmulator(port=emulator.port)
-        subscription = emulator.create_topic("outage-topic")
-        delivered = [m["raw_url"] for m in emulator.pull(subscription, expected=5, timeout=60)]
-        assert agent.stop() == 0
-        dropped = agent.stats()["sink_dropped"]
-        assert dropped > 0, "12 payloads cannot fit in 6000 bytes"
-        assert len(delivered) + dropped == 12
-        assert len(set(delivered)) == len(delivered), "no duplicates"
-        # The newest payloads survive: drop-oldest.
-        assert "/item/21" in delivered
-    finally:
-        emulator.stop()
+    pubsub.kill()
+    for i in range(10, 22):
+        requests.get(f"{flask_server.base}/item/{i}")
+    time.sleep(2)
+    pubsub.replace()
+    delivered = pubsub.pull(expected=4, timeout=60)
+    assert agent.stop() == 0
+    dropped = agent.stats()["sink_dropped"]
+    assert dropped > 0, "12 payloads cannot fit in 6000 bytes"
+    assert len(delivered) + dropped == 12
+    assert len(set(delivered)) == len(delivered), "no duplicates"
+    # The newest payloads survive: drop-oldest.
+    assert "/item/21" in delivered
