@@ -278,7 +278,7 @@ pub struct CaptureArgs {
 
     /// Bytes of payloads that may wait for each sink; beyond that the oldest are dropped and
     /// counted, so a slow sink never grows the agent's memory.
-    #[arg(long, default_value_t = 64 * 1024 * 1024, env = "APITOOLKIT_QUEUE_BYTES")]
+    #[arg(long, default_value_t = 16 * 1024 * 1024, env = "APITOOLKIT_QUEUE_BYTES")]
     pub queue_bytes: usize,
 }
 

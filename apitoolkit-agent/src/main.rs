@@ -18,11 +18,6 @@ use apitoolkit_agent::{
 };
 use tokio::signal::unix::{SignalKind, signal};
 
-/// Payloads are built on the capture thread and freed on the sink thread: glibc malloc handles
-/// that cross-thread pattern poorly.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// How long a stopping agent keeps trying to publish what it queued.
 const PUBLISH_DEADLINE: Duration = Duration::from_secs(10);
 

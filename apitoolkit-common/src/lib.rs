@@ -7,6 +7,9 @@
 /// Bytes of payload carried by one data record. A power of two so the eBPF side can bound
 /// variable-length copies for the verifier.
 pub const CHUNK_SIZE: usize = 16 * 1024;
+/// Default size of the event ring buffer (userspace may resize it before loading). Its pages
+/// are mapped twice into the agent, so they count double in its RSS.
+pub const DEFAULT_RING_BUFFER_BYTES: u32 = 8 * 1024 * 1024;
 
 /// Upper bound of loop iterations (chunks plus iovec reads) one syscall may spend; whatever a
 /// syscall moves beyond that is reported as skipped bytes, never silently dropped.

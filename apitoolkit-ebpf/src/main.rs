@@ -13,10 +13,11 @@ use apitoolkit_common::{
     AF_INET, AF_INET6, CHUNK_SIZE, CONFIG_AGENT_TGID, CONFIG_CAPTURE_STDERR, CONFIG_COUNT,
     CONFIG_SELECT_ALL, CONFIG_SELECT_CGROUPS, COUNTER_CONN_TABLE_FULL, COUNTER_COUNT,
     COUNTER_INFLIGHT_TABLE_FULL, COUNTER_READ_FAILED, COUNTER_RINGBUF_FULL, COUNTER_TLS_UNMAPPED,
-    ConnId, ConnRecord, ConnState, DIRECTION_EGRESS, DIRECTION_INGRESS, DataHeader, DataRecord,
-    Disabled, MAX_IOVECS, MAX_LOOP_STEPS, ProcessRecord, RECORD_CONN_CLOSE, RECORD_CONN_ERROR,
-    RECORD_CONN_OPEN, RECORD_DATA, RECORD_PROCESS_EXIT, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN,
-    SOURCE_STDERR, SOURCE_SYSCALL, SOURCE_TLS, SocketAddress, conn_key, source_bit,
+    ConnId, ConnRecord, ConnState, DEFAULT_RING_BUFFER_BYTES, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    DataHeader, DataRecord, Disabled, MAX_IOVECS, MAX_LOOP_STEPS, ProcessRecord, RECORD_CONN_CLOSE,
+    RECORD_CONN_ERROR, RECORD_CONN_OPEN, RECORD_DATA, RECORD_PROCESS_EXIT, ROLE_CLIENT,
+    ROLE_SERVER, ROLE_UNKNOWN, SOURCE_STDERR, SOURCE_SYSCALL, SOURCE_TLS, SocketAddress, conn_key,
+    source_bit,
 };
 use core::ffi::c_void;
 
@@ -73,7 +74,7 @@ static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_COUNT, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(32 * 1024 * 1024, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

@@ -8,5 +8,15 @@ from apitoolkit_flask import APIToolkit
 from flask_app import app
 
 apitoolkit = APIToolkit(api_key=os.environ["APITOOLKIT_KEY"], root_url=os.environ["APITOOLKIT_ROOT_URL"])
-app.before_request(apitoolkit.beforeRequest)
-app.after_request(apitoolkit.afterRequest)
+
+
+# The hooks as the SDK's README wires them: afterRequest publishes and returns nothing.
+@app.before_request
+def before_request():
+    apitoolkit.beforeRequest()
+
+
+@app.after_request
+def after_request(response):
+    apitoolkit.afterRequest(response)
+    return response

@@ -1,32 +1,54 @@
-//! `cargo xtask bench`: nginx under wrk with and without the agent, in one run, on loopback,
-//! over plain HTTP and over HTTPS (the agent reading plaintext from nginx's OpenSSL).
-//! Prints throughput, latency, capture completeness, agent CPU per payload, peak RSS and drops,
-//! plus the agent's cost to syscalls of processes it does not watch, and writes them to
+//! `cargo xtask bench`: the agent's cost, measured on loopback in one run on this machine.
+//!
+//! - nginx (1 KiB, 64 KiB, 1 KiB over HTTPS) under wrk at saturation: without the agent, with
+//!   the agent writing to stdout, and with the agent publishing to the Pub/Sub emulator;
+//! - a Flask app under gunicorn the same way, plus the same app instrumented with the
+//!   apitoolkit-flask SDK publishing to the emulator (what Flask users run today);
+//! - nginx at fixed rates (hey) with and without the agent;
+//! - the cost of write(2) in a process the agent does not watch.
+//!
+//! Prints one table per scenario and which targets were met, and writes everything to
 //! target/bench/capture.json. Numbers are reported, not asserted: only setup failures fail.
+
+mod load;
 
 use std::{
     fs,
     io::{BufRead, BufReader},
-    net::{TcpListener, TcpStream},
     path::PathBuf,
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Command, ExitStatus, Stdio},
     sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow, bail};
+use serde_json::{Value, json};
 
-use crate::{agent_binary, build_agent, workspace_root};
+use crate::{
+    agent_binary, build_agent,
+    services::{ChildGuard, free_port},
+    setup, workspace_root,
+};
+use load::{Load, LoadResult};
 
-const WRK_SECONDS: u32 = 8;
-const WRK_CONNECTIONS: u32 = 8;
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
-const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest wait for the agent to work off the backlog a load run leaves behind.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The agent publishes what is queued before it exits (at most 10 s), then stops.
+const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 const WRITES_PER_ROUND: u32 = 200_000;
 const WRITE_ROUNDS: u32 = 5;
+const FIXED_RATES: [u32; 2] = [1_000, 5_000];
+const GUNICORN_WORKERS: u32 = 2;
+const TOPIC: &str = "bench";
+/// The Pub/Sub project the metadata stub hands out (tests/apps/metadata_stub.py).
+const PUBSUB_PROJECT: &str = "apitoolkit-test";
+
+/// The targets the agent is held to.
+const TARGET_THROUGHPUT_RATIO: f64 = 0.97;
+const TARGET_CPU_US_PER_REQUEST: f64 = 15.0;
+const TARGET_RSS_MIB: f64 = 64.0;
 
 /// A response body nginx serves, under `/<path>`, over HTTP or HTTPS.
 struct Body {
@@ -36,26 +58,24 @@ struct Body {
     https: bool,
 }
 
-const BODIES: [Body; 3] = [
-    Body {
-        path: "1k",
-        label: "1 KiB",
-        bytes: 1024,
-        https: false,
-    },
-    Body {
-        path: "64k",
-        label: "64 KiB",
-        bytes: 64 * 1024,
-        https: false,
-    },
-    Body {
-        path: "1k",
-        label: "1 KiB HTTPS",
-        bytes: 1024,
-        https: true,
-    },
-];
+const KIB: Body = Body {
+    path: "1k",
+    label: "1 KiB",
+    bytes: 1024,
+    https: false,
+};
+const SIXTY_FOUR_KIB: Body = Body {
+    path: "64k",
+    label: "64 KiB",
+    bytes: 64 * 1024,
+    https: false,
+};
+const KIB_HTTPS: Body = Body {
+    path: "1k",
+    label: "1 KiB HTTPS",
+    bytes: 1024,
+    https: true,
+};
 
 /// Best of several rounds, to keep scheduler noise out of a ~50 ms measurement: nanoseconds
 /// per 64-byte write(2) to /dev/null (the Python loop's own cost included).
@@ -74,53 +94,6 @@ for _ in range(rounds):
 print(best / count)
 ";
 
-/// A child process stopped with `signal` (SIGKILL if that fails) when dropped, so that a failed
-/// run leaves no server or agent behind.
-struct ChildGuard {
-    child: Child,
-    signal: &'static str,
-}
-
-impl ChildGuard {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Sends `signal` and waits for the exit. nginx needs a catchable signal: a SIGKILLed
-    /// master leaves its workers running.
-    fn stop(&mut self) -> anyhow::Result<ExitStatus> {
-        if let Some(status) = self.child.try_wait()? {
-            return Ok(status);
-        }
-        crate::run(
-            Command::new("kill").args([format!("-{}", self.signal), self.pid().to_string()]),
-        )?;
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "pid {} still runs {STOP_TIMEOUT:?} after SIG{}",
-                    self.pid(),
-                    self.signal
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if self.stop().is_err() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 fn installed(tool: &str) -> bool {
     Command::new("which")
         .arg(tool)
@@ -130,20 +103,21 @@ fn installed(tool: &str) -> bool {
 }
 
 fn ensure_tools() -> anyhow::Result<()> {
-    if installed("nginx") && installed("wrk") {
+    if ["nginx", "wrk", "hey", "curl", "openssl"]
+        .iter()
+        .all(|tool| installed(tool))
+    {
         return Ok(());
     }
-    eprintln!("bench: installing nginx and wrk");
+    eprintln!("bench: installing nginx, wrk, hey, curl and openssl");
     crate::run(Command::new("apt-get").args(["update", "-qq"]))?;
-    crate::run(Command::new("apt-get").args(["install", "-y", "-qq", "nginx", "wrk"]))
+    crate::run(Command::new("apt-get").args([
+        "install", "-y", "-qq", "nginx", "wrk", "hey", "curl", "openssl",
+    ]))
 }
 
 fn bench_dir() -> PathBuf {
     workspace_root().join("target/bench")
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// The ports nginx listens on.
@@ -163,15 +137,15 @@ impl Ports {
     }
 }
 
-/// nginx with one worker (the other core runs wrk and the agent) and `sendfile off`, so every
-/// response body goes through write(2) and is captured: the agent's most expensive path. The
-/// HTTPS server uses a self-signed certificate made here.
+/// nginx with one worker (the other core runs the load and the agent) and `sendfile off`, so
+/// every response body goes through write(2) and is captured: the agent's most expensive path.
+/// The HTTPS server uses a self-signed certificate made here.
 fn start_nginx(ports: Ports) -> anyhow::Result<ChildGuard> {
     let prefix = bench_dir().join("nginx");
     let html = prefix.join("html");
     fs::create_dir_all(&html).with_context(|| format!("creating {}", html.display()))?;
     fs::create_dir_all(prefix.join("logs"))?;
-    for body in &BODIES {
+    for body in [&KIB, &SIXTY_FOUR_KIB] {
         fs::write(html.join(body.path), vec![b'a'; body.bytes])?;
     }
     let (cert, key) = (prefix.join("cert.pem"), prefix.join("key.pem"));
@@ -215,106 +189,74 @@ fn start_nginx(ports: Ports) -> anyhow::Result<ChildGuard> {
             .context("starting nginx")?,
         signal: "TERM",
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let port = ports.https;
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Some(status) = nginx.child.try_wait()? {
-            bail!(
-                "nginx exited with {status} (see {})",
-                prefix.join("logs/error.log").display()
-            );
-        }
-        if Instant::now() > deadline {
-            bail!("nginx did not listen on port {port}");
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+    nginx.wait_for_port(ports.https, "nginx")?;
     Ok(nginx)
 }
 
-#[derive(Default)]
-struct WrkResult {
-    requests: u64,
-    requests_per_second: f64,
-    p50_us: f64,
-    p99_us: f64,
+/// The Pub/Sub emulator with the bench topic (no subscription: published messages are
+/// acknowledged and discarded, so the emulator costs what publishing costs).
+struct Emulator {
+    /// Held for its drop, which kills the emulator.
+    _process: ChildGuard,
+    host: String,
 }
 
-/// wrk prints latencies as `456.00us`, `1.23ms` or `1.02s`.
-fn microseconds(value: &str) -> anyhow::Result<f64> {
-    let (number, scale) = if let Some(us) = value.strip_suffix("us") {
-        (us, 1.0)
-    } else if let Some(ms) = value.strip_suffix("ms") {
-        (ms, 1e3)
-    } else if let Some(s) = value.strip_suffix('s') {
-        (s, 1e6)
-    } else {
-        bail!("unknown latency unit in {value:?}");
-    };
-    Ok(number.parse::<f64>()? * scale)
+impl Emulator {
+    fn start() -> anyhow::Result<Self> {
+        const EMULATOR: &str =
+            "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator";
+        let port = free_port()?;
+        eprintln!("bench: starting the Pub/Sub emulator");
+        let mut process = ChildGuard {
+            child: Command::new(EMULATOR)
+                .args(["--host=127.0.0.1", &format!("--port={port}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {EMULATOR}"))?,
+            signal: "KILL",
+        };
+        process.wait_for_port(port, "the Pub/Sub emulator")?;
+        let host = format!("127.0.0.1:{port}");
+        crate::run(Command::new("curl").args([
+            "-sf",
+            "-X",
+            "PUT",
+            "-o",
+            "/dev/null",
+            &format!("http://{host}/v1/projects/{PUBSUB_PROJECT}/topics/{TOPIC}"),
+        ]))
+        .context("creating the bench topic")?;
+        Ok(Self {
+            _process: process,
+            host,
+        })
+    }
 }
 
-fn wrk(url: &str) -> anyhow::Result<WrkResult> {
-    let output = Command::new("wrk")
-        .args([
-            "-t1",
-            &format!("-c{WRK_CONNECTIONS}"),
-            &format!("-d{WRK_SECONDS}s"),
-            "--latency",
-            url,
-        ])
-        .output()
-        .context("running wrk")?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!(
-            "wrk failed with {}:\n{text}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let mut result = WrkResult::default();
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        match fields.as_slice() {
-            ["Requests/sec:", value] => result.requests_per_second = value.parse()?,
-            [count, "requests", "in", ..] => result.requests = count.parse()?,
-            ["50%", value] => result.p50_us = microseconds(value)?,
-            ["99%", value] => result.p99_us = microseconds(value)?,
-            // Error responses mean nginx is misconfigured, not that the agent is slow.
-            ["Non-2xx", ..] => bail!("nginx answered with errors:\n{text}"),
-            _ => {}
-        }
-    }
-    if result.requests == 0 {
-        bail!("wrk reported no requests:\n{text}");
-    }
-    Ok(result)
-}
-
-fn clock_ticks_per_second() -> anyhow::Result<f64> {
-    let output = Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .context("running getconf CLK_TCK")?;
-    String::from_utf8_lossy(&output.stdout)
-        .trim()
-        .parse()
-        .context("parsing getconf CLK_TCK")
+/// Where the agent under test sends payloads.
+#[derive(Clone, Copy, PartialEq)]
+enum Sink {
+    Stdout,
+    PubSub,
 }
 
 /// The agent, watching one process; its payloads are counted, not stored (gigabytes at
 /// saturation).
 struct Agent {
     process: ChildGuard,
+    sink: Sink,
     /// Collects the agent's stderr lines until it exits.
     log_reader: thread::JoinHandle<Vec<String>>,
     /// Counts payload lines on the agent's stdout until it exits.
     payload_counter: thread::JoinHandle<u64>,
 }
 
-/// What the agent reports when it stops.
-struct AgentSummary {
+/// What the agent cost during one load run and what it reported.
+struct AgentCost {
+    cpu_seconds: f64,
+    peak_rss_mib: f64,
+    /// Payloads written to stdout, or acknowledged by Pub/Sub.
     payloads: u64,
     ringbuf_full: u64,
     sink_dropped: u64,
@@ -322,9 +264,16 @@ struct AgentSummary {
 
 impl Agent {
     /// Starts the agent and returns once its probes are attached.
-    fn start(watched_pid: u32) -> anyhow::Result<Self> {
-        let mut child = Command::new(agent_binary())
-            .args(["--pid", &watched_pid.to_string()])
+    fn start(watched_pid: u32, sink: Sink, emulator: &Emulator) -> anyhow::Result<Self> {
+        let mut command = Command::new(agent_binary());
+        command.args(["--pid", &watched_pid.to_string()]);
+        if sink == Sink::PubSub {
+            command
+                .args(["--pubsub-project", PUBSUB_PROJECT, "--topic", TOPIC])
+                .args(["--project-id", "6a1c2f8e-8d6f-4c1f-9a57-0b1b7b2a9c11"])
+                .env("PUBSUB_EMULATOR_HOST", &emulator.host);
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -354,6 +303,7 @@ impl Agent {
         });
         let agent = Self {
             process,
+            sink,
             log_reader,
             payload_counter,
         };
@@ -381,7 +331,7 @@ impl Agent {
     }
 
     /// Waits until the agent has worked off the backlog of a load run: records still in the
-    /// ring buffer and payloads still queued for stdout.
+    /// ring buffer and payloads still queued for its sink.
     fn wait_until_idle(&self) -> anyhow::Result<()> {
         const INTERVAL: Duration = Duration::from_millis(500);
         // Under 2 ticks (20 ms at 100 Hz) in 500 ms is idle polling, not backlog.
@@ -413,9 +363,9 @@ impl Agent {
     }
 
     /// Stops the agent with SIGINT and returns its exit status, stderr lines and the number of
-    /// payloads it wrote.
+    /// payloads it wrote to stdout.
     fn shut_down(mut self) -> anyhow::Result<(ExitStatus, Vec<String>, u64)> {
-        let status = self.process.stop()?;
+        let status = self.process.stop_within(AGENT_STOP_TIMEOUT)?;
         let log = self
             .log_reader
             .join()
@@ -427,21 +377,43 @@ impl Agent {
         Ok((status, log, payloads))
     }
 
-    /// Stops the agent and reads what it wrote.
-    fn stop(self) -> anyhow::Result<AgentSummary> {
-        let (status, log, payloads) = self.shut_down()?;
+    /// Runs `load` while the agent watches, then stops the agent and reads what it reported.
+    fn measure(
+        self,
+        ticks_per_second: f64,
+        load: impl FnOnce() -> anyhow::Result<LoadResult>,
+    ) -> anyhow::Result<(LoadResult, AgentCost)> {
+        // Attaching costs CPU too: count only what the load costs.
+        let ticks_before = self.cpu_ticks()?;
+        let result = load()?;
+        self.wait_until_idle()?;
+        let cpu_seconds = (self.cpu_ticks()? - ticks_before) as f64 / ticks_per_second;
+        let peak_rss_mib = self.peak_rss_mib()?;
+        let sink = self.sink;
+        let (status, log, stdout_payloads) = self.shut_down()?;
         if !status.success() {
             bail!("the agent exited with {status}:\n{}", log.join("\n"));
         }
-        let summary = log
-            .iter()
-            .find(|line| line.contains("capture stopped"))
-            .with_context(|| format!("no final summary in the agent's log:\n{}", log.join("\n")))?;
-        Ok(AgentSummary {
-            payloads,
-            ringbuf_full: log_field(summary, "ringbuf_full")?,
-            sink_dropped: log_field(summary, "sink_dropped")?,
-        })
+        let line = |fragment: &str| {
+            log.iter()
+                .find(|line| line.contains(fragment))
+                .with_context(|| format!("no {fragment:?} in the agent's log:\n{}", log.join("\n")))
+        };
+        let summary = line("capture stopped")?;
+        let payloads = match sink {
+            Sink::Stdout => stdout_payloads,
+            Sink::PubSub => log_field(line("Pub/Sub sink stopped")?, "published")?,
+        };
+        Ok((
+            result,
+            AgentCost {
+                cpu_seconds,
+                peak_rss_mib,
+                payloads,
+                ringbuf_full: log_field(summary, "ringbuf_full")?,
+                sink_dropped: log_field(summary, "sink_dropped")?,
+            },
+        ))
     }
 }
 
@@ -454,63 +426,291 @@ fn log_field(line: &str, key: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("parsing {key}= in {line:?}"))
 }
 
-struct BodyResult {
-    body: &'static Body,
-    without_agent: WrkResult,
-    with_agent: WrkResult,
-    agent_cpu_seconds: f64,
-    agent_peak_rss_mib: f64,
-    agent: AgentSummary,
+fn clock_ticks_per_second() -> anyhow::Result<f64> {
+    let output = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .context("running getconf CLK_TCK")?;
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .context("parsing getconf CLK_TCK")
 }
 
-impl BodyResult {
-    fn throughput_ratio(&self) -> f64 {
-        self.with_agent.requests_per_second / self.without_agent.requests_per_second
+/// One load run: the first of a scenario runs without any instrumentation, and is the
+/// baseline of the others.
+struct Run {
+    label: &'static str,
+    load: LoadResult,
+    agent: Option<AgentCost>,
+}
+
+struct Scenario {
+    title: String,
+    runs: Vec<Run>,
+}
+
+impl Run {
+    fn capture_ratio(&self) -> Option<f64> {
+        // Load tools count only completed requests: up to one in flight per connection is
+        // captured but not counted, so this can exceed 1 slightly.
+        let agent = self.agent.as_ref()?;
+        Some(agent.payloads as f64 / self.load.requests as f64)
     }
 
-    /// wrk counts only completed requests: up to one in flight per connection is captured
-    /// but not counted, so this can exceed 1 slightly.
-    fn capture_ratio(&self) -> f64 {
-        self.agent.payloads as f64 / self.with_agent.requests as f64
-    }
-
-    fn agent_cpu_us_per_payload(&self) -> f64 {
-        self.agent_cpu_seconds * 1e6 / self.agent.payloads as f64
+    fn cpu_us_per_payload(&self) -> Option<f64> {
+        let agent = self.agent.as_ref()?;
+        Some(agent.cpu_seconds * 1e6 / agent.payloads as f64)
     }
 }
 
-fn measure_body(
-    ports: Ports,
-    nginx_pid: u32,
+impl Scenario {
+    fn baseline(&self) -> &LoadResult {
+        &self.runs[0].load
+    }
+
+    fn throughput_ratio(&self, run: &Run) -> f64 {
+        run.load.requests_per_second / self.baseline().requests_per_second
+    }
+
+    fn print(&self) {
+        println!("\n{}", self.title);
+        let row = |name: &str, cell: &dyn Fn(&Run) -> Option<String>| {
+            let cells: String = self
+                .runs
+                .iter()
+                .map(|run| format!("{:>24}", cell(run).unwrap_or_else(|| "-".into())))
+                .collect();
+            println!("  {name:<34}{cells}");
+        };
+        row("", &|run| Some(run.label.to_string()));
+        row("req/s", &|run| {
+            Some(format!("{:.0}", run.load.requests_per_second))
+        });
+        row("throughput ratio", &|run| {
+            Some(format!("{:.3}", self.throughput_ratio(run)))
+        });
+        row("p50 / p99 latency µs", &|run| {
+            Some(format!("{:.0} / {:.0}", run.load.p50_us, run.load.p99_us))
+        });
+        row("requests completed / failed", &|run| {
+            Some(format!("{} / {}", run.load.requests, run.load.errors))
+        });
+        row("payloads (stdout / published)", &|run| {
+            Some(run.agent.as_ref()?.payloads.to_string())
+        });
+        row("capture ratio", &|run| {
+            Some(format!("{:.4}", run.capture_ratio()?))
+        });
+        row("agent CPU µs per payload", &|run| {
+            Some(format!("{:.1}", run.cpu_us_per_payload()?))
+        });
+        row("agent peak RSS MiB", &|run| {
+            Some(format!("{:.1}", run.agent.as_ref()?.peak_rss_mib))
+        });
+        row("ring-buffer / sink drops", &|run| {
+            let agent = run.agent.as_ref()?;
+            Some(format!("{} / {}", agent.ringbuf_full, agent.sink_dropped))
+        });
+    }
+
+    fn to_json(&self) -> Value {
+        let runs: Vec<Value> = self
+            .runs
+            .iter()
+            .map(|run| {
+                json!({
+                    "label": run.label,
+                    "requests": run.load.requests,
+                    "request_errors": run.load.errors,
+                    "requests_per_second": run.load.requests_per_second,
+                    "throughput_ratio": self.throughput_ratio(run),
+                    "p50_us": run.load.p50_us,
+                    "p99_us": run.load.p99_us,
+                    "payloads": run.agent.as_ref().map(|agent| agent.payloads),
+                    "capture_ratio": run.capture_ratio(),
+                    "agent_cpu_seconds": run.agent.as_ref().map(|agent| agent.cpu_seconds),
+                    "agent_cpu_us_per_payload": run.cpu_us_per_payload(),
+                    "agent_peak_rss_mib": run.agent.as_ref().map(|agent| agent.peak_rss_mib),
+                    "ringbuf_drops": run.agent.as_ref().map(|agent| agent.ringbuf_full),
+                    "sink_drops": run.agent.as_ref().map(|agent| agent.sink_dropped),
+                })
+            })
+            .collect();
+        json!({"title": self.title, "runs": runs})
+    }
+}
+
+/// Runs `load` bare, then once per sink with the agent watching `pid`.
+fn with_and_without_agent(
+    title: String,
+    pid: u32,
+    sinks: &[Sink],
+    context: &Context,
+    load: &dyn Fn() -> anyhow::Result<LoadResult>,
+) -> anyhow::Result<Scenario> {
+    eprintln!("bench: {title}: without the agent");
+    let mut runs = vec![Run {
+        label: "no agent",
+        load: load()?,
+        agent: None,
+    }];
+    for &sink in sinks {
+        let label = match sink {
+            Sink::Stdout => "agent → stdout",
+            Sink::PubSub => "agent → Pub/Sub",
+        };
+        eprintln!("bench: {title}: {label}");
+        let agent = Agent::start(pid, sink, &context.emulator)?;
+        let (load, cost) = agent.measure(context.ticks_per_second, load)?;
+        runs.push(Run {
+            label,
+            load,
+            agent: Some(cost),
+        });
+    }
+    Ok(Scenario { title, runs })
+}
+
+struct Context {
+    emulator: Emulator,
     ticks_per_second: f64,
-    body: &'static Body,
-) -> anyhow::Result<BodyResult> {
-    let url = ports.url(body);
-    eprintln!("bench: {} without the agent", body.label);
-    let without_agent = wrk(&url)?;
-    eprintln!("bench: {} with the agent", body.label);
-    let agent = Agent::start(nginx_pid)?;
-    // Attaching costs CPU too: count only what the load costs.
-    let ticks_before = agent.cpu_ticks()?;
-    let with_agent = wrk(&url)?;
-    agent.wait_until_idle()?;
-    let agent_cpu_seconds = (agent.cpu_ticks()? - ticks_before) as f64 / ticks_per_second;
-    let agent_peak_rss_mib = agent.peak_rss_mib()?;
-    Ok(BodyResult {
-        body,
-        without_agent,
-        with_agent,
-        agent_cpu_seconds,
-        agent_peak_rss_mib,
-        agent: agent.stop()?,
-    })
 }
 
-/// Nanoseconds per write(2) in a process the agent does not watch: its syscall tracepoints fire
-/// for every process, and filter in the kernel.
-struct UnwatchedWriteCost {
-    without_agent_ns: f64,
-    with_agent_ns: f64,
+fn nginx_scenarios(context: &Context) -> anyhow::Result<Vec<Scenario>> {
+    let ports = Ports {
+        http: free_port()?,
+        https: free_port()?,
+    };
+    let mut nginx = start_nginx(ports)?;
+    let pid = nginx.pid();
+    let mut scenarios = Vec::new();
+    for (body, sinks) in [
+        (&KIB, &[Sink::Stdout, Sink::PubSub][..]),
+        (&SIXTY_FOUR_KIB, &[Sink::Stdout, Sink::PubSub][..]),
+        (&KIB_HTTPS, &[Sink::Stdout][..]),
+    ] {
+        let url = ports.url(body);
+        scenarios.push(with_and_without_agent(
+            format!("nginx, {}, {}", body.label, Load::Saturation.describe()),
+            pid,
+            sinks,
+            context,
+            &|| Load::Saturation.run(&url),
+        )?);
+    }
+    let url = ports.url(&KIB);
+    for rate in FIXED_RATES {
+        let load = Load::Rate(rate);
+        scenarios.push(with_and_without_agent(
+            format!("nginx, 1 KiB, {}", load.describe()),
+            pid,
+            &[Sink::Stdout],
+            context,
+            &|| load.run(&url),
+        )?);
+    }
+    nginx.stop().context("stopping nginx")?;
+    Ok(scenarios)
+}
+
+fn start_gunicorn(module: &str, port: u16, env: &[(&str, &str)]) -> anyhow::Result<ChildGuard> {
+    let mut gunicorn = ChildGuard {
+        child: Command::new("python3")
+            .args(["-m", "gunicorn", "--workers", &GUNICORN_WORKERS.to_string()])
+            .args(["--bind", &format!("127.0.0.1:{port}"), "--chdir"])
+            .arg(workspace_root().join("tests/apps"))
+            .arg(module)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting gunicorn")?,
+        signal: "TERM",
+    };
+    gunicorn.wait_for_port(port, "gunicorn")?;
+    Ok(gunicorn)
+}
+
+/// A service account with a real RSA key: the SDK parses it before it sees the emulator.
+fn service_account_file() -> anyhow::Result<PathBuf> {
+    let output = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ])
+        .output()
+        .context("running openssl genpkey")?;
+    if !output.status.success() {
+        bail!("openssl genpkey failed with {}", output.status);
+    }
+    let account = json!({
+        "type": "service_account",
+        "project_id": PUBSUB_PROJECT,
+        "private_key_id": "bench",
+        "private_key": String::from_utf8(output.stdout)?,
+        "client_email": format!("bench@{PUBSUB_PROJECT}.iam.gserviceaccount.com"),
+        "client_id": "1",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    });
+    let path = bench_dir().join("service-account.json");
+    fs::write(&path, account.to_string())?;
+    Ok(path)
+}
+
+/// The Flask app of the tests under gunicorn: bare, watched by the agent, and instrumented with
+/// the apitoolkit-flask SDK (the SDK publishes each request before answering it).
+fn flask_scenario(context: &Context) -> anyhow::Result<Scenario> {
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}/item/1");
+    let load = || Load::Saturation.run(&url);
+    let title = format!(
+        "Flask under gunicorn ({GUNICORN_WORKERS} sync workers), GET /item/1, {}",
+        Load::Saturation.describe()
+    );
+    let mut gunicorn = start_gunicorn("flask_app:app", port, &[])?;
+    let mut scenario = with_and_without_agent(
+        title.clone(),
+        gunicorn.pid(),
+        &[Sink::Stdout, Sink::PubSub],
+        context,
+        &load,
+    )?;
+    gunicorn.stop().context("stopping gunicorn")?;
+
+    let stub_port = free_port()?;
+    let mut stub = ChildGuard {
+        child: Command::new("python3")
+            .arg(workspace_root().join("tests/apps/metadata_stub.py"))
+            .args([&stub_port.to_string(), TOPIC])
+            .arg(service_account_file()?)
+            .spawn()
+            .context("starting the metadata stub")?,
+        signal: "TERM",
+    };
+    stub.wait_for_port(stub_port, "the metadata stub")?;
+    eprintln!("bench: {title}: apitoolkit-flask SDK → Pub/Sub");
+    let root_url = format!("http://127.0.0.1:{stub_port}");
+    let mut instrumented = start_gunicorn(
+        "flask_sdk_app:app",
+        port,
+        &[
+            ("APITOOLKIT_KEY", "test-api-key"),
+            ("APITOOLKIT_ROOT_URL", &root_url),
+            ("PUBSUB_EMULATOR_HOST", &context.emulator.host),
+        ],
+    )?;
+    scenario.runs.push(Run {
+        label: "apitoolkit-flask SDK",
+        load: load()?,
+        agent: None,
+    });
+    instrumented.stop().context("stopping gunicorn")?;
+    stub.stop()?;
+    Ok(scenario)
 }
 
 fn write_ns() -> anyhow::Result<f64> {
@@ -536,147 +736,125 @@ fn write_ns() -> anyhow::Result<f64> {
         .context("parsing the write loop's output")
 }
 
-fn measure_unwatched_writes(watched_pid: u32) -> anyhow::Result<UnwatchedWriteCost> {
+/// Nanoseconds per write(2) in a process the agent does not watch, without and with the agent:
+/// its syscall tracepoints fire for every process and filter in the kernel.
+fn unwatched_write_ns(context: &Context) -> anyhow::Result<(f64, f64)> {
     eprintln!("bench: write(2) in an unwatched process");
-    let without_agent_ns = write_ns()?;
-    let agent = Agent::start(watched_pid)?;
-    let with_agent_ns = write_ns()?;
-    agent.stop()?;
-    Ok(UnwatchedWriteCost {
-        without_agent_ns,
-        with_agent_ns,
-    })
-}
-
-fn print_table(results: &[BodyResult], writes: &UnwatchedWriteCost) {
-    let row = |name: &str, cell: &dyn Fn(&BodyResult) -> String| {
-        let cells: String = results
-            .iter()
-            .map(|result| format!("{:>16}", cell(result)))
-            .collect();
-        println!("{name:<36}{cells}");
+    let without = write_ns()?;
+    // The agent needs something to watch: a process that only sleeps.
+    let sleeper = ChildGuard {
+        child: Command::new("sleep").arg("600").spawn()?,
+        signal: "TERM",
     };
-    println!(
-        "nginx (1 worker, keep-alive, sendfile off; HTTPS: TLS 1.3 via OpenSSL) under wrk -t1 -c{WRK_CONNECTIONS} \
-         -d{WRK_SECONDS}s on 127.0.0.1"
-    );
-    row("response body", &|r| r.body.label.to_string());
-    row("req/s without agent", &|r| {
-        format!("{:.0}", r.without_agent.requests_per_second)
-    });
-    row("req/s with agent", &|r| {
-        format!("{:.0}", r.with_agent.requests_per_second)
-    });
-    row("throughput ratio (with/without)", &|r| {
-        format!("{:.3}", r.throughput_ratio())
-    });
-    row("p50 latency µs (without / with)", &|r| {
-        format!("{:.0} / {:.0}", r.without_agent.p50_us, r.with_agent.p50_us)
-    });
-    row("p99 latency µs (without / with)", &|r| {
-        format!("{:.0} / {:.0}", r.without_agent.p99_us, r.with_agent.p99_us)
-    });
-    row("requests sent (with agent)", &|r| {
-        r.with_agent.requests.to_string()
-    });
-    row("payloads emitted", &|r| r.agent.payloads.to_string());
-    row("capture ratio (payloads/requests)", &|r| {
-        format!("{:.4}", r.capture_ratio())
-    });
-    row("agent CPU seconds", &|r| {
-        format!("{:.2}", r.agent_cpu_seconds)
-    });
-    row("agent CPU µs per payload", &|r| {
-        format!("{:.1}", r.agent_cpu_us_per_payload())
-    });
-    row("agent peak RSS MiB", &|r| {
-        format!("{:.1}", r.agent_peak_rss_mib)
-    });
-    row("ring-buffer drops (records)", &|r| {
-        r.agent.ringbuf_full.to_string()
-    });
-    row("sink queue drops (payloads)", &|r| {
-        r.agent.sink_dropped.to_string()
-    });
-    println!(
-        "write(2) of 64 bytes in an unwatched process: {:.0} ns without the agent, {:.0} ns with it",
-        writes.without_agent_ns, writes.with_agent_ns
-    );
-}
-
-/// A JSON number, or null for NaN and infinities (e.g. CPU per payload with no payload).
-fn json_number(value: f64, decimals: usize) -> String {
-    if value.is_finite() {
-        format!("{value:.decimals$}")
-    } else {
-        "null".to_string()
+    let agent = Agent::start(sleeper.pid(), Sink::Stdout, &context.emulator)?;
+    let with = write_ns()?;
+    let (status, log, _) = agent.shut_down()?;
+    if !status.success() {
+        bail!("the agent exited with {status}:\n{}", log.join("\n"));
     }
+    Ok((without, with))
 }
 
-fn to_json(results: &[BodyResult], writes: &UnwatchedWriteCost) -> String {
-    let bodies: Vec<String> = results
+/// One line per target: the value measured and whether it is met.
+fn targets(scenarios: &[Scenario]) -> Vec<(String, String, bool)> {
+    let stdout_run = |title_start: &str| {
+        scenarios
+            .iter()
+            .find(|scenario| scenario.title.starts_with(title_start))
+            .and_then(|scenario| {
+                let run = scenario
+                    .runs
+                    .iter()
+                    .find(|run| run.label == "agent → stdout")?;
+                Some((scenario, run))
+            })
+    };
+    let mut lines = Vec::new();
+    if let Some((scenario, run)) = stdout_run("nginx, 1 KiB, saturation") {
+        let ratio = scenario.throughput_ratio(run);
+        lines.push((
+            format!("throughput ratio ≥ {TARGET_THROUGHPUT_RATIO} (nginx 1 KiB, saturation)"),
+            format!("{ratio:.3}"),
+            ratio >= TARGET_THROUGHPUT_RATIO,
+        ));
+    }
+    for title in ["nginx, 1 KiB, saturation", "nginx, 1 KiB, 5000 req/s"] {
+        if let Some(cpu) = stdout_run(title).and_then(|(_, run)| run.cpu_us_per_payload()) {
+            lines.push((
+                format!("agent CPU ≤ {TARGET_CPU_US_PER_REQUEST} µs per request ({title})"),
+                format!("{cpu:.1} µs"),
+                cpu <= TARGET_CPU_US_PER_REQUEST,
+            ));
+        }
+    }
+    let peak_rss = scenarios
         .iter()
-        .map(|r| {
+        .flat_map(|scenario| &scenario.runs)
+        .filter_map(|run| Some(run.agent.as_ref()?.peak_rss_mib))
+        .fold(0.0, f64::max);
+    lines.push((
+        format!("agent RSS ≤ {TARGET_RSS_MIB} MiB (highest of all runs)"),
+        format!("{peak_rss:.1} MiB"),
+        peak_rss <= TARGET_RSS_MIB,
+    ));
+    if let Some((_, run)) = stdout_run("nginx, 1 KiB, 5000 req/s")
+        && let Some(agent) = &run.agent
+    {
+        let complete = agent.payloads >= run.load.requests && agent.ringbuf_full == 0;
+        lines.push((
+            "100% capture at 5000 req/s".to_string(),
             format!(
-                "    {{\"body\": \"{}\", \"https\": {}, \"body_bytes\": {}, \
-                 \"rps_without_agent\": {}, \"rps_with_agent\": {}, \"throughput_ratio\": {}, \
-                 \"p50_us_without_agent\": {}, \"p50_us_with_agent\": {}, \
-                 \"p99_us_without_agent\": {}, \"p99_us_with_agent\": {}, \
-                 \"requests\": {}, \"payloads\": {}, \"capture_ratio\": {}, \
-                 \"agent_cpu_seconds\": {}, \"agent_cpu_us_per_payload\": {}, \
-                 \"agent_peak_rss_mib\": {}, \"ringbuf_drops\": {}, \"sink_drops\": {}}}",
-                r.body.path,
-                r.body.https,
-                r.body.bytes,
-                json_number(r.without_agent.requests_per_second, 1),
-                json_number(r.with_agent.requests_per_second, 1),
-                json_number(r.throughput_ratio(), 4),
-                json_number(r.without_agent.p50_us, 1),
-                json_number(r.with_agent.p50_us, 1),
-                json_number(r.without_agent.p99_us, 1),
-                json_number(r.with_agent.p99_us, 1),
-                r.with_agent.requests,
-                r.agent.payloads,
-                json_number(r.capture_ratio(), 4),
-                json_number(r.agent_cpu_seconds, 3),
-                json_number(r.agent_cpu_us_per_payload(), 2),
-                json_number(r.agent_peak_rss_mib, 1),
-                r.agent.ringbuf_full,
-                r.agent.sink_dropped,
-            )
-        })
-        .collect();
-    format!(
-        "{{\n  \"wrk\": {{\"threads\": 1, \"connections\": {WRK_CONNECTIONS}, \"seconds\": {WRK_SECONDS}}},\n  \
-         \"bodies\": [\n{}\n  ],\n  \
-         \"unwatched_write_ns_without_agent\": {},\n  \"unwatched_write_ns_with_agent\": {}\n}}\n",
-        bodies.join(",\n"),
-        json_number(writes.without_agent_ns, 1),
-        json_number(writes.with_agent_ns, 1),
-    )
+                "{} payloads / {} requests",
+                agent.payloads, run.load.requests
+            ),
+            complete,
+        ));
+    }
+    lines
 }
 
 pub fn run() -> anyhow::Result<()> {
     ensure_tools()?;
+    setup::python_packages()?;
+    setup::bench_python_packages()?;
     build_agent(true)?;
     fs::create_dir_all(bench_dir())?;
-    let ticks_per_second = clock_ticks_per_second()?;
-    let ports = Ports {
-        http: free_port()?,
-        https: free_port()?,
+    let context = Context {
+        emulator: Emulator::start()?,
+        ticks_per_second: clock_ticks_per_second()?,
     };
-    let mut nginx = start_nginx(ports)?;
-    let results = BODIES
-        .iter()
-        .map(|body| measure_body(ports, nginx.pid(), ticks_per_second, body))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let writes = measure_unwatched_writes(nginx.pid())?;
-    nginx.stop().context("stopping nginx")?;
+    let mut scenarios = nginx_scenarios(&context)?;
+    scenarios.push(flask_scenario(&context)?);
+    let (write_without_ns, write_with_ns) = unwatched_write_ns(&context)?;
 
-    print_table(&results, &writes);
+    for scenario in &scenarios {
+        scenario.print();
+    }
+    println!(
+        "\nwrite(2) of 64 bytes in an unwatched process: {write_without_ns:.0} ns without the agent, \
+         {write_with_ns:.0} ns with it"
+    );
+    let targets = targets(&scenarios);
+    println!("\ntargets");
+    for (target, value, met) in &targets {
+        let verdict = if *met { "met" } else { "NOT met" };
+        println!("  {target:<64} {value:>28}  {verdict}");
+    }
+
+    let report = json!({
+        "load": {"tool_saturation": "wrk", "tool_fixed_rate": "hey", "seconds": load::SECONDS,
+                 "connections": load::CONNECTIONS},
+        "scenarios": scenarios.iter().map(Scenario::to_json).collect::<Vec<_>>(),
+        "unwatched_write_ns_without_agent": write_without_ns,
+        "unwatched_write_ns_with_agent": write_with_ns,
+        "targets": targets.iter().map(|(target, value, met)| {
+            json!({"target": target, "value": value, "met": met})
+        }).collect::<Vec<_>>(),
+    });
     let json_path = bench_dir().join("capture.json");
-    fs::write(&json_path, to_json(&results, &writes))
+    fs::write(&json_path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", json_path.display()))?;
     println!("written to {}", json_path.display());
+    drop(context);
     Ok(())
 }

@@ -3,41 +3,20 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    net::TcpStream,
+    process::{Command, Stdio},
     sync::mpsc,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 
-use crate::{agent_binary, build_agent, setup, workspace_root};
-
-/// Kills the child when dropped, so an error never leaves a server or agent running.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn wait_for_port(port: u16) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    bail!("the demo app did not start listening on port {port}")
-}
+use crate::{
+    agent_binary, build_agent,
+    services::{ChildGuard, free_port},
+    setup, workspace_root,
+};
 
 /// One HTTP/1.1 request on its own connection; returns the status line.
 fn send(port: u16, request: &str) -> anyhow::Result<String> {
@@ -52,29 +31,31 @@ pub fn run() -> anyhow::Result<()> {
     setup::python_packages()?;
     build_agent(true)?;
     let port = free_port()?;
-    let app = Guard(
-        Command::new("python3")
+    let mut app = ChildGuard {
+        child: Command::new("python3")
             .arg(workspace_root().join("tests/apps/flask_app.py"))
             .env("PORT", port.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("starting the demo Flask app")?,
-    );
-    wait_for_port(port)?;
-    let flask_pid = app.0.id();
+        signal: "TERM",
+    };
+    app.wait_for_port(port, "the demo Flask app")?;
+    let flask_pid = app.pid();
     eprintln!("demo: Flask app pid {flask_pid} on 127.0.0.1:{port}; attaching the agent");
 
-    let mut agent = Guard(
-        Command::new(agent_binary())
+    let mut agent = ChildGuard {
+        child: Command::new(agent_binary())
             .args(["--pid", &flask_pid.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .context("starting the agent (run as root)")?,
-    );
+        signal: "INT",
+    };
     let (ready_tx, ready_rx) = mpsc::channel();
-    let stderr = agent.0.stderr.take().expect("stderr is piped");
+    let stderr = agent.child.stderr.take().expect("stderr is piped");
     thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             eprintln!("agent: {line}");
@@ -107,15 +88,10 @@ pub fn run() -> anyhow::Result<()> {
         );
     }
     thread::sleep(Duration::from_secs(1));
-    crate::run(Command::new("kill").args(["-INT", &agent.0.id().to_string()]))?;
+    let mut stdout = agent.child.stdout.take().expect("stdout is piped");
+    agent.stop()?;
     let mut payloads = String::new();
-    agent
-        .0
-        .stdout
-        .take()
-        .expect("stdout is piped")
-        .read_to_string(&mut payloads)?;
-    agent.0.wait()?;
+    stdout.read_to_string(&mut payloads)?;
     println!("{payloads}");
     let count = payloads.lines().count();
     eprintln!(

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod fuzz;
+mod services;
 mod setup;
 
 use std::{

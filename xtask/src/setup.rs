@@ -73,16 +73,17 @@ pub fn cargo_fuzz() -> anyhow::Result<()> {
     .context("installing cargo-fuzz")
 }
 
-pub fn python_packages() -> anyhow::Result<()> {
-    let requirements = workspace_root().join("tests/requirements.txt");
+/// Installs a requirements file unless `modules` already import.
+fn pip_install(requirements: &str, modules: &str, what: &str) -> anyhow::Result<()> {
     let satisfied = Command::new("python3")
-        .args(["-c", "import flask, gunicorn, pytest, requests"])
+        .args(["-c", &format!("import {modules}")])
+        .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|status| status.success());
     if satisfied {
         return Ok(());
     }
-    eprintln!("xtask: installing Python test packages");
+    eprintln!("xtask: installing {what}");
     run(Command::new("python3")
         .args([
             "-m",
@@ -92,6 +93,23 @@ pub fn python_packages() -> anyhow::Result<()> {
             "--disable-pip-version-check",
             "-r",
         ])
-        .arg(requirements))
-    .context("installing Python test packages")
+        .arg(workspace_root().join(requirements)))
+    .with_context(|| format!("installing {what}"))
+}
+
+pub fn python_packages() -> anyhow::Result<()> {
+    pip_install(
+        "tests/requirements.txt",
+        "flask, gunicorn, pytest, requests, kubernetes_validate",
+        "Python test packages",
+    )
+}
+
+/// The apitoolkit-flask SDK the benchmark compares the agent with.
+pub fn bench_python_packages() -> anyhow::Result<()> {
+    pip_install(
+        "tests/bench-requirements.txt",
+        "apitoolkit_flask, apitoolkit_python",
+        "the apitoolkit-flask SDK",
+    )
 }

@@ -138,8 +138,7 @@ fn missing(
     }
 }
 
-/// The ring buffer the kernel object declares: 32 MiB.
-pub const DEFAULT_RING_BUFFER_BYTES: u32 = 32 * 1024 * 1024;
+pub use apitoolkit_common::DEFAULT_RING_BUFFER_BYTES;
 
 /// Capability bits (linux/capability.h) the agent needs when it does not run as root.
 const CAP_SYS_ADMIN: u32 = 21;
@@ -208,7 +207,10 @@ impl Probes {
     pub fn load(ring_buffer_bytes: u32) -> Result<Self, ProbeError> {
         check_privileges()?;
         ensure_tracefs()?;
+        // No kernel BTF: the programs read no kernel structs (no CO-RE relocations), and parsing
+        // vmlinux's 5 MiB of BTF would cost the agent tens of MiB of memory at every start.
         let mut ebpf = EbpfLoader::new()
+            .btf(None)
             .map_max_entries("EVENTS", ring_buffer_bytes)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
