@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 APPS = ROOT / "tests" / "apps"
 sys.path.insert(0, str(APPS))
-from metadata_stub import PROJECT_ID, PUBSUB_PROJECT, MetadataStub  # noqa: E402  (apps are not a package)
+from metadata_stub import PROJECT_ID, PUBSUB_PROJECT, MetadataStub  # noqa: E402,F401  (apps are not a package; tests import these from here)
 
 AGENT_BIN = Path(os.environ.get("APITOOLKIT_AGENT_BIN", ROOT / "target" / "release" / "apitoolkit-agent"))
 

@@ -6,7 +6,7 @@ import uuid
 import pytest
 import requests
 
-from conftest import AGENT_BIN, PROJECT_ID, MetadataStub, PubSubEmulator, body, body_json, header
+from conftest import AGENT_BIN, PROJECT_ID, MetadataStub, body, body_json, header
 
 REDACTED = "[CLIENT_REDACTED]"
 

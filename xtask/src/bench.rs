@@ -270,7 +270,6 @@ impl Agent {
         if sink == Sink::PubSub {
             command
                 .args(["--pubsub-project", PUBSUB_PROJECT, "--topic", TOPIC])
-                .args(["--project-id", "6a1c2f8e-8d6f-4c1f-9a57-0b1b7b2a9c11"])
                 .env("PUBSUB_EMULATOR_HOST", &emulator.host);
         }
         let mut child = command

@@ -40,37 +40,37 @@ pub fn toolchain() -> anyhow::Result<()> {
         ]))
         .context("installing rust-src (needed to build the eBPF object)")?;
     }
-    let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
-    if !linker.contains(BPF_LINKER_VERSION) {
-        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (a few minutes, once)");
-        run(Command::new("cargo").args([
-            "install",
-            "bpf-linker",
-            "--version",
-            BPF_LINKER_VERSION,
-            "--locked",
-            "--force",
-        ]))
-        .context("installing bpf-linker")?;
-    }
-    Ok(())
+    cargo_install(
+        "bpf-linker",
+        BPF_LINKER_VERSION,
+        Command::new("bpf-linker").arg("--version"),
+    )
 }
 
-pub fn cargo_fuzz() -> anyhow::Result<()> {
-    let installed = output(Command::new("cargo").args(["fuzz", "--version"])).unwrap_or_default();
-    if installed.contains(CARGO_FUZZ_VERSION) {
+/// `cargo install`s `krate` at `version` unless `version_command` already reports it.
+fn cargo_install(krate: &str, version: &str, version_command: &mut Command) -> anyhow::Result<()> {
+    let installed = output(version_command).unwrap_or_default();
+    if installed.contains(version) {
         return Ok(());
     }
-    eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+    eprintln!("xtask: installing {krate} {version} (once)");
     run(Command::new("cargo").args([
         "install",
-        "cargo-fuzz",
+        krate,
         "--version",
-        CARGO_FUZZ_VERSION,
+        version,
         "--locked",
         "--force",
     ]))
-    .context("installing cargo-fuzz")
+    .with_context(|| format!("installing {krate} {version}"))
+}
+
+pub fn cargo_fuzz() -> anyhow::Result<()> {
+    cargo_install(
+        "cargo-fuzz",
+        CARGO_FUZZ_VERSION,
+        Command::new("cargo").args(["fuzz", "--version"]),
+    )
 }
 
 /// Installs a requirements file unless `modules` already import.
