@@ -13,7 +13,7 @@ use clap::{
 use serde::{Serialize, Serializer};
 use uuid::Uuid;
 
-use crate::payload::SdkType;
+use crate::pipeline::payload::SdkType;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -270,7 +270,7 @@ pub struct CaptureArgs {
     /// longer bursts, at the cost of locked kernel memory. Overflow is counted, never blocking.
     #[arg(
         long,
-        default_value_t = crate::probes::DEFAULT_RING_BUFFER_BYTES,
+        default_value_t = crate::capture::DEFAULT_RING_BUFFER_BYTES,
         value_parser = parse_ring_buffer_bytes,
         env = "APITOOLKIT_RING_BUFFER_BYTES"
     )]

@@ -12,7 +12,9 @@ use std::{
 };
 
 use crate::{
-    connections::TrackerStats, pipeline::LinkStats, probes::KernelLosses, sinks::PayloadQueue,
+    capture::KernelLosses,
+    pipeline::{LinkStats, connections::TrackerStats},
+    sinks::PayloadQueue,
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::{
@@ -45,66 +47,93 @@ impl Heartbeat {
     }
 }
 
+/// What the capture loop itself counts.
+#[derive(Clone, Debug, Default)]
+pub struct CaptureTotals {
+    /// Ring-buffer records that could not be decoded.
+    pub decode_errors: u64,
+    /// Payload bytes the kernel delivered.
+    pub captured_bytes: u64,
+}
+
 /// What the capture loop reports once a second; counters are absolute totals.
 pub struct Snapshot<'a> {
     pub tracker: &'a TrackerStats,
     pub links: &'a LinkStats,
-    pub losses: &'a KernelLosses,
-    pub decode_errors: u64,
-    pub captured_bytes: u64,
+    pub losses: KernelLosses,
+    pub totals: &'a CaptureTotals,
     pub sinks: &'a [Arc<PayloadQueue>],
     pub watched_processes: usize,
     /// Payloads per live process, with its name.
     pub payloads_by_process: Vec<(u32, &'a str, u64)>,
 }
 
+/// Every counter the agent keeps, listed once: its field in the shutdown log, its Prometheus
+/// name (and label), and its value in `$snapshot`. `$use` receives the list.
+macro_rules! counters {
+    ($snapshot:ident, $use:ident) => {
+        $use! {
+            exchanges: "apitoolkit_agent_exchanges_total" = $snapshot.tracker.exchanges;
+            connections: "apitoolkit_agent_connections_total" = $snapshot.tracker.connections_opened;
+            captured_bytes: "apitoolkit_agent_captured_bytes_total" = $snapshot.totals.captured_bytes;
+            gaps: "apitoolkit_agent_gaps_total" = $snapshot.tracker.gaps;
+            gap_bytes: "apitoolkit_agent_gap_bytes_total" = $snapshot.tracker.gap_bytes;
+            desyncs: "apitoolkit_agent_parse_failures_total" {"kind" => "desync"} = $snapshot.tracker.desyncs;
+            unpaired_requests: "apitoolkit_agent_parse_failures_total" {"kind" => "unpaired_request"} = $snapshot.tracker.unpaired_requests;
+            unpaired_responses: "apitoolkit_agent_parse_failures_total" {"kind" => "unpaired_response"} = $snapshot.tracker.unpaired_responses;
+            malformed_messages: "apitoolkit_agent_parse_failures_total" {"kind" => "malformed"} = $snapshot.tracker.malformed_messages;
+            not_http_connections: "apitoolkit_agent_not_http_connections_total" = $snapshot.tracker.not_http_connections;
+            outgoing_with_parent: "apitoolkit_agent_outgoing_with_parent_total" = $snapshot.links.outgoing_with_parent;
+            failed_calls: "apitoolkit_agent_failed_calls_total" = $snapshot.links.failed_calls;
+            errors_attached: "apitoolkit_agent_errors_attached_total" = $snapshot.links.errors_attached;
+            errors_unattached: "apitoolkit_agent_errors_unattached_total" = $snapshot.links.errors_unattached;
+            tls_connections: "apitoolkit_agent_tls_connections_total" = $snapshot.tracker.tls_connections;
+            unreadable_tls_connections: "apitoolkit_agent_unreadable_tls_connections_total" = $snapshot.tracker.unreadable_tls_connections;
+            tls_unmapped: "apitoolkit_agent_dropped_events_total" {"cause" => "tls_unmapped"} = $snapshot.losses.tls_unmapped;
+            ringbuf_full: "apitoolkit_agent_dropped_events_total" {"cause" => "ringbuf_full"} = $snapshot.losses.ringbuf_full;
+            conn_table_full: "apitoolkit_agent_dropped_events_total" {"cause" => "conn_table_full"} = $snapshot.losses.conn_table_full;
+            inflight_table_full: "apitoolkit_agent_dropped_events_total" {"cause" => "inflight_table_full"} = $snapshot.losses.inflight_table_full;
+            user_read_failed: "apitoolkit_agent_dropped_events_total" {"cause" => "user_read_failed"} = $snapshot.losses.user_read_failed;
+            decode_errors: "apitoolkit_agent_dropped_events_total" {"cause" => "decode_error"} = $snapshot.totals.decode_errors;
+        }
+    };
+}
+
+macro_rules! export_counters {
+    ($($field:ident: $name:literal $({$label:literal => $label_value:literal})? = $value:expr;)*) => {
+        $(metrics::counter!($name $(, $label => $label_value)?).absolute($value);)*
+    };
+}
+
+/// The shutdown log line: every counter, and what the sinks dropped (per sink on /metrics).
+macro_rules! log_counters {
+    ($($field:ident: $name:literal $({$label:literal => $label_value:literal})? = $value:expr;)*) => {
+        |sink_dropped: u64| tracing::info!($($field = $value,)* sink_dropped, "capture stopped")
+    };
+}
+
 /// Publishes a snapshot to the metrics recorder (a no-op without one).
-pub fn record(snapshot: &Snapshot<'_>) {
-    use metrics::{counter, gauge};
-    let tracker = snapshot.tracker;
-    counter!("apitoolkit_agent_exchanges_total").absolute(tracker.exchanges);
-    counter!("apitoolkit_agent_connections_total").absolute(tracker.connections_opened);
-    counter!("apitoolkit_agent_captured_bytes_total").absolute(snapshot.captured_bytes);
-    counter!("apitoolkit_agent_gaps_total").absolute(tracker.gaps);
-    counter!("apitoolkit_agent_gap_bytes_total").absolute(tracker.gap_bytes);
-    for (kind, value) in [
-        ("malformed", tracker.malformed_messages),
-        ("desync", tracker.desyncs),
-        ("unpaired_request", tracker.unpaired_requests),
-        ("unpaired_response", tracker.unpaired_responses),
-    ] {
-        counter!("apitoolkit_agent_parse_failures_total", "kind" => kind).absolute(value);
-    }
-    let losses = snapshot.losses;
-    for (cause, value) in [
-        ("ringbuf_full", losses.ringbuf_full),
-        ("conn_table_full", losses.conn_table_full),
-        ("inflight_table_full", losses.inflight_table_full),
-        ("user_read_failed", losses.user_read_failed),
-        ("tls_unmapped", losses.tls_unmapped),
-        ("decode_error", snapshot.decode_errors),
-    ] {
-        counter!("apitoolkit_agent_dropped_events_total", "cause" => cause).absolute(value);
-    }
-    counter!("apitoolkit_agent_tls_connections_total").absolute(tracker.tls_connections);
-    counter!("apitoolkit_agent_unreadable_tls_connections_total")
-        .absolute(tracker.unreadable_tls_connections);
-    let links = snapshot.links;
-    counter!("apitoolkit_agent_outgoing_with_parent_total").absolute(links.outgoing_with_parent);
-    counter!("apitoolkit_agent_failed_calls_total").absolute(links.failed_calls);
-    counter!("apitoolkit_agent_errors_attached_total").absolute(links.errors_attached);
+pub fn export(snapshot: &Snapshot<'_>) {
+    use metrics::gauge;
+    counters!(snapshot, export_counters);
     for sink in snapshot.sinks {
         let name = sink.name();
         gauge!("apitoolkit_agent_sink_queued_bytes", "sink" => name)
             .set(sink.queued_bytes() as f64);
-        counter!("apitoolkit_agent_sink_dropped_payloads_total", "sink" => name)
+        metrics::counter!("apitoolkit_agent_sink_dropped_payloads_total", "sink" => name)
             .absolute(sink.dropped());
     }
     gauge!("apitoolkit_agent_watched_processes").set(snapshot.watched_processes as f64);
     for (pid, name, payloads) in &snapshot.payloads_by_process {
-        counter!("apitoolkit_agent_payloads_total", "pid" => pid.to_string(), "process" => name.to_string())
+        metrics::counter!("apitoolkit_agent_payloads_total", "pid" => pid.to_string(), "process" => name.to_string())
             .absolute(*payloads);
     }
+}
+
+/// Logs the final totals when capture stops.
+pub fn log_totals(snapshot: &Snapshot<'_>) {
+    let sink_dropped = snapshot.sinks.iter().map(|sink| sink.dropped()).sum();
+    (counters!(snapshot, log_counters))(sink_dropped);
 }
 
 /// Installs the process-wide metrics recorder.

@@ -4,11 +4,11 @@
 
 use std::path::PathBuf;
 
-use apitoolkit_agent::{
+use apitoolkit_agent::pipeline::{
+    CaptureScope, Pipeline,
     events::Event,
     payload::{Payload, PayloadSettings, SdkType},
-    pipeline::{CaptureScope, Pipeline},
-    probes::process::ProcessProfile,
+    profile::{ProcessProfile, Profiles},
     redact::{REDACTED, Redactor, TAG_REQUEST_BODY_WITHHELD},
 };
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
@@ -51,12 +51,7 @@ fn pipeline(sdk_type: SdkType, redactor: Redactor) -> Pipeline {
         outgoing: true,
         errors: true,
     };
-    Pipeline::new(
-        settings(),
-        scope,
-        redactor,
-        Box::new(move |_| profile.clone()),
-    )
+    Pipeline::new(settings(), scope, redactor, Profiles::Everyone(profile))
 }
 
 fn replay_with(events: Vec<Event>, redactor: Redactor) -> Vec<Payload> {

@@ -8,14 +8,15 @@
 //! - a stream that reassembles cleanly in one piece gives the same exchanges in any chunking.
 #![no_main]
 
-use apitoolkit_agent::{
+use apitoolkit_agent::pipeline::{
     connections::TrackedExchange,
     events::{ConnId, Role},
-    http::{
-        Exchange, HttpConnection, Output,
+    payload::{self, Links, PayloadSettings, SdkType},
+    profile::ProcessProfile,
+    protocols::http1::{
+        Exchange, HttpConnection, Reassembled,
         parser::{MessageKind, StartLine},
     },
-    payload::{self, Links, PayloadSettings, SdkType},
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -41,9 +42,9 @@ enum Feed {
     WithGaps(u8),
 }
 
-fn reassemble(requests: &[u8], responses: &[u8], feed: &Feed) -> Output {
+fn reassemble(requests: &[u8], responses: &[u8], feed: &Feed) -> Reassembled {
     let mut connection = HttpConnection::new(MAX_BODY_BYTES);
-    let mut output = Output::default();
+    let mut output = Reassembled::default();
     for (kind, stream) in [
         (MessageKind::Request, requests),
         (MessageKind::Response, responses),
@@ -104,7 +105,10 @@ fn check(exchanges: &[Exchange]) {
         };
         let built = payload::build(
             &tracked,
-            SdkType::PythonFlask,
+            &ProcessProfile {
+                sdk_type: SdkType::PythonFlask,
+                ..ProcessProfile::unknown()
+            },
             Links::incoming(uuid::Uuid::nil(), Vec::new()),
             &settings,
         );

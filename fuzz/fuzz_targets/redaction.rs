@@ -10,7 +10,7 @@
 //! - a redacted header's values never appear.
 #![no_main]
 
-use apitoolkit_agent::{
+use apitoolkit_agent::pipeline::{
     payload::{HeaderMap, Payload, TAG_REQUEST_BODY_TRUNCATED},
     redact::{REDACTED, Redactor},
 };

@@ -2,6 +2,7 @@
 //! when a batch would overflow it, the oldest queued payloads are dropped and counted, so a
 //! slow or unreachable destination never grows the agent's memory.
 
+pub mod bootstrap;
 pub mod pubsub;
 pub mod stdout;
 
@@ -15,7 +16,7 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::payload::{HeaderMap, Payload};
+use crate::pipeline::payload::{HeaderMap, Payload};
 
 /// Approximate heap size of a queued payload (strings plus per-entry overhead), so the byte
 /// bound tracks real memory rather than just the bodies.

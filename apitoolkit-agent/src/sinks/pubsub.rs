@@ -12,7 +12,7 @@ use google_cloud_pubsub::{client::Publisher, model::Message};
 use uuid::Uuid;
 
 use super::PayloadQueue;
-use crate::bootstrap::{self, BootstrapError, ClientMetadata};
+use super::bootstrap::{self, BootstrapError, ClientMetadata};
 
 const BATCH: usize = 1000;
 /// Longest pause between publish attempts while Pub/Sub is unreachable.
@@ -158,6 +158,9 @@ pub async fn run(
 ) -> PublishStats {
     let mut stats = PublishStats::default();
     let mut backoff = Duration::from_secs(1);
+    // Payloads carry the project id resolved before capture; when that failed, the sink
+    // stamps the one it resolves later.
+    let resolved_late = destination.is_none();
     let destination = match destination {
         Some(destination) => destination,
         None => loop {
@@ -186,7 +189,9 @@ pub async fn run(
         let futures: Vec<_> = batch
             .iter_mut()
             .map(|payload| {
-                payload.project_id = destination.project_id;
+                if resolved_late {
+                    payload.project_id = destination.project_id;
+                }
                 let data = serde_json::to_vec(payload).expect("payloads serialize");
                 if tracing::enabled!(tracing::Level::DEBUG) {
                     tracing::debug!(payload = %String::from_utf8_lossy(&data), "publishing");

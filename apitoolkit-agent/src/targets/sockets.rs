@@ -7,7 +7,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use crate::events::Role;
+use crate::pipeline::events::Role;
 
 const TCP_ESTABLISHED: &str = "01";
 const TCP_LISTEN: &str = "0A";

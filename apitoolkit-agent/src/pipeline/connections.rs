@@ -3,11 +3,11 @@
 
 use std::{collections::HashMap, net::SocketAddr};
 
-use crate::{
+use super::{
     ciphertext::{RecordWalker, looks_like_tls_record},
     events::{ConnId, DataEvent, Direction, Event, Role, Source},
-    http::{
-        Anomaly, Exchange, HttpConnection, Output,
+    protocols::http1::{
+        Anomaly, Exchange, HttpConnection, Reassembled,
         parser::{Message, MessageKind, looks_like_start},
     },
 };
@@ -320,7 +320,7 @@ impl ConnectionTracker {
         match &connection.transport {
             Transport::Encrypted { ingress, egress } => {
                 if ingress.application_data || egress.application_data {
-                    self.report_unreadable(conn, output);
+                    report_unreadable(&mut self.stats, conn, output);
                 }
                 return;
             }
@@ -330,7 +330,7 @@ impl ConnectionTracker {
         if connection.ignored || connection.role == Role::Unknown {
             return;
         }
-        let mut http_output = Output::default();
+        let mut http_output = Reassembled::default();
         for (direction, end) in [
             (Direction::Egress, end.sent),
             (Direction::Ingress, end.received),
@@ -353,7 +353,7 @@ impl ConnectionTracker {
         }
         connection.http.close(&mut http_output);
         let unanswered = std::mem::take(&mut http_output.unanswered);
-        record(&mut self.stats, conn, &connection, http_output, output);
+        hand_on(&mut self.stats, conn, &connection, http_output, output);
         if connection.role == Role::Client {
             output
                 .failed_calls
@@ -370,45 +370,69 @@ impl ConnectionTracker {
         }
     }
 
-    fn report_unreadable(&mut self, conn: ConnId, output: &mut TrackerOutput) {
-        self.stats.unreadable_tls_connections += 1;
-        output.unreadable_tls.push(conn);
-    }
-
     fn on_data(&mut self, data: DataEvent, output: &mut TrackerOutput) {
         let conn = data.conn;
         let max_body_bytes = self.max_body_bytes;
+        let stats = &mut self.stats;
         // Data for a connection whose open record was lost (or that predates a recording).
         let connection = self
             .connections
             .entry(conn)
             .or_insert_with(|| Connection::new(Role::Unknown, None, false, max_body_bytes));
+        if !connection.admit(&data, stats, max_body_bytes, output) || connection.ignored {
+            return;
+        }
+        let (bytes, gap) = connection.place(&data);
+        if connection.role == Role::Unknown && !connection.learn_role(&data, bytes, stats, output) {
+            return;
+        }
+        connection.reassemble(&data, bytes, gap, stats, output);
+    }
+}
+
+fn report_unreadable(stats: &mut TrackerStats, conn: ConnId, output: &mut TrackerOutput) {
+    stats.unreadable_tls_connections += 1;
+    output.unreadable_tls.push(conn);
+}
+
+impl Connection {
+    /// Follows what the connection's bytes are (plain, ciphertext, TLS plaintext) and says
+    /// whether this event's bytes are plaintext to reassemble.
+    fn admit(
+        &mut self,
+        data: &DataEvent,
+        stats: &mut TrackerStats,
+        max_body_bytes: usize,
+        output: &mut TrackerOutput,
+    ) -> bool {
+        let conn = data.conn;
         let starts_stream = match data.direction {
-            Direction::Ingress => connection.next_ingress,
-            Direction::Egress => connection.next_egress,
+            Direction::Ingress => self.next_ingress,
+            Direction::Egress => self.next_egress,
         }
         .is_none_or(|next| next == 0);
         if data.source == Source::Syscall
-            && matches!(connection.transport, Transport::Plain)
-            && !connection.ignored
+            && matches!(self.transport, Transport::Plain)
+            && !self.ignored
             && starts_stream
             && looks_like_tls_record(&data.data)
         {
             // Ciphertext: the plaintext, if this process's TLS library is probed, comes as TLS
             // events on the same connection.
-            connection.transport = Transport::Encrypted {
+            self.transport = Transport::Encrypted {
                 ingress: RecordWalker::default(),
                 egress: RecordWalker::default(),
             };
         }
-        match (data.source, &mut connection.transport) {
-            (Source::Tls, Transport::Tls) | (Source::Syscall, Transport::Plain) => {}
+        match (data.source, &mut self.transport) {
+            (Source::Tls, Transport::Tls) | (Source::Syscall, Transport::Plain) => true,
             (Source::Tls, previous) => {
                 if !matches!(previous, Transport::Unreadable) {
                     output.disable.push((conn, Source::Syscall));
                 }
-                connection.switch_to_tls(max_body_bytes);
-                self.stats.tls_connections += 1;
+                self.switch_to_tls(max_body_bytes);
+                stats.tls_connections += 1;
+                true
             }
             (Source::Syscall, Transport::Encrypted { ingress, egress }) => {
                 match data.direction {
@@ -417,85 +441,104 @@ impl ConnectionTracker {
                 }
                 // A probed library's plaintext comes within the first exchange; this much
                 // ciphertext without any is a connection the agent cannot read.
-                connection.unclassified_bytes += data.data.len() as u64 + data.skipped_len;
-                if connection.unclassified_bytes > MAX_UNCLASSIFIED_BYTES {
-                    connection.transport = Transport::Unreadable;
+                self.unclassified_bytes += data.data.len() as u64 + data.skipped_len;
+                if self.unclassified_bytes > MAX_UNCLASSIFIED_BYTES {
+                    self.transport = Transport::Unreadable;
                     output.disable.push((conn, Source::Syscall));
-                    self.report_unreadable(conn, output);
+                    report_unreadable(stats, conn, output);
                 }
-                return;
+                false
             }
             (Source::Syscall, Transport::Tls | Transport::Unreadable) | (Source::Stderr, _) => {
-                return;
+                false
             }
         }
-        if connection.ignored {
-            return;
-        }
+    }
+
+    /// Places the event in its direction's stream: the bytes not seen before, and how many
+    /// bytes were lost before them.
+    fn place<'d>(&mut self, data: &'d DataEvent) -> (&'d [u8], u64) {
         let next = match data.direction {
-            Direction::Ingress => connection.next_ingress.get_or_insert(data.position),
-            Direction::Egress => connection.next_egress.get_or_insert(data.position),
+            Direction::Ingress => self.next_ingress.get_or_insert(data.position),
+            Direction::Egress => self.next_egress.get_or_insert(data.position),
         };
-        let mut payload = &data.data[..];
+        let mut bytes = &data.data[..];
         let mut gap = 0;
         if data.position > *next {
             gap = data.position - *next;
         } else if data.position < *next {
             // Overlap with bytes already seen (concurrent calls on one fd): keep only the new tail.
-            let seen = (*next - data.position).min(payload.len() as u64) as usize;
-            payload = &payload[seen..];
+            let seen = (*next - data.position).min(bytes.len() as u64) as usize;
+            bytes = &bytes[seen..];
         }
         *next = (*next).max(data.position + data.data.len() as u64 + data.skipped_len);
+        (bytes, gap)
+    }
 
-        if connection.role == Role::Unknown {
-            match infer_role(data.direction, payload) {
-                Some(role) => connection.role = role,
-                None => {
-                    connection.unclassified_bytes += payload.len() as u64 + data.skipped_len;
-                    if connection.unclassified_bytes > MAX_UNCLASSIFIED_BYTES {
-                        connection.ignored = true;
-                        self.stats.not_http_connections += 1;
-                        output.disable.push((conn, data.source));
-                    }
-                    return;
-                }
-            }
+    /// Learns the role of a connection whose start was not seen from its first message start;
+    /// too many bytes without one and the connection is given up as not HTTP.
+    fn learn_role(
+        &mut self,
+        data: &DataEvent,
+        bytes: &[u8],
+        stats: &mut TrackerStats,
+        output: &mut TrackerOutput,
+    ) -> bool {
+        if let Some(role) = infer_role(data.direction, bytes) {
+            self.role = role;
+            return true;
         }
-        let kind = message_kind(connection.role, data.direction);
-        let mut http_output = Output::default();
+        self.unclassified_bytes += bytes.len() as u64 + data.skipped_len;
+        if self.unclassified_bytes > MAX_UNCLASSIFIED_BYTES {
+            self.ignored = true;
+            stats.not_http_connections += 1;
+            output.disable.push((data.conn, data.source));
+        }
+        false
+    }
+
+    /// Feeds new bytes (after a gap of `gap` lost ones) to HTTP reassembly; a connection that
+    /// turns out not to be HTTP, or is upgraded to another protocol, is given up.
+    fn reassemble(
+        &mut self,
+        data: &DataEvent,
+        bytes: &[u8],
+        gap: u64,
+        stats: &mut TrackerStats,
+        output: &mut TrackerOutput,
+    ) {
+        let kind = message_kind(self.role, data.direction);
+        let mut http_output = Reassembled::default();
         if gap > 0 {
-            self.stats.gaps += 1;
-            self.stats.gap_bytes += gap;
-            connection.http.gap(kind, gap, &mut http_output);
+            stats.gaps += 1;
+            stats.gap_bytes += gap;
+            self.http.gap(kind, gap, &mut http_output);
         }
-        connection
-            .http
-            .push(kind, payload, data.timestamp_ns, &mut http_output);
+        self.http
+            .push(kind, bytes, data.timestamp_ns, &mut http_output);
         if data.skipped_len > 0 {
-            self.stats.gaps += 1;
-            self.stats.gap_bytes += data.skipped_len;
-            connection
-                .http
-                .gap(kind, data.skipped_len, &mut http_output);
+            stats.gaps += 1;
+            stats.gap_bytes += data.skipped_len;
+            self.http.gap(kind, data.skipped_len, &mut http_output);
         }
-        if connection.http.is_not_http(&http_output) || connection.http.is_upgraded() {
-            connection.ignored = true;
-            if !connection.http.is_upgraded() {
-                self.stats.not_http_connections += 1;
+        if self.http.is_not_http(&http_output) || self.http.is_upgraded() {
+            self.ignored = true;
+            if !self.http.is_upgraded() {
+                stats.not_http_connections += 1;
             }
-            output.disable.push((conn, data.source));
+            output.disable.push((data.conn, data.source));
         }
-        connection.last_tid = data.tid;
-        record(&mut self.stats, conn, connection, http_output, output);
+        self.last_tid = data.tid;
+        hand_on(stats, data.conn, self, http_output, output);
     }
 }
 
 /// Counts what reassembly noticed and hands on its exchanges and served requests.
-fn record(
+fn hand_on(
     stats: &mut TrackerStats,
     conn: ConnId,
     connection: &Connection,
-    http: Output,
+    http: Reassembled,
     output: &mut TrackerOutput,
 ) {
     let (role, remote, tid) = (connection.role, connection.remote, connection.last_tid);
@@ -536,7 +579,6 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::events::Source;
 
     const TGID: u32 = 100;
 
@@ -599,7 +641,9 @@ mod tests {
             .flat_map(|event| tracker.feed(event).exchanges)
             .map(|tracked| {
                 let exchange = tracked.exchange;
-                let crate::http::parser::StartLine::Request { target, .. } = exchange.request.start
+                let crate::pipeline::protocols::http1::parser::StartLine::Request {
+                    target, ..
+                } = exchange.request.start
                 else {
                     panic!("request expected");
                 };

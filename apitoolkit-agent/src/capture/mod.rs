@@ -1,11 +1,7 @@
 //! Loads the kernel object, attaches its programs, and owns the maps userspace talks through:
 //! the target set, disabled connections, the event ring buffer and the loss counters.
 
-pub mod elf;
-pub mod process;
-pub mod select;
-pub mod sockets;
-pub mod tls;
+pub mod preflight;
 
 use std::{
     ffi::CString,
@@ -28,7 +24,7 @@ use aya::{
     },
 };
 
-use crate::events::{ConnId, Source};
+use crate::pipeline::events::{ConnId, Source};
 
 /// The return program shared by every SSL function.
 const SSL_RETURN_PROGRAM: &str = "ssl_call_return";
@@ -263,7 +259,7 @@ impl Probes {
             return Err(ProbeError::TlsUnavailable);
         }
         for &(function, offset) in functions {
-            let entry = tls::SSL_FUNCTIONS
+            let entry = crate::targets::tls::SSL_FUNCTIONS
                 .iter()
                 .find(|(name, _)| *name == function)
                 .map(|(_, program)| *program)
@@ -440,7 +436,7 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, program: &str) -> &'a mut UProbe {
 }
 
 fn load_tls_programs(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
-    let programs = tls::SSL_FUNCTIONS
+    let programs = crate::targets::tls::SSL_FUNCTIONS
         .iter()
         .map(|(_, program)| *program)
         .chain([SSL_RETURN_PROGRAM]);

@@ -1,4 +1,4 @@
-//! Exchange -> the APIToolkit request message (the contract in shared/payload-format.md).
+//! Exchange -> the APIToolkit request message (the contract is docs/payload.md).
 
 use std::collections::BTreeMap;
 
@@ -6,12 +6,14 @@ use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{
+use super::{
+    app_errors::CapturedError,
     connections::TrackedExchange,
-    errors::CapturedError,
-    http::{
+    events::Role,
+    profile::ProcessProfile,
+    protocols::{
         content,
-        parser::{Body, Message, StartLine},
+        http1::parser::{Body, Message, StartLine},
     },
 };
 
@@ -225,12 +227,19 @@ fn at_error(error: CapturedError, settings: &PayloadSettings) -> AtError {
     }
 }
 
+/// The payload of one exchange. Its `sdk_type` is the process's framework, or its runtime's
+/// outgoing type for a request the process made; its tags are the agent's, then what the body
+/// encoding noticed, then the process's own (e.g. its pod).
 pub fn build(
     tracked: &TrackedExchange,
-    sdk_type: SdkType,
+    profile: &ProcessProfile,
     links: Links,
     settings: &PayloadSettings,
 ) -> Payload {
+    let sdk_type = match tracked.role {
+        Role::Client => profile.outgoing_sdk_type(),
+        _ => profile.sdk_type,
+    };
     let request = &tracked.exchange.request;
     let response = &tracked.exchange.response;
     let (method, target) = match &request.start {
@@ -264,6 +273,7 @@ pub fn build(
         },
         &mut tags,
     );
+    tags.extend(profile.tags.iter().cloned());
     Payload {
         timestamp: rfc3339(response.last_byte_ns as i128 + settings.realtime_offset_ns),
         duration: response.last_byte_ns.saturating_sub(request.first_byte_ns),
@@ -302,10 +312,14 @@ mod tests {
     use flate2::{Compression, write::GzEncoder};
 
     use super::*;
-    use crate::{
-        events::{ConnId, Role},
-        http::{Exchange, parser::StartLine},
-    };
+    use crate::pipeline::{events::ConnId, protocols::http1::Exchange};
+
+    fn profile(sdk_type: SdkType) -> ProcessProfile {
+        ProcessProfile {
+            sdk_type,
+            ..ProcessProfile::unknown()
+        }
+    }
 
     fn message(start: StartLine, headers: &[(&str, &str)], body: &[u8], at: (u64, u64)) -> Message {
         Message {
@@ -385,7 +399,7 @@ mod tests {
         let msg_id = Uuid::new_v4();
         let payload = build(
             &exchange(request, response),
-            SdkType::PythonFlask,
+            &profile(SdkType::PythonFlask),
             Links::incoming(msg_id, vec![error]),
             &settings(),
         );
@@ -445,7 +459,7 @@ mod tests {
         );
         let payload = build(
             &exchange(request, response),
-            SdkType::SDKUnknown,
+            &profile(SdkType::SDKUnknown),
             Links::outgoing(None),
             &settings(),
         );

@@ -1,7 +1,6 @@
 //! HTTP/1.x reassembly for one connection: a parser per direction and FIFO pairing of
 //! requests with responses into exchanges.
 
-pub mod content;
 pub mod parser;
 
 use std::collections::VecDeque;
@@ -15,7 +14,7 @@ const MAX_PENDING_REQUESTS: usize = 128;
 /// A request and the response that answered it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exchange {
-    /// The request's number on its connection (see `Output::requests_read`).
+    /// The request's number on its connection (see `Reassembled::requests_read`).
     pub serial: u64,
     pub request: Message,
     pub response: Message,
@@ -31,8 +30,9 @@ pub enum Anomaly {
     Malformed(MessageKind, ParseError),
 }
 
+/// What the bytes pushed into one connection's reassembly produced.
 #[derive(Default, Debug, PartialEq, Eq)]
-pub struct Output {
+pub struct Reassembled {
     pub exchanges: Vec<Exchange>,
     pub anomalies: Vec<Anomaly>,
     /// Serials of requests read completely and now awaiting their response; the exchange that
@@ -82,7 +82,7 @@ impl HttpConnection {
 
     /// True once the first bytes of the connection failed to parse as HTTP: the caller can stop
     /// capturing it.
-    pub fn is_not_http(&self, output: &Output) -> bool {
+    pub fn is_not_http(&self, output: &Reassembled) -> bool {
         !self.seen_message
             && output
                 .anomalies
@@ -94,7 +94,13 @@ impl HttpConnection {
         self.upgraded
     }
 
-    pub fn push(&mut self, kind: MessageKind, data: &[u8], timestamp_ns: u64, output: &mut Output) {
+    pub fn push(
+        &mut self,
+        kind: MessageKind,
+        data: &[u8],
+        timestamp_ns: u64,
+        output: &mut Reassembled,
+    ) {
         match kind {
             MessageKind::Request => self.requests.push(data, timestamp_ns),
             MessageKind::Response => self.responses.push(data, timestamp_ns),
@@ -102,7 +108,7 @@ impl HttpConnection {
         self.drain(output);
     }
 
-    pub fn gap(&mut self, kind: MessageKind, len: u64, output: &mut Output) {
+    pub fn gap(&mut self, kind: MessageKind, len: u64, output: &mut Reassembled) {
         let absorbed = match kind {
             MessageKind::Request => self.requests.gap(len),
             MessageKind::Response => self.responses.gap(len),
@@ -119,7 +125,7 @@ impl HttpConnection {
 
     /// The connection closed: a close-delimited response completes; what is still pending
     /// never got an answer.
-    pub fn close(&mut self, output: &mut Output) {
+    pub fn close(&mut self, output: &mut Reassembled) {
         if let Some(response) = self.responses.close() {
             self.on_response(response, output);
         }
@@ -132,7 +138,7 @@ impl HttpConnection {
         !self.pending.is_empty()
     }
 
-    fn drop_pending(&mut self, output: &mut Output) {
+    fn drop_pending(&mut self, output: &mut Reassembled) {
         for _ in self.pending.drain(..) {
             output
                 .anomalies
@@ -140,7 +146,7 @@ impl HttpConnection {
         }
     }
 
-    fn drain(&mut self, output: &mut Output) {
+    fn drain(&mut self, output: &mut Reassembled) {
         loop {
             let mut progressed = false;
             while let Some(polled) = self.requests.poll(None) {
@@ -175,7 +181,7 @@ impl HttpConnection {
         }
     }
 
-    fn on_request(&mut self, request: Message, output: &mut Output) {
+    fn on_request(&mut self, request: Message, output: &mut Reassembled) {
         if self.desynced {
             // In sync again only if no response is half-way: then the next response answers
             // this request.
@@ -201,7 +207,7 @@ impl HttpConnection {
         output.requests_read.push(serial);
     }
 
-    fn on_response(&mut self, response: Message, output: &mut Output) {
+    fn on_response(&mut self, response: Message, output: &mut Reassembled) {
         self.seen_message = true;
         let request = if self.desynced {
             None
@@ -231,7 +237,7 @@ impl HttpConnection {
 mod tests {
     use super::*;
 
-    fn targets(output: &Output) -> Vec<(String, u16)> {
+    fn targets(output: &Reassembled) -> Vec<(String, u16)> {
         output
             .exchanges
             .iter()
@@ -255,7 +261,7 @@ mod tests {
     #[test]
     fn pipelined_requests_pair_in_order() {
         let mut connection = HttpConnection::new(1 << 20);
-        let mut output = Output::default();
+        let mut output = Reassembled::default();
         let requests: String = (0..5)
             .map(|i| format!("GET /{i} HTTP/1.1\r\n\r\n"))
             .collect();
@@ -276,7 +282,7 @@ mod tests {
     #[test]
     fn head_request_in_a_pipeline_frames_its_response_without_body() {
         let mut connection = HttpConnection::new(1 << 20);
-        let mut output = Output::default();
+        let mut output = Reassembled::default();
         connection.push(
             MessageKind::Request,
             b"HEAD /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n",
@@ -297,7 +303,7 @@ mod tests {
     #[test]
     fn expect_continue_pairs_the_final_response() {
         let mut connection = HttpConnection::new(1 << 20);
-        let mut output = Output::default();
+        let mut output = Reassembled::default();
         connection.push(
             MessageKind::Request,
             b"POST /up HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
@@ -319,7 +325,7 @@ mod tests {
     #[test]
     fn a_lost_request_never_takes_the_next_response() {
         let mut connection = HttpConnection::new(1 << 20);
-        let mut output = Output::default();
+        let mut output = Reassembled::default();
         connection.push(
             MessageKind::Request,
             b"GET /1 HTTP/1.1\r\n\r\n",
@@ -358,7 +364,7 @@ mod tests {
     #[test]
     fn non_http_start_is_reported() {
         let mut connection = HttpConnection::new(1 << 20);
-        let mut output = Output::default();
+        let mut output = Reassembled::default();
         connection.push(
             MessageKind::Request,
             b"\x00\x00\x00\x08\x04\xd2\x16\x2f\r\n\r\n",
@@ -371,7 +377,7 @@ mod tests {
     #[test]
     fn upgrade_pairs_and_then_ignores_the_stream() {
         let mut connection = HttpConnection::new(1 << 20);
-        let mut output = Output::default();
+        let mut output = Reassembled::default();
         connection.push(
             MessageKind::Request,
             b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",

@@ -8,7 +8,7 @@ use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use serde_json::Value;
 use serde_json_path::JsonPath;
 
-use crate::payload::{
+use super::payload::{
     HeaderMap, Payload, TAG_REQUEST_BODY_INCOMPLETE, TAG_REQUEST_BODY_TRUNCATED,
     TAG_RESPONSE_BODY_INCOMPLETE, TAG_RESPONSE_BODY_TRUNCATED,
 };
@@ -156,7 +156,7 @@ mod tests {
 
     fn payload(request_body: &Value, response_body: &[u8]) -> Payload {
         let mut payload: Payload =
-            serde_json::from_str(include_str!("../../tests/fixtures/payload.json")).unwrap();
+            serde_json::from_str(include_str!("../../../tests/fixtures/payload.json")).unwrap();
         payload.request_body = BASE64.encode(serde_json::to_vec(request_body).unwrap());
         payload.response_body = BASE64.encode(response_body);
         payload.request_headers = HeaderMap::from([

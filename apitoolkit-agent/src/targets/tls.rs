@@ -10,7 +10,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{Probes, elf::ElfFile};
+use super::elf::ElfFile;
+use crate::capture::Probes;
 
 /// SSL functions to probe, with their entry programs. `SSL_write_ex` calls `SSL_write_ex2`
 /// where the latter exists (OpenSSL 3.3+), so only one of the two is probed.

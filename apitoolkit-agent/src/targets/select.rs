@@ -9,8 +9,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use super::kubernetes::{self, PodSelector, SharedPods};
 use super::{process, sockets};
-use crate::kubernetes::{self, PodSelector, SharedPods};
 
 /// Where cgroup v2 is mounted: `/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts.
 fn cgroup2_root() -> PathBuf {

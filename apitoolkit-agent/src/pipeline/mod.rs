@@ -1,18 +1,30 @@
-//! The pure part of the agent: events in, payloads out. No I/O, so recorded events replay
-//! through exactly the code that runs live.
+//! The pure part of the agent: kernel records in, payloads out. No I/O, so recorded events
+//! replay through exactly the code that runs live.
+//!
+//! The stages, in order: [`events`] (typed records) -> [`connections`] (byte positions, gaps,
+//! roles, TLS) -> [`protocols`] (reassembly into exchanges) -> [`link`] and [`app_errors`]
+//! (parent requests, printed errors) -> [`payload`] -> [`redact`].
+
+pub mod app_errors;
+pub mod ciphertext;
+pub mod connections;
+pub mod events;
+pub mod link;
+pub mod payload;
+pub mod profile;
+pub mod protocols;
+pub mod redact;
 
 use std::collections::HashMap;
 
-use crate::{
-    connections::{ConnectionTracker, FailedCall, TrackedExchange, TrackerStats},
-    errors::{CapturedError, StderrCollector},
-    events::{ConnId, DataEvent, Event, Role, Source},
-    http::{Exchange, parser::Message},
-    link::{Answered, Linker},
-    payload::{self, Links, Payload, PayloadSettings},
-    probes::process::{ProcessProfile, outgoing_sdk_type},
-    redact::Redactor,
-};
+use app_errors::{CapturedError, StderrCollector};
+use connections::{ConnectionTracker, FailedCall, TrackedExchange, TrackerOutput, TrackerStats};
+use events::{ConnId, DataEvent, Event, Role, Source};
+use link::{Answered, Linker};
+use payload::{Links, Payload, PayloadSettings};
+use profile::{ProcessProfile, Profiles};
+use protocols::http1::{Exchange, parser::Message};
+use redact::Redactor;
 
 /// What besides incoming requests becomes part of the payloads.
 #[derive(Clone, Copy, Debug)]
@@ -46,7 +58,15 @@ enum Ended {
     Process(u32),
 }
 
-pub type ProfileDetector = Box<dyn FnMut(u32) -> ProcessProfile + Send>;
+/// An event tracked and reassembled, its payloads not built yet: they need the profiles of
+/// the processes in `unprofiled`.
+#[derive(Default)]
+pub struct Tracked {
+    output: TrackerOutput,
+    ended: Option<Ended>,
+    /// Processes that have exchanges here and no profile yet (live capture only).
+    pub unprofiled: Vec<u32>,
+}
 
 pub struct Pipeline {
     tracker: ConnectionTracker,
@@ -56,8 +76,7 @@ pub struct Pipeline {
     linker: Linker,
     stderr: StderrCollector,
     link_stats: LinkStats,
-    profiles: HashMap<u32, ProcessProfile>,
-    detect_profile: ProfileDetector,
+    profiles: Profiles,
     /// Payloads per live process, for the agent's metrics.
     payloads_by_process: HashMap<u32, u64>,
 }
@@ -67,7 +86,7 @@ impl Pipeline {
         settings: PayloadSettings,
         scope: CaptureScope,
         redactor: Redactor,
-        detect_profile: ProfileDetector,
+        profiles: Profiles,
     ) -> Self {
         Self {
             tracker: ConnectionTracker::new(settings.max_body_bytes),
@@ -77,8 +96,7 @@ impl Pipeline {
             linker: Linker::default(),
             stderr: StderrCollector::default(),
             link_stats: LinkStats::default(),
-            profiles: HashMap::new(),
-            detect_profile,
+            profiles,
             payloads_by_process: HashMap::new(),
         }
     }
@@ -96,12 +114,9 @@ impl Pipeline {
         &self.payloads_by_process
     }
 
-    fn profile(&mut self, tgid: u32) -> ProcessProfile {
-        let detect = &mut self.detect_profile;
-        self.profiles
-            .entry(tgid)
-            .or_insert_with(|| detect(tgid))
-            .clone()
+    /// Hands in the profile of a process [`Tracked::unprofiled`] named.
+    pub fn add_profile(&mut self, tgid: u32, profile: ProcessProfile) {
+        self.profiles.insert(tgid, profile);
     }
 
     fn on_stderr(&mut self, data: &DataEvent) {
@@ -141,7 +156,7 @@ impl Pipeline {
     /// sent, an outgoing payload of its own with status 0, as the Go SDK reports it.
     fn on_failed_call(&mut self, call: FailedCall, output: &mut PipelineOutput) {
         self.link_stats.failed_calls += 1;
-        let profile = self.profile(call.conn.tgid);
+        let profile = self.profiles.get(call.conn.tgid);
         let error = CapturedError::failed_call(call.errno, call.remote, call.timestamp_ns);
         if self.scope.errors && profile.thread_per_request {
             let attached = self.linker.attach_error(call.tid, error.clone()).is_none();
@@ -168,24 +183,18 @@ impl Pipeline {
             errors: vec![error],
             ..Links::outgoing(self.parent(call.tid, profile.thread_per_request))
         };
-        self.emit(&exchange, &profile, links, output);
+        self.emit_payload(&exchange, &profile, links, output);
     }
 
-    /// Builds, tags (with the process's own tags, e.g. its pod) and redacts one payload; the
-    /// `sdk_type` is the process's, or its runtime's outgoing one for a client exchange.
-    fn emit(
+    /// Builds and redacts one payload.
+    fn emit_payload(
         &mut self,
         exchange: &TrackedExchange,
         profile: &ProcessProfile,
         links: Links,
         output: &mut PipelineOutput,
     ) {
-        let sdk_type = match exchange.role {
-            Role::Client => outgoing_sdk_type(profile.sdk_type),
-            _ => profile.sdk_type,
-        };
-        let mut payload = payload::build(exchange, sdk_type, links, &self.settings);
-        payload.tags.extend(profile.tags.iter().cloned());
+        let mut payload = payload::build(exchange, profile, links, &self.settings);
         self.redactor.apply(&mut payload);
         output.payloads.push(payload);
         *self
@@ -206,46 +215,74 @@ impl Pipeline {
         }
     }
 
-    pub fn feed(&mut self, event: Event) -> PipelineOutput {
+    /// Stage one of an event: connection tracking and reassembly. Payloads come from
+    /// [`Pipeline::emit`] once the processes in [`Tracked::unprofiled`] have profiles.
+    pub fn track(&mut self, event: Event) -> Tracked {
         let ended = match &event {
             Event::Data(data) if data.source == Source::Stderr => {
                 self.on_stderr(data);
-                return PipelineOutput::default();
+                return Tracked::default();
             }
             Event::Close { conn, .. } => Some(Ended::Connection(*conn)),
             Event::ProcessExit { tgid, .. } => Some(Ended::Process(*tgid)),
             _ => None,
         };
-        let tracked = self.tracker.feed(event);
-        let mut output = PipelineOutput {
-            payloads: Vec::with_capacity(tracked.exchanges.len()),
-            disable: tracked.disable,
-            unreadable_tls: tracked.unreadable_tls,
+        let output = self.tracker.feed(event);
+        let mut unprofiled: Vec<u32> = output
+            .exchanges
+            .iter()
+            .filter(|exchange| exchange.role != Role::Client || self.scope.outgoing)
+            .map(|exchange| exchange.conn.tgid)
+            .chain(output.failed_calls.iter().map(|call| call.conn.tgid))
+            .filter(|tgid| !self.profiles.knows(*tgid))
+            .collect();
+        unprofiled.sort_unstable();
+        unprofiled.dedup();
+        Tracked {
+            output,
+            ended,
+            unprofiled,
+        }
+    }
+
+    /// Stage two: links, payloads and redaction for what [`Pipeline::track`] produced.
+    pub fn emit(&mut self, tracked: Tracked) -> PipelineOutput {
+        let Tracked { output, ended, .. } = tracked;
+        let mut pipeline_output = PipelineOutput {
+            payloads: Vec::with_capacity(output.exchanges.len()),
+            disable: output.disable,
+            unreadable_tls: output.unreadable_tls,
         };
-        for serving in tracked.serving {
+        for serving in output.serving {
             self.linker.serving(serving);
         }
-        for exchange in tracked.exchanges {
+        for exchange in output.exchanges {
             if exchange.role == Role::Client && !self.scope.outgoing {
                 continue;
             }
-            let profile = self.profile(exchange.conn.tgid);
+            let profile = self.profiles.get(exchange.conn.tgid);
             let links = self.links(&exchange, profile.thread_per_request);
-            self.emit(&exchange, &profile, links, &mut output);
+            self.emit_payload(&exchange, &profile, links, &mut pipeline_output);
         }
-        for call in tracked.failed_calls {
-            self.on_failed_call(call, &mut output);
+        for call in output.failed_calls {
+            self.on_failed_call(call, &mut pipeline_output);
         }
         match ended {
             Some(Ended::Connection(conn)) => self.linker.forget_connection(conn),
             Some(Ended::Process(tgid)) => {
                 self.linker.forget_process(tgid);
                 self.stderr.forget_process(tgid);
-                self.profiles.remove(&tgid);
+                self.profiles.forget(tgid);
                 self.payloads_by_process.remove(&tgid);
             }
             None => {}
         }
-        output
+        pipeline_output
+    }
+
+    /// Both stages, for a pipeline that needs no profile handed in (a replay).
+    pub fn feed(&mut self, event: Event) -> PipelineOutput {
+        let tracked = self.track(event);
+        self.emit(tracked)
     }
 }

@@ -4,7 +4,7 @@
 
 use std::{fmt, fs, path::Path};
 
-use crate::probes::{self, Probes};
+use crate::capture::{self, Probes};
 
 /// Oldest kernel with everything the programs use (ring buffer 5.8, `bpf_loop` 5.17).
 const MIN_KERNEL: (u32, u32) = (5, 17);
@@ -129,11 +129,11 @@ pub fn run() -> Vec<Check> {
             "not needed today (no CO-RE programs); kernels built with CONFIG_DEBUG_INFO_BTF have it",
         ),
         memlock_check(&release),
-        match probes::check_privileges() {
+        match capture::check_privileges() {
             Ok(()) => check("privileges", Verdict::Pass, "CAP_BPF + CAP_PERFMON or root"),
             Err(error) => check("privileges", Verdict::Fail, error.to_string()),
         },
-        match probes::ensure_tracefs() {
+        match capture::ensure_tracefs() {
             Ok(()) => check("tracefs", Verdict::Pass, "/sys/kernel/tracing"),
             Err(error) => check(
                 "tracefs",
@@ -148,7 +148,7 @@ pub fn run() -> Vec<Check> {
             "kernel without CONFIG_UPROBE_EVENTS: HTTPS is not captured",
         ),
     ];
-    checks.push(match Probes::load(probes::DEFAULT_RING_BUFFER_BYTES) {
+    checks.push(match Probes::load(capture::DEFAULT_RING_BUFFER_BYTES) {
         Ok(probes) if probes.tls_available() => check(
             "eBPF programs",
             Verdict::Pass,

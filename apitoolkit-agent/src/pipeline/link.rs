@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use uuid::Uuid;
 
-use crate::{connections::Serving, errors::CapturedError, events::ConnId};
+use super::{app_errors::CapturedError, connections::Serving, events::ConnId};
 
 /// An incoming request read and not yet answered.
 struct Unanswered {

@@ -9,7 +9,8 @@ use std::{
 };
 
 use super::elf::ElfFile;
-use crate::payload::SdkType;
+use super::kubernetes::{self, SharedPods};
+use crate::pipeline::{payload::SdkType, profile::ProcessProfile};
 
 pub fn exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
@@ -169,23 +170,11 @@ fn go_framework(exe: &Path) -> SdkType {
     }
 }
 
-/// How a process serves HTTP, as far as /proc tells.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProcessProfile {
-    /// Best guess of the framework; `SDKUnknown` when nothing matches.
-    pub sdk_type: SdkType,
-    /// Each thread serves one request at a time (werkzeug, gunicorn sync and gthread, Java,
-    /// Ruby …), so what a thread does belongs to the request it serves. False for event loops
-    /// (node, asyncio, gevent) and for Go, whose goroutines move between threads.
-    pub thread_per_request: bool,
-    /// Added to every payload of the process (its pod, namespace, container and node).
-    pub tags: Arc<[String]>,
-}
-
 /// Python servers that run requests on an event loop rather than one per thread.
 const PYTHON_EVENT_LOOPS: [&str; 5] = ["uvicorn", "hypercorn", "gevent", "eventlet", "asyncio"];
 
-pub fn profile(pid: u32) -> ProcessProfile {
+/// What /proc says of the process's runtime and framework.
+fn detect(pid: u32) -> ProcessProfile {
     let args = cmdline(pid);
     let exe_link = fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
     let exe_name = file_name(exe_link.to_str().unwrap_or_default()).to_owned();
@@ -236,15 +225,32 @@ pub fn profile(pid: u32) -> ProcessProfile {
     }
 }
 
-/// The client-side `sdk_type` for outgoing requests made by a process with `incoming`.
-pub fn outgoing_sdk_type(incoming: SdkType) -> SdkType {
-    use SdkType::*;
-    match incoming {
-        PythonFlask | PythonDjango | PythonFastApi | PythonPyramid => PythonOutgoing,
-        GoGin | GoBuiltIn | GoGorillaMux | GoFiber | GoDefault => GoOutgoing,
-        JsExpress | JsNest | JsFastify | JsAdonis | JsNext => JsOutgoing,
-        DotNet => DotNetOutgoing,
-        _ => SDKUnknown,
+/// Profiles live processes from /proc, tagged with their pod when running in Kubernetes;
+/// `--sdk-type` overrides the detected framework.
+pub struct Profiler {
+    pub forced_sdk_type: Option<SdkType>,
+    pub pods: SharedPods,
+}
+
+impl Profiler {
+    pub fn profile(&self, tgid: u32) -> ProcessProfile {
+        let detected = detect(tgid);
+        let tags = kubernetes::pod_of_process(tgid)
+            .and_then(|pod| self.pods.read().ok().map(|index| index.tags(&pod)))
+            .unwrap_or_default();
+        let profile = ProcessProfile {
+            sdk_type: self.forced_sdk_type.unwrap_or(detected.sdk_type),
+            tags: tags.into(),
+            ..detected
+        };
+        tracing::info!(
+            pid = tgid,
+            sdk_type = ?profile.sdk_type,
+            thread_per_request = profile.thread_per_request,
+            tags = ?profile.tags,
+            "detected framework"
+        );
+        profile
     }
 }
 
@@ -258,15 +264,5 @@ mod tests {
         assert!(exists(me));
         assert_eq!(with_descendants(&[me])[0], me);
         assert!(parent_pid(me).is_some());
-    }
-
-    #[test]
-    fn outgoing_types_follow_the_runtime() {
-        assert_eq!(
-            outgoing_sdk_type(SdkType::PythonFlask),
-            SdkType::PythonOutgoing
-        );
-        assert_eq!(outgoing_sdk_type(SdkType::GoGin), SdkType::GoOutgoing);
-        assert_eq!(outgoing_sdk_type(SdkType::SDKUnknown), SdkType::SDKUnknown);
     }
 }

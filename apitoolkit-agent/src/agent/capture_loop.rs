@@ -1,0 +1,194 @@
+//! The capture thread: drains the ring buffer, feeds each event through the pipeline (handing
+//! in process profiles it asks for), batches payloads to the sinks, and once a second reports
+//! metrics and discovers new processes.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+
+use super::{
+    StopReason,
+    discovery::{Discovered, Discovery},
+    recording::Recorder,
+};
+use crate::{
+    allocator,
+    capture::{self, Probes},
+    observability::{self, CaptureTotals, Heartbeat, Snapshot},
+    pipeline::{Pipeline, events::Event, payload::Payload},
+    sinks::PayloadQueue,
+    targets::process::{self, Profiler},
+};
+
+/// A pause after each drain lets records accumulate so that one wake-up drains many of them:
+/// at 5k req/s that is ~50 exchanges per wake-up instead of ~10, for at most this much
+/// latency. The ring buffer must hold this long of traffic.
+const DRAIN_PAUSE: Duration = Duration::from_millis(10);
+/// Records decoded per drain step before their events are handled.
+const DRAIN_BATCH: usize = 1024;
+
+pub struct CaptureLoop {
+    pub ring: RingBuf<MapData>,
+    pub pipeline: Pipeline,
+    pub profiler: Profiler,
+    pub discovery: Discovery,
+    pub sinks: Vec<Arc<PayloadQueue>>,
+    /// Payloads of the current drain, handed to the sinks as one batch.
+    pub outbox: Vec<Payload>,
+    pub recorder: Option<Recorder>,
+    pub totals: CaptureTotals,
+    /// Names of watched processes, for metric labels.
+    pub process_names: HashMap<u32, String>,
+    pub heartbeat: Heartbeat,
+}
+
+impl CaptureLoop {
+    fn handle(&mut self, event: Event, probes: &mut Probes) -> anyhow::Result<()> {
+        if let Some(recorder) = &mut self.recorder {
+            recorder.write(&event)?;
+        }
+        if let Event::Data(data) = &event {
+            self.totals.captured_bytes += data.data.len() as u64;
+        }
+        let tracked = self.pipeline.track(event);
+        for &tgid in &tracked.unprofiled {
+            self.pipeline.add_profile(tgid, self.profiler.profile(tgid));
+        }
+        let output = self.pipeline.emit(tracked);
+        for (conn, source) in output.disable {
+            if let Err(error) = probes.disable(conn, source) {
+                tracing::warn!(%error, ?conn, ?source, "could not disable connection in the kernel");
+            }
+        }
+        for conn in output.unreadable_tls {
+            self.discovery.report_unreadable_tls(conn);
+        }
+        self.outbox.extend(output.payloads);
+        Ok(())
+    }
+
+    /// Ring-buffer records, decoded into owned events (ring items borrow the ring buffer).
+    fn next_events(&mut self) -> (Vec<Event>, usize) {
+        let mut events = Vec::with_capacity(DRAIN_BATCH);
+        let mut read = 0;
+        while read < DRAIN_BATCH {
+            let Some(item) = self.ring.next() else {
+                break;
+            };
+            read += 1;
+            match Event::decode(&item) {
+                Ok(event) => events.push(event),
+                Err(error) => {
+                    self.totals.decode_errors += 1;
+                    tracing::warn!(%error, "dropped undecodable ring-buffer record");
+                }
+            }
+        }
+        (events, read)
+    }
+
+    fn send_outbox(&mut self) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.outbox);
+        if let Some((last, others)) = self.sinks.split_last() {
+            for sink in others {
+                sink.push(batch.iter().cloned());
+            }
+            last.push(batch);
+        }
+    }
+
+    fn drain(&mut self, probes: &mut Probes) -> anyhow::Result<()> {
+        loop {
+            let (events, read) = self.next_events();
+            for event in events {
+                self.handle(event, probes)?;
+            }
+            self.send_outbox();
+            if read < DRAIN_BATCH {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sets up newly selected processes; returns their pids.
+    pub fn discover(&mut self, probes: &mut Probes) -> anyhow::Result<Discovered> {
+        let mut discovered = self.discovery.scan(probes)?;
+        for event in std::mem::take(&mut discovered.existing_connections) {
+            self.handle(event, probes)?;
+        }
+        Ok(discovered)
+    }
+
+    /// The counters now, for /metrics and the shutdown log.
+    pub fn snapshot(&mut self, probes: &Probes) -> anyhow::Result<Snapshot<'_>> {
+        let watched = self.discovery.watched();
+        self.process_names.retain(|pid, _| watched.contains(pid));
+        for pid in self.pipeline.payloads_by_process().keys() {
+            self.process_names
+                .entry(*pid)
+                .or_insert_with(|| process::name(*pid));
+        }
+        let payloads_by_process = self
+            .pipeline
+            .payloads_by_process()
+            .iter()
+            .map(|(pid, payloads)| {
+                let name = self.process_names.get(pid).map_or("", String::as_str);
+                (*pid, name, *payloads)
+            })
+            .collect();
+        Ok(Snapshot {
+            tracker: self.pipeline.stats(),
+            links: self.pipeline.link_stats(),
+            losses: probes.losses()?,
+            totals: &self.totals,
+            sinks: &self.sinks,
+            watched_processes: watched.len(),
+            payloads_by_process,
+        })
+    }
+
+    /// Consumes events until `stop` is set or every watched root process has exited.
+    pub fn run(&mut self, probes: &mut Probes, stop: &AtomicBool) -> anyhow::Result<StopReason> {
+        let mut last_tick = Instant::now();
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                self.drain(probes)?;
+                return Ok(StopReason::Signal);
+            }
+            if capture::wait_readable(&self.ring, 100).context("polling the ring buffer")? {
+                self.drain(probes)?;
+                std::thread::sleep(DRAIN_PAUSE);
+            }
+            if last_tick.elapsed() > Duration::from_secs(1) {
+                last_tick = Instant::now();
+                self.heartbeat.beat();
+                allocator::return_freed_memory();
+                observability::export(&self.snapshot(probes)?);
+                if self.discovery.targets_exited() {
+                    self.drain(probes)?;
+                    return Ok(StopReason::TargetsExited);
+                }
+                let discovered = self.discover(probes)?;
+                if !discovered.pids.is_empty() {
+                    tracing::info!(
+                        pids = ?discovered.pids,
+                        existing_connections = discovered.existing_connections.len(),
+                        "watching new processes"
+                    );
+                }
+            }
+        }
+    }
+}

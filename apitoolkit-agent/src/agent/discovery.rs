@@ -1,0 +1,126 @@
+//! Setting up watched processes while capture runs: selection rescans, the TCP connections a
+//! process already held, the kernel's target map, and TLS libraries to probe.
+
+use std::collections::HashSet;
+
+use crate::{
+    capture::Probes,
+    pipeline::events::{ConnId, Event},
+    targets::{select::Selector, sockets, tls::TlsWatcher},
+};
+
+/// Seconds between TLS rescans of every watched process (new ones are scanned at once).
+const TLS_RESCAN_SECONDS: u32 = 5;
+
+/// Processes one discovery pass set up.
+pub struct Discovered {
+    pub pids: Vec<u32>,
+    /// Open events of the connections they already held, for the pipeline.
+    pub existing_connections: Vec<Event>,
+}
+
+pub struct Discovery {
+    selector: Selector,
+    /// Processes set up so far (existing connections registered, target map entry written).
+    watched: HashSet<u32>,
+    since_tls_rescan: u32,
+    tls: TlsWatcher,
+    /// Processes already warned about for TLS the agent cannot read.
+    unreadable_tls_reported: HashSet<u32>,
+}
+
+/// Registers the TCP connections `pids` already hold with the kernel side and returns their
+/// open events; the kernel's timestamps and generations use CLOCK_MONOTONIC too.
+fn register_existing_connections(probes: &mut Probes, pids: &[u32]) -> anyhow::Result<Vec<Event>> {
+    let mut events = Vec::new();
+    for &pid in pids {
+        for existing in sockets::existing_connections(pid) {
+            let generation = super::clock_ns(libc::CLOCK_MONOTONIC) as u64;
+            probes.register_connection(pid, existing.fd, generation)?;
+            events.push(Event::Open {
+                conn: ConnId {
+                    tgid: pid,
+                    fd: existing.fd,
+                    generation,
+                },
+                timestamp_ns: generation,
+                role: existing.role,
+                remote: Some(existing.remote),
+                midstream: true,
+            });
+        }
+    }
+    Ok(events)
+}
+
+impl Discovery {
+    pub fn new(selector: Selector) -> Self {
+        Self {
+            selector,
+            watched: HashSet::new(),
+            since_tls_rescan: 0,
+            tls: TlsWatcher::default(),
+            unreadable_tls_reported: HashSet::new(),
+        }
+    }
+
+    pub fn watched(&self) -> &HashSet<u32> {
+        &self.watched
+    }
+
+    /// Every process selected by id or executable has exited (exit records can be lost when
+    /// the ring buffer is full: /proc decides).
+    pub fn targets_exited(&mut self) -> bool {
+        !self.selector.is_open_ended() && self.selector.live_roots().is_empty()
+    }
+
+    /// Sets up processes selected since the last call: their existing connections, their
+    /// target-map entry and their TLS libraries. Every few seconds all watched processes are
+    /// rescanned for TLS libraries loaded since (dlopen).
+    pub fn scan(&mut self, probes: &mut Probes) -> anyhow::Result<Discovered> {
+        let selected = self.selector.scan();
+        let new: Vec<u32> = selected
+            .all()
+            .filter(|pid| !self.watched.contains(pid))
+            .collect();
+        let existing_connections = register_existing_connections(probes, &new)?;
+        let new_by_id: Vec<u32> = selected
+            .by_id
+            .iter()
+            .filter(|pid| !self.watched.contains(pid))
+            .copied()
+            .collect();
+        probes.add_targets(&new_by_id)?;
+        self.watched = selected.all().collect();
+        let watched = &self.watched;
+        self.tls.retain_processes(|pid| watched.contains(&pid));
+        self.since_tls_rescan += 1;
+        if self.since_tls_rescan >= TLS_RESCAN_SECONDS {
+            self.since_tls_rescan = 0;
+            let watched: Vec<u32> = self.watched.iter().copied().collect();
+            self.tls.scan(probes, &watched);
+        } else {
+            self.tls.scan(probes, &new);
+        }
+        Ok(Discovered {
+            pids: new,
+            existing_connections,
+        })
+    }
+
+    /// A TLS connection carried data and no plaintext: said once per process whose TLS
+    /// library is not probed.
+    pub fn report_unreadable_tls(&mut self, conn: ConnId) {
+        if self.tls.probes(conn.tgid) {
+            // A probed library that produced no plaintext: a custom BIO or a lost mapping.
+            tracing::debug!(?conn, "TLS connection without plaintext");
+        } else if self.unreadable_tls_reported.insert(conn.tgid) {
+            tracing::warn!(
+                pid = conn.tgid,
+                "HTTPS without plaintext: this process uses a TLS library the agent does not \
+                 probe (Go crypto/tls, rustls, Java, or a static build without SSL symbols), \
+                 so its HTTPS is not captured"
+            );
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! The runtime: starts the sinks, the Kubernetes pod list and the metrics endpoint, runs the
+//! capture loop on its own thread until a signal or the watched processes' exit, then lets the
+//! sinks drain what is queued.
+
+mod capture_loop;
+mod discovery;
+pub mod recording;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    task::JoinHandle,
+};
+use uuid::Uuid;
+
+use crate::{
+    capture::Probes,
+    config::CaptureArgs,
+    observability::{self, Heartbeat},
+    pipeline::{
+        CaptureScope, Pipeline, payload::PayloadSettings, profile::Profiles, redact::Redactor,
+    },
+    sinks::{
+        self, PayloadQueue,
+        pubsub::{Destination, DestinationConfig, PublishStats},
+    },
+    targets::{
+        kubernetes::{self, ApiClient, SharedPods},
+        process::Profiler,
+        select::{Criteria, Selector},
+    },
+};
+use capture_loop::CaptureLoop;
+use discovery::Discovery;
+use recording::Recorder;
+
+/// How long a stopping agent keeps trying to publish what it queued.
+const PUBLISH_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Why capture stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StopReason {
+    Signal,
+    TargetsExited,
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and out pointer.
+    unsafe { libc::clock_gettime(clock, &mut now) };
+    now.tv_sec as i128 * 1_000_000_000 + now.tv_nsec as i128
+}
+
+/// CLOCK_REALTIME − CLOCK_MONOTONIC, to turn kernel timestamps into wall-clock time.
+fn realtime_offset_ns() -> i128 {
+    clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// What every payload shares; the project id is `--project-id` unless the API key named one.
+fn payload_settings(args: &CaptureArgs) -> PayloadSettings {
+    PayloadSettings {
+        project_id: args.project_id.unwrap_or_default(),
+        service_version: args.service_version.clone(),
+        tags: args.tags.clone(),
+        max_body_bytes: args.max_body_bytes,
+        realtime_offset_ns: realtime_offset_ns(),
+    }
+}
+
+fn redactor(args: &CaptureArgs) -> anyhow::Result<Redactor> {
+    Ok(Redactor::new(
+        &args.redact_headers,
+        &args.redact_request_body,
+        &args.redact_response_body,
+    )?)
+}
+
+fn capture_scope(args: &CaptureArgs) -> CaptureScope {
+    CaptureScope {
+        outgoing: args.capture_outgoing,
+        errors: args.capture_errors,
+    }
+}
+
+fn pod_selector(args: &CaptureArgs) -> anyhow::Result<kubernetes::PodSelector> {
+    let labels = args
+        .k8s_labels
+        .iter()
+        .map(|label| {
+            label
+                .split_once('=')
+                .map(|(key, value)| (key.to_owned(), value.to_owned()))
+                .with_context(|| format!("--k8s-label {label:?}: expected KEY=VALUE"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(kubernetes::PodSelector {
+        namespaces: args.k8s_namespaces.clone(),
+        labels,
+    })
+}
+
+fn destination_config(args: &CaptureArgs) -> DestinationConfig {
+    DestinationConfig {
+        api_key: args.api_key.clone(),
+        root_url: args.root_url.clone(),
+        project_id: args.project_id,
+        pubsub_project: args.pubsub_project.clone(),
+        topic: args.topic.clone(),
+        credentials: args.credentials.clone(),
+        emulator_host: std::env::var("PUBSUB_EMULATOR_HOST")
+            .ok()
+            .filter(|host| !host.is_empty()),
+    }
+}
+
+/// The Pub/Sub destination, and with an API key the project id, resolved before capture. An
+/// unreachable server is retried by the Pub/Sub sink while capture queues; without Pub/Sub
+/// output a failed lookup only costs the stdout payloads their project id.
+async fn resolve_destination(
+    config: &DestinationConfig,
+    to_pubsub: bool,
+) -> anyhow::Result<Option<Destination>> {
+    if !to_pubsub && config.api_key.is_none() {
+        return Ok(None);
+    }
+    match config.resolve().await {
+        Ok(destination) => {
+            if to_pubsub {
+                tracing::info!(topic = %destination.topic_path, project_id = %destination.project_id, "publishing to Pub/Sub");
+            }
+            Ok(Some(destination))
+        }
+        Err(error) if error.is_transient() && to_pubsub => {
+            tracing::warn!(%error, "capture starts anyway; payloads are queued while the destination is retried");
+            Ok(None)
+        }
+        Err(error) if to_pubsub => Err(error.into()),
+        Err(error) => {
+            tracing::warn!(%error, "API-key lookup failed: payloads carry no project id");
+            Ok(None)
+        }
+    }
+}
+
+/// The sinks' queues and tasks.
+struct Sinks {
+    queues: Vec<Arc<PayloadQueue>>,
+    stdout: Option<JoinHandle<std::io::Result<u64>>>,
+    pubsub: Option<(Arc<PayloadQueue>, JoinHandle<PublishStats>)>,
+}
+
+/// Starts the chosen sinks; returns them and the project id payloads carry.
+async fn start_sinks(args: &CaptureArgs) -> anyhow::Result<(Sinks, Option<Uuid>)> {
+    let (to_stdout, to_pubsub) = args.outputs();
+    let config = destination_config(args);
+    let destination = resolve_destination(&config, to_pubsub).await?;
+    let project_id = destination
+        .as_ref()
+        .map(|destination| destination.project_id);
+    let mut queues = Vec::new();
+    let stdout = to_stdout.then(|| {
+        let queue = PayloadQueue::new("stdout", args.queue_bytes);
+        queues.push(queue.clone());
+        tokio::spawn(sinks::stdout::run(queue))
+    });
+    let pubsub = to_pubsub.then(|| {
+        let queue = PayloadQueue::new("pubsub", args.queue_bytes);
+        queues.push(queue.clone());
+        let task = tokio::spawn(sinks::pubsub::run(queue.clone(), config, destination));
+        (queue, task)
+    });
+    let sinks = Sinks {
+        queues,
+        stdout,
+        pubsub,
+    };
+    Ok((sinks, project_id))
+}
+
+/// Closes the queues and waits for each sink to drain them; returns the payloads written to
+/// stdout.
+async fn drain_sinks(sinks: Sinks) -> anyhow::Result<u64> {
+    for queue in &sinks.queues {
+        queue.close();
+    }
+    let mut written = 0;
+    if let Some(sink) = sinks.stdout {
+        written = sink
+            .await
+            .context("stdout sink panicked")?
+            .context("writing payloads to stdout")?;
+    }
+    if let Some((queue, sink)) = sinks.pubsub {
+        match tokio::time::timeout(PUBLISH_DEADLINE, sink).await {
+            Ok(stats) => {
+                let stats = stats.context("Pub/Sub sink panicked")?;
+                tracing::info!(
+                    published = stats.published,
+                    failed_attempts = stats.failed_attempts,
+                    "Pub/Sub sink stopped"
+                );
+            }
+            Err(_) => tracing::warn!(
+                undelivered_bytes = queue.queued_bytes(),
+                "Pub/Sub unreachable at shutdown: queued payloads were not published"
+            ),
+        }
+    }
+    Ok(written)
+}
+
+/// In a Kubernetes pod: the node's pods, listed now and kept fresh, give pod tags and
+/// `--k8s-*` selection. Outside Kubernetes those flags are an error.
+async fn start_kubernetes(args: &CaptureArgs) -> anyhow::Result<SharedPods> {
+    let pods = SharedPods::default();
+    let selects_pods = !args.k8s_namespaces.is_empty() || !args.k8s_labels.is_empty();
+    let client = match ApiClient::in_cluster() {
+        Some(Ok(client)) => client,
+        Some(Err(error)) if !selects_pods => {
+            tracing::warn!(%error, "no Kubernetes metadata: payloads carry no pod tags");
+            return Ok(pods);
+        }
+        Some(Err(error)) => return Err(error.into()),
+        None if selects_pods => anyhow::bail!(
+            "--k8s-namespace and --k8s-label need the agent to run in a Kubernetes pod (its \
+             service account and KUBERNETES_SERVICE_HOST)"
+        ),
+        None => return Ok(pods),
+    };
+    // The first list must be there before processes are selected.
+    match client.pods(args.node_name.as_deref()).await {
+        Ok(index) => *pods.write().expect("not poisoned before any reader") = index,
+        Err(error) => tracing::warn!(%error, "could not list pods yet"),
+    }
+    tokio::spawn(client.keep_fresh(args.node_name.clone(), pods.clone()));
+    Ok(pods)
+}
+
+/// Serves /metrics and /healthz in the background; failures cost the endpoint, not capture.
+async fn start_observability(args: &CaptureArgs, heartbeat: Heartbeat) {
+    let Some(address) = args.metrics_address.0 else {
+        return;
+    };
+    let metrics = match observability::install_recorder() {
+        Ok(metrics) => metrics,
+        Err(error) => {
+            tracing::warn!(%error, "metrics recorder not installed");
+            return;
+        }
+    };
+    if let Some(listener) = observability::bind(address).await {
+        tokio::spawn(observability::serve(listener, metrics, heartbeat));
+    }
+}
+
+/// Loads the probes and selects processes in the kernel where the selection lives there.
+fn load_probes(args: &CaptureArgs, selector: &Selector) -> anyhow::Result<Probes> {
+    let mut probes = Probes::load(args.ring_buffer_bytes)?;
+    probes.capture_stderr(args.capture_errors)?;
+    if selector.all() {
+        probes.select_all()?;
+    }
+    if !selector.cgroups().is_empty() {
+        let ids: Vec<u64> = selector.cgroups().iter().map(|cgroup| cgroup.id).collect();
+        probes.select_cgroups(&ids)?;
+    }
+    Ok(probes)
+}
+
+/// The capture thread: attaches to the processes in `args` and streams payloads to the
+/// sinks' queues until a signal sets `stop` or the watched processes exit.
+fn capture(
+    args: &CaptureArgs,
+    settings: PayloadSettings,
+    queues: Vec<Arc<PayloadQueue>>,
+    stop: &AtomicBool,
+    heartbeat: Heartbeat,
+    pods: SharedPods,
+) -> anyhow::Result<StopReason> {
+    let criteria = Criteria {
+        pids: args.pids.clone(),
+        exes: args.exes.clone(),
+        ports: args.ports.clone(),
+        cgroups: args.cgroups.clone(),
+        all: args.all,
+        pods: pod_selector(args)?,
+    };
+    let selector = Selector::new(criteria, pods.clone())?;
+    let pipeline = Pipeline::new(
+        settings,
+        capture_scope(args),
+        redactor(args)?,
+        Profiles::per_process(),
+    );
+    let mut probes = load_probes(args, &selector)?;
+    let recorder = args.record.as_deref().map(Recorder::create).transpose()?;
+    let mut capture = CaptureLoop {
+        ring: probes.take_ring_buffer()?,
+        pipeline,
+        profiler: Profiler {
+            forced_sdk_type: args.sdk_type,
+            pods,
+        },
+        discovery: Discovery::new(selector),
+        sinks: queues,
+        outbox: Vec::new(),
+        recorder,
+        totals: Default::default(),
+        process_names: HashMap::new(),
+        heartbeat,
+    };
+    let discovered = capture.discover(&mut probes)?;
+    tracing::info!(
+        pids = ?discovered.pids,
+        existing_connections = discovered.existing_connections.len(),
+        all = args.all,
+        cgroups = ?args.cgroups,
+        exes = ?args.exes,
+        ports = ?args.ports,
+        "watching processes"
+    );
+    capture.heartbeat.beat();
+    let reason = capture.run(&mut probes, stop);
+    let snapshot = capture.snapshot(&probes)?;
+    observability::export(&snapshot);
+    observability::log_totals(&snapshot);
+    if let Some(recorder) = &mut capture.recorder {
+        recorder.flush()?;
+    }
+    reason
+}
+
+/// Runs the agent until a signal or until every watched process has exited.
+pub async fn run(args: CaptureArgs) -> anyhow::Result<()> {
+    let (sinks, project_id) = start_sinks(&args).await?;
+    let pods = start_kubernetes(&args).await?;
+    let heartbeat = Heartbeat::default();
+    start_observability(&args, heartbeat.clone()).await;
+    let mut settings = payload_settings(&args);
+    settings.project_id = project_id.unwrap_or(settings.project_id);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut capture_task = tokio::task::spawn_blocking({
+        let stop = stop.clone();
+        let queues = sinks.queues.clone();
+        move || capture(&args, settings, queues, &stop, heartbeat, pods)
+    });
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let reason = tokio::select! {
+        result = &mut capture_task => result.context("capture thread panicked")??,
+        _ = tokio::signal::ctrl_c() => {
+            stop.store(true, Ordering::Relaxed);
+            capture_task.await.context("capture thread panicked")??
+        }
+        _ = terminate.recv() => {
+            stop.store(true, Ordering::Relaxed);
+            capture_task.await.context("capture thread panicked")??
+        }
+    };
+    let written = drain_sinks(sinks).await?;
+    match reason {
+        StopReason::Signal => tracing::info!(payloads = written, "stopped by signal"),
+        StopReason::TargetsExited => tracing::info!(payloads = written, "no watched process left"),
+    }
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! What the pipeline knows about a watched process: its framework (the payload's `sdk_type`),
+//! whether a thread serves one request at a time, and its tags. Profiles are data handed in by
+//! the runtime, which reads them from /proc; the pipeline itself never looks.
+
+use std::{collections::HashMap, sync::Arc};
+
+use super::payload::SdkType;
+
+/// How a process serves HTTP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessProfile {
+    /// Best guess of the framework; `SDKUnknown` when nothing matches.
+    pub sdk_type: SdkType,
+    /// Each thread serves one request at a time (werkzeug, gunicorn sync and gthread, Java,
+    /// Ruby …), so what a thread does belongs to the request it serves. False for event loops
+    /// (node, asyncio, gevent) and for Go, whose goroutines move between threads.
+    pub thread_per_request: bool,
+    /// Added to every payload of the process (its pod, namespace, container and node).
+    pub tags: Arc<[String]>,
+}
+
+impl ProcessProfile {
+    /// A process nothing is known about: no framework, and no thread-based links guessed.
+    pub fn unknown() -> Self {
+        Self {
+            sdk_type: SdkType::SDKUnknown,
+            thread_per_request: false,
+            tags: Arc::default(),
+        }
+    }
+
+    /// The `sdk_type` of requests the process makes, from its runtime.
+    pub fn outgoing_sdk_type(&self) -> SdkType {
+        use SdkType::*;
+        match self.sdk_type {
+            PythonFlask | PythonDjango | PythonFastApi | PythonPyramid => PythonOutgoing,
+            GoGin | GoBuiltIn | GoGorillaMux | GoFiber | GoDefault => GoOutgoing,
+            JsExpress | JsNest | JsFastify | JsAdonis | JsNext => JsOutgoing,
+            DotNet => DotNetOutgoing,
+            _ => SDKUnknown,
+        }
+    }
+}
+
+/// The profiles payloads are built with.
+pub enum Profiles {
+    /// One per live process, added by the runtime when the pipeline names a process it has
+    /// no profile for, and dropped when the process exits.
+    PerProcess(HashMap<u32, ProcessProfile>),
+    /// The same for every process: a replay, whose recorded processes are gone.
+    Everyone(ProcessProfile),
+}
+
+impl Profiles {
+    pub fn per_process() -> Self {
+        Profiles::PerProcess(HashMap::new())
+    }
+
+    pub fn knows(&self, tgid: u32) -> bool {
+        match self {
+            Profiles::PerProcess(profiles) => profiles.contains_key(&tgid),
+            Profiles::Everyone(_) => true,
+        }
+    }
+
+    pub fn get(&self, tgid: u32) -> ProcessProfile {
+        match self {
+            Profiles::PerProcess(profiles) => profiles
+                .get(&tgid)
+                .cloned()
+                .unwrap_or_else(ProcessProfile::unknown),
+            Profiles::Everyone(profile) => profile.clone(),
+        }
+    }
+
+    pub fn insert(&mut self, tgid: u32, profile: ProcessProfile) {
+        if let Profiles::PerProcess(profiles) = self {
+            profiles.insert(tgid, profile);
+        }
+    }
+
+    pub fn forget(&mut self, tgid: u32) {
+        if let Profiles::PerProcess(profiles) = self {
+            profiles.remove(&tgid);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile(sdk_type: SdkType) -> ProcessProfile {
+        ProcessProfile {
+            sdk_type,
+            ..ProcessProfile::unknown()
+        }
+    }
+
+    #[test]
+    fn outgoing_types_follow_the_runtime() {
+        assert_eq!(
+            profile(SdkType::PythonFlask).outgoing_sdk_type(),
+            SdkType::PythonOutgoing
+        );
+        assert_eq!(
+            profile(SdkType::GoGin).outgoing_sdk_type(),
+            SdkType::GoOutgoing
+        );
+        assert_eq!(
+            profile(SdkType::SDKUnknown).outgoing_sdk_type(),
+            SdkType::SDKUnknown
+        );
+    }
+
+    #[test]
+    fn a_process_without_a_profile_gets_no_guessed_links() {
+        let mut profiles = Profiles::per_process();
+        assert!(!profiles.knows(7));
+        assert!(!profiles.get(7).thread_per_request);
+        profiles.insert(7, profile(SdkType::PythonFlask));
+        assert_eq!(profiles.get(7).sdk_type, SdkType::PythonFlask);
+        profiles.forget(7);
+        assert!(!profiles.knows(7));
+    }
+}

@@ -1,0 +1,10 @@
+//! Which processes the agent watches and what they are, from /proc: selection by pid, port,
+//! executable, cgroup or pod; each process's framework and Kubernetes pod; the sockets it had
+//! before the agent started; and the TLS libraries it uses, which get the SSL uprobes.
+
+pub mod elf;
+pub mod kubernetes;
+pub mod process;
+pub mod select;
+pub mod sockets;
+pub mod tls;

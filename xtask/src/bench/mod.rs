@@ -1,0 +1,311 @@
+//! `cargo xtask bench`: the agent's cost, measured on loopback in one run on this machine.
+//!
+//! - nginx (1 KiB, 64 KiB, 1 KiB over HTTPS) under wrk at saturation: without the agent, with
+//!   the agent writing to stdout, and with the agent publishing to the Pub/Sub emulator;
+//! - a Flask app under gunicorn the same way, plus the same app instrumented with the
+//!   apitoolkit-flask SDK publishing to the emulator (what Flask users run today);
+//! - nginx at fixed rates (hey) with and without the agent;
+//! - the cost of write(2) in a process the agent does not watch.
+//!
+//! Prints one table per scenario and which targets were met, and writes everything to
+//! target/bench/capture.json. Numbers are reported, not asserted: only setup failures fail.
+
+mod agent;
+mod flask;
+mod load;
+mod nginx;
+mod pubsub;
+mod writes;
+
+use std::{
+    fs,
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+
+use crate::{build_agent, setup, workspace_root};
+use agent::{Agent, AgentCost, Sink, clock_ticks_per_second};
+use load::LoadResult;
+use pubsub::Emulator;
+
+const TOPIC: &str = "bench";
+/// The Pub/Sub project the metadata stub hands out (tests/apps/metadata_stub.py).
+const PUBSUB_PROJECT: &str = "apitoolkit-test";
+
+/// The targets the agent is held to.
+const TARGET_THROUGHPUT_RATIO: f64 = 0.97;
+const TARGET_CPU_US_PER_REQUEST: f64 = 15.0;
+const TARGET_RSS_MIB: f64 = 64.0;
+
+fn installed(tool: &str) -> bool {
+    Command::new("which")
+        .arg(tool)
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+fn ensure_tools() -> anyhow::Result<()> {
+    if ["nginx", "wrk", "hey", "curl", "openssl"]
+        .iter()
+        .all(|tool| installed(tool))
+    {
+        return Ok(());
+    }
+    eprintln!("bench: installing nginx, wrk, hey, curl and openssl");
+    crate::run(Command::new("apt-get").args(["update", "-qq"]))?;
+    crate::run(Command::new("apt-get").args([
+        "install", "-y", "-qq", "nginx", "wrk", "hey", "curl", "openssl",
+    ]))
+}
+
+fn bench_dir() -> PathBuf {
+    workspace_root().join("target/bench")
+}
+
+/// One load run: the first of a scenario runs without any instrumentation, and is the
+/// baseline of the others.
+struct Run {
+    label: &'static str,
+    load: LoadResult,
+    agent: Option<AgentCost>,
+}
+
+struct Scenario {
+    title: String,
+    runs: Vec<Run>,
+}
+
+impl Run {
+    fn capture_ratio(&self) -> Option<f64> {
+        // Load tools count only completed requests: up to one in flight per connection is
+        // captured but not counted, so this can exceed 1 slightly.
+        let agent = self.agent.as_ref()?;
+        Some(agent.payloads as f64 / self.load.requests as f64)
+    }
+
+    fn cpu_us_per_payload(&self) -> Option<f64> {
+        let agent = self.agent.as_ref()?;
+        Some(agent.cpu_seconds * 1e6 / agent.payloads as f64)
+    }
+}
+
+impl Scenario {
+    fn baseline(&self) -> &LoadResult {
+        &self.runs[0].load
+    }
+
+    fn throughput_ratio(&self, run: &Run) -> f64 {
+        run.load.requests_per_second / self.baseline().requests_per_second
+    }
+
+    fn print(&self) {
+        println!("\n{}", self.title);
+        let row = |name: &str, cell: &dyn Fn(&Run) -> Option<String>| {
+            let cells: String = self
+                .runs
+                .iter()
+                .map(|run| format!("{:>24}", cell(run).unwrap_or_else(|| "-".into())))
+                .collect();
+            println!("  {name:<34}{cells}");
+        };
+        row("", &|run| Some(run.label.to_string()));
+        row("req/s", &|run| {
+            Some(format!("{:.0}", run.load.requests_per_second))
+        });
+        row("throughput ratio", &|run| {
+            Some(format!("{:.3}", self.throughput_ratio(run)))
+        });
+        row("p50 / p99 latency µs", &|run| {
+            Some(format!("{:.0} / {:.0}", run.load.p50_us, run.load.p99_us))
+        });
+        row("requests completed / failed", &|run| {
+            Some(format!("{} / {}", run.load.requests, run.load.errors))
+        });
+        row("payloads (stdout / published)", &|run| {
+            Some(run.agent.as_ref()?.payloads.to_string())
+        });
+        row("capture ratio", &|run| {
+            Some(format!("{:.4}", run.capture_ratio()?))
+        });
+        row("agent CPU µs per payload", &|run| {
+            Some(format!("{:.1}", run.cpu_us_per_payload()?))
+        });
+        row("agent peak RSS MiB", &|run| {
+            Some(format!("{:.1}", run.agent.as_ref()?.peak_rss_mib))
+        });
+        row("ring-buffer / sink drops", &|run| {
+            let agent = run.agent.as_ref()?;
+            Some(format!("{} / {}", agent.ringbuf_full, agent.sink_dropped))
+        });
+    }
+
+    fn to_json(&self) -> Value {
+        let runs: Vec<Value> = self
+            .runs
+            .iter()
+            .map(|run| {
+                json!({
+                    "label": run.label,
+                    "requests": run.load.requests,
+                    "request_errors": run.load.errors,
+                    "requests_per_second": run.load.requests_per_second,
+                    "throughput_ratio": self.throughput_ratio(run),
+                    "p50_us": run.load.p50_us,
+                    "p99_us": run.load.p99_us,
+                    "payloads": run.agent.as_ref().map(|agent| agent.payloads),
+                    "capture_ratio": run.capture_ratio(),
+                    "agent_cpu_seconds": run.agent.as_ref().map(|agent| agent.cpu_seconds),
+                    "agent_cpu_us_per_payload": run.cpu_us_per_payload(),
+                    "agent_peak_rss_mib": run.agent.as_ref().map(|agent| agent.peak_rss_mib),
+                    "ringbuf_drops": run.agent.as_ref().map(|agent| agent.ringbuf_full),
+                    "sink_drops": run.agent.as_ref().map(|agent| agent.sink_dropped),
+                })
+            })
+            .collect();
+        json!({"title": self.title, "runs": runs})
+    }
+}
+
+/// Runs `load` bare, then once per sink with the agent watching `pid`.
+fn with_and_without_agent(
+    title: String,
+    pid: u32,
+    sinks: &[Sink],
+    context: &Context,
+    load: &dyn Fn() -> anyhow::Result<LoadResult>,
+) -> anyhow::Result<Scenario> {
+    eprintln!("bench: {title}: without the agent");
+    let mut runs = vec![Run {
+        label: "no agent",
+        load: load()?,
+        agent: None,
+    }];
+    for &sink in sinks {
+        let label = match sink {
+            Sink::Stdout => "agent → stdout",
+            Sink::PubSub => "agent → Pub/Sub",
+        };
+        eprintln!("bench: {title}: {label}");
+        let agent = Agent::start(pid, sink, &context.emulator)?;
+        let (load, cost) = agent.measure(context.ticks_per_second, load)?;
+        runs.push(Run {
+            label,
+            load,
+            agent: Some(cost),
+        });
+    }
+    Ok(Scenario { title, runs })
+}
+
+struct Context {
+    emulator: Emulator,
+    ticks_per_second: f64,
+}
+
+/// One line per target: the value measured and whether it is met.
+fn targets(scenarios: &[Scenario]) -> Vec<(String, String, bool)> {
+    let stdout_run = |title_start: &str| {
+        scenarios
+            .iter()
+            .find(|scenario| scenario.title.starts_with(title_start))
+            .and_then(|scenario| {
+                let run = scenario
+                    .runs
+                    .iter()
+                    .find(|run| run.label == "agent → stdout")?;
+                Some((scenario, run))
+            })
+    };
+    let mut lines = Vec::new();
+    if let Some((scenario, run)) = stdout_run("nginx, 1 KiB, saturation") {
+        let ratio = scenario.throughput_ratio(run);
+        lines.push((
+            format!("throughput ratio ≥ {TARGET_THROUGHPUT_RATIO} (nginx 1 KiB, saturation)"),
+            format!("{ratio:.3}"),
+            ratio >= TARGET_THROUGHPUT_RATIO,
+        ));
+    }
+    for title in ["nginx, 1 KiB, saturation", "nginx, 1 KiB, 5000 req/s"] {
+        if let Some(cpu) = stdout_run(title).and_then(|(_, run)| run.cpu_us_per_payload()) {
+            lines.push((
+                format!("agent CPU ≤ {TARGET_CPU_US_PER_REQUEST} µs per request ({title})"),
+                format!("{cpu:.1} µs"),
+                cpu <= TARGET_CPU_US_PER_REQUEST,
+            ));
+        }
+    }
+    let peak_rss = scenarios
+        .iter()
+        .flat_map(|scenario| &scenario.runs)
+        .filter_map(|run| Some(run.agent.as_ref()?.peak_rss_mib))
+        .fold(0.0, f64::max);
+    lines.push((
+        format!("agent RSS ≤ {TARGET_RSS_MIB} MiB (highest of all runs)"),
+        format!("{peak_rss:.1} MiB"),
+        peak_rss <= TARGET_RSS_MIB,
+    ));
+    if let Some((_, run)) = stdout_run("nginx, 1 KiB, 5000 req/s")
+        && let Some(agent) = &run.agent
+    {
+        let complete = agent.payloads >= run.load.requests && agent.ringbuf_full == 0;
+        lines.push((
+            "100% capture at 5000 req/s".to_string(),
+            format!(
+                "{} payloads / {} requests",
+                agent.payloads, run.load.requests
+            ),
+            complete,
+        ));
+    }
+    lines
+}
+
+pub fn run() -> anyhow::Result<()> {
+    ensure_tools()?;
+    setup::python_packages()?;
+    setup::bench_python_packages()?;
+    build_agent(true)?;
+    fs::create_dir_all(bench_dir())?;
+    let context = Context {
+        emulator: Emulator::start()?,
+        ticks_per_second: clock_ticks_per_second()?,
+    };
+    let mut scenarios = nginx::nginx_scenarios(&context)?;
+    scenarios.push(flask::flask_scenario(&context)?);
+    let (write_without_ns, write_with_ns) = writes::unwatched_write_ns(&context)?;
+
+    for scenario in &scenarios {
+        scenario.print();
+    }
+    println!(
+        "\nwrite(2) of 64 bytes in an unwatched process: {write_without_ns:.0} ns without the agent, \
+         {write_with_ns:.0} ns with it"
+    );
+    let targets = targets(&scenarios);
+    println!("\ntargets");
+    for (target, value, met) in &targets {
+        let verdict = if *met { "met" } else { "NOT met" };
+        println!("  {target:<64} {value:>28}  {verdict}");
+    }
+
+    let report = json!({
+        "load": {"tool_saturation": "wrk", "tool_fixed_rate": "hey", "seconds": load::SECONDS,
+                 "connections": load::CONNECTIONS},
+        "scenarios": scenarios.iter().map(Scenario::to_json).collect::<Vec<_>>(),
+        "unwatched_write_ns_without_agent": write_without_ns,
+        "unwatched_write_ns_with_agent": write_with_ns,
+        "targets": targets.iter().map(|(target, value, met)| {
+            json!({"target": target, "value": value, "met": met})
+        }).collect::<Vec<_>>(),
+    });
+    let json_path = bench_dir().join("capture.json");
+    fs::write(&json_path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    println!("written to {}", json_path.display());
+    drop(context);
+    Ok(())
+}
