@@ -105,10 +105,7 @@ fn check(exchanges: &[Exchange]) {
         };
         let built = payload::build(
             &tracked,
-            &ProcessProfile {
-                sdk_type: SdkType::PythonFlask,
-                ..ProcessProfile::unknown()
-            },
+            &ProcessProfile::new(SdkType::PythonFlask, true),
             Links::incoming(uuid::Uuid::nil(), Vec::new()),
             &settings,
         );

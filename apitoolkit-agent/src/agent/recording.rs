@@ -46,11 +46,7 @@ pub fn replay(file: &Path, args: &CaptureArgs, mut out: impl Write) -> anyhow::R
         File::open(file).with_context(|| format!("opening recording {}", file.display()))?,
     );
     // The recorded processes are gone: nothing to read from /proc.
-    let profile = ProcessProfile {
-        sdk_type: args.sdk_type.unwrap_or(SdkType::SDKUnknown),
-        thread_per_request: true,
-        tags: Default::default(),
-    };
+    let profile = ProcessProfile::new(args.sdk_type.unwrap_or(SdkType::SDKUnknown), true);
     let mut pipeline = Pipeline::new(
         super::payload_settings(args),
         super::capture_scope(args),

@@ -314,13 +314,6 @@ mod tests {
     use super::*;
     use crate::pipeline::{events::ConnId, protocols::http1::Exchange};
 
-    fn profile(sdk_type: SdkType) -> ProcessProfile {
-        ProcessProfile {
-            sdk_type,
-            ..ProcessProfile::unknown()
-        }
-    }
-
     fn message(start: StartLine, headers: &[(&str, &str)], body: &[u8], at: (u64, u64)) -> Message {
         Message {
             start,
@@ -399,7 +392,7 @@ mod tests {
         let msg_id = Uuid::new_v4();
         let payload = build(
             &exchange(request, response),
-            &profile(SdkType::PythonFlask),
+            &ProcessProfile::new(SdkType::PythonFlask, true),
             Links::incoming(msg_id, vec![error]),
             &settings(),
         );
@@ -459,7 +452,7 @@ mod tests {
         );
         let payload = build(
             &exchange(request, response),
-            &profile(SdkType::SDKUnknown),
+            &ProcessProfile::unknown(),
             Links::outgoing(None),
             &settings(),
         );

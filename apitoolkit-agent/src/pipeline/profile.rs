@@ -20,13 +20,18 @@ pub struct ProcessProfile {
 }
 
 impl ProcessProfile {
-    /// A process nothing is known about: no framework, and no thread-based links guessed.
-    pub fn unknown() -> Self {
+    /// A profile without tags.
+    pub fn new(sdk_type: SdkType, thread_per_request: bool) -> Self {
         Self {
-            sdk_type: SdkType::SDKUnknown,
-            thread_per_request: false,
+            sdk_type,
+            thread_per_request,
             tags: Arc::default(),
         }
+    }
+
+    /// A process nothing is known about: no framework, and no thread-based links guessed.
+    pub fn unknown() -> Self {
+        Self::new(SdkType::SDKUnknown, false)
     }
 
     /// The `sdk_type` of requests the process makes, from its runtime.
@@ -91,10 +96,7 @@ mod tests {
     use super::*;
 
     fn profile(sdk_type: SdkType) -> ProcessProfile {
-        ProcessProfile {
-            sdk_type,
-            ..ProcessProfile::unknown()
-        }
+        ProcessProfile::new(sdk_type, false)
     }
 
     #[test]

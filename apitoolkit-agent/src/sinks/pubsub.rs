@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use super::PayloadQueue;
 use super::bootstrap::{self, BootstrapError, ClientMetadata};
+use crate::pipeline::payload::Payload;
 
 const BATCH: usize = 1000;
 /// Longest pause between publish attempts while Pub/Sub is unreachable.
@@ -149,6 +150,40 @@ async fn connect(
     Ok(builder.build().await?)
 }
 
+/// Publishes one batch; returns the payloads that were not delivered and the last error.
+async fn publish(
+    publisher: &Publisher,
+    batch: Vec<Payload>,
+    stats: &mut PublishStats,
+) -> (Vec<Payload>, Option<String>) {
+    let futures: Vec<_> = batch
+        .iter()
+        .map(|payload| {
+            let data = serde_json::to_vec(payload).expect("payloads serialize");
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                tracing::debug!(payload = %String::from_utf8_lossy(&data), "publishing");
+            }
+            publisher.publish(Message::new().set_data(data))
+        })
+        .collect();
+    let mut undelivered = Vec::new();
+    let mut last_error = None;
+    for (payload, future) in batch.into_iter().zip(futures) {
+        match future.await {
+            Ok(message_id) => {
+                stats.published += 1;
+                metrics::counter!("apitoolkit_agent_published_payloads_total").increment(1);
+                tracing::debug!(%message_id, msg_id = %payload.msg_id, "published");
+            }
+            Err(error) => {
+                last_error = Some(error.to_string());
+                undelivered.push(payload);
+            }
+        }
+    }
+    (undelivered, last_error)
+}
+
 /// Publishes until the queue is closed and drained. `destination` is the start-up result:
 /// when the server was unreachable then, the sink keeps asking (capture keeps queueing).
 pub async fn run(
@@ -186,34 +221,12 @@ pub async fn run(
     backoff = Duration::from_secs(1);
     let mut failing = false;
     while let Some(mut batch) = queue.pop(BATCH).await {
-        let futures: Vec<_> = batch
-            .iter_mut()
-            .map(|payload| {
-                if resolved_late {
-                    payload.project_id = destination.project_id;
-                }
-                let data = serde_json::to_vec(payload).expect("payloads serialize");
-                if tracing::enabled!(tracing::Level::DEBUG) {
-                    tracing::debug!(payload = %String::from_utf8_lossy(&data), "publishing");
-                }
-                publisher.publish(Message::new().set_data(data))
-            })
-            .collect();
-        let mut undelivered = Vec::new();
-        let mut last_error = None;
-        for (payload, future) in batch.into_iter().zip(futures) {
-            match future.await {
-                Ok(message_id) => {
-                    stats.published += 1;
-                    metrics::counter!("apitoolkit_agent_published_payloads_total").increment(1);
-                    tracing::debug!(%message_id, msg_id = %payload.msg_id, "published");
-                }
-                Err(error) => {
-                    last_error = Some(error.to_string());
-                    undelivered.push(payload);
-                }
+        if resolved_late {
+            for payload in &mut batch {
+                payload.project_id = destination.project_id;
             }
         }
+        let (undelivered, last_error) = publish(&publisher, batch, &mut stats).await;
         match last_error {
             None => {
                 if failing {

@@ -5,7 +5,6 @@ use std::{
     fs,
     io::Read,
     path::{Path, PathBuf},
-    sync::Arc,
 };
 
 use super::elf::ElfFile;
@@ -197,32 +196,16 @@ fn detect(pid: u32) -> ProcessProfile {
             || args
                 .iter()
                 .any(|arg| PYTHON_EVENT_LOOPS.iter().any(|name| arg.contains(name)));
-        return ProcessProfile {
-            sdk_type,
-            thread_per_request: !event_loop,
-            tags: Arc::default(),
-        };
+        return ProcessProfile::new(sdk_type, !event_loop);
     }
     if exe_name == "node" || exe_name == "nodejs" || exe_name == "bun" {
-        return ProcessProfile {
-            sdk_type: node_framework(pid, &args),
-            thread_per_request: false,
-            tags: Arc::default(),
-        };
+        return ProcessProfile::new(node_framework(pid, &args), false);
     }
     let exe = PathBuf::from(format!("/proc/{pid}/exe"));
     if ElfFile::open(&exe).is_ok_and(|elf| elf.is_go()) {
-        return ProcessProfile {
-            sdk_type: go_framework(&exe),
-            thread_per_request: false,
-            tags: Arc::default(),
-        };
+        return ProcessProfile::new(go_framework(&exe), false);
     }
-    ProcessProfile {
-        sdk_type: SdkType::SDKUnknown,
-        thread_per_request: true,
-        tags: Arc::default(),
-    }
+    ProcessProfile::new(SdkType::SDKUnknown, true)
 }
 
 /// Profiles live processes from /proc, tagged with their pod when running in Kubernetes;
