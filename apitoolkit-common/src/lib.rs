@@ -18,34 +18,149 @@ pub const MAX_LOOP_STEPS: u32 = 1024;
 /// Iovec entries walked per readv/writev/sendmsg/recvmsg call.
 pub const MAX_IOVECS: u64 = 64;
 
-pub const RECORD_DATA: u32 = 1;
-pub const RECORD_CONN_OPEN: u32 = 2;
-pub const RECORD_CONN_CLOSE: u32 = 3;
-pub const RECORD_PROCESS_EXIT: u32 = 4;
-/// A connect that failed, or a connection a data call found broken (reset, timed out).
-pub const RECORD_CONN_ERROR: u32 = 5;
+/// Declares an ABI enum with its derives, `ALL`, and a `TryFrom` of its raw type that hands an
+/// unknown value back as the error: kernel bytes are validated, never transmuted (an invalid
+/// discriminant would be undefined behaviour), so the record structs keep raw fields.
+macro_rules! abi_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident: $raw:ty {
+            $($(#[$variant_meta:meta])* $variant:ident = $value:literal,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr($raw)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$variant_meta])* $variant = $value,)+
+        }
 
-pub const DIRECTION_INGRESS: u8 = 0;
-pub const DIRECTION_EGRESS: u8 = 1;
+        impl $name {
+            /// Every variant, in declaration (and value) order.
+            pub const ALL: [$name; [$($value),+].len()] = [$($name::$variant),+];
+        }
 
-pub const ROLE_UNKNOWN: u8 = 0;
-pub const ROLE_SERVER: u8 = 1;
-pub const ROLE_CLIENT: u8 = 2;
+        impl TryFrom<$raw> for $name {
+            type Error = $raw;
 
-pub const SOURCE_SYSCALL: u8 = 0;
-pub const SOURCE_TLS: u8 = 1;
-/// What a target thread wrote to fd 2 (tracebacks become payload errors); the record's
-/// connection is `{tgid, fd: 2, generation: 0}` and its position is meaningless.
-pub const SOURCE_STDERR: u8 = 2;
+            fn try_from(value: $raw) -> Result<Self, $raw> {
+                match value {
+                    $($value => Ok($name::$variant),)+
+                    _ => Err(value),
+                }
+            }
+        }
+    };
+}
 
-/// Indices of the kernel's configuration array, written by userspace before targets are added.
-pub const CONFIG_CAPTURE_STDERR: u32 = 0;
-/// Every process is a target, except `CONFIG_AGENT_TGID`.
-pub const CONFIG_SELECT_ALL: u32 = 1;
-/// Processes in the cgroups of the kernel's cgroup-target map are targets.
-pub const CONFIG_SELECT_CGROUPS: u32 = 2;
-pub const CONFIG_AGENT_TGID: u32 = 3;
-pub const CONFIG_COUNT: u32 = 4;
+abi_enum! {
+    /// The tag every ring-buffer record starts with (its first `u32`): it says which layout
+    /// follows before userspace reinterprets the bytes.
+    pub enum RecordKind: u32 {
+        /// A [`DataHeader`] and its payload.
+        Data = 1,
+        /// A [`ConnRecord`] for a connection seen in accept/connect or adopted mid-stream.
+        ConnOpen = 2,
+        /// A [`ConnRecord`] with the byte totals, so a trailing gap is visible.
+        ConnClose = 3,
+        /// A [`ProcessRecord`]: the process's connections end with it.
+        ProcessExit = 4,
+        /// A [`ConnRecord`] for a connect that failed, or a connection a data call found broken
+        /// (reset, timed out).
+        ConnError = 5,
+    }
+}
+
+abi_enum! {
+    /// The stream of a connection a data record belongs to: each direction has its own
+    /// positions.
+    #[cfg_attr(
+        feature = "user",
+        derive(serde::Serialize, serde::Deserialize),
+        serde(rename_all = "snake_case")
+    )]
+    pub enum Direction: u8 {
+        Ingress = 0,
+        Egress = 1,
+    }
+}
+
+abi_enum! {
+    /// Which end of a connection the target is, as far as the kernel saw it being set up.
+    #[cfg_attr(
+        feature = "user",
+        derive(serde::Serialize, serde::Deserialize),
+        serde(rename_all = "snake_case")
+    )]
+    pub enum Role: u8 {
+        /// Adopted mid-stream (older than the agent), or not known to the reporting call.
+        Unknown = 0,
+        Server = 1,
+        Client = 2,
+    }
+}
+
+abi_enum! {
+    /// Where a data record's bytes were captured. Each source keeps its own stream positions
+    /// and can be disabled per connection (see [`Disabled`]).
+    #[cfg_attr(
+        feature = "user",
+        derive(serde::Serialize, serde::Deserialize),
+        serde(rename_all = "snake_case")
+    )]
+    pub enum Source: u8 {
+        /// Socket syscalls: the bytes on the wire (ciphertext on a TLS connection).
+        Syscall = 0,
+        /// Plaintext from the TLS library's read/write functions.
+        Tls = 1,
+        /// What a target thread wrote to fd 2 (tracebacks become payload errors); the record's
+        /// connection is `{tgid, fd: 2, generation: 0}` and its position is meaningless.
+        Stderr = 2,
+    }
+}
+
+impl Source {
+    /// This source's bit in [`Disabled::sources`].
+    #[inline(always)]
+    pub const fn bit(self) -> u32 {
+        1 << self as u8
+    }
+}
+
+abi_enum! {
+    /// Indices of the kernel's configuration array, written by userspace before targets are
+    /// added. `--all` and `--cgroup` select in the kernel, so new processes are captured from
+    /// their first syscall.
+    pub enum ConfigKey: u32 {
+        /// Non-zero: capture what target threads write to stderr.
+        CaptureStderr = 0,
+        /// Non-zero: every process is a target, except `AgentTgid`.
+        SelectAll = 1,
+        /// Non-zero: processes in the cgroups of the kernel's cgroup-target map are targets.
+        SelectCgroups = 2,
+        /// The agent's own process, never a target (it would capture its own output).
+        AgentTgid = 3,
+    }
+}
+
+/// Size of the kernel's configuration array.
+pub const CONFIG_COUNT: u32 = ConfigKey::ALL.len() as u32;
+
+abi_enum! {
+    /// Indices of the per-CPU counters the eBPF side keeps for events it could not deliver, so
+    /// losses are reported rather than silent.
+    pub enum Counter: u32 {
+        RingbufFull = 0,
+        ConnTableFull = 1,
+        InflightTableFull = 2,
+        ReadFailed = 3,
+        /// TLS calls whose socket could not be found (no inner syscall, no earlier mapping).
+        TlsUnmapped = 4,
+    }
+}
+
+/// Size of the kernel's counter array.
+pub const COUNTER_COUNT: u32 = Counter::ALL.len() as u32;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -69,15 +184,9 @@ pub struct ConnState {
     /// Socket bytes per direction: ciphertext on a TLS connection.
     pub bytes_sent: u64,
     pub bytes_received: u64,
-    /// Plaintext bytes the TLS library moved per direction: positions of `SOURCE_TLS` records.
+    /// Plaintext bytes the TLS library moved per direction: positions of `Source::Tls` records.
     pub tls_bytes_sent: u64,
     pub tls_bytes_received: u64,
-}
-
-/// Bit of `Disabled::sources` for each `SOURCE_*`.
-#[inline(always)]
-pub const fn source_bit(source: u8) -> u32 {
-    1 << source
 }
 
 /// An entry of the kernel's disabled-connection map, keyed by `conn_key(tgid, fd)`: the byte
@@ -144,7 +253,7 @@ pub struct ConnRecord {
     pub _pad: [u8; 3],
     /// The thread that made the call.
     pub tid: u32,
-    /// `RECORD_CONN_ERROR`: the errno the call failed with (positive).
+    /// `RecordKind::ConnError`: the errno the call failed with (positive).
     pub error: u32,
     pub conn: ConnId,
     pub timestamp_ns: u64,
@@ -164,14 +273,143 @@ pub struct ProcessRecord {
     pub timestamp_ns: u64,
 }
 
-/// Indices of the per-CPU counters the eBPF side keeps for events it could not deliver.
-pub const COUNTER_RINGBUF_FULL: u32 = 0;
-pub const COUNTER_CONN_TABLE_FULL: u32 = 1;
-pub const COUNTER_INFLIGHT_TABLE_FULL: u32 = 2;
-pub const COUNTER_READ_FAILED: u32 = 3;
-/// TLS calls whose socket could not be found (no inner syscall, no earlier mapping).
-pub const COUNTER_TLS_UNMAPPED: u32 = 4;
-pub const COUNTER_COUNT: u32 = 5;
+/// Names of the kernel object's maps: userspace finds each map by the name of its `#[map]`
+/// static, so both sides spell it once, here.
+pub mod maps {
+    /// Selected processes (and their threads) by id.
+    pub const TARGETS: &str = "TARGETS";
+    /// Selected cgroups (v2 ids).
+    pub const CGROUP_TARGETS: &str = "CGROUP_TARGETS";
+    /// Known connections ([`crate::ConnState`] by [`crate::conn_key`]).
+    pub const CONNECTIONS: &str = "CONNECTIONS";
+    /// Byte sources userspace gave up on ([`crate::Disabled`] by [`crate::conn_key`]).
+    pub const DISABLED: &str = "DISABLED";
+    /// Syscall arguments between a syscall's entry and exit.
+    pub const IN_FLIGHT: &str = "IN_FLIGHT";
+    /// Per-CPU data record under construction.
+    pub const SCRATCH: &str = "SCRATCH";
+    /// Switches indexed by [`crate::ConfigKey`].
+    pub const CONFIG: &str = "CONFIG";
+    /// Per-CPU loss counters indexed by [`crate::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+    /// The ring buffer every record goes through; userspace may resize it before loading.
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-CPU state of the chunk-emitting loop.
+    pub const EMIT_STATE: &str = "EMIT_STATE";
+    /// SSL calls between their entry and return.
+    pub const TLS_CALLS: &str = "TLS_CALLS";
+    /// The connection each SSL object was last seen on.
+    pub const SSL_CONNS: &str = "SSL_CONNS";
+    /// The last connection fd each thread moved bytes on.
+    pub const LAST_SOCKET_FD: &str = "LAST_SOCKET_FD";
+}
+
+/// Names of the kernel object's programs (the names of their functions) and where userspace
+/// attaches them, so the loader and the object cannot drift apart.
+pub mod programs {
+    /// read/write entry: only fds already known to be connections are captured.
+    pub const ENTER_BUFFER_CALL: &str = "enter_buffer_call";
+    /// recvfrom/sendto entry: socket-only, so an unknown fd is adopted as a connection.
+    pub const ENTER_SOCKET_BUFFER_CALL: &str = "enter_socket_buffer_call";
+    /// readv/writev entry.
+    pub const ENTER_IOVEC_CALL: &str = "enter_iovec_call";
+    /// recvmsg/sendmsg entry.
+    pub const ENTER_MSGHDR_CALL: &str = "enter_msghdr_call";
+    /// sendfile entry: the bytes are counted, not captured.
+    pub const ENTER_SENDFILE: &str = "enter_sendfile";
+    pub const ENTER_ACCEPT: &str = "enter_accept";
+    pub const ENTER_CONNECT: &str = "enter_connect";
+    pub const EXIT_INGRESS_CALL: &str = "exit_ingress_call";
+    pub const EXIT_EGRESS_CALL: &str = "exit_egress_call";
+    pub const EXIT_ACCEPT_OR_CONNECT: &str = "exit_accept_or_connect";
+    /// getsockopt(SO_ERROR): how a non-blocking connect ended.
+    pub const ENTER_GETSOCKOPT: &str = "enter_getsockopt";
+    pub const EXIT_GETSOCKOPT: &str = "exit_getsockopt";
+    pub const ENTER_CLOSE: &str = "enter_close";
+    pub const PROCESS_FORK: &str = "process_fork";
+    pub const PROCESS_EXIT: &str = "process_exit";
+
+    pub const SSL_READ_ENTER: &str = "ssl_read_enter";
+    pub const SSL_READ_EX_ENTER: &str = "ssl_read_ex_enter";
+    pub const SSL_WRITE_ENTER: &str = "ssl_write_enter";
+    pub const SSL_WRITE_EX_ENTER: &str = "ssl_write_ex_enter";
+    pub const SSL_WRITE_EX2_ENTER: &str = "ssl_write_ex2_enter";
+    /// The uretprobe every SSL function shares: the entry program stashed what it needs.
+    pub const SSL_CALL_RETURN: &str = "ssl_call_return";
+
+    /// Tracepoints by program: (program, category, event names).
+    pub const TRACEPOINTS: &[(&str, &str, &[&str])] = &[
+        (
+            ENTER_BUFFER_CALL,
+            "syscalls",
+            &["sys_enter_read", "sys_enter_write"],
+        ),
+        (
+            ENTER_SOCKET_BUFFER_CALL,
+            "syscalls",
+            &["sys_enter_recvfrom", "sys_enter_sendto"],
+        ),
+        (
+            ENTER_IOVEC_CALL,
+            "syscalls",
+            &["sys_enter_readv", "sys_enter_writev"],
+        ),
+        (
+            ENTER_MSGHDR_CALL,
+            "syscalls",
+            &["sys_enter_recvmsg", "sys_enter_sendmsg"],
+        ),
+        (ENTER_SENDFILE, "syscalls", &["sys_enter_sendfile64"]),
+        (
+            ENTER_ACCEPT,
+            "syscalls",
+            &["sys_enter_accept", "sys_enter_accept4"],
+        ),
+        (ENTER_CONNECT, "syscalls", &["sys_enter_connect"]),
+        (
+            EXIT_INGRESS_CALL,
+            "syscalls",
+            &[
+                "sys_exit_read",
+                "sys_exit_readv",
+                "sys_exit_recvfrom",
+                "sys_exit_recvmsg",
+            ],
+        ),
+        (
+            EXIT_EGRESS_CALL,
+            "syscalls",
+            &[
+                "sys_exit_write",
+                "sys_exit_writev",
+                "sys_exit_sendto",
+                "sys_exit_sendmsg",
+                "sys_exit_sendfile64",
+            ],
+        ),
+        (
+            EXIT_ACCEPT_OR_CONNECT,
+            "syscalls",
+            &["sys_exit_accept", "sys_exit_accept4", "sys_exit_connect"],
+        ),
+        (ENTER_GETSOCKOPT, "syscalls", &["sys_enter_getsockopt"]),
+        (EXIT_GETSOCKOPT, "syscalls", &["sys_exit_getsockopt"]),
+        (ENTER_CLOSE, "syscalls", &["sys_enter_close"]),
+        (PROCESS_FORK, "sched", &["sched_process_fork"]),
+        (PROCESS_EXIT, "sched", &["sched_process_exit"]),
+    ];
+
+    /// SSL functions to probe, with their entry programs: (function, program). Each also gets
+    /// [`SSL_CALL_RETURN`]. `SSL_write_ex` calls `SSL_write_ex2` where the latter exists (OpenSSL
+    /// 3.3+), so userspace probes only one of the two.
+    pub const SSL_PROGRAMS: &[(&str, &str)] = &[
+        ("SSL_read", SSL_READ_ENTER),
+        ("SSL_read_ex", SSL_READ_EX_ENTER),
+        ("SSL_write", SSL_WRITE_ENTER),
+        ("SSL_write_ex", SSL_WRITE_EX_ENTER),
+        ("SSL_write_ex2", SSL_WRITE_EX2_ENTER),
+    ];
+}
 
 #[cfg(feature = "user")]
 mod user {
@@ -180,4 +418,71 @@ mod user {
     unsafe impl aya::Pod for ConnState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Disabled {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every variant survives raw -> enum -> raw, and the value just past the last is rejected.
+    macro_rules! round_trips {
+        ($name:ident, $raw:ty) => {{
+            for (index, variant) in $name::ALL.into_iter().enumerate() {
+                let raw = variant as $raw;
+                assert_eq!($name::try_from(raw), Ok(variant));
+                if index > 0 {
+                    assert!(raw > $name::ALL[index - 1] as $raw, "ALL is in value order");
+                }
+            }
+            let past = $name::ALL[$name::ALL.len() - 1] as $raw + 1;
+            assert_eq!($name::try_from(past), Err(past));
+            assert_eq!($name::try_from(<$raw>::MAX), Err(<$raw>::MAX));
+        }};
+    }
+
+    #[test]
+    fn enums_round_trip_and_reject_unknown_values() {
+        round_trips!(RecordKind, u32);
+        round_trips!(Direction, u8);
+        round_trips!(Role, u8);
+        round_trips!(Source, u8);
+        round_trips!(ConfigKey, u32);
+        round_trips!(Counter, u32);
+        assert_eq!(RecordKind::try_from(0), Err(0));
+    }
+
+    #[test]
+    fn every_program_has_one_attachment() {
+        use programs::*;
+        let all = [
+            ENTER_BUFFER_CALL,
+            ENTER_SOCKET_BUFFER_CALL,
+            ENTER_IOVEC_CALL,
+            ENTER_MSGHDR_CALL,
+            ENTER_SENDFILE,
+            ENTER_ACCEPT,
+            ENTER_CONNECT,
+            EXIT_INGRESS_CALL,
+            EXIT_EGRESS_CALL,
+            EXIT_ACCEPT_OR_CONNECT,
+            ENTER_GETSOCKOPT,
+            EXIT_GETSOCKOPT,
+            ENTER_CLOSE,
+            PROCESS_FORK,
+            PROCESS_EXIT,
+            SSL_READ_ENTER,
+            SSL_READ_EX_ENTER,
+            SSL_WRITE_ENTER,
+            SSL_WRITE_EX_ENTER,
+            SSL_WRITE_EX2_ENTER,
+            SSL_CALL_RETURN,
+        ];
+        for program in all {
+            let uses = TRACEPOINTS.iter().filter(|(p, ..)| *p == program).count()
+                + SSL_PROGRAMS.iter().filter(|(_, p)| *p == program).count()
+                + usize::from(SSL_CALL_RETURN == program);
+            assert_eq!(uses, 1, "{program}");
+        }
+        assert_eq!(TRACEPOINTS.len() + SSL_PROGRAMS.len() + 1, all.len());
+    }
 }

@@ -131,7 +131,7 @@ impl CaptureLoop {
     }
 
     /// The counters now, for /metrics and the shutdown log.
-    pub fn snapshot(&mut self, probes: &Probes) -> anyhow::Result<Snapshot<'_>> {
+    pub fn snapshot(&mut self, probes: &mut Probes) -> anyhow::Result<Snapshot<'_>> {
         let watched = self.discovery.watched();
         self.process_names.retain(|pid, _| watched.contains(pid));
         for pid in self.pipeline.payloads_by_process().keys() {

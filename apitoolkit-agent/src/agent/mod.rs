@@ -333,7 +333,7 @@ fn capture(
     );
     capture.heartbeat.beat();
     let reason = capture.run(&mut probes, stop);
-    let snapshot = capture.snapshot(&probes)?;
+    let snapshot = capture.snapshot(&mut probes)?;
     observability::export(&snapshot);
     observability::log_totals(&snapshot);
     if let Some(recorder) = &mut capture.recorder {

@@ -11,13 +11,12 @@ use std::{
 };
 
 use apitoolkit_common::{
-    CONFIG_AGENT_TGID, CONFIG_CAPTURE_STDERR, CONFIG_SELECT_ALL, CONFIG_SELECT_CGROUPS,
-    COUNTER_CONN_TABLE_FULL, COUNTER_INFLIGHT_TABLE_FULL, COUNTER_READ_FAILED,
-    COUNTER_RINGBUF_FULL, COUNTER_TLS_UNMAPPED, ConnState, Disabled, conn_key, source_bit,
+    ConfigKey, ConnState, Counter, Disabled, conn_key, maps,
+    programs::{SSL_CALL_RETURN, SSL_PROGRAMS, TRACEPOINTS},
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeScope},
@@ -26,72 +25,10 @@ use aya::{
 
 use crate::pipeline::events::{ConnId, Source};
 
-/// The return program shared by every SSL function.
-const SSL_RETURN_PROGRAM: &str = "ssl_call_return";
+/// The kernel object, built by build.rs.
+static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/apitoolkit"));
 
 const TRACEFS: &str = "/sys/kernel/tracing";
-
-/// Tracepoints by program: (program, category, event names).
-const TRACEPOINTS: &[(&str, &str, &[&str])] = &[
-    (
-        "enter_buffer_call",
-        "syscalls",
-        &["sys_enter_read", "sys_enter_write"],
-    ),
-    (
-        "enter_socket_buffer_call",
-        "syscalls",
-        &["sys_enter_recvfrom", "sys_enter_sendto"],
-    ),
-    (
-        "enter_iovec_call",
-        "syscalls",
-        &["sys_enter_readv", "sys_enter_writev"],
-    ),
-    (
-        "enter_msghdr_call",
-        "syscalls",
-        &["sys_enter_recvmsg", "sys_enter_sendmsg"],
-    ),
-    ("enter_sendfile", "syscalls", &["sys_enter_sendfile64"]),
-    (
-        "enter_accept",
-        "syscalls",
-        &["sys_enter_accept", "sys_enter_accept4"],
-    ),
-    ("enter_connect", "syscalls", &["sys_enter_connect"]),
-    (
-        "exit_ingress_call",
-        "syscalls",
-        &[
-            "sys_exit_read",
-            "sys_exit_readv",
-            "sys_exit_recvfrom",
-            "sys_exit_recvmsg",
-        ],
-    ),
-    (
-        "exit_egress_call",
-        "syscalls",
-        &[
-            "sys_exit_write",
-            "sys_exit_writev",
-            "sys_exit_sendto",
-            "sys_exit_sendmsg",
-            "sys_exit_sendfile64",
-        ],
-    ),
-    (
-        "exit_accept_or_connect",
-        "syscalls",
-        &["sys_exit_accept", "sys_exit_accept4", "sys_exit_connect"],
-    ),
-    ("enter_getsockopt", "syscalls", &["sys_enter_getsockopt"]),
-    ("exit_getsockopt", "syscalls", &["sys_exit_getsockopt"]),
-    ("enter_close", "syscalls", &["sys_enter_close"]),
-    ("process_fork", "sched", &["sched_process_fork"]),
-    ("process_exit", "sched", &["sched_process_exit"]),
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -207,11 +144,8 @@ impl Probes {
         // vmlinux's 5 MiB of BTF would cost the agent tens of MiB of memory at every start.
         let mut ebpf = EbpfLoader::new()
             .btf(None)
-            .map_max_entries("EVENTS", ring_buffer_bytes)
-            .load(aya::include_bytes_aligned!(concat!(
-                env!("OUT_DIR"),
-                "/apitoolkit"
-            )))
+            .map_max_entries(maps::EVENTS, ring_buffer_bytes)
+            .load(KERNEL_OBJECT)
             .map_err(|error| missing("BPF maps and programs (bpf syscall, ring buffer)", error))?;
         for (program, category, events) in TRACEPOINTS {
             let tracepoint: &mut TracePoint = ebpf
@@ -259,12 +193,12 @@ impl Probes {
             return Err(ProbeError::TlsUnavailable);
         }
         for &(function, offset) in functions {
-            let entry = crate::targets::tls::SSL_FUNCTIONS
+            let entry = SSL_PROGRAMS
                 .iter()
                 .find(|(name, _)| *name == function)
                 .map(|(_, program)| *program)
-                .expect("offsets are only looked up for SSL_FUNCTIONS");
-            for program in [entry, SSL_RETURN_PROGRAM] {
+                .expect("offsets are only looked up for SSL_PROGRAMS");
+            for program in [entry, SSL_CALL_RETURN] {
                 self.uprobe(program)
                     .attach(
                         UProbeAttachLocation::AbsoluteOffset(offset),
@@ -281,60 +215,51 @@ impl Probes {
         Ok(())
     }
 
-    fn map_mut(&mut self, name: &'static str) -> &mut aya::maps::Map {
-        self.ebpf
+    /// The map `name` of the kernel object as the typed map `T`.
+    fn map<'a, T>(&'a mut self, name: &'static str) -> Result<T, ProbeError>
+    where
+        T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+    {
+        let map = self
+            .ebpf
             .map_mut(name)
-            .expect("map is defined in the kernel object")
+            .expect("map is defined in the kernel object");
+        T::try_from(map).map_err(in_map(name))
     }
 
-    fn set_config(&mut self, index: u32, value: u32) -> Result<(), ProbeError> {
-        let map_error = |source| ProbeError::Map {
-            name: "CONFIG",
-            source,
-        };
-        let mut config: Array<_, u32> =
-            Array::try_from(self.map_mut("CONFIG")).map_err(map_error)?;
-        config.set(index, value, 0).map_err(map_error)
+    fn set_config(&mut self, key: ConfigKey, value: u32) -> Result<(), ProbeError> {
+        let mut config: Array<_, u32> = self.map(maps::CONFIG)?;
+        config
+            .set(key as u32, value, 0)
+            .map_err(in_map(maps::CONFIG))
     }
 
     /// Makes the kernel send what target threads write to stderr (for error reports).
     pub fn capture_stderr(&mut self, enabled: bool) -> Result<(), ProbeError> {
-        self.set_config(CONFIG_CAPTURE_STDERR, u32::from(enabled))
+        self.set_config(ConfigKey::CaptureStderr, u32::from(enabled))
     }
 
     /// Makes every process but the agent a target, in the kernel.
     pub fn select_all(&mut self) -> Result<(), ProbeError> {
-        self.set_config(CONFIG_AGENT_TGID, std::process::id())?;
-        self.set_config(CONFIG_SELECT_ALL, 1)
+        self.set_config(ConfigKey::AgentTgid, std::process::id())?;
+        self.set_config(ConfigKey::SelectAll, 1)
     }
 
     /// Makes the processes of these cgroups (v2 ids) targets, in the kernel.
     pub fn select_cgroups(&mut self, ids: &[u64]) -> Result<(), ProbeError> {
-        let map_error = |source| ProbeError::Map {
-            name: "CGROUP_TARGETS",
-            source,
-        };
-        let mut cgroups: HashMap<_, u64, u8> =
-            HashMap::try_from(self.map_mut("CGROUP_TARGETS")).map_err(map_error)?;
+        let mut cgroups: HashMap<_, u64, u8> = self.map(maps::CGROUP_TARGETS)?;
         for id in ids {
-            cgroups.insert(id, 1, 0).map_err(map_error)?;
+            cgroups
+                .insert(id, 1, 0)
+                .map_err(in_map(maps::CGROUP_TARGETS))?;
         }
-        self.set_config(CONFIG_SELECT_CGROUPS, 1)
+        self.set_config(ConfigKey::SelectCgroups, 1)
     }
 
     pub fn add_targets(&mut self, pids: &[u32]) -> Result<(), ProbeError> {
-        let mut targets: HashMap<_, u32, u8> =
-            HashMap::try_from(self.map_mut("TARGETS")).map_err(|source| ProbeError::Map {
-                name: "TARGETS",
-                source,
-            })?;
+        let mut targets: HashMap<_, u32, u8> = self.map(maps::TARGETS)?;
         for pid in pids {
-            targets
-                .insert(pid, 1, 0)
-                .map_err(|source| ProbeError::Map {
-                    name: "TARGETS",
-                    source,
-                })?;
+            targets.insert(pid, 1, 0).map_err(in_map(maps::TARGETS))?;
         }
         Ok(())
     }
@@ -347,85 +272,63 @@ impl Probes {
         fd: i32,
         generation: u64,
     ) -> Result<(), ProbeError> {
-        let mut connections: HashMap<_, u64, ConnState> =
-            HashMap::try_from(self.map_mut("CONNECTIONS")).map_err(|source| ProbeError::Map {
-                name: "CONNECTIONS",
-                source,
-            })?;
+        let mut connections: HashMap<_, u64, ConnState> = self.map(maps::CONNECTIONS)?;
         let state = ConnState {
             generation,
             ..ConnState::default()
         };
         connections
             .insert(conn_key(tgid, fd), state, 0)
-            .map_err(|source| ProbeError::Map {
-                name: "CONNECTIONS",
-                source,
-            })
+            .map_err(in_map(maps::CONNECTIONS))
     }
 
     /// Stops the kernel from sending this connection generation's bytes from `source`.
     pub fn disable(&mut self, conn: ConnId, source: Source) -> Result<(), ProbeError> {
-        let map_error = |source| ProbeError::Map {
-            name: "DISABLED",
-            source,
-        };
-        let mut disabled: HashMap<_, u64, Disabled> =
-            HashMap::try_from(self.map_mut("DISABLED")).map_err(map_error)?;
+        let mut disabled: HashMap<_, u64, Disabled> = self.map(maps::DISABLED)?;
         let key = conn_key(conn.tgid, conn.fd);
         let sources = match disabled.get(&key, 0) {
             Ok(entry) if entry.generation == conn.generation => entry.sources,
             _ => 0,
         };
-        let source = match source {
-            Source::Syscall => apitoolkit_common::SOURCE_SYSCALL,
-            Source::Tls => apitoolkit_common::SOURCE_TLS,
-            Source::Stderr => apitoolkit_common::SOURCE_STDERR,
-        };
         let entry = Disabled {
             generation: conn.generation,
-            sources: sources | source_bit(source),
+            sources: sources | source.bit(),
             _pad: 0,
         };
-        disabled.insert(key, entry, 0).map_err(map_error)
+        disabled
+            .insert(key, entry, 0)
+            .map_err(in_map(maps::DISABLED))
     }
 
     pub fn take_ring_buffer(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
         let map = self
             .ebpf
-            .take_map("EVENTS")
+            .take_map(maps::EVENTS)
             .expect("map is defined in the kernel object");
-        RingBuf::try_from(map).map_err(|source| ProbeError::Map {
-            name: "EVENTS",
-            source,
-        })
+        RingBuf::try_from(map).map_err(in_map(maps::EVENTS))
     }
 
-    pub fn losses(&self) -> Result<KernelLosses, ProbeError> {
-        let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(
-            self.ebpf
-                .map("COUNTERS")
-                .expect("map is defined in the kernel object"),
-        )
-        .map_err(|source| ProbeError::Map {
-            name: "COUNTERS",
-            source,
-        })?;
-        let total = |index: u32| -> Result<u64, ProbeError> {
-            let values = counters.get(&index, 0).map_err(|source| ProbeError::Map {
-                name: "COUNTERS",
-                source,
-            })?;
+    pub fn losses(&mut self) -> Result<KernelLosses, ProbeError> {
+        let counters: PerCpuArray<_, u64> = self.map(maps::COUNTERS)?;
+        let total = |counter: Counter| -> Result<u64, ProbeError> {
+            let values = counters
+                .get(&(counter as u32), 0)
+                .map_err(in_map(maps::COUNTERS))?;
             Ok(values.iter().sum())
         };
         Ok(KernelLosses {
-            ringbuf_full: total(COUNTER_RINGBUF_FULL)?,
-            conn_table_full: total(COUNTER_CONN_TABLE_FULL)?,
-            inflight_table_full: total(COUNTER_INFLIGHT_TABLE_FULL)?,
-            user_read_failed: total(COUNTER_READ_FAILED)?,
-            tls_unmapped: total(COUNTER_TLS_UNMAPPED)?,
+            ringbuf_full: total(Counter::RingbufFull)?,
+            conn_table_full: total(Counter::ConnTableFull)?,
+            inflight_table_full: total(Counter::InflightTableFull)?,
+            user_read_failed: total(Counter::ReadFailed)?,
+            tls_unmapped: total(Counter::TlsUnmapped)?,
         })
     }
+}
+
+/// How an operation on the map `name` failed.
+fn in_map(name: &'static str) -> impl Fn(MapError) -> ProbeError {
+    move |source| ProbeError::Map { name, source }
 }
 
 fn uprobe<'a>(ebpf: &'a mut Ebpf, program: &str) -> &'a mut UProbe {
@@ -436,10 +339,10 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, program: &str) -> &'a mut UProbe {
 }
 
 fn load_tls_programs(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
-    let programs = crate::targets::tls::SSL_FUNCTIONS
+    let programs = SSL_PROGRAMS
         .iter()
         .map(|(_, program)| *program)
-        .chain([SSL_RETURN_PROGRAM]);
+        .chain([SSL_CALL_RETURN]);
     for program in programs {
         uprobe(ebpf, program)
             .load()
@@ -469,5 +372,40 @@ pub fn wait_readable(ring: &RingBuf<MapData>, timeout_ms: i32) -> io::Result<boo
         }
         0 => Ok(false),
         _ => Ok(true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use object::{Object as _, ObjectSymbol as _};
+
+    use super::*;
+
+    #[test]
+    fn the_kernel_object_defines_every_map_and_program_userspace_names() {
+        let object = object::File::parse(KERNEL_OBJECT).unwrap();
+        let symbols: HashSet<&str> = object
+            .symbols()
+            .filter_map(|symbol| symbol.name().ok())
+            .collect();
+        let programs = TRACEPOINTS
+            .iter()
+            .map(|(program, ..)| *program)
+            .chain(SSL_PROGRAMS.iter().map(|(_, program)| *program))
+            .chain([SSL_CALL_RETURN]);
+        let used_maps = [
+            maps::EVENTS,
+            maps::CONFIG,
+            maps::CGROUP_TARGETS,
+            maps::TARGETS,
+            maps::CONNECTIONS,
+            maps::DISABLED,
+            maps::COUNTERS,
+        ];
+        for name in programs.chain(used_maps) {
+            assert!(symbols.contains(name), "{name} is not in the kernel object");
+        }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use apitoolkit_common as abi;
+use apitoolkit_common::{self as abi, RecordKind};
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -26,29 +26,8 @@ impl From<abi::ConnId> for ConnId {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Direction {
-    Ingress,
-    Egress,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Unknown,
-    Server,
-    Client,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Source {
-    Syscall,
-    Tls,
-    /// A write to the process's stderr (not a connection).
-    Stderr,
-}
+/// The kernel's own enums, shared through the ABI crate (serialized in snake case).
+pub use abi::{Direction, Role, Source};
 
 /// Bytes one syscall moved on a connection (or a piece of them), at a stream position.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,56 +124,38 @@ fn remote_address(address: &abi::SocketAddress) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, address.port))
 }
 
+/// A raw `u8` field of a record as its ABI enum.
+fn field<T: TryFrom<u8, Error = u8>>(field: &'static str, value: u8) -> Result<T, DecodeError> {
+    T::try_from(value).map_err(|value| DecodeError::BadField { field, value })
+}
+
+fn decode_data(record: &[u8]) -> Result<Event, DecodeError> {
+    let header: abi::DataHeader = read_record(record)?;
+    let start = size_of::<abi::DataHeader>();
+    let end = start + header.captured_len as usize;
+    let data = record
+        .get(start..end)
+        .ok_or(DecodeError::TooShort(record.len()))?;
+    Ok(Event::Data(DataEvent {
+        conn: header.conn.into(),
+        tid: header.tid,
+        timestamp_ns: header.timestamp_ns,
+        direction: field("direction", header.direction)?,
+        source: field("source", header.source)?,
+        position: header.position,
+        skipped_len: header.skipped_len,
+        data: Bytes::copy_from_slice(data),
+    }))
+}
+
 impl Event {
     pub fn decode(record: &[u8]) -> Result<Self, DecodeError> {
         let kind: u32 = read_record(record)?;
-        match kind {
-            abi::RECORD_DATA => {
-                let header: abi::DataHeader = read_record(record)?;
-                let start = size_of::<abi::DataHeader>();
-                let end = start + header.captured_len as usize;
-                let data = record
-                    .get(start..end)
-                    .ok_or(DecodeError::TooShort(record.len()))?;
-                let direction = match header.direction {
-                    abi::DIRECTION_INGRESS => Direction::Ingress,
-                    abi::DIRECTION_EGRESS => Direction::Egress,
-                    value => {
-                        return Err(DecodeError::BadField {
-                            field: "direction",
-                            value,
-                        });
-                    }
-                };
-                let source = match header.source {
-                    abi::SOURCE_SYSCALL => Source::Syscall,
-                    abi::SOURCE_TLS => Source::Tls,
-                    abi::SOURCE_STDERR => Source::Stderr,
-                    value => {
-                        return Err(DecodeError::BadField {
-                            field: "source",
-                            value,
-                        });
-                    }
-                };
-                Ok(Event::Data(DataEvent {
-                    conn: header.conn.into(),
-                    tid: header.tid,
-                    timestamp_ns: header.timestamp_ns,
-                    direction,
-                    source,
-                    position: header.position,
-                    skipped_len: header.skipped_len,
-                    data: Bytes::copy_from_slice(data),
-                }))
-            }
-            abi::RECORD_CONN_OPEN => {
+        match RecordKind::try_from(kind).map_err(DecodeError::UnknownKind)? {
+            RecordKind::Data => decode_data(record),
+            RecordKind::ConnOpen => {
                 let record: abi::ConnRecord = read_record(record)?;
-                let role = match record.role {
-                    abi::ROLE_SERVER => Role::Server,
-                    abi::ROLE_CLIENT => Role::Client,
-                    _ => Role::Unknown,
-                };
+                let role = Role::try_from(record.role).unwrap_or(Role::Unknown);
                 Ok(Event::Open {
                     conn: record.conn.into(),
                     timestamp_ns: record.timestamp_ns,
@@ -204,7 +165,7 @@ impl Event {
                     midstream: role == Role::Unknown,
                 })
             }
-            abi::RECORD_CONN_CLOSE => {
+            RecordKind::ConnClose => {
                 let record: abi::ConnRecord = read_record(record)?;
                 Ok(Event::Close {
                     conn: record.conn.into(),
@@ -215,7 +176,7 @@ impl Event {
                     tls_bytes_received: record.tls_bytes_received,
                 })
             }
-            abi::RECORD_CONN_ERROR => {
+            RecordKind::ConnError => {
                 let record: abi::ConnRecord = read_record(record)?;
                 Ok(Event::ConnError {
                     conn: record.conn.into(),
@@ -225,14 +186,13 @@ impl Event {
                     errno: record.error,
                 })
             }
-            abi::RECORD_PROCESS_EXIT => {
+            RecordKind::ProcessExit => {
                 let record: abi::ProcessRecord = read_record(record)?;
                 Ok(Event::ProcessExit {
                     tgid: record.tgid,
                     timestamp_ns: record.timestamp_ns,
                 })
             }
-            other => Err(DecodeError::UnknownKind(other)),
         }
     }
 
@@ -278,7 +238,7 @@ mod tests {
 
     fn header(captured_len: u32) -> abi::DataHeader {
         abi::DataHeader {
-            kind: abi::RECORD_DATA,
+            kind: RecordKind::Data as u32,
             tid: 7,
             conn: abi::ConnId {
                 tgid: 42,
@@ -289,8 +249,8 @@ mod tests {
             position: 10,
             skipped_len: 0,
             captured_len,
-            direction: abi::DIRECTION_EGRESS,
-            source: abi::SOURCE_SYSCALL,
+            direction: Direction::Egress as u8,
+            source: Source::Syscall as u8,
             _pad: [0; 2],
         }
     }

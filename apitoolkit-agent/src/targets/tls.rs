@@ -10,18 +10,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use apitoolkit_common::programs::SSL_PROGRAMS;
+
 use super::elf::ElfFile;
 use crate::capture::Probes;
-
-/// SSL functions to probe, with their entry programs. `SSL_write_ex` calls `SSL_write_ex2`
-/// where the latter exists (OpenSSL 3.3+), so only one of the two is probed.
-pub const SSL_FUNCTIONS: &[(&str, &str)] = &[
-    ("SSL_read", "ssl_read_enter"),
-    ("SSL_read_ex", "ssl_read_ex_enter"),
-    ("SSL_write", "ssl_write_enter"),
-    ("SSL_write_ex", "ssl_write_ex_enter"),
-    ("SSL_write_ex2", "ssl_write_ex2_enter"),
-];
 
 /// What a file mapped by a target process is, as far as TLS capture goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -166,7 +158,7 @@ fn inspect_and_probe(probes: &mut Probes, path: &str, host_path: &Path) -> FileK
             return FileKind::Other;
         }
     };
-    let names: Vec<&str> = SSL_FUNCTIONS.iter().map(|(name, _)| *name).collect();
+    let names: Vec<&str> = SSL_PROGRAMS.iter().map(|(name, _)| *name).collect();
     let Some(points) = probe_points(elf.function_offsets(&names)) else {
         return if elf.is_go() {
             FileKind::Go

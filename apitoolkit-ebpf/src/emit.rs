@@ -1,0 +1,259 @@
+//! Emitting the bytes a call moved: placing them in the connection's stream, and copying them
+//! into data records chunk by chunk (and iovec by iovec) from a `bpf_loop` callback.
+
+use apitoolkit_common::{
+    CHUNK_SIZE, ConnId, ConnState, Counter, DataHeader, DataRecord, Direction, MAX_IOVECS,
+    MAX_LOOP_STEPS, RecordKind, Source, conn_key,
+};
+use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_user, generated};
+use core::ffi::c_void;
+
+use crate::{
+    maps::{DISABLED, EMIT_STATE, EVENTS, SCRATCH, count},
+    syscalls::{CallKind, InFlightCall},
+};
+
+/// One entry of a user iovec array (`struct iovec`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IoVec {
+    base: u64,
+    len: u64,
+}
+
+/// What `emit_step` works through, in `EMIT_STATE`.
+#[repr(C)]
+pub(crate) struct EmitState {
+    conn: ConnId,
+    timestamp_ns: u64,
+    /// Stream position of the syscall's first byte.
+    start: u64,
+    total: u64,
+    done: u64,
+    user_ptr: u64,
+    iovec_count: u64,
+    next_iovec: u64,
+    segment_ptr: u64,
+    segment_left: u64,
+    tid: u32,
+    direction: u8,
+    walks_iovecs: u8,
+    source: u8,
+    _pad: u8,
+}
+
+/// One `bpf_loop` step: load the next iovec, or copy one chunk of the current segment into a
+/// data record. A callback is verified once, where an open-coded loop over chunks and iovecs
+/// exceeds the verifier's instruction budget. Returns 1 to stop the loop.
+extern "C" fn emit_step(_index: u64, _context: *mut c_void) -> i64 {
+    let Some(state) = EMIT_STATE.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, non-null, aligned and in bounds. Programs do
+    // not nest on a CPU, and `emit_data`, which runs this loop, holds no reference to the slot
+    // while it runs, so this is the only live reference.
+    let state = unsafe { &mut *state };
+    if state.done >= state.total {
+        return 1;
+    }
+    if state.segment_left == 0 {
+        return next_segment(state);
+    }
+    emit_chunk(state)
+}
+
+/// Loads the next iovec of an iovec call as the current segment (0), or stops the loop (1).
+#[inline(always)]
+fn next_segment(state: &mut EmitState) -> i64 {
+    if state.walks_iovecs == 0
+        || state.next_iovec >= state.iovec_count
+        || state.next_iovec >= MAX_IOVECS
+    {
+        return 1;
+    }
+    let entry = (state.user_ptr + state.next_iovec * 16) as *const IoVec;
+    state.next_iovec += 1;
+    // SAFETY: bpf_probe_read_user copies from the target's memory and fails instead of faulting
+    // on a bad address; `IoVec` is two integers, valid for any bytes.
+    let Ok(iovec) = (unsafe { bpf_probe_read_user(entry) }) else {
+        count(Counter::ReadFailed);
+        return 1;
+    };
+    state.segment_ptr = iovec.base;
+    state.segment_left = iovec.len;
+    0
+}
+
+/// Copies up to one chunk of the current segment into a data record and emits it (0), or stops
+/// the loop (1).
+#[inline(always)]
+fn emit_chunk(state: &mut EmitState) -> i64 {
+    let Some(record) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, non-null, aligned and in bounds; programs do
+    // not nest on a CPU and nothing else refers to the slot.
+    let record = unsafe { &mut *record };
+    let mut len = state.total - state.done;
+    if len > state.segment_left {
+        len = state.segment_left;
+    }
+    if len > CHUNK_SIZE as u64 {
+        len = CHUNK_SIZE as u64;
+    }
+    // SAFETY: writes `len <= CHUNK_SIZE` bytes into `record.data`, which holds CHUNK_SIZE; the
+    // helper reads the target's memory and fails instead of faulting on a bad address.
+    let read = unsafe {
+        generated::bpf_probe_read_user(
+            record.data.as_mut_ptr().cast(),
+            len as u32,
+            state.segment_ptr as *const c_void,
+        )
+    };
+    if read < 0 {
+        count(Counter::ReadFailed);
+        return 1;
+    }
+    record.header = DataHeader {
+        kind: RecordKind::Data as u32,
+        tid: state.tid,
+        conn: state.conn,
+        timestamp_ns: state.timestamp_ns,
+        position: state.start + state.done,
+        skipped_len: 0,
+        captured_len: len as u32,
+        direction: state.direction,
+        source: state.source,
+        _pad: [0; 2],
+    };
+    let size = size_of::<DataHeader>() + len as usize;
+    // SAFETY: `size <= size_of::<DataRecord>()` because `len <= CHUNK_SIZE`, and every byte is
+    // initialized: the header has no implicit padding and map memory starts zeroed.
+    let bytes =
+        unsafe { core::slice::from_raw_parts((record as *const DataRecord).cast::<u8>(), size) };
+    if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+        count(Counter::RingbufFull);
+    }
+    state.done += len;
+    state.segment_ptr += len;
+    state.segment_left -= len;
+    0
+}
+
+/// Copies what one syscall moved into data records, chunk by chunk and iovec by iovec, and
+/// reports whatever the loop bound leaves behind as skipped bytes.
+#[inline(always)]
+pub(crate) fn emit_data(
+    call: &InFlightCall,
+    conn: ConnId,
+    tid: u32,
+    direction: Direction,
+    source: Source,
+    total: u64,
+    start: u64,
+) {
+    let Some(state) = EMIT_STATE.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: the helper takes no arguments.
+    let timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: this CPU's slot of a per-CPU array, non-null, aligned and in bounds, and programs
+    // do not nest on a CPU. It is accessed through the raw pointer only (no reference), since
+    // `emit_step` makes its own reference to it while `bpf_loop` runs.
+    unsafe {
+        *state = EmitState {
+            conn,
+            timestamp_ns,
+            start,
+            total,
+            done: 0,
+            user_ptr: call.user_ptr,
+            iovec_count: call.count,
+            next_iovec: 0,
+            segment_ptr: 0,
+            segment_left: 0,
+            tid,
+            direction: direction as u8,
+            walks_iovecs: (call.kind == CallKind::IoVec) as u8,
+            source: source as u8,
+            _pad: 0,
+        };
+        if call.kind == CallKind::Buffer {
+            (*state).segment_ptr = call.user_ptr;
+            (*state).segment_left = total;
+        }
+    }
+    if call.kind != CallKind::SizeOnly {
+        // SAFETY: `emit_step` has the callback signature bpf_loop expects and ignores its
+        // context, so a null context is fine; flags must be 0.
+        unsafe {
+            generated::bpf_loop(
+                MAX_LOOP_STEPS,
+                emit_step as *mut c_void,
+                core::ptr::null_mut(),
+                0,
+            )
+        };
+    }
+    // SAFETY: as for the writes above; the loop is over.
+    let done = unsafe { (*state).done };
+    if done < total {
+        let marker = DataHeader {
+            kind: RecordKind::Data as u32,
+            tid,
+            conn,
+            timestamp_ns,
+            position: start + done,
+            skipped_len: total - done,
+            captured_len: 0,
+            direction: direction as u8,
+            source: source as u8,
+            _pad: [0; 2],
+        };
+        if EVENTS.output::<DataHeader>(&marker, 0).is_err() {
+            count(Counter::RingbufFull);
+        }
+    }
+}
+
+#[inline(always)]
+fn is_disabled(key: u64, generation: u64, source: Source) -> bool {
+    // SAFETY: `Disabled` is plain integers, so a concurrently updated or recycled entry yields
+    // integers (at worst a stale answer), never invalid values; the reference is dropped at once.
+    match unsafe { DISABLED.get(&key) } {
+        Some(disabled) => disabled.generation == generation && disabled.sources & source.bit() != 0,
+        None => false,
+    }
+}
+
+/// Places `total` bytes of `call` in the connection's stream for that source and direction,
+/// and emits them unless userspace disabled the source. Syscall bytes and TLS plaintext keep
+/// separate positions.
+#[inline(always)]
+pub(crate) fn emit_on_connection(
+    state: &mut ConnState,
+    tgid: u32,
+    call: &InFlightCall,
+    tid: u32,
+    direction: Direction,
+    source: Source,
+    total: u64,
+) {
+    let counter = match (source == Source::Tls, direction == Direction::Egress) {
+        (false, true) => &mut state.bytes_sent,
+        (false, false) => &mut state.bytes_received,
+        (true, true) => &mut state.tls_bytes_sent,
+        (true, false) => &mut state.tls_bytes_received,
+    };
+    let start = *counter;
+    *counter += total;
+    if is_disabled(conn_key(tgid, call.fd), state.generation, source) {
+        return;
+    }
+    let conn = ConnId {
+        tgid,
+        fd: call.fd,
+        generation: state.generation,
+    };
+    emit_data(call, conn, tid, direction, source, total, start);
+}

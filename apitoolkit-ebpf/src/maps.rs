@@ -1,0 +1,89 @@
+//! Every map of the kernel object, and the accessors for the counter and configuration arrays.
+//!
+//! Userspace looks each map up by the name of its static (`apitoolkit_common::maps`), so the
+//! statics keep their names.
+
+use apitoolkit_common::{
+    CONFIG_COUNT, COUNTER_COUNT, ConfigKey, ConnState, Counter, DEFAULT_RING_BUFFER_BYTES,
+    DataRecord, Disabled,
+};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+
+use crate::{
+    emit::EmitState,
+    syscalls::InFlightCall,
+    tls::{SslConn, SslKey, TlsCall},
+};
+
+/// Selected processes (and their threads) by id: `--pid` and what userspace discovers.
+#[map]
+pub(crate) static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
+
+/// Selected cgroups (v2 ids) for `--cgroup`.
+#[map]
+pub(crate) static CGROUP_TARGETS: HashMap<u64, u8> = HashMap::with_max_entries(256, 0);
+
+#[map]
+pub(crate) static CONNECTIONS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65536, 0);
+
+/// Byte sources userspace gave up on per connection (not HTTP, or TLS ciphertext).
+#[map]
+pub(crate) static DISABLED: LruHashMap<u64, Disabled> = LruHashMap::with_max_entries(16384, 0);
+
+/// LRU so threads killed inside a syscall (no exit event) cannot fill it up.
+#[map]
+pub(crate) static IN_FLIGHT: LruHashMap<u64, InFlightCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// A data record is assembled here: it is too big for the 512-byte stack.
+#[map]
+pub(crate) static SCRATCH: PerCpuArray<DataRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// Switches userspace sets at start-up, indexed by [`ConfigKey`].
+#[map]
+pub(crate) static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_COUNT, 0);
+
+/// Events that could not be delivered, indexed by [`Counter`].
+#[map]
+pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+#[map]
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
+
+/// Loop state of `emit::emit_step`. It lives in a per-CPU map, not on the stack: the verifier
+/// tracks stack values exactly and would walk every iteration, but treats map values as
+/// unknown, so the callback is verified once.
+#[map]
+pub(crate) static EMIT_STATE: PerCpuArray<EmitState> = PerCpuArray::with_max_entries(1, 0);
+
+/// The SSL call in progress on each thread.
+#[map]
+pub(crate) static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// Kept after the call returns: an SSL_read served from OpenSSL's buffer makes no syscall.
+#[map]
+pub(crate) static SSL_CONNS: LruHashMap<SslKey, SslConn> = LruHashMap::with_max_entries(65536, 0);
+
+/// The last connection fd each thread moved bytes on: the fallback for TLS stacks that do
+/// socket I/O outside the SSL call (node feeds OpenSSL from memory buffers).
+#[map]
+pub(crate) static LAST_SOCKET_FD: LruHashMap<u64, i32> = LruHashMap::with_max_entries(16384, 0);
+
+/// Counts one event that could not be delivered.
+#[inline(always)]
+pub(crate) fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: the pointer is this CPU's slot of a per-CPU array, non-null and in bounds
+        // (checked by the lookup and the verifier); programs do not nest on a CPU, so nothing
+        // else writes it meanwhile.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// A switch of the configuration array; 0 (off) if it cannot be read.
+#[inline(always)]
+pub(crate) fn config(key: ConfigKey) -> u32 {
+    CONFIG.get(key as u32).copied().unwrap_or(0)
+}

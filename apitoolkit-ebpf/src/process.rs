@@ -1,0 +1,79 @@
+//! Target selection: which processes are captured, and the fork/exit tracepoints that keep the
+//! target set current.
+
+use apitoolkit_common::{ConfigKey, Counter, ProcessRecord, RecordKind};
+use aya_ebpf::{
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+
+use crate::maps::{CGROUP_TARGETS, EVENTS, LAST_SOCKET_FD, TARGETS, TLS_CALLS, config, count};
+
+/// `(pid_tgid, tgid)` of the current thread if its process is a target.
+#[inline(always)]
+pub(crate) fn current_target() -> Option<(u64, u32)> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: only the presence of the entry is used; its value is never read.
+    let selected = unsafe { TARGETS.get(&tgid) }.is_some() || selected_by_config(tgid);
+    selected.then_some((pid_tgid, tgid))
+}
+
+/// `--all` and `--cgroup` select in the kernel, so new processes are captured from their first
+/// syscall.
+#[inline(always)]
+fn selected_by_config(tgid: u32) -> bool {
+    if config(ConfigKey::SelectAll) != 0 {
+        return tgid != config(ConfigKey::AgentTgid);
+    }
+    if config(ConfigKey::SelectCgroups) != 0 {
+        // SAFETY: the helper takes no arguments and only reads the current task.
+        let cgroup = unsafe { bpf_get_current_cgroup_id() };
+        // SAFETY: only the presence of the entry is used; its value is never read.
+        return unsafe { CGROUP_TARGETS.get(&cgroup) }.is_some();
+    }
+    false
+}
+
+/// sched_process_fork: `child_pid` at offset 20. Children of processes selected by id are
+/// selected too; threads are added as well (their tid never names another live process) and
+/// removed again by sched_process_exit.
+#[tracepoint]
+pub fn process_fork(ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: only the presence of the entry is used; its value is never read.
+    if unsafe { TARGETS.get(&tgid) }.is_none() {
+        return 0;
+    }
+    // SAFETY: offset 20 is `child_pid` in events/sched/sched_process_fork/format; the read goes
+    // through bpf_probe_read_kernel, which fails instead of faulting, and any i32 is valid.
+    if let Ok(child) = unsafe { ctx.read_at::<i32>(20) } {
+        let _ = TARGETS.insert(&(child as u32), &1, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn process_exit(_ctx: TracePointContext) -> u32 {
+    let Some((pid_tgid, tgid)) = current_target() else {
+        return 0;
+    };
+    // A thread that dies inside an SSL call never returns from it.
+    let _ = TLS_CALLS.remove(&pid_tgid);
+    let _ = LAST_SOCKET_FD.remove(&pid_tgid);
+    let tid = pid_tgid as u32;
+    let _ = TARGETS.remove(&tid);
+    if tid == tgid {
+        let record = ProcessRecord {
+            kind: RecordKind::ProcessExit as u32,
+            tgid: tid,
+            // SAFETY: the helper takes no arguments.
+            timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        };
+        if EVENTS.output::<ProcessRecord>(&record, 0).is_err() {
+            count(Counter::RingbufFull);
+        }
+    }
+    0
+}

@@ -1,0 +1,381 @@
+//! Syscall tracepoints: entries stash their arguments per thread, exits emit what the call
+//! actually did (bytes moved, connection opened, broken or closed).
+
+use apitoolkit_common::{
+    CHUNK_SIZE, ConfigKey, ConnId, ConnState, Counter, Direction, RecordKind, Role, SocketAddress,
+    Source, conn_key,
+};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+
+use crate::{
+    connections::{connection_of, emit_conn, is_ip, open_conn, read_sockaddr, report_broken},
+    emit::{emit_data, emit_on_connection},
+    maps::{CONNECTIONS, IN_FLIGHT, LAST_SOCKET_FD, TLS_CALLS, config, count},
+    process::current_target,
+};
+
+/// Offsets in the syscall tracepoint records (see events/syscalls/*/format): arguments are
+/// 8-byte slots after the common header and syscall number; the exit record has only `ret`.
+const SYSCALL_ARG0: usize = 16;
+const SYSCALL_RET: usize = 16;
+const EINPROGRESS: i64 = 115;
+const SOL_SOCKET: u64 = 1;
+const SO_ERROR: u64 = 4;
+const STDERR_FD: i32 = 2;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum CallKind {
+    Buffer,
+    IoVec,
+    SizeOnly,
+    Accept,
+    Connect,
+    /// getsockopt(SO_ERROR): how a non-blocking connect ended.
+    SocketError,
+}
+
+/// A syscall between its entry and exit, in `IN_FLIGHT` by thread.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct InFlightCall {
+    /// Buffer, iovec array or sockaddr, by kind.
+    pub(crate) user_ptr: u64,
+    /// Iovec count for `IoVec`.
+    pub(crate) count: u64,
+    pub(crate) fd: i32,
+    pub(crate) kind: CallKind,
+    /// The syscall only works on sockets (recv*/send*), so an unknown fd is a connection that
+    /// predates the agent. read/write may be file I/O: userspace registers older sockets for them.
+    pub(crate) socket_only: u8,
+    pub(crate) _pad: [u8; 2],
+}
+
+#[inline(always)]
+fn arg<T>(ctx: &TracePointContext, n: usize) -> Option<T> {
+    // SAFETY: argument slots of events/syscalls/sys_enter_*/format, read through
+    // bpf_probe_read_kernel (fails instead of faulting); callers read integers, valid for any
+    // bytes.
+    unsafe { ctx.read_at::<T>(SYSCALL_ARG0 + 8 * n) }.ok()
+}
+
+#[inline(always)]
+fn ret(ctx: &TracePointContext) -> i64 {
+    // SAFETY: `ret` of events/syscalls/sys_exit_*/format, read through bpf_probe_read_kernel
+    // (fails instead of faulting); any i64 is valid.
+    unsafe { ctx.read_at::<i64>(SYSCALL_RET) }.unwrap_or(-1)
+}
+
+#[inline(always)]
+fn stash(
+    pid_tgid: u64,
+    kind: CallKind,
+    fd: u64,
+    user_ptr: u64,
+    iovec_count: u64,
+    socket_only: bool,
+) {
+    let call = InFlightCall {
+        user_ptr,
+        count: iovec_count,
+        fd: fd as i32,
+        kind,
+        socket_only: socket_only as u8,
+        _pad: [0; 2],
+    };
+    if IN_FLIGHT.insert(&pid_tgid, &call, 0).is_err() {
+        count(Counter::InflightTableFull);
+    }
+}
+
+#[inline(always)]
+fn take_call(pid_tgid: u64) -> Option<InFlightCall> {
+    // SAFETY: copied at once. Only these programs write `IN_FLIGHT` (never userspace), always
+    // whole `InFlightCall`s, so even an entry the LRU recycles meanwhile holds our values and
+    // its one-byte `CallKind` a valid discriminant.
+    let call = unsafe { IN_FLIGHT.get(&pid_tgid) }.copied();
+    if call.is_some() {
+        let _ = IN_FLIGHT.remove(&pid_tgid);
+    }
+    call
+}
+
+#[inline(always)]
+fn stash_call(ctx: &TracePointContext, kind: CallKind, socket_only: bool) -> u32 {
+    let Some((pid_tgid, _)) = current_target() else {
+        return 0;
+    };
+    let (Some(fd), Some(user_ptr), Some(count)) = (arg::<u64>(ctx, 0), arg(ctx, 1), arg(ctx, 2))
+    else {
+        return 0;
+    };
+    stash(pid_tgid, kind, fd, user_ptr, count, socket_only);
+    0
+}
+
+#[inline(always)]
+fn on_accept_or_connect_exit(ctx: &TracePointContext) -> u32 {
+    let Some((pid_tgid, tgid)) = current_target() else {
+        return 0;
+    };
+    let Some(call) = take_call(pid_tgid) else {
+        return 0;
+    };
+    let ret = ret(ctx);
+    let remote = read_sockaddr(call.user_ptr).unwrap_or_default();
+    let (fd, role) = match call.kind {
+        CallKind::Accept if ret >= 0 => (ret as i32, Role::Server),
+        CallKind::Connect if ret == 0 || ret == -EINPROGRESS => (call.fd, Role::Client),
+        CallKind::Connect if is_ip(&remote) => {
+            let conn = ConnId {
+                tgid,
+                fd: call.fd,
+                // SAFETY: the helper takes no arguments.
+                generation: unsafe { bpf_ktime_get_ns() },
+            };
+            let state = ConnState::default();
+            emit_conn(
+                RecordKind::ConnError,
+                Role::Client,
+                conn,
+                remote,
+                &state,
+                -ret as u32,
+            );
+            return 0;
+        }
+        _ => return 0,
+    };
+    // A null address (accept without peer buffer) is resolved by userspace; a known non-IP family
+    // (unix sockets) is not HTTP over TCP.
+    if call.user_ptr != 0 && !is_ip(&remote) {
+        return 0;
+    }
+    if open_conn(tgid, fd, role, remote).is_some() {
+        let _ = LAST_SOCKET_FD.insert(&pid_tgid, &fd, 0);
+    }
+    0
+}
+
+#[inline(always)]
+fn on_data_exit(ctx: &TracePointContext, direction: Direction) -> u32 {
+    let Some((pid_tgid, tgid)) = current_target() else {
+        return 0;
+    };
+    let Some(call) = take_call(pid_tgid) else {
+        return 0;
+    };
+    let ret = ret(ctx);
+    if ret < 0 {
+        report_broken(tgid, call.fd, -ret);
+    }
+    // Socket I/O inside an SSL call names the TLS connection; its bytes are ciphertext.
+    if let Some(tls) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
+        if connection_of(tgid, &call).is_some() {
+            // SAFETY: a live element of `TLS_CALLS` keyed by this thread, which only this
+            // thread's programs touch, and they do not run concurrently with this one.
+            unsafe { (*tls).fd = call.fd };
+        }
+        return 0;
+    }
+    if ret <= 0 {
+        return 0;
+    }
+    let total = ret as u64;
+    let Some(state) = connection_of(tgid, &call) else {
+        if direction == Direction::Egress && call.fd == STDERR_FD && captures_stderr() {
+            emit_stderr(&call, pid_tgid, tgid, total);
+        }
+        return 0;
+    };
+    // TLS libraries with their own buffers (node) read and write the socket outside SSL calls.
+    let _ = LAST_SOCKET_FD.insert(&pid_tgid, &call.fd, 0);
+    emit_on_connection(
+        // SAFETY: a live `CONNECTIONS` element (memory stays valid while the program runs),
+        // `ConnState` is plain integers. Another thread of the process on another CPU may
+        // update the same connection at the same time, which can lose a byte count but not
+        // fault; the kernel maps offer no atomic read-modify-write of a struct.
+        unsafe { &mut *state },
+        tgid,
+        &call,
+        pid_tgid as u32,
+        direction,
+        Source::Syscall,
+        total,
+    );
+    0
+}
+
+#[inline(always)]
+fn captures_stderr() -> bool {
+    config(ConfigKey::CaptureStderr) != 0
+}
+
+/// A target's write to fd 2, which is no connection: userspace turns tracebacks into payload
+/// errors.
+#[inline(always)]
+fn emit_stderr(call: &InFlightCall, pid_tgid: u64, tgid: u32, total: u64) {
+    let stderr = ConnId {
+        tgid,
+        fd: STDERR_FD,
+        generation: 0,
+    };
+    // One chunk is enough for an error report; the rest of a huge write is not needed.
+    let captured = total.min(CHUNK_SIZE as u64);
+    emit_data(
+        call,
+        stderr,
+        pid_tgid as u32,
+        Direction::Egress,
+        Source::Stderr,
+        captured,
+        0,
+    );
+}
+
+/// read/write: the fd may be a file or pipe, so only connections already known are captured.
+#[tracepoint]
+pub fn enter_buffer_call(ctx: TracePointContext) -> u32 {
+    stash_call(&ctx, CallKind::Buffer, false)
+}
+
+/// recvfrom/sendto only work on sockets: an unknown fd is a connection older than the agent.
+#[tracepoint]
+pub fn enter_socket_buffer_call(ctx: TracePointContext) -> u32 {
+    stash_call(&ctx, CallKind::Buffer, true)
+}
+
+#[tracepoint]
+pub fn enter_iovec_call(ctx: TracePointContext) -> u32 {
+    stash_call(&ctx, CallKind::IoVec, false)
+}
+
+/// recvmsg/sendmsg: the iovec array sits inside the user's msghdr (msg_iov at 16, msg_iovlen at 24).
+#[tracepoint]
+pub fn enter_msghdr_call(ctx: TracePointContext) -> u32 {
+    let Some((pid_tgid, _)) = current_target() else {
+        return 0;
+    };
+    let (Some(fd), Some(msghdr)) = (arg::<u64>(&ctx, 0), arg::<u64>(&ctx, 1)) else {
+        return 0;
+    };
+    // SAFETY: bpf_probe_read_user copies from the target's memory and fails instead of faulting
+    // on a bad address; the results are integers, valid for any bytes.
+    let (Ok(iov), Ok(iovlen)) = (unsafe {
+        (
+            bpf_probe_read_user((msghdr + 16) as *const u64),
+            bpf_probe_read_user((msghdr + 24) as *const u64),
+        )
+    }) else {
+        count(Counter::ReadFailed);
+        return 0;
+    };
+    stash(pid_tgid, CallKind::IoVec, fd, iov, iovlen, true);
+    0
+}
+
+#[tracepoint]
+pub fn enter_sendfile(ctx: TracePointContext) -> u32 {
+    stash_call(&ctx, CallKind::SizeOnly, false)
+}
+
+#[tracepoint]
+pub fn enter_accept(ctx: TracePointContext) -> u32 {
+    stash_call(&ctx, CallKind::Accept, true)
+}
+
+#[tracepoint]
+pub fn enter_connect(ctx: TracePointContext) -> u32 {
+    stash_call(&ctx, CallKind::Connect, true)
+}
+
+#[tracepoint]
+pub fn exit_ingress_call(ctx: TracePointContext) -> u32 {
+    on_data_exit(&ctx, Direction::Ingress)
+}
+
+#[tracepoint]
+pub fn exit_egress_call(ctx: TracePointContext) -> u32 {
+    on_data_exit(&ctx, Direction::Egress)
+}
+
+#[tracepoint]
+pub fn exit_accept_or_connect(ctx: TracePointContext) -> u32 {
+    on_accept_or_connect_exit(&ctx)
+}
+
+/// getsockopt(fd, level, optname, optval, optlen): only SO_ERROR matters, the way a
+/// non-blocking connect reports refusal.
+#[tracepoint]
+pub fn enter_getsockopt(ctx: TracePointContext) -> u32 {
+    let Some((pid_tgid, _)) = current_target() else {
+        return 0;
+    };
+    let (Some(fd), Some(level), Some(name), Some(value)) = (
+        arg::<u64>(&ctx, 0),
+        arg::<u64>(&ctx, 1),
+        arg::<u64>(&ctx, 2),
+        arg::<u64>(&ctx, 3),
+    ) else {
+        return 0;
+    };
+    if level == SOL_SOCKET && name == SO_ERROR {
+        stash(pid_tgid, CallKind::SocketError, fd, value, 0, false);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn exit_getsockopt(ctx: TracePointContext) -> u32 {
+    let Some((pid_tgid, tgid)) = current_target() else {
+        return 0;
+    };
+    let Some(call) = take_call(pid_tgid) else {
+        return 0;
+    };
+    if call.kind != CallKind::SocketError || ret(&ctx) != 0 {
+        return 0;
+    }
+    // SAFETY: bpf_probe_read_user copies from the target's memory and fails instead of faulting
+    // on a bad address; any i32 is valid.
+    if let Ok(error) = unsafe { bpf_probe_read_user(call.user_ptr as *const i32) }
+        && error > 0
+    {
+        report_broken(tgid, call.fd, error as i64);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn enter_close(ctx: TracePointContext) -> u32 {
+    let Some((_, tgid)) = current_target() else {
+        return 0;
+    };
+    let Some(fd) = arg::<u64>(&ctx, 0) else {
+        return 0;
+    };
+    let key = conn_key(tgid, fd as i32);
+    // SAFETY: copied at once; `ConnState` is plain integers, valid for any bytes.
+    let Some(state) = (unsafe { CONNECTIONS.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = CONNECTIONS.remove(&key);
+    let conn = ConnId {
+        tgid,
+        fd: fd as i32,
+        generation: state.generation,
+    };
+    emit_conn(
+        RecordKind::ConnClose,
+        Role::Unknown,
+        conn,
+        SocketAddress::default(),
+        &state,
+        0,
+    );
+    0
+}

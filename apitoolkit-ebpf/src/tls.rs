@@ -1,0 +1,232 @@
+//! SSL uprobes: the plaintext of OpenSSL-compatible read/write calls, placed on the connection
+//! the call's socket I/O (or, failing that, the thread's last socket I/O) names.
+
+use apitoolkit_common::{Counter, Direction, Source, conn_key};
+use aya_ebpf::{
+    helpers::bpf_probe_read_user,
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+
+use crate::{
+    emit::emit_on_connection,
+    maps::{CONNECTIONS, LAST_SOCKET_FD, SSL_CONNS, TLS_CALLS, count},
+    process::current_target,
+    syscalls::{CallKind, InFlightCall},
+};
+
+/// An SSL read or write in progress on one thread.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct TlsCall {
+    ssl: u64,
+    buf: u64,
+    /// `size_t *` of the `_ex` variants, where the byte count is returned.
+    length_ptr: u64,
+    /// Set by the socket syscall that runs inside the call; -1 until then.
+    pub(crate) fd: i32,
+    /// A raw `Direction`.
+    direction: u8,
+    returns_length_via_ptr: u8,
+    _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct SslKey {
+    ssl: u64,
+    tgid: u32,
+    _pad: u32,
+}
+
+/// The connection an SSL object was last seen on. `nested` marks fds named by a syscall inside
+/// an SSL call, which beat the thread's last-fd guess.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct SslConn {
+    fd: i32,
+    nested: u32,
+}
+
+#[inline(always)]
+fn enter_tls_call(ctx: &ProbeContext, direction: Direction, length_arg: Option<usize>) -> u32 {
+    let Some((pid_tgid, _)) = current_target() else {
+        return 0;
+    };
+    let (Some(ssl), Some(buf)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
+        return 0;
+    };
+    let length_ptr = match length_arg {
+        Some(index) => match ctx.arg::<u64>(index) {
+            Some(pointer) => pointer,
+            None => return 0,
+        },
+        None => 0,
+    };
+    let call = TlsCall {
+        ssl,
+        buf,
+        length_ptr,
+        fd: -1,
+        direction: direction as u8,
+        returns_length_via_ptr: length_arg.is_some() as u8,
+        _pad: [0; 2],
+    };
+    if TLS_CALLS.insert(&pid_tgid, &call, 0).is_err() {
+        count(Counter::InflightTableFull);
+    }
+    0
+}
+
+/// The fd of the connection an SSL call used: the syscall inside it, else what this SSL object
+/// was mapped to by such a syscall, else the thread's last connection.
+#[inline(always)]
+fn tls_fd(pid_tgid: u64, tgid: u32, call: &TlsCall) -> Option<i32> {
+    let key = SslKey {
+        ssl: call.ssl,
+        tgid,
+        _pad: 0,
+    };
+    if call.fd >= 0 {
+        let nested = SslConn {
+            fd: call.fd,
+            nested: 1,
+        };
+        let _ = SSL_CONNS.insert(&key, &nested, 0);
+        return Some(call.fd);
+    }
+    // SAFETY: copied at once; `SslConn` is plain integers, valid for any bytes.
+    let known = unsafe { SSL_CONNS.get(&key) }.copied();
+    if let Some(known) = known {
+        // Reads of memory-fed TLS stacks follow the socket read on the same thread, so the
+        // last fd is fresher than an earlier guess; writes keep the SSL object's connection.
+        if known.nested != 0 || call.direction == Direction::Egress as u8 {
+            return Some(known.fd);
+        }
+    }
+    // SAFETY: copied at once; any i32 is valid.
+    if let Some(last) = unsafe { LAST_SOCKET_FD.get(&pid_tgid) }.copied() {
+        let guess = SslConn {
+            fd: last,
+            nested: 0,
+        };
+        let _ = SSL_CONNS.insert(&key, &guess, 0);
+        return Some(last);
+    }
+    known.map(|known| known.fd)
+}
+
+/// Plaintext bytes the SSL call moved: its return value, or what an `_ex` variant stored
+/// through its length pointer when it returned 1 (success).
+#[inline(always)]
+fn tls_call_length(ctx: &RetProbeContext, call: &TlsCall) -> u64 {
+    let ret = ctx.ret::<i32>();
+    if call.returns_length_via_ptr != 0 {
+        if ret != 1 {
+            0
+        } else {
+            // SAFETY: bpf_probe_read_user copies from the target's memory and fails instead of
+            // faulting on a bad address; any u64 is valid.
+            match unsafe { bpf_probe_read_user(call.length_ptr as *const u64) } {
+                Ok(length) => length,
+                Err(_) => {
+                    count(Counter::ReadFailed);
+                    0
+                }
+            }
+        }
+    } else if ret > 0 {
+        ret as u64
+    } else {
+        0
+    }
+}
+
+#[inline(always)]
+fn exit_tls_call(ctx: &RetProbeContext) -> u32 {
+    let Some((pid_tgid, tgid)) = current_target() else {
+        return 0;
+    };
+    // SAFETY: copied at once. Only these programs write `TLS_CALLS` (never userspace), and the
+    // entry is keyed by this thread; `TlsCall` is plain integers, valid for any bytes.
+    let Some(call) = unsafe { TLS_CALLS.get(&pid_tgid) }.copied() else {
+        return 0;
+    };
+    let _ = TLS_CALLS.remove(&pid_tgid);
+    let total = tls_call_length(ctx, &call);
+    let fd = tls_fd(pid_tgid, tgid, &call);
+    if total == 0 {
+        return 0;
+    }
+    let Some(fd) = fd else {
+        count(Counter::TlsUnmapped);
+        return 0;
+    };
+    let Some(state) = CONNECTIONS.get_ptr_mut(&conn_key(tgid, fd)) else {
+        count(Counter::TlsUnmapped);
+        return 0;
+    };
+    let buffer = InFlightCall {
+        user_ptr: call.buf,
+        count: 0,
+        fd,
+        kind: CallKind::Buffer,
+        socket_only: 0,
+        _pad: [0; 2],
+    };
+    let direction = if call.direction == Direction::Egress as u8 {
+        Direction::Egress
+    } else {
+        Direction::Ingress
+    };
+    emit_on_connection(
+        // SAFETY: a live `CONNECTIONS` element (memory stays valid while the program runs),
+        // `ConnState` is plain integers. Another thread of the process on another CPU may
+        // update the same connection at the same time, which can lose a byte count but not
+        // fault; the kernel maps offer no atomic read-modify-write of a struct.
+        unsafe { &mut *state },
+        tgid,
+        &buffer,
+        pid_tgid as u32,
+        direction,
+        Source::Tls,
+        total,
+    );
+    0
+}
+
+/// SSL_read(ssl, buf, num) -> bytes read.
+#[uprobe]
+pub fn ssl_read_enter(ctx: ProbeContext) -> u32 {
+    enter_tls_call(&ctx, Direction::Ingress, None)
+}
+
+/// SSL_read_ex(ssl, buf, num, *readbytes) -> 1 on success.
+#[uprobe]
+pub fn ssl_read_ex_enter(ctx: ProbeContext) -> u32 {
+    enter_tls_call(&ctx, Direction::Ingress, Some(3))
+}
+
+/// SSL_write(ssl, buf, num) -> bytes written.
+#[uprobe]
+pub fn ssl_write_enter(ctx: ProbeContext) -> u32 {
+    enter_tls_call(&ctx, Direction::Egress, None)
+}
+
+/// SSL_write_ex(ssl, buf, num, *written) -> 1 on success.
+#[uprobe]
+pub fn ssl_write_ex_enter(ctx: ProbeContext) -> u32 {
+    enter_tls_call(&ctx, Direction::Egress, Some(3))
+}
+
+/// SSL_write_ex2(ssl, buf, num, flags, *written) -> 1 on success.
+#[uprobe]
+pub fn ssl_write_ex2_enter(ctx: ProbeContext) -> u32 {
+    enter_tls_call(&ctx, Direction::Egress, Some(4))
+}
+
+/// The return of every SSL function above.
+#[uretprobe]
+pub fn ssl_call_return(ctx: RetProbeContext) -> u32 {
+    exit_tls_call(&ctx)
+}
