@@ -13,7 +13,7 @@ use clap::{
 use serde::{Serialize, Serializer};
 use uuid::Uuid;
 
-use crate::pipeline::payload::SdkType;
+use crate::pipeline::profile::SdkType;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -239,4 +239,100 @@ mod tests {
         assert!(get("/other").starts_with("HTTP/1.1 404"));
         assert!(answer(b"GET /metr", &handle(), &heartbeat).is_none());
     }
+
+    /// Every counter gets a distinct value: the shutdown log and /metrics must both show all.
+    fn distinct_counters() -> (TrackerStats, LinkStats, KernelLosses, CaptureTotals) {
+        let tracker = TrackerStats {
+            connections_opened: 1,
+            exchanges: 2,
+            gaps: 3,
+            gap_bytes: 4,
+            desyncs: 5,
+            unpaired_requests: 6,
+            unpaired_responses: 7,
+            malformed_messages: 8,
+            not_http_connections: 9,
+            tls_connections: 10,
+            unreadable_tls_connections: 11,
+        };
+        let links = LinkStats {
+            outgoing_with_parent: 12,
+            failed_calls: 13,
+            errors_attached: 14,
+            errors_unattached: 15,
+        };
+        let losses = KernelLosses {
+            ringbuf_full: 16,
+            conn_table_full: 17,
+            inflight_table_full: 18,
+            user_read_failed: 19,
+            tls_unmapped: 20,
+        };
+        let totals = CaptureTotals {
+            decode_errors: 21,
+            captured_bytes: 22,
+        };
+        (tracker, links, losses, totals)
+    }
+
+    #[test]
+    fn the_shutdown_log_and_metrics_carry_every_counter() {
+        let (tracker, links, losses, totals) = distinct_counters();
+        let snapshot = Snapshot {
+            tracker: &tracker,
+            links: &links,
+            losses,
+            totals: &totals,
+            sinks: &[],
+            watched_processes: 0,
+            payloads_by_process: Vec::new(),
+        };
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let metrics = recorder.handle();
+        metrics::with_local_recorder(&recorder, || export(&snapshot));
+        let mut exported: Vec<u64> = metrics
+            .render()
+            .lines()
+            .filter(|line| line.starts_with("apitoolkit_agent_"))
+            .filter(|line| !line.starts_with("apitoolkit_agent_watched_processes"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+            .collect();
+        exported.sort_unstable();
+        assert_eq!(exported, (1..=22).collect::<Vec<u64>>());
+
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = {
+            let log = log.clone();
+            move || LogWriter(log.clone())
+        };
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(writer)
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || log_totals(&snapshot));
+        let line = String::from_utf8(log.lock().unwrap().clone()).unwrap();
+        assert!(line.contains("capture stopped"), "{line}");
+        let mut logged: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|token| token.split_once('='))
+            .filter(|(key, _)| *key != "sink_dropped")
+            .filter_map(|(_, value)| value.parse().ok())
+            .collect();
+        logged.sort_unstable();
+        assert_eq!(logged, (1..=22).collect::<Vec<u64>>());
+        assert!(line.contains("not_http_connections=9 ") && line.contains("errors_unattached=15 "));
+    }
+
+    struct LogWriter(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogWriter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
 }

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use apitoolkit_agent::pipeline::{
     CaptureScope, Pipeline,
     events::Event,
-    payload::{Payload, PayloadSettings, SdkType},
-    profile::{ProcessProfile, Profiles},
+    payload::{Payload, PayloadSettings},
+    profile::{ProcessProfile, Profiles, SdkType},
     redact::{REDACTED, Redactor, TAG_REQUEST_BODY_WITHHELD},
 };
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};

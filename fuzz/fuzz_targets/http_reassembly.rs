@@ -11,8 +11,8 @@
 use apitoolkit_agent::pipeline::{
     connections::TrackedExchange,
     events::{ConnId, Role},
-    payload::{self, Links, PayloadSettings, SdkType},
-    profile::ProcessProfile,
+    payload::{self, Links, PayloadSettings},
+    profile::{ProcessProfile, SdkType},
     protocols::http1::{
         Exchange, HttpConnection, Reassembled,
         parser::{MessageKind, StartLine},

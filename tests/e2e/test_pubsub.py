@@ -83,6 +83,17 @@ def test_api_key_bootstrap_publishes_redacted_payloads(flask_server, agent_facto
     assert body_json(by_url["/hello?name=alice"], "response_body")["args"] == {"name": ["alice"]}
 
 
+def test_api_key_gives_stdout_payloads_the_fetched_project_id(flask_server, agent_factory, metadata_stub):
+    agent = agent_factory(
+        [flask_server.pid], "--api-key", MetadataStub.API_KEY, "--root-url", metadata_stub.url,
+        "--output", "stdout",
+    )
+    requests.get(f"{flask_server.base}/hello?name=alice")
+    payloads = agent.wait_for(1)
+    assert [p["project_id"] for p in payloads] == [PROJECT_ID]
+    assert metadata_stub.requests == [("/api/client_metadata", f"Bearer {MetadataStub.API_KEY}")]
+
+
 def test_invalid_api_key_is_a_clean_exit(flask_server, metadata_stub):
     result = subprocess.run(
         [str(AGENT_BIN), "--pid", str(flask_server.pid), "--api-key", "wrong", "--root-url", metadata_stub.url],

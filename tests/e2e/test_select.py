@@ -158,6 +158,9 @@ def test_metrics_healthz_and_json_logs(flask_server):
         assert metric(text, f'apitoolkit_agent_payloads_total{{pid="{flask_server.pid}",process="{name}"}}') == 3
         assert metric(text, 'apitoolkit_agent_dropped_events_total{cause="ringbuf_full"}') == 0
         assert metric(text, "apitoolkit_agent_watched_processes") == 1
+        # Counters once only in the shutdown log are exported too.
+        assert metric(text, "apitoolkit_agent_not_http_connections_total") == 0, text
+        assert metric(text, "apitoolkit_agent_errors_unattached_total") == 0, text
         health = requests.get(f"{endpoint}/healthz")
         assert (health.status_code, health.text) == (200, "ok\n")
     finally:

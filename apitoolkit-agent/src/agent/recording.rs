@@ -14,8 +14,7 @@ use crate::{
     pipeline::{
         Pipeline,
         events::Event,
-        payload::SdkType,
-        profile::{ProcessProfile, Profiles},
+        profile::{ProcessProfile, Profiles, SdkType},
     },
 };
 

@@ -10,58 +10,12 @@ use super::{
     app_errors::CapturedError,
     connections::TrackedExchange,
     events::Role,
-    profile::ProcessProfile,
+    profile::{ProcessProfile, SdkType},
     protocols::{
         content,
         http1::parser::{Body, Message, StartLine},
     },
 };
-
-/// The backend's `sdk_type` enum; serialized as the variant name, which must match exactly.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SdkType {
-    GoGin,
-    GoBuiltIn,
-    GoGorillaMux,
-    GoFiber,
-    GoDefault,
-    GoOutgoing,
-    PhpLaravel,
-    PhpSymfony,
-    JsExpress,
-    JsNest,
-    JsFastify,
-    JsAdonis,
-    JsNext,
-    JavaSpringBoot,
-    JsAxiosOutgoing,
-    JsOutgoing,
-    DotNet,
-    PythonFastApi,
-    PythonFlask,
-    PythonDjango,
-    PythonOutgoing,
-    PhpSlim,
-    GuzzleOutgoing,
-    ElixirPhoenix,
-    PythonPyramid,
-    DotNetOutgoing,
-    TestkitOutgoing,
-    JavaSpring,
-    JavaApacheOutgoing,
-    JavaVertx,
-    SDKUnknown,
-}
-
-impl std::str::FromStr for SdkType {
-    type Err = String;
-
-    fn from_str(name: &str) -> Result<Self, Self::Err> {
-        serde_json::from_value(serde_json::Value::String(name.to_owned())).map_err(|_| {
-            format!("unknown sdk_type {name:?} (use a backend enum name such as PythonFlask)")
-        })
-    }
-}
 
 /// The backend's ATError; every key is required.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,7 +9,7 @@ use std::{
 
 use super::elf::ElfFile;
 use super::kubernetes::{self, SharedPods};
-use crate::pipeline::{payload::SdkType, profile::ProcessProfile};
+use crate::pipeline::profile::{ProcessProfile, SdkType};
 
 pub fn exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
