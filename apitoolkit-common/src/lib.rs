@@ -18,7 +18,7 @@ pub const MAX_LOOP_STEPS: u32 = 1024;
 /// Iovec entries walked per readv/writev/sendmsg/recvmsg call.
 pub const MAX_IOVECS: u64 = 64;
 
-/// Declares an ABI enum with its derives, `ALL`, and a `TryFrom` of its raw type that hands an
+/// Declares an ABI enum with its derives (serde in snake case for userspace), `ALL`, and a `TryFrom` of its raw type that hands an
 /// unknown value back as the error: kernel bytes are validated, never transmuted (an invalid
 /// discriminant would be undefined behaviour), so the record structs keep raw fields.
 macro_rules! abi_enum {
@@ -31,6 +31,11 @@ macro_rules! abi_enum {
         $(#[$meta])*
         #[repr($raw)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[cfg_attr(
+            feature = "user",
+            derive(serde::Serialize, serde::Deserialize),
+            serde(rename_all = "snake_case")
+        )]
         pub enum $name {
             $($(#[$variant_meta])* $variant = $value,)+
         }
@@ -74,11 +79,6 @@ abi_enum! {
 abi_enum! {
     /// The stream of a connection a data record belongs to: each direction has its own
     /// positions.
-    #[cfg_attr(
-        feature = "user",
-        derive(serde::Serialize, serde::Deserialize),
-        serde(rename_all = "snake_case")
-    )]
     pub enum Direction: u8 {
         Ingress = 0,
         Egress = 1,
@@ -87,11 +87,6 @@ abi_enum! {
 
 abi_enum! {
     /// Which end of a connection the target is, as far as the kernel saw it being set up.
-    #[cfg_attr(
-        feature = "user",
-        derive(serde::Serialize, serde::Deserialize),
-        serde(rename_all = "snake_case")
-    )]
     pub enum Role: u8 {
         /// Adopted mid-stream (older than the agent), or not known to the reporting call.
         Unknown = 0,
@@ -103,18 +98,14 @@ abi_enum! {
 abi_enum! {
     /// Where a data record's bytes were captured. Each source keeps its own stream positions
     /// and can be disabled per connection (see [`Disabled`]).
-    #[cfg_attr(
-        feature = "user",
-        derive(serde::Serialize, serde::Deserialize),
-        serde(rename_all = "snake_case")
-    )]
     pub enum Source: u8 {
         /// Socket syscalls: the bytes on the wire (ciphertext on a TLS connection).
         Syscall = 0,
         /// Plaintext from the TLS library's read/write functions.
         Tls = 1,
         /// What a target thread wrote to fd 2 (tracebacks become payload errors); the record's
-        /// connection is `{tgid, fd: 2, generation: 0}` and its position is meaningless.
+        /// connection is `{tgid, fd: 2, generation: 0}` and its position counts from the start of
+        /// the write (a long write comes as its first and last chunk, the middle skipped).
         Stderr = 2,
     }
 }
