@@ -150,9 +150,25 @@ pub struct CaptureArgs {
     pub output: Option<Output>,
 
     /// APIToolkit API key: project id, topic and Pub/Sub credentials are fetched with it.
+    /// Every local user sees a flag's value in `ps`: prefer APITOOLKIT_API_KEY or
+    /// --api-key-file.
     #[arg(long, env = "APITOOLKIT_API_KEY", hide_env_values = true)]
     #[serde(serialize_with = "masked")]
     pub api_key: Option<String>,
+
+    /// File holding the API key (surrounding whitespace ignored), e.g. a mounted secret.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "APITOOLKIT_API_KEY_FILE",
+        conflicts_with = "api_key"
+    )]
+    pub api_key_file: Option<PathBuf>,
+
+    /// The API key was given as a command-line flag, visible to other users.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub api_key_on_command_line: bool,
 
     /// APIToolkit server the API key is checked against.
     #[arg(
@@ -263,6 +279,8 @@ pub struct CaptureArgs {
     pub redact_response_body: Vec<String>,
 
     /// Also write every captured event to this file (NDJSON), for `replay` and bug reports.
+    /// It holds the raw traffic, redaction rules NOT applied (Authorization headers, cookies,
+    /// passwords): it is created readable by its owner only, and never over an existing file.
     #[arg(long, value_name = "FILE", env = "APITOOLKIT_RECORD")]
     pub record: Option<PathBuf>,
 
@@ -351,6 +369,13 @@ pub enum ConfigError {
     UnknownKey { path: PathBuf, key: String },
     #[error("config file {path}: {key} must be a string, number or boolean (or a list of them)")]
     BadValue { path: PathBuf, key: String },
+    #[error("reading the API key from {path}: {source}")]
+    ApiKeyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the API key file {0} is empty")]
+    EmptyApiKeyFile(PathBuf),
     #[error(transparent)]
     Cli(#[from] clap::Error),
 }
@@ -440,14 +465,30 @@ fn file_flags(
 /// Parses `argv` with the environment and the `--config` file it names.
 pub fn parse(argv: Vec<OsString>) -> Result<Cli, ConfigError> {
     let given = Cli::command().try_get_matches_from(&argv)?;
-    let Some(path) = given.get_one::<PathBuf>("config").cloned() else {
-        return Ok(Cli::from_arg_matches(&given)?);
+    let mut cli = match given.get_one::<PathBuf>("config").cloned() {
+        None => Cli::from_arg_matches(&given)?,
+        Some(path) => {
+            let file = read_config_file(&path)?;
+            let mut merged: Vec<OsString> = argv.iter().take(1).cloned().collect();
+            merged.extend(file_flags(&path, file, &given)?);
+            merged.extend(argv.into_iter().skip(1));
+            Cli::try_parse_from(merged)?
+        }
     };
-    let file = read_config_file(&path)?;
-    let mut merged: Vec<OsString> = argv.iter().take(1).cloned().collect();
-    merged.extend(file_flags(&path, file, &given)?);
-    merged.extend(argv.into_iter().skip(1));
-    Ok(Cli::try_parse_from(merged)?)
+    cli.capture.api_key_on_command_line =
+        given.value_source("api_key") == Some(ValueSource::CommandLine);
+    if let Some(path) = &cli.capture.api_key_file {
+        let key = std::fs::read_to_string(path).map_err(|source| ConfigError::ApiKeyFile {
+            path: path.clone(),
+            source,
+        })?;
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(ConfigError::EmptyApiKeyFile(path.clone()));
+        }
+        cli.capture.api_key = Some(key.to_owned());
+    }
+    Ok(cli)
 }
 
 impl CaptureArgs {
@@ -553,5 +594,25 @@ mod tests {
         assert_eq!(reread.tags, vec!["a"]);
         assert_eq!(reread.output, Some(Output::Both));
         assert_eq!(reread.api_key, None);
+    }
+
+    #[test]
+    fn the_api_key_comes_from_a_file_and_only_a_flag_is_flagged_as_visible() {
+        let file = ConfigFile::new("key", "  secret-from-file\n");
+        let from_file = parse_args(&["--pid", "7", "--api-key-file", file.path()]).unwrap();
+        assert_eq!(from_file.api_key.as_deref(), Some("secret-from-file"));
+        assert!(!from_file.api_key_on_command_line);
+        let from_flag = parse_args(&["--pid", "7", "--api-key", "k"]).unwrap();
+        assert!(from_flag.api_key_on_command_line);
+        let empty = ConfigFile::new("key", "\n");
+        assert!(matches!(
+            parse_args(&["--pid", "7", "--api-key-file", empty.path()]),
+            Err(ConfigError::EmptyApiKeyFile(_))
+        ));
+        assert!(matches!(
+            parse_args(&["--api-key-file", "/nonexistent/key"]),
+            Err(ConfigError::ApiKeyFile { .. })
+        ));
+        assert!(parse_args(&["--api-key", "k", "--api-key-file", file.path()]).is_err());
     }
 }

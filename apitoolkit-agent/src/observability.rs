@@ -3,12 +3,13 @@
 //! second; a loop that stops ticking makes `/healthz` fail.
 
 use std::{
+    collections::VecDeque,
     net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use crate::{
@@ -20,11 +21,19 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
+    task::JoinHandle,
 };
 
 /// `/healthz` fails when the capture loop has not ticked for this long.
 const STALL_SECONDS: u64 = 5;
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// Connections held at once; a new one closes the oldest, so a flood of idle clients never
+/// keeps a probe from its answer, nor the agent's fds.
+const MAX_CONNECTIONS: usize = 256;
+/// A client gets this long to send its request and read the answer.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (out of fds, say), so the loop never spins.
+const ACCEPT_RETRY: Duration = Duration::from_millis(200);
 
 fn now_seconds() -> u64 {
     SystemTime::now()
@@ -187,14 +196,34 @@ async fn handle(mut stream: TcpStream, metrics: PrometheusHandle, heartbeat: Hea
     }
 }
 
-/// Serves `/metrics` and `/healthz` until the runtime stops.
+/// Serves `/metrics` and `/healthz` until the runtime stops. Each client gets
+/// `CONNECTION_TIMEOUT`, at most `MAX_CONNECTIONS` are held (the oldest is closed for a new
+/// one), and a failing accept is retried after a pause and logged once per failing spell.
 pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, heartbeat: Heartbeat) {
+    let mut held: VecDeque<JoinHandle<()>> = VecDeque::new();
+    let mut failing = false;
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(handle(stream, metrics.clone(), heartbeat.clone()));
+                failing = false;
+                held.retain(|connection| !connection.is_finished());
+                if held.len() >= MAX_CONNECTIONS
+                    && let Some(oldest) = held.pop_front()
+                {
+                    oldest.abort();
+                }
+                let answer = handle(stream, metrics.clone(), heartbeat.clone());
+                held.push_back(tokio::spawn(async move {
+                    let _ = tokio::time::timeout(CONNECTION_TIMEOUT, answer).await;
+                }));
             }
-            Err(error) => tracing::debug!(%error, "metrics endpoint accept failed"),
+            Err(error) => {
+                if !failing {
+                    tracing::warn!(%error, "metrics endpoint cannot accept connections; retrying");
+                    failing = true;
+                }
+                tokio::time::sleep(ACCEPT_RETRY).await;
+            }
         }
     }
 }

@@ -198,21 +198,44 @@ pub(crate) fn emit_data(
     // SAFETY: as for the writes above; the loop is over.
     let done = unsafe { (*state).done };
     if done < total {
-        let marker = DataHeader {
-            kind: RecordKind::Data as u32,
-            tid,
+        let skipped = Skipped {
             conn,
+            tid,
             timestamp_ns,
             position: start + done,
-            skipped_len: total - done,
-            captured_len: 0,
-            direction: direction as u8,
-            source: source as u8,
-            _pad: [0; 2],
+            len: total - done,
         };
-        if EVENTS.output::<DataHeader>(&marker, 0).is_err() {
-            count(Counter::RingbufFull);
-        }
+        emit_skipped(&skipped, direction, source);
+    }
+}
+
+/// Bytes of a stream that were moved but not captured.
+pub(crate) struct Skipped {
+    pub(crate) conn: ConnId,
+    pub(crate) tid: u32,
+    pub(crate) timestamp_ns: u64,
+    pub(crate) position: u64,
+    pub(crate) len: u64,
+}
+
+/// Tells userspace about bytes it will not get, as a data record without data, so it sees
+/// the gap instead of joining what came before and after.
+#[inline(always)]
+pub(crate) fn emit_skipped(skipped: &Skipped, direction: Direction, source: Source) {
+    let marker = DataHeader {
+        kind: RecordKind::Data as u32,
+        tid: skipped.tid,
+        conn: skipped.conn,
+        timestamp_ns: skipped.timestamp_ns,
+        position: skipped.position,
+        skipped_len: skipped.len,
+        captured_len: 0,
+        direction: direction as u8,
+        source: source as u8,
+        _pad: [0; 2],
+    };
+    if EVENTS.output::<DataHeader>(&marker, 0).is_err() {
+        count(Counter::RingbufFull);
     }
 }
 

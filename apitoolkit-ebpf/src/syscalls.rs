@@ -13,7 +13,7 @@ use aya_ebpf::{
 
 use crate::{
     connections::{connection_of, emit_conn, is_ip, open_conn, read_sockaddr, report_broken},
-    emit::{emit_data, emit_on_connection},
+    emit::{Skipped, emit_data, emit_on_connection, emit_skipped},
     maps::{CONNECTIONS, IN_FLIGHT, LAST_SOCKET_FD, TLS_CALLS, config, count},
     process::current_target,
 };
@@ -216,7 +216,9 @@ fn captures_stderr() -> bool {
 }
 
 /// A target's write to fd 2, which is no connection: userspace turns tracebacks into payload
-/// errors.
+/// errors. Positions count from the write's first byte. A write longer than a chunk sends its
+/// first and its last chunk (a Python traceback ends with its error type and message) and
+/// reports the middle as skipped; a longer writev sends its first chunk and reports the rest.
 #[inline(always)]
 fn emit_stderr(call: &InFlightCall, pid_tgid: u64, tgid: u32, total: u64) {
     let stderr = ConnId {
@@ -224,17 +226,52 @@ fn emit_stderr(call: &InFlightCall, pid_tgid: u64, tgid: u32, total: u64) {
         fd: STDERR_FD,
         generation: 0,
     };
-    // One chunk is enough for an error report; the rest of a huge write is not needed.
-    let captured = total.min(CHUNK_SIZE as u64);
+    let tid = pid_tgid as u32;
+    let chunk = CHUNK_SIZE as u64;
+    let head = total.min(chunk);
     emit_data(
         call,
         stderr,
-        pid_tgid as u32,
+        tid,
         Direction::Egress,
         Source::Stderr,
-        captured,
+        head,
         0,
     );
+    if total <= chunk {
+        return;
+    }
+    let tail_start = if call.kind == CallKind::Buffer {
+        (total - chunk).max(chunk)
+    } else {
+        total
+    };
+    if tail_start > chunk {
+        let skipped = Skipped {
+            conn: stderr,
+            tid,
+            // SAFETY: the helper takes no arguments.
+            timestamp_ns: unsafe { bpf_ktime_get_ns() },
+            position: chunk,
+            len: tail_start - chunk,
+        };
+        emit_skipped(&skipped, Direction::Egress, Source::Stderr);
+    }
+    if tail_start < total {
+        let tail = InFlightCall {
+            user_ptr: call.user_ptr + tail_start,
+            ..*call
+        };
+        emit_data(
+            &tail,
+            stderr,
+            tid,
+            Direction::Egress,
+            Source::Stderr,
+            total - tail_start,
+            tail_start,
+        );
+    }
 }
 
 /// read/write: the fd may be a file or pipe, so only connections already known are captured.

@@ -1,5 +1,6 @@
 """Demo and test service: a plain Flask app, run by werkzeug or gunicorn, never instrumented."""
 import os
+import sys
 
 import requests
 from flask import Flask, Response, jsonify, request, send_file
@@ -62,6 +63,19 @@ def proxy():
 @app.get("/boom")
 def boom():
     raise ValueError("boom on purpose")
+
+
+@app.get("/deep")
+def deep():
+    """Raises through `depth` distinct frames (Python folds repeated identical frames, so each
+    is its own function): a traceback far longer than one captured chunk."""
+    depth = int(request.args.get("depth", "3000"))
+    sys.setrecursionlimit(depth + 1000)
+    source = "\n".join(f"def f{i}():\n    return f{i + 1}()" for i in range(depth))
+    source += f"\ndef f{depth}():\n    raise ValueError('deep failure')\n"
+    namespace = {}
+    exec(source, namespace)
+    return namespace["f0"]()
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """Real eBPF capture of real servers: every payload field checked against what was sent."""
 import json
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 
+import pytest
 import requests
 
 from conftest import AGENT_BIN, body, body_json, header
@@ -144,6 +148,35 @@ def read_responses(sock, count):
     return bodies
 
 
+@pytest.mark.parametrize("connection", ["keep-alive", "close"])
+def test_upload_answered_before_its_body_was_read_gets_its_own_response(gthread_server, agent_factory, connection):
+    """Routing answers 404 before the server reads a large body; the server then discards the
+    body (keep-alive) or closes. The 404 belongs to the POST, the next GET gets its own 200."""
+    agent = agent_factory([gthread_server.pid])
+    host = f"127.0.0.1:{gthread_server.port}"
+    upload = b"x" * 20_000
+    with socket.create_connection(("127.0.0.1", gthread_server.port)) as sock:
+        sock.sendall(f"POST /nonexistent HTTP/1.1\r\nHost: {host}\r\nConnection: {connection}\r\n"
+                     f"Content-Type: application/octet-stream\r\nContent-Length: {len(upload)}\r\n\r\n".encode() + upload)
+        read_responses(sock, 1)
+        if connection == "keep-alive":
+            sock.sendall(f"GET /item/5 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert json.loads(read_responses(sock, 1)[0]) == {"item": 5}
+    expected = 2 if connection == "keep-alive" else 1
+    payloads = agent.wait_for(expected)
+    assert len(payloads) == expected
+    post = by_url(payloads, "/nonexistent")
+    assert (post["method"], post["status_code"]) == ("POST", 404)
+    assert "apitoolkit.request_body_incomplete" in post["tags"]
+    assert set(body(post, "request_body")) <= {ord("x")}
+    if connection == "keep-alive":
+        get = by_url(payloads, "/item/5")
+        assert (get["method"], get["status_code"]) == ("GET", 200)
+        assert body_json(get, "response_body") == {"item": 5}
+    assert agent.stop() == 0
+    assert agent.stats()["unpaired_responses"] == 0
+
+
 def test_five_pipelined_requests_pair_in_order(gthread_server, agent_factory):
     agent = agent_factory([gthread_server.pid])
     host = f"127.0.0.1:{gthread_server.port}"
@@ -234,6 +267,26 @@ def test_agent_exits_when_the_watched_process_exits(flask_server, agent_factory)
     assert agent.process.wait(timeout=10) == 0
     time.sleep(0.2)
     assert any("watched process exited" in line for line in agent.log)
+
+
+def test_agent_exits_when_the_watched_process_is_a_zombie(agent_factory):
+    """A parent that never reaps its exited child leaves a zombie in /proc: it has exited."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time\n"
+         "child = subprocess.Popen(['sleep', '300'])\n"
+         "print(child.pid, flush=True)\n"
+         "time.sleep(300)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        child = int(parent.stdout.readline())
+        agent = agent_factory([child])
+        os.kill(child, signal.SIGKILL)
+        assert agent.process.wait(timeout=10) == 0
+        assert Path(f"/proc/{child}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    finally:
+        parent.kill()
+        parent.wait()
 
 
 def test_sendfile_body_is_reported_as_not_captured(gunicorn_server, agent_factory):

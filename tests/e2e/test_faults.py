@@ -1,16 +1,20 @@
 """Faults the agent must survive without hurting the service or pairing wrongly: the agent
-killed under load, thousands of short connections reusing fds, a ring buffer far too small, and
-Pub/Sub unreachable for a minute."""
+killed under load, thousands of short connections reusing fds, a ring buffer far too small,
+Pub/Sub unreachable for a minute, and a flood of idle clients on the metrics endpoint."""
 import json
+import os
+import resource
 import signal
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import pytest
 import requests
 
-from conftest import PROJECT_ID, Agent, body, body_json
+from conftest import PROJECT_ID, Agent, body, body_json, free_port
 from test_capture import read_responses
 
 
@@ -118,3 +122,50 @@ def test_pubsub_down_for_a_minute_loses_nothing_it_could_keep(flask_server, inte
     assert len(sent) > 500
     assert sorted(delivered) == sorted(sent), f"{len(delivered)} of {len(sent)} delivered"
     assert agent.stats()["sink_dropped"] == 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_metrics_endpoint_under_two_thousand_idle_connections(flask_server):
+    """Idle clients of /metrics must not exhaust the agent's fds, make it spin, or keep the
+    liveness probe from its answer, even under systemd's default soft limit of 1024 files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2_200:
+        pytest.skip(f"the test itself needs 2 200 open files (hard limit {hard})")
+    port = free_port()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        agent = Agent([flask_server.pid], "--metrics-address", f"127.0.0.1:{port}")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2_200), hard))
+    idle = []
+    try:
+        for _ in range(2_000):
+            client = socket.socket()
+            client.settimeout(1)
+            try:
+                client.connect(("127.0.0.1", port))
+                idle.append(client)
+            except OSError:
+                client.close()
+        started = time.monotonic()
+        health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=3)
+        answered_in = time.monotonic() - started
+        cpu_before = cpu_seconds(agent.process.pid)
+        time.sleep(3)
+        cores = (cpu_seconds(agent.process.pid) - cpu_before) / 3
+        fds = len(os.listdir(f"/proc/{agent.process.pid}/fd"))
+        print(f"idle connections opened {len(idle)}, /healthz in {answered_in * 1000:.0f} ms, "
+              f"agent {cores:.3f} cores, {fds} fds")
+        assert (health.status_code, health.text) == (200, "ok\n")
+        assert answered_in < 1
+        assert cores < 0.2
+        assert fds < 600
+        assert requests.get(f"http://127.0.0.1:{port}/metrics", timeout=3).status_code == 200
+    finally:
+        for client in idle:
+            client.close()
+        assert agent.stop() == 0

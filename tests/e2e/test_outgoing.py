@@ -87,6 +87,32 @@ def test_unhandled_exception_is_attached_to_its_request(raising_server, agent_fa
     assert agent.stats()["errors_attached"] == 2
 
 
+@pytest.fixture
+def single_worker_server():
+    """One gunicorn sync worker: one thread serves every request, so its stderr is one text."""
+    server = start_gunicorn("--workers", "1")
+    yield server
+    server.stop()
+
+
+def test_a_traceback_longer_than_a_chunk_keeps_its_error_and_leaks_nowhere(single_worker_server, agent_factory):
+    agent = agent_factory([single_worker_server.pid])
+    assert requests.get(f"{single_worker_server.base}/deep?depth=3000").status_code == 500
+    assert requests.get(f"{single_worker_server.base}/boom").status_code == 500
+    payloads = agent.wait_for(2)
+    deep = next(p for p in payloads if p["raw_url"].startswith("/deep"))
+    boom = next(p for p in payloads if p["raw_url"] == "/boom")
+    assert len(deep["errors"]) == 1, deep["errors"]
+    error = deep["errors"][0]
+    assert (error["error_type"], error["message"]) == ("ValueError", "deep failure")
+    assert error["stack_trace"].startswith("Traceback (most recent call last):")
+    assert "bytes not captured ...]" in error["stack_trace"]
+    assert [e["message"] for e in boom["errors"]] == ["boom on purpose"]
+    assert ", in f1" not in boom["errors"][0]["stack_trace"], "the deep traceback leaked"
+    assert agent.stop() == 0
+    assert agent.stats()["errors_attached"] == 2
+
+
 def test_outgoing_and_errors_can_be_switched_off(node_server, certificate, agent_factory):
     server = flask_server("werkzeug", certificate)
     try:

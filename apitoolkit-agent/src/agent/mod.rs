@@ -342,8 +342,35 @@ fn capture(
     reason
 }
 
+/// Raises the soft limit of open files to the hard one (systemd's default soft limit is
+/// 1024): the agent's fds are its own maps, probed libraries and metrics clients, all bounded.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid resource and out pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0
+        || limit.rlim_cur >= limit.rlim_max
+    {
+        return;
+    }
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: a valid resource and a limit read just now, raised only up to its hard bound.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "open-file limit not raised");
+    }
+}
+
 /// Runs the agent until a signal or until every watched process has exited.
 pub async fn run(args: CaptureArgs) -> anyhow::Result<()> {
+    raise_open_file_limit();
+    if args.api_key_on_command_line {
+        tracing::warn!(
+            "--api-key on the command line is visible to every local user (ps): pass it in \
+             APITOOLKIT_API_KEY or --api-key-file instead"
+        );
+    }
     let (sinks, project_id) = start_sinks(&args).await?;
     let pods = start_kubernetes(&args).await?;
     let heartbeat = Heartbeat::default();

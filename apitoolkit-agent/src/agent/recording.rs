@@ -2,8 +2,9 @@
 //! the same events fed back through the pipeline without root.
 
 use std::{
-    fs::File,
+    fs::{File, OpenOptions},
     io::{BufRead, BufReader, BufWriter, Write},
+    os::unix::fs::OpenOptionsExt as _,
     path::Path,
 };
 
@@ -22,9 +23,21 @@ use crate::{
 pub struct Recorder(BufWriter<File>);
 
 impl Recorder {
+    /// Creates the file readable by its owner only: it holds raw traffic, secrets included.
+    /// An existing file or symlink at `path` is refused, never truncated or followed.
     pub fn create(path: &Path) -> anyhow::Result<Self> {
-        let file =
-            File::create(path).with_context(|| format!("creating recording {}", path.display()))?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .with_context(|| {
+                format!(
+                    "creating recording {} (an existing file is never overwritten)",
+                    path.display()
+                )
+            })?;
         Ok(Self(BufWriter::new(file)))
     }
 
@@ -69,4 +82,29 @@ pub fn replay(file: &Path, args: &CaptureArgs, mut out: impl Write) -> anyhow::R
     out.flush()?;
     tracing::info!(stats = ?pipeline.stats(), "replay finished");
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn a_recording_is_private_and_never_replaces_a_file_or_follows_a_link() {
+        let dir = std::env::temp_dir().join(format!("apitoolkit-record-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("events.ndjson");
+        Recorder::create(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(Recorder::create(&path).is_err(), "an existing file is kept");
+        let target = dir.join("target");
+        std::fs::write(&target, "keep me").unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(Recorder::create(&link).is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

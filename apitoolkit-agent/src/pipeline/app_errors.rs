@@ -9,6 +9,8 @@ use std::{collections::HashMap, net::SocketAddr};
 const MAX_PENDING_TEXT: usize = 64 * 1024;
 
 const PYTHON_TRACEBACK: &str = "Traceback (most recent call last):";
+/// Ends the text of a write that was cut and whose end never came: an error it began is over.
+const WRITE_CUT: &str = "[... the rest of this write was not captured ...]";
 const PYTHON_CHAIN_SEPARATORS: [&str; 2] = [
     "During handling of the above exception, another exception occurred:",
     "The above exception was the direct cause of the following exception:",
@@ -63,9 +65,87 @@ impl CapturedError {
     }
 }
 
+/// Text assembled for one thread.
+#[derive(Default)]
+struct ThreadText {
+    text: String,
+    /// Where the next piece of the current write starts; a piece further on follows lost bytes.
+    write_end: u64,
+    /// The last text was cut off: the next piece begins mid-line.
+    after_cut: bool,
+}
+
+/// Part of one stderr write: the kernel sends a long write's first and last chunk and reports
+/// the bytes between them as skipped.
+#[derive(Clone, Copy, Debug)]
+pub struct Piece<'a> {
+    /// Offset of `bytes` in the write.
+    pub position: u64,
+    pub bytes: &'a [u8],
+    /// Bytes of the write after these that were not captured.
+    pub skipped_len: u64,
+}
+
+impl<'a> From<&'a [u8]> for Piece<'a> {
+    /// A whole write.
+    fn from(bytes: &'a [u8]) -> Self {
+        Self {
+            position: 0,
+            bytes,
+            skipped_len: 0,
+        }
+    }
+}
+
+/// What a piece of stderr completed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    pub errors: Vec<CapturedError>,
+    /// Tracebacks cut before their error line, which name no error to report.
+    pub cut: u64,
+}
+
 #[derive(Default)]
 pub struct StderrCollector {
-    pending: HashMap<(u32, u32), String>,
+    pending: HashMap<(u32, u32), ThreadText>,
+}
+
+impl ThreadText {
+    /// Ends the text where bytes were lost: its partial last line goes, and an indented line
+    /// says what is missing, so a traceback's frames stay one block and nothing written later
+    /// joins a line written before.
+    fn cut(&mut self, lost: u64) {
+        let whole_lines = self.text.rfind('\n').map_or(0, |end| end + 1);
+        self.text.truncate(whole_lines);
+        self.text
+            .push_str(&format!("    [... {lost} bytes not captured ...]\n"));
+        self.after_cut = true;
+    }
+
+    fn append(&mut self, piece: Piece<'_>) {
+        if piece.position == 0 && self.after_cut {
+            self.text.push_str(WRITE_CUT);
+            self.text.push('\n');
+        }
+        if piece.position > self.write_end {
+            self.cut(piece.position - self.write_end);
+        }
+        let mut bytes = piece.bytes;
+        if self.after_cut && piece.position > 0 {
+            // The piece starts mid-line: that fragment belongs to no complete line.
+            bytes = bytes
+                .iter()
+                .position(|&byte| byte == b'\n')
+                .map_or(&[][..], |end| &bytes[end + 1..]);
+        }
+        self.after_cut = false;
+        self.text.push_str(&String::from_utf8_lossy(bytes));
+        self.write_end = piece.position + piece.bytes.len() as u64;
+        if piece.skipped_len > 0 {
+            self.cut(piece.skipped_len);
+            self.write_end += piece.skipped_len;
+        }
+    }
 }
 
 /// `ValueError: bad input` -> (`ValueError`, `bad input`); a dotted type keeps its last name,
@@ -92,9 +172,19 @@ fn javascript_error_line(line: &str) -> Option<&str> {
     (name.ends_with("Error") && is_error_type(name)).then_some(line)
 }
 
-/// A Python traceback chain starting at `lines[start]`. Returns the error and the index after
-/// it, or `None` when the final error line has not arrived yet.
-fn python_traceback(lines: &[&str], start: usize) -> Option<(usize, Vec<(String, String)>)> {
+/// What follows a `Traceback` line.
+enum Traceback {
+    /// The chain of (type, message), outermost last, and the index after it.
+    Complete(usize, Vec<(String, String)>),
+    /// The error line has not arrived yet.
+    Incomplete,
+    /// The text was cut where the error line should be (another traceback starts there, or
+    /// the write ended uncaptured): parsing goes on at the index.
+    Cut(usize),
+}
+
+/// A Python traceback chain starting at `lines[start]`.
+fn python_traceback(lines: &[&str], start: usize) -> Traceback {
     let mut chain = Vec::new();
     let mut index = start;
     loop {
@@ -103,7 +193,12 @@ fn python_traceback(lines: &[&str], start: usize) -> Option<(usize, Vec<(String,
         while index < lines.len() && (lines[index].starts_with(' ') || lines[index].is_empty()) {
             index += 1;
         }
-        let error_line = lines.get(index)?;
+        let Some(error_line) = lines.get(index) else {
+            return Traceback::Incomplete;
+        };
+        if error_line.trim() == PYTHON_TRACEBACK || *error_line == WRITE_CUT {
+            return Traceback::Cut(index);
+        }
         chain.push(split_error_line(error_line));
         index += 1;
         let mut next = index;
@@ -114,7 +209,7 @@ fn python_traceback(lines: &[&str], start: usize) -> Option<(usize, Vec<(String,
             .get(next)
             .is_some_and(|line| PYTHON_CHAIN_SEPARATORS.contains(&line.trim()));
         if !chained {
-            return Some((index, chain));
+            return Traceback::Complete(index, chain);
         }
         next += 1;
         while next < lines.len() && lines[next].trim().is_empty() {
@@ -122,8 +217,8 @@ fn python_traceback(lines: &[&str], start: usize) -> Option<(usize, Vec<(String,
         }
         match lines.get(next) {
             Some(line) if line.trim() == PYTHON_TRACEBACK => index = next,
-            Some(_) => return Some((index, chain)),
-            None => return None,
+            Some(_) => return Traceback::Complete(index, chain),
+            None => return Traceback::Incomplete,
         }
     }
 }
@@ -139,17 +234,23 @@ fn javascript_stack(lines: &[&str], start: usize) -> Option<usize> {
 }
 
 /// Every complete error in `lines`, and the index of the first line still needed.
-fn parse_errors(lines: &[&str], timestamp_ns: u64) -> (Vec<CapturedError>, usize) {
-    let mut errors = Vec::new();
+fn parse_errors(lines: &[&str], timestamp_ns: u64) -> (Collected, usize) {
+    let mut collected = Collected::default();
     let mut index = 0;
     while index < lines.len() {
         if lines[index].trim() == PYTHON_TRACEBACK {
-            let Some((end, chain)) = python_traceback(lines, index) else {
-                return (errors, index);
+            let (end, chain) = match python_traceback(lines, index) {
+                Traceback::Complete(end, chain) => (end, chain),
+                Traceback::Incomplete => return (collected, index),
+                Traceback::Cut(next) => {
+                    collected.cut += 1;
+                    index = next;
+                    continue;
+                }
             };
             let (error_type, message) = chain.last().cloned().unwrap_or_default();
             let (root_error_type, root_error_message) = chain[0].clone();
-            errors.push(CapturedError {
+            collected.errors.push(CapturedError {
                 timestamp_ns,
                 error_type,
                 message,
@@ -162,7 +263,7 @@ fn parse_errors(lines: &[&str], timestamp_ns: u64) -> (Vec<CapturedError>, usize
             let (error_type, message) = split_error_line(
                 javascript_error_line(lines[index]).expect("checked by javascript_stack"),
             );
-            errors.push(CapturedError {
+            collected.errors.push(CapturedError {
                 timestamp_ns,
                 root_error_type: error_type.clone(),
                 root_error_message: message.clone(),
@@ -175,25 +276,20 @@ fn parse_errors(lines: &[&str], timestamp_ns: u64) -> (Vec<CapturedError>, usize
             index += 1;
         }
     }
-    (errors, index)
+    (collected, index)
 }
 
 impl StderrCollector {
-    /// Adds what thread `tid` of process `tgid` wrote to stderr; returns the errors it
-    /// completed.
-    pub fn feed(
-        &mut self,
-        tgid: u32,
-        tid: u32,
-        timestamp_ns: u64,
-        bytes: &[u8],
-    ) -> Vec<CapturedError> {
-        let text = self.pending.entry((tgid, tid)).or_default();
-        text.push_str(&String::from_utf8_lossy(bytes));
+    /// Adds a piece of what thread `tid` of process `tgid` wrote to stderr; returns the errors
+    /// it completed.
+    pub fn feed(&mut self, tgid: u32, tid: u32, timestamp_ns: u64, piece: Piece<'_>) -> Collected {
+        let thread = self.pending.entry((tgid, tid)).or_default();
+        thread.append(piece);
+        let text = &mut thread.text;
         // Only complete lines are parsed; a partial last line waits for the next write.
         let complete = text.rfind('\n').map_or(0, |end| end + 1);
         let lines: Vec<&str> = text[..complete].lines().collect();
-        let (errors, needed_from) = parse_errors(&lines, timestamp_ns);
+        let (collected, needed_from) = parse_errors(&lines, timestamp_ns);
         let keep_from = lines[..needed_from]
             .iter()
             .map(|line| line.len() + 1)
@@ -207,10 +303,10 @@ impl StderrCollector {
                 .unwrap_or(text.len());
             text.drain(..cut);
         }
-        if text.is_empty() {
+        if text.is_empty() && !thread.after_cut {
             self.pending.remove(&(tgid, tid));
         }
-        errors
+        collected
     }
 
     /// The process exited: what it left half-written is dropped.
@@ -237,7 +333,7 @@ ValueError: boom on purpose
     #[test]
     fn parses_a_flask_traceback_in_one_write() {
         let mut collector = StderrCollector::default();
-        let errors = collector.feed(1, 7, 42, FLASK_LOG.as_bytes());
+        let errors = collector.feed(1, 7, 42, FLASK_LOG.as_bytes().into()).errors;
         assert_eq!(errors.len(), 1);
         let error = &errors[0];
         assert_eq!(error.timestamp_ns, 42);
@@ -263,8 +359,16 @@ ValueError: boom on purpose
         for (index, line) in FLASK_LOG.split_inclusive('\n').enumerate() {
             // Split inside lines too.
             let (head, tail) = line.split_at(line.len() / 2);
-            errors.extend(collector.feed(1, 7, index as u64, head.as_bytes()));
-            errors.extend(collector.feed(1, 7, index as u64, tail.as_bytes()));
+            errors.extend(
+                collector
+                    .feed(1, 7, index as u64, head.as_bytes().into())
+                    .errors,
+            );
+            errors.extend(
+                collector
+                    .feed(1, 7, index as u64, tail.as_bytes().into())
+                    .errors,
+            );
         }
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].message, "boom on purpose");
@@ -278,8 +382,12 @@ ValueError: boom on purpose
         let lines: Vec<&str> = FLASK_LOG.split_inclusive('\n').collect();
         let mut errors = Vec::new();
         for line in &lines {
-            errors.extend(collector.feed(1, 1, 1, line.as_bytes()));
-            errors.extend(collector.feed(1, 2, 2, b"noise from another thread\n"));
+            errors.extend(collector.feed(1, 1, 1, line.as_bytes().into()).errors);
+            errors.extend(
+                collector
+                    .feed(1, 2, 2, b"noise from another thread\n".as_slice().into())
+                    .errors,
+            );
         }
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].timestamp_ns, 1);
@@ -299,7 +407,9 @@ Traceback (most recent call last):
     raise requests.exceptions.ConnectionError(\"refused\")
 requests.exceptions.ConnectionError: refused
 ";
-        let errors = StderrCollector::default().feed(1, 1, 1, text.as_bytes());
+        let errors = StderrCollector::default()
+            .feed(1, 1, 1, text.as_bytes().into())
+            .errors;
         assert_eq!(errors.len(), 1);
         assert_eq!(
             (errors[0].error_type.as_str(), errors[0].message.as_str()),
@@ -319,8 +429,16 @@ requests.exceptions.ConnectionError: refused
     fn a_traceback_without_its_error_line_waits() {
         let mut collector = StderrCollector::default();
         let (head, tail) = FLASK_LOG.split_at(FLASK_LOG.find("ValueError").unwrap());
-        assert!(collector.feed(1, 3, 1, head.as_bytes()).is_empty());
-        assert_eq!(collector.feed(1, 3, 2, tail.as_bytes()).len(), 1);
+        assert!(
+            collector
+                .feed(1, 3, 1, head.as_bytes().into())
+                .errors
+                .is_empty()
+        );
+        assert_eq!(
+            collector.feed(1, 3, 2, tail.as_bytes().into()).errors.len(),
+            1
+        );
     }
 
     #[test]
@@ -330,7 +448,9 @@ requests.exceptions.ConnectionError: refused
     at Server.<anonymous> (/srv/server.js:30:5)
 GET /next 200
 ";
-        let errors = StderrCollector::default().feed(1, 1, 5, text.as_bytes());
+        let errors = StderrCollector::default()
+            .feed(1, 1, 5, text.as_bytes().into())
+            .errors;
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].error_type, "TypeError");
         assert_eq!(
@@ -340,12 +460,85 @@ GET /next 200
         assert_eq!(errors[0].stack_trace.lines().count(), 3);
     }
 
+    fn deep_traceback(frames: usize, error_line: &str) -> String {
+        let mut text = String::from("Traceback (most recent call last):\n");
+        for line in 0..frames {
+            text.push_str(&format!(
+                "  File \"/srv/deep.py\", line {line}, in recurse\n    return recurse(n - 1)\n"
+            ));
+        }
+        text + error_line + "\n"
+    }
+
+    const CHUNK: usize = apitoolkit_common::CHUNK_SIZE;
+
+    #[test]
+    fn a_traceback_longer_than_a_chunk_keeps_its_error_and_leaks_into_nothing() {
+        let write = deep_traceback(10_000, "RecursionError: maximum recursion depth exceeded");
+        let tail_start = write.len() - CHUNK;
+        let mut collector = StderrCollector::default();
+        // As the kernel sends it: the first chunk, the skipped middle, the last chunk.
+        let pieces = [
+            Piece::from(&write.as_bytes()[..CHUNK]),
+            Piece {
+                position: CHUNK as u64,
+                bytes: b"",
+                skipped_len: (tail_start - CHUNK) as u64,
+            },
+            Piece {
+                position: tail_start as u64,
+                bytes: &write.as_bytes()[tail_start..],
+                skipped_len: 0,
+            },
+        ];
+        let mut errors = Vec::new();
+        for piece in pieces {
+            errors.extend(collector.feed(1, 3, 1, piece).errors);
+        }
+        assert_eq!(errors.len(), 1);
+        assert_eq!(
+            (errors[0].error_type.as_str(), errors[0].message.as_str()),
+            ("RecursionError", "maximum recursion depth exceeded")
+        );
+        let missing = format!("[... {} bytes not captured ...]", tail_start - CHUNK);
+        assert!(errors[0].stack_trace.contains(&missing));
+        assert!(errors[0].stack_trace.len() < 2 * CHUNK + 100);
+
+        let next = collector.feed(1, 3, 2, FLASK_LOG.as_bytes().into()).errors;
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].error_type, "ValueError");
+        assert!(
+            !next[0].stack_trace.contains("deep.py"),
+            "{}",
+            next[0].stack_trace
+        );
+    }
+
+    #[test]
+    fn a_traceback_cut_before_its_error_line_is_counted_and_leaks_into_nothing() {
+        let write = deep_traceback(10_000, "RecursionError: maximum recursion depth exceeded");
+        let mut collector = StderrCollector::default();
+        let head = Piece {
+            position: 0,
+            bytes: &write.as_bytes()[..CHUNK],
+            skipped_len: (write.len() - CHUNK) as u64,
+        };
+        assert_eq!(collector.feed(1, 3, 1, head), Collected::default());
+        let next = collector.feed(1, 3, 2, FLASK_LOG.as_bytes().into());
+        assert_eq!(next.cut, 1);
+        assert_eq!(next.errors.len(), 1);
+        assert_eq!(next.errors[0].message, "boom on purpose");
+        assert!(!next.errors[0].stack_trace.contains("deep.py"));
+        assert!(collector.pending.is_empty());
+    }
+
     #[test]
     fn ordinary_log_lines_are_not_errors() {
         let text = "INFO: started\nError handling is configured\nValueError: but no traceback\n";
         assert!(
             StderrCollector::default()
-                .feed(1, 1, 1, text.as_bytes())
+                .feed(1, 1, 1, text.as_bytes().into())
+                .errors
                 .is_empty()
         );
     }

@@ -17,7 +17,7 @@ pub mod redact;
 
 use std::collections::HashMap;
 
-use app_errors::{CapturedError, StderrCollector};
+use app_errors::{CapturedError, Piece, StderrCollector};
 use connections::{ConnectionTracker, FailedCall, TrackedExchange, TrackerOutput, TrackerStats};
 use events::{ConnId, DataEvent, Event, Role, Source};
 use link::{Answered, Linker};
@@ -123,10 +123,17 @@ impl Pipeline {
         if !self.scope.errors {
             return;
         }
-        let errors = self
+        let piece = Piece {
+            position: data.position,
+            bytes: &data.data,
+            skipped_len: data.skipped_len,
+        };
+        let collected = self
             .stderr
-            .feed(data.conn.tgid, data.tid, data.timestamp_ns, &data.data);
-        for error in errors {
+            .feed(data.conn.tgid, data.tid, data.timestamp_ns, piece);
+        // A traceback cut before its error line names nothing to attach.
+        self.link_stats.errors_unattached += collected.cut;
+        for error in collected.errors {
             match self.linker.attach_error(data.tid, error) {
                 None => self.link_stats.errors_attached += 1,
                 Some(error) => {

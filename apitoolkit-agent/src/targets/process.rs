@@ -11,8 +11,23 @@ use super::elf::ElfFile;
 use super::kubernetes::{self, SharedPods};
 use crate::pipeline::profile::{ProcessProfile, SdkType};
 
+/// The process runs: it has a /proc entry and is neither a zombie (exited, not yet reaped by
+/// its parent) nor dead.
 pub fn exists(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    state(pid).is_some_and(|state| !matches!(state, 'Z' | 'X' | 'x'))
+}
+
+/// The fields of /proc/<pid>/stat after the parenthesised command name (which may hold
+/// spaces and parentheses itself).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    Some(after_name.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The process state letter (`R`, `S`, `Z` …).
+fn state(pid: u32) -> Option<char> {
+    stat_fields(pid)?.first()?.chars().next()
 }
 
 /// The process's command name (`comm`), empty when it is gone.
@@ -22,11 +37,9 @@ pub fn name(pid: u32) -> String {
         .unwrap_or_default()
 }
 
-/// The parent pid from /proc/<pid>/stat (the field after the parenthesised command name).
+/// The parent pid from /proc/<pid>/stat.
 fn parent_pid(pid: u32) -> Option<u32> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(1)?.parse().ok()
+    stat_fields(pid)?.get(1)?.parse().ok()
 }
 
 /// `roots` plus every live process descending from them (gunicorn forks workers before the
@@ -240,6 +253,20 @@ impl Profiler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_zombie_does_not_exist() {
+        // An exited child that nobody reaped yet.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while state(pid) != Some('Z') && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(state(pid), Some('Z'));
+        assert!(!exists(pid));
+        child.wait().unwrap();
+    }
 
     #[test]
     fn this_process_is_found_with_itself_as_root() {

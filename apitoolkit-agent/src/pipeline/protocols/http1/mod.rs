@@ -209,6 +209,13 @@ impl HttpConnection {
 
     fn on_response(&mut self, response: Message, output: &mut Reassembled) {
         self.seen_message = true;
+        if !self.desynced && self.pending.is_empty() {
+            // Answered before its body was read: the request still in progress gets this
+            // response, so it is never paired with the next request.
+            if let Some(request) = self.requests.detach_in_progress() {
+                self.on_request(request, output);
+            }
+        }
         let request = if self.desynced {
             None
         } else {
@@ -256,6 +263,65 @@ mod tests {
             body.len()
         )
         .into_bytes()
+    }
+
+    /// A POST whose body is larger than the server's first read, answered (404) before the
+    /// server read the rest, then discarded by the server, then a GET on the same connection.
+    fn early_answered_upload(connection: &mut HttpConnection, output: &mut Reassembled) {
+        let head = "POST /nonexistent HTTP/1.1\r\nContent-Length: 20000\r\n\r\n";
+        let body = vec![b'x'; 20_000];
+        let mut first_read = head.as_bytes().to_vec();
+        first_read.extend_from_slice(&body[..8_000]);
+        connection.push(MessageKind::Request, &first_read, 1, output);
+        connection.push(MessageKind::Response, &response(404, "missing"), 2, output);
+        connection.push(MessageKind::Request, &body[8_000..], 3, output);
+    }
+
+    #[test]
+    fn a_response_before_the_request_body_ends_answers_that_request() {
+        let mut connection = HttpConnection::new(1 << 20);
+        let mut output = Reassembled::default();
+        early_answered_upload(&mut connection, &mut output);
+        connection.push(
+            MessageKind::Request,
+            b"GET /next HTTP/1.1\r\n\r\n",
+            4,
+            &mut output,
+        );
+        connection.push(
+            MessageKind::Response,
+            &response(200, "next"),
+            5,
+            &mut output,
+        );
+        assert_eq!(
+            targets(&output),
+            vec![("/nonexistent".to_owned(), 404), ("/next".to_owned(), 200)]
+        );
+        let upload = &output.exchanges[0];
+        assert!(upload.request.body.incomplete);
+        assert_eq!(upload.request.body.bytes.len(), 8_000);
+        assert_eq!(upload.response.body.bytes, b"missing");
+        assert_eq!(output.exchanges[1].response.body.bytes, b"next");
+        assert_eq!(output.requests_read, vec![0, 1]);
+        assert!(output.anomalies.is_empty(), "{:?}", output.anomalies);
+    }
+
+    #[test]
+    fn an_early_response_on_a_closing_connection_is_not_lost() {
+        let mut connection = HttpConnection::new(1 << 20);
+        let mut output = Reassembled::default();
+        let head = b"POST /upload HTTP/1.1\r\nContent-Length: 50000\r\nConnection: close\r\n\r\n";
+        connection.push(MessageKind::Request, head, 1, &mut output);
+        connection.push(
+            MessageKind::Response,
+            &response(401, "who?"),
+            2,
+            &mut output,
+        );
+        connection.close(&mut output);
+        assert_eq!(targets(&output), vec![("/upload".to_owned(), 401)]);
+        assert!(output.unanswered.is_empty() && output.anomalies.is_empty());
     }
 
     #[test]

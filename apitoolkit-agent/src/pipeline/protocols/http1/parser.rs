@@ -134,11 +134,22 @@ enum State {
     Body {
         message: Message,
         framing: Framing,
+        /// The message was handed out before its body ended (a response answered it early):
+        /// the rest of the body is consumed and dropped.
+        detached: bool,
     },
     /// Discarding bytes until something that looks like a message start.
     Resync,
     /// After `101 Switching Protocols` nothing on this connection is HTTP/1.
     Upgraded,
+}
+
+/// How far `parse_body` got.
+enum BodyProgress {
+    NeedMore,
+    Done(Message),
+    /// The body of a detached message ended.
+    Dropped,
 }
 
 pub struct MessageParser {
@@ -194,9 +205,33 @@ impl MessageParser {
     /// Method of a request whose head is parsed but whose body is still arriving.
     pub fn request_in_progress_method(&self) -> Option<&str> {
         match &self.state {
-            State::Body { message, .. } => message.method(),
+            State::Body {
+                message,
+                detached: false,
+                ..
+            } => message.method(),
             _ => None,
         }
+    }
+
+    /// Hands out the message whose body is still arriving, marked incomplete: its peer
+    /// answered before reading it all (a 404 or 401 to a large upload). The rest of its body
+    /// is still consumed, and dropped, so it never reads as the next message.
+    pub fn detach_in_progress(&mut self) -> Option<Message> {
+        let State::Body {
+            message, detached, ..
+        } = &mut self.state
+        else {
+            return None;
+        };
+        if *detached {
+            return None;
+        }
+        *detached = true;
+        let mut early = message.clone();
+        early.body.incomplete = true;
+        early.last_byte_ns = self.last_push_ns;
+        Some(early)
     }
 
     pub fn upgrade(&mut self) {
@@ -207,7 +242,9 @@ impl MessageParser {
     /// `len` bytes of the stream were lost. Returns false when the message in progress had to
     /// be dropped (the caller must treat pairing as unreliable).
     pub fn gap(&mut self, len: u64) -> bool {
-        if let State::Body { message, framing } = &mut self.state
+        if let State::Body {
+            message, framing, ..
+        } = &mut self.state
             && self.buffer.is_empty()
         {
             let absorbed = match framing {
@@ -249,6 +286,7 @@ impl MessageParser {
             State::Body {
                 mut message,
                 framing: Framing::UntilClose,
+                detached: false,
             } => {
                 let pending = self.buffer.split();
                 append_body(&mut message.body, &pending, self.max_body_bytes);
@@ -283,8 +321,9 @@ impl MessageParser {
                     }
                 }
                 State::Body { .. } => match self.parse_body() {
-                    Ok(Some(message)) => return Some(Polled::Message(message)),
-                    Ok(None) => return None,
+                    Ok(BodyProgress::Done(message)) => return Some(Polled::Message(message)),
+                    Ok(BodyProgress::Dropped) => {}
+                    Ok(BodyProgress::NeedMore) => return None,
                     Err(error) => return Some(self.malformed(error)),
                 },
             }
@@ -398,28 +437,39 @@ impl MessageParser {
         } else {
             return Ok(Some(Polled::Message(message)));
         };
-        self.state = State::Body { message, framing };
+        self.state = State::Body {
+            message,
+            framing,
+            detached: false,
+        };
         Ok(None)
     }
 
-    fn parse_body(&mut self) -> Result<Option<Message>, ParseError> {
-        let State::Body { message, framing } = &mut self.state else {
-            return Ok(None);
+    fn parse_body(&mut self) -> Result<BodyProgress, ParseError> {
+        let State::Body {
+            message,
+            framing,
+            detached,
+        } = &mut self.state
+        else {
+            return Ok(BodyProgress::NeedMore);
         };
+        // A detached message's body is consumed, not kept.
+        let limit = if *detached { 0 } else { self.max_body_bytes };
         loop {
             match framing {
                 Framing::UntilClose => {
                     let data = self.buffer.split();
-                    append_body(&mut message.body, &data, self.max_body_bytes);
-                    return Ok(None);
+                    append_body(&mut message.body, &data, limit);
+                    return Ok(BodyProgress::NeedMore);
                 }
                 Framing::Length(remaining) | Framing::Chunked(ChunkState::Data(remaining)) => {
                     let take = (*remaining).min(self.buffer.len() as u64) as usize;
                     let data = self.buffer.split_to(take);
-                    append_body(&mut message.body, &data, self.max_body_bytes);
+                    append_body(&mut message.body, &data, limit);
                     *remaining -= take as u64;
                     if *remaining > 0 {
-                        return Ok(None);
+                        return Ok(BodyProgress::NeedMore);
                     }
                     match framing {
                         Framing::Length(_) => break,
@@ -437,14 +487,14 @@ impl MessageParser {
                             });
                         }
                         Ok(httparse::Status::Partial) if self.buffer.len() < 1024 => {
-                            return Ok(None);
+                            return Ok(BodyProgress::NeedMore);
                         }
                         _ => return Err(ParseError::ChunkSize),
                     }
                 }
                 Framing::Chunked(ChunkState::DataEnd) => {
                     if self.buffer.len() < 2 {
-                        return Ok(None);
+                        return Ok(BodyProgress::NeedMore);
                     }
                     if &self.buffer[..2] != b"\r\n" {
                         return Err(ParseError::ChunkSize);
@@ -466,18 +516,26 @@ impl MessageParser {
                         None if self.buffer.len() > MAX_HEAD_BYTES => {
                             return Err(ParseError::HeadTooLong);
                         }
-                        None => return Ok(None),
+                        None => return Ok(BodyProgress::NeedMore),
                     }
                 }
             }
         }
-        let State::Body { mut message, .. } = std::mem::replace(&mut self.state, State::Head)
+        let State::Body {
+            mut message,
+            detached,
+            ..
+        } = std::mem::replace(&mut self.state, State::Head)
         else {
             unreachable!("state checked at the top of parse_body");
         };
         message.last_byte_ns = self.last_push_ns;
         self.first_byte_ns = (!self.buffer.is_empty()).then_some(self.last_push_ns);
-        Ok(Some(message))
+        Ok(if detached {
+            BodyProgress::Dropped
+        } else {
+            BodyProgress::Done(message)
+        })
     }
 }
 
