@@ -1,6 +1,7 @@
 //! HTTP/1.x reassembly for one connection: a parser per direction and FIFO pairing of
 //! requests with responses into exchanges.
 
+mod framing;
 pub mod parser;
 
 use std::collections::VecDeque;

@@ -6,7 +6,8 @@
 
 use bytes::{Buf, BytesMut};
 
-const MAX_HEAD_BYTES: usize = 64 * 1024;
+use super::framing::{ChunkState, ChunkStep, Framing, MAX_HEAD_BYTES, chunk_boundary};
+
 const MAX_HEADERS: usize = 256;
 /// Longest token a resync scan must keep from a buffer it discards, so a message start split
 /// across two pushes is still found.
@@ -110,21 +111,6 @@ pub enum Polled {
     Interim,
     /// The bytes are not HTTP; the partial message was dropped and the parser resyncs.
     Malformed(ParseError),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Framing {
-    Length(u64),
-    Chunked(ChunkState),
-    UntilClose,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ChunkState {
-    Size,
-    Data(u64),
-    DataEnd,
-    Trailers,
 }
 
 #[derive(Debug)]
@@ -476,49 +462,11 @@ impl MessageParser {
                         _ => *framing = Framing::Chunked(ChunkState::DataEnd),
                     }
                 }
-                Framing::Chunked(ChunkState::Size) => {
-                    match httparse::parse_chunk_size(&self.buffer) {
-                        Ok(httparse::Status::Complete((consumed, size))) => {
-                            self.buffer.advance(consumed);
-                            *framing = Framing::Chunked(if size == 0 {
-                                ChunkState::Trailers
-                            } else {
-                                ChunkState::Data(size)
-                            });
-                        }
-                        Ok(httparse::Status::Partial) if self.buffer.len() < 1024 => {
-                            return Ok(BodyProgress::NeedMore);
-                        }
-                        _ => return Err(ParseError::ChunkSize),
-                    }
-                }
-                Framing::Chunked(ChunkState::DataEnd) => {
-                    if self.buffer.len() < 2 {
-                        return Ok(BodyProgress::NeedMore);
-                    }
-                    if &self.buffer[..2] != b"\r\n" {
-                        return Err(ParseError::ChunkSize);
-                    }
-                    self.buffer.advance(2);
-                    *framing = Framing::Chunked(ChunkState::Size);
-                }
-                Framing::Chunked(ChunkState::Trailers) => {
-                    // Trailers end at an empty line; without trailers that is the next CRLF.
-                    if self.buffer.starts_with(b"\r\n") {
-                        self.buffer.advance(2);
-                        break;
-                    }
-                    match find(&self.buffer, b"\r\n\r\n") {
-                        Some(end) => {
-                            self.buffer.advance(end + 4);
-                            break;
-                        }
-                        None if self.buffer.len() > MAX_HEAD_BYTES => {
-                            return Err(ParseError::HeadTooLong);
-                        }
-                        None => return Ok(BodyProgress::NeedMore),
-                    }
-                }
+                Framing::Chunked(boundary) => match chunk_boundary(&mut self.buffer, *boundary)? {
+                    ChunkStep::NeedMore => return Ok(BodyProgress::NeedMore),
+                    ChunkStep::Next(next) => *framing = Framing::Chunked(next),
+                    ChunkStep::BodyEnd => break,
+                },
             }
         }
         let State::Body {
@@ -601,12 +549,6 @@ fn append_body(body: &mut Body, data: &[u8], max_body_bytes: usize) {
         body.truncated = true;
     }
     body.bytes.extend_from_slice(&data[..data.len().min(room)]);
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
 }
 
 /// Whether `bytes` can be the start of a message of `kind`; a prefix too short to tell counts.
