@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use crate::{
     capture::Probes,
     pipeline::events::{ConnId, Event},
-    targets::{select::Selector, sockets, tls::TlsWatcher},
+    targets::{process, select::Selector, sockets, tls::TlsWatcher},
 };
 
 /// Seconds between TLS rescans of every watched process (new ones are scanned at once).
@@ -79,11 +79,6 @@ impl Discovery {
     /// rescanned for TLS libraries loaded since (dlopen).
     pub fn scan(&mut self, probes: &mut Probes) -> anyhow::Result<Discovered> {
         let selected = self.selector.scan();
-        let new: Vec<u32> = selected
-            .all()
-            .filter(|pid| !self.watched.contains(pid))
-            .collect();
-        let existing_connections = register_existing_connections(probes, &new)?;
         let new_by_id: Vec<u32> = selected
             .by_id
             .iter()
@@ -91,7 +86,23 @@ impl Discovery {
             .copied()
             .collect();
         probes.add_targets(&new_by_id)?;
-        self.watched = selected.all().collect();
+        // A child the new targets forked after the /proc scan but before the map insert is
+        // seen by neither that scan nor the kernel's fork hook: look again, now that the hook
+        // follows them (a gunicorn worker spawned while the agent attaches).
+        let forked_meanwhile: Vec<u32> = process::with_descendants(&new_by_id)
+            .into_iter()
+            .filter(|pid| !selected.by_id.contains(pid))
+            .collect();
+        probes.add_targets(&forked_meanwhile)?;
+        let selected_now: HashSet<u32> = selected.all().chain(forked_meanwhile).collect();
+        let mut new: Vec<u32> = selected_now
+            .iter()
+            .filter(|pid| !self.watched.contains(pid))
+            .copied()
+            .collect();
+        new.sort_unstable();
+        let existing_connections = register_existing_connections(probes, &new)?;
+        self.watched = selected_now;
         let watched = &self.watched;
         self.tls.retain_processes(|pid| watched.contains(&pid));
         self.since_tls_rescan += 1;
