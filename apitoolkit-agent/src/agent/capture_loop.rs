@@ -123,8 +123,8 @@ impl CaptureLoop {
 
     /// Sets up newly selected processes; returns their pids.
     pub fn discover(&mut self, probes: &mut Probes) -> anyhow::Result<Discovered> {
-        let mut discovered = self.discovery.scan(probes)?;
-        for event in std::mem::take(&mut discovered.existing_connections) {
+        let (discovered, existing_connections) = self.discovery.scan(probes)?;
+        for event in existing_connections {
             self.handle(event, probes)?;
         }
         Ok(discovered)
@@ -184,7 +184,7 @@ impl CaptureLoop {
                 if !discovered.pids.is_empty() {
                     tracing::info!(
                         pids = ?discovered.pids,
-                        existing_connections = discovered.existing_connections.len(),
+                        existing_connections = discovered.existing_connections,
                         "watching new processes"
                     );
                 }

@@ -15,8 +15,8 @@ const TLS_RESCAN_SECONDS: u32 = 5;
 /// Processes one discovery pass set up.
 pub struct Discovered {
     pub pids: Vec<u32>,
-    /// Open events of the connections they already held, for the pipeline.
-    pub existing_connections: Vec<Event>,
+    /// Connections they already held.
+    pub existing_connections: usize,
 }
 
 pub struct Discovery {
@@ -76,8 +76,9 @@ impl Discovery {
 
     /// Sets up processes selected since the last call: their existing connections, their
     /// target-map entry and their TLS libraries. Every few seconds all watched processes are
-    /// rescanned for TLS libraries loaded since (dlopen).
-    pub fn scan(&mut self, probes: &mut Probes) -> anyhow::Result<Discovered> {
+    /// rescanned for TLS libraries loaded since (dlopen). Returns them with the open events of
+    /// the connections they already held, for the pipeline.
+    pub fn scan(&mut self, probes: &mut Probes) -> anyhow::Result<(Discovered, Vec<Event>)> {
         let selected = self.selector.scan();
         let new_by_id: Vec<u32> = selected
             .by_id
@@ -113,10 +114,11 @@ impl Discovery {
         } else {
             self.tls.scan(probes, &new);
         }
-        Ok(Discovered {
+        let discovered = Discovered {
             pids: new,
-            existing_connections,
-        })
+            existing_connections: existing_connections.len(),
+        };
+        Ok((discovered, existing_connections))
     }
 
     /// A TLS connection carried data and no plaintext: said once per process whose TLS

@@ -324,7 +324,7 @@ fn capture(
     let discovered = capture.discover(&mut probes)?;
     tracing::info!(
         pids = ?discovered.pids,
-        existing_connections = discovered.existing_connections.len(),
+        existing_connections = discovered.existing_connections,
         all = args.all,
         cgroups = ?args.cgroups,
         exes = ?args.exes,
