@@ -278,11 +278,16 @@ pub struct CaptureArgs {
     )]
     pub redact_response_body: Vec<String>,
 
-    /// Also write every captured event to this file (NDJSON), for `replay` and bug reports.
-    /// It holds the raw traffic, redaction rules NOT applied (Authorization headers, cookies,
-    /// passwords): it is created readable by its owner only, and never over an existing file.
+    /// Also write the captured events to this file (NDJSON), for `replay` and bug reports.
+    /// The redaction rules apply: each exchange is written as rebuilt from its redacted
+    /// payload. The file is created readable by its owner only, never over an existing file.
     #[arg(long, value_name = "FILE", env = "APITOOLKIT_RECORD")]
     pub record: Option<PathBuf>,
+
+    /// With --record: write the raw kernel events instead, redaction rules NOT applied
+    /// (Authorization headers, cookies, passwords), byte for byte as captured.
+    #[arg(long, requires = "record", env = "APITOOLKIT_RECORD_RAW")]
+    pub record_raw: bool,
 
     /// Size of the kernel-to-agent ring buffer (a power of two, at least 4096): more absorbs
     /// longer bursts, at the cost of locked kernel memory. Overflow is counted, never blocking.

@@ -4,10 +4,11 @@
 
 use std::path::PathBuf;
 
+use apitoolkit_agent::agent::recording::RedactedEvents;
 use apitoolkit_agent::pipeline::{
     CaptureScope, Pipeline,
     events::Event,
-    payload::{Payload, PayloadSettings},
+    payload::{HeaderMap, Payload, PayloadSettings},
     profile::{ProcessProfile, Profiles, SdkType},
     redact::{REDACTED, Redactor, TAG_REQUEST_BODY_WITHHELD},
 };
@@ -281,4 +282,109 @@ fn recorded_outgoing_calls_and_errors_link_to_their_requests() {
             .all(|p| p.errors.is_empty())
     );
     assert_eq!(pipeline.link_stats().outgoing_with_parent, 4);
+}
+
+/// A redacted `--record` of the session, as the live capture writes it: each event after the
+/// pipeline handled it.
+fn redacted_recording(events: Vec<Event>, redactor: Redactor) -> Vec<Event> {
+    let mut pipeline = pipeline(SdkType::PythonFlask, redactor);
+    let mut recording = RedactedEvents::default();
+    events
+        .into_iter()
+        .flat_map(|event| {
+            let output = pipeline.feed(event.clone());
+            recording.events(event, &output)
+        })
+        .collect()
+}
+
+fn recorded_bytes(events: &[Event]) -> Vec<u8> {
+    events
+        .iter()
+        .filter_map(|event| match event {
+            Event::Data(data) => Some(data.data.to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+#[test]
+fn a_redacted_recording_holds_no_redacted_value_and_replays_to_the_same_payloads() {
+    // `/echo` answers with the request's JSON: its password is in both bodies.
+    let rules = || {
+        Redactor::new(
+            &["user-agent".into()],
+            &["$.password".into()],
+            &["$..password".into()],
+        )
+        .unwrap()
+    };
+    let live = replay_with(recorded_events(), rules());
+    let raw = recorded_bytes(&recorded_events());
+    let recording = redacted_recording(recorded_events(), rules());
+    let written = recorded_bytes(&recording);
+    for secret in ["hunter2", "python-requests", "tail"] {
+        let found = |bytes: &[u8]| bytes.windows(secret.len()).any(|w| w == secret.as_bytes());
+        assert!(found(&raw), "the raw session holds {secret}");
+        assert!(!found(&written), "the redacted recording holds {secret}");
+    }
+
+    let replayed = replay(recording);
+    assert_eq!(summary(&replayed), summary(&live));
+    let framing = ["content-length", "transfer-encoding"];
+    let without_framing = |headers: &HeaderMap| -> HeaderMap {
+        let mut headers = headers.clone();
+        headers.retain(|name, _| !framing.contains(&name.to_ascii_lowercase().as_str()));
+        headers
+    };
+    for (live, replayed) in live.iter().zip(&replayed) {
+        assert_eq!(
+            without_framing(&replayed.request_headers),
+            without_framing(&live.request_headers)
+        );
+        assert_eq!(
+            without_framing(&replayed.response_headers),
+            without_framing(&live.response_headers)
+        );
+        assert_eq!(replayed.request_body, live.request_body);
+        assert_eq!(replayed.response_body, live.response_body);
+        assert_eq!(
+            (replayed.timestamp.as_str(), replayed.duration),
+            (live.timestamp.as_str(), live.duration)
+        );
+    }
+    let login: serde_json::Value =
+        serde_json::from_slice(&decoded(&replayed[1].request_body)).unwrap();
+    assert_eq!(login["password"], REDACTED);
+    assert_eq!(
+        replayed[3].response_headers, live[3].response_headers,
+        "HEAD keeps its length"
+    );
+}
+
+/// Outgoing calls, their failures and the streams of other connections replay from a redacted
+/// recording too (their links to parents do not: see `RedactedEvents`).
+#[test]
+fn a_redacted_recording_keeps_outgoing_calls() {
+    let events = fixture_events("flask_outgoing_session.ndjson");
+    let (live, _) = replay_fixture("flask_outgoing_session.ndjson", SdkType::PythonFlask);
+    let replayed = replay(redacted_recording(events, Redactor::default()));
+    let sorted = |payloads: &[Payload]| {
+        let mut summary: Vec<_> = payloads
+            .iter()
+            .map(|p| {
+                (
+                    format!("{:?}", p.sdk_type),
+                    p.method.clone(),
+                    p.raw_url.clone(),
+                    p.status_code,
+                    p.response_body.clone(),
+                )
+            })
+            .collect();
+        summary.sort();
+        summary
+    };
+    assert_eq!(sorted(&replayed), sorted(&live));
 }

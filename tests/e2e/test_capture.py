@@ -1,4 +1,5 @@
 """Real eBPF capture of real servers: every payload field checked against what was sent."""
+import base64
 import json
 import os
 import signal
@@ -356,6 +357,45 @@ def test_redaction_before_anything_leaves_the_agent(flask_server, agent_factory)
     upload = by_url(payloads, "/upload")
     assert upload["request_body"] == ""
     assert "apitoolkit.request_body_withheld" in upload["tags"]
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["redacted", "raw"])
+def test_a_recording_is_redacted_unless_asked_raw_and_replays(flask_server, agent_factory, tmp_path, raw):
+    recording = tmp_path / "events.ndjson"
+    agent = agent_factory(
+        [flask_server.pid],
+        "--record", str(recording), *(["--record-raw"] if raw else []),
+        "--redact-header", "authorization",
+        "--redact-request-body", "$.password",
+        "--redact-response-body", "$..password",
+    )
+    secret = "hunter2-secret"
+    requests.post(
+        f"{flask_server.base}/echo", json={"user": "bob", "password": secret},
+        headers={"Authorization": f"Bearer {secret}"},
+    )
+    requests.get(f"{flask_server.base}/hello?name=ann")
+    assert len(agent.wait_for(2)) == 2
+    agent.stop()
+    assert (recording.stat().st_mode & 0o777) == 0o600
+    # Recorded bytes are text, or base64 after a "b64:" prefix when they are not UTF-8.
+    recorded = b"".join(
+        base64.b64decode(data[4:]) if data.startswith("b64:") else data.encode()
+        for data in (event["data"] for event in map(json.loads, recording.read_text().splitlines())
+                     if event["event"] == "data")
+    )
+    assert (secret.encode() in recorded) == raw
+    assert any("recording holds the traffic unredacted" in line for line in agent.log) == raw
+
+    # Replayed without any rule, the redacted recording still gives only redacted values.
+    replay = subprocess.run([str(AGENT_BIN), "replay", str(recording)], capture_output=True, text=True, timeout=60)
+    assert replay.returncode == 0, replay.stderr
+    payloads = [json.loads(line) for line in replay.stdout.splitlines()]
+    assert sorted((p["method"], p["raw_url"], p["status_code"]) for p in payloads) == [
+        ("GET", "/hello?name=ann", 200), ("POST", "/echo", 200)]
+    echo = by_url(payloads, "/echo")
+    assert (body_json(echo, "request_body")["password"] == secret) == raw
+    assert (header(echo, "request_headers", "Authorization") == [f"Bearer {secret}"]) == raw
 
 
 def test_invalid_jsonpath_is_a_clear_error(flask_server):

@@ -52,9 +52,7 @@ pub struct CaptureLoop {
 
 impl CaptureLoop {
     fn handle(&mut self, event: Event, probes: &mut Probes) -> anyhow::Result<()> {
-        if let Some(recorder) = &mut self.recorder {
-            recorder.write(&event)?;
-        }
+        let recorded = self.recorder.is_some().then(|| event.clone());
         if let Event::Data(data) = &event {
             self.totals.captured_bytes += data.data.len() as u64;
         }
@@ -63,6 +61,9 @@ impl CaptureLoop {
             self.pipeline.add_profile(tgid, self.profiler.profile(tgid));
         }
         let output = self.pipeline.emit(tracked);
+        if let (Some(recorder), Some(event)) = (&mut self.recorder, recorded) {
+            recorder.write(event, &output)?;
+        }
         for (conn, source) in output.disable {
             if let Err(error) = probes.disable(conn, source) {
                 tracing::warn!(%error, ?conn, ?source, "could not disable connection in the kernel");

@@ -305,7 +305,16 @@ fn capture(
         Profiles::per_process(),
     );
     let mut probes = load_probes(args, &selector)?;
-    let recorder = args.record.as_deref().map(Recorder::create).transpose()?;
+    let recorder = args
+        .record
+        .as_deref()
+        .map(|path| Recorder::create(path, args.record_raw))
+        .transpose()?;
+    if args.record_raw {
+        tracing::warn!(
+            "--record-raw: the recording holds the traffic unredacted (credentials, cookies, bodies)"
+        );
+    }
     let mut capture = CaptureLoop {
         ring: probes.take_ring_buffer()?,
         pipeline,

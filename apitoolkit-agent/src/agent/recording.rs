@@ -1,7 +1,8 @@
-//! `--record` and `replay`: the kernel events of a live capture, one JSON object per line, and
-//! the same events fed back through the pipeline without root.
+//! `--record` and `replay`: the events of a live capture, one JSON object per line (redacted
+//! unless `--record-raw`), and the same events fed back through the pipeline without root.
 
 use std::{
+    collections::HashMap,
     fs::{File, OpenOptions},
     io::{BufRead, BufReader, BufWriter, Write},
     os::unix::fs::OpenOptionsExt as _,
@@ -9,23 +10,31 @@ use std::{
 };
 
 use anyhow::Context as _;
+use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
+use bytes::Bytes;
 
 use crate::{
     config::CaptureArgs,
     pipeline::{
-        Pipeline,
-        events::Event,
+        Origin, Pipeline, PipelineOutput,
+        events::{ConnId, DataEvent, Direction, Event, Role, Source},
+        payload::{HeaderMap, Payload, TAG_REQUEST_BODY_ENCODED, TAG_RESPONSE_BODY_ENCODED},
         profile::{ProcessProfile, Profiles, SdkType},
+        redact::{TAG_REQUEST_BODY_WITHHELD, TAG_RESPONSE_BODY_WITHHELD},
     },
 };
 
-/// Writes every event the capture loop handles to the `--record` file.
-pub struct Recorder(BufWriter<File>);
+/// Writes the events of a live capture to the `--record` file.
+pub struct Recorder {
+    out: BufWriter<File>,
+    /// None for `--record-raw`: every event as the kernel sent it.
+    redacted: Option<RedactedEvents>,
+}
 
 impl Recorder {
-    /// Creates the file readable by its owner only: it holds raw traffic, secrets included.
-    /// An existing file or symlink at `path` is refused, never truncated or followed.
-    pub fn create(path: &Path) -> anyhow::Result<Self> {
+    /// Creates the file readable by its owner only. An existing file or symlink at `path` is
+    /// refused, never truncated or followed.
+    pub fn create(path: &Path, raw: bool) -> anyhow::Result<Self> {
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -38,18 +47,195 @@ impl Recorder {
                     path.display()
                 )
             })?;
-        Ok(Self(BufWriter::new(file)))
+        Ok(Self {
+            out: BufWriter::new(file),
+            redacted: (!raw).then(RedactedEvents::default),
+        })
     }
 
-    pub fn write(&mut self, event: &Event) -> anyhow::Result<()> {
-        serde_json::to_writer(&mut self.0, event)?;
-        self.0.write_all(b"\n")?;
+    /// Records `event`, given what the pipeline made of it.
+    pub fn write(&mut self, event: Event, output: &PipelineOutput) -> anyhow::Result<()> {
+        let events = match &mut self.redacted {
+            Some(redacted) => redacted.events(event, output),
+            None => vec![event],
+        };
+        for event in &events {
+            serde_json::to_writer(&mut self.out, event)?;
+            self.out.write_all(b"\n")?;
+        }
         Ok(())
     }
 
     pub fn flush(&mut self) -> anyhow::Result<()> {
-        self.0.flush().context("writing the recording")
+        self.out.flush().context("writing the recording")
     }
+}
+
+/// The events of a redacted recording: the traffic's bytes are never written; each exchange
+/// is written back as HTTP/1.1 messages built from its payload after redaction, at its
+/// connection, thread and timestamps, so a replay yields the same payloads with the same
+/// values redacted. Everything else (opens, closes, errors, stderr) is kept as it came.
+///
+/// What a replay of it cannot reproduce: parent links (a request is written once answered,
+/// after the calls it made), original framing and content encodings, and bytes of exchanges
+/// that never completed.
+#[derive(Debug, Default)]
+pub struct RedactedEvents {
+    /// Bytes written so far per connection and direction: the stream positions.
+    positions: HashMap<(ConnId, Direction), u64>,
+}
+
+impl RedactedEvents {
+    pub fn events(&mut self, event: Event, output: &PipelineOutput) -> Vec<Event> {
+        let mut events = Vec::new();
+        for (origin, payload) in output.origins.iter().zip(&output.payloads) {
+            self.exchange(origin, payload, &mut events);
+        }
+        match event {
+            Event::Data(data) if data.source != Source::Stderr => {}
+            Event::Close {
+                conn, timestamp_ns, ..
+            } => {
+                let mut written =
+                    |direction| self.positions.remove(&(conn, direction)).unwrap_or(0);
+                events.push(Event::Close {
+                    conn,
+                    timestamp_ns,
+                    bytes_sent: written(Direction::Egress),
+                    bytes_received: written(Direction::Ingress),
+                    tls_bytes_sent: 0,
+                    tls_bytes_received: 0,
+                });
+            }
+            Event::ProcessExit { tgid, .. } => {
+                self.positions.retain(|(conn, _), _| conn.tgid != tgid);
+                events.push(event);
+            }
+            event => events.push(event),
+        }
+        events
+    }
+
+    fn exchange(&mut self, origin: &Origin, payload: &Payload, events: &mut Vec<Event>) {
+        let (request_direction, response_direction) = match origin.role {
+            Role::Client => (Direction::Egress, Direction::Ingress),
+            _ => (Direction::Ingress, Direction::Egress),
+        };
+        let request = request_bytes(payload);
+        self.message(
+            origin,
+            request_direction,
+            request,
+            origin.request_ns,
+            events,
+        );
+        if let Some(response_ns) = origin.response_ns {
+            let response = response_bytes(payload);
+            self.message(origin, response_direction, response, response_ns, events);
+        }
+    }
+
+    /// One message as two data events: all but its last byte at its first byte's time, the
+    /// last byte at its last byte's time, so a replay measures the same duration.
+    fn message(
+        &mut self,
+        origin: &Origin,
+        direction: Direction,
+        bytes: Vec<u8>,
+        (first_ns, last_ns): (u64, u64),
+        events: &mut Vec<Event>,
+    ) {
+        let position = self.positions.entry((origin.conn, direction)).or_default();
+        let mut bytes = Bytes::from(bytes);
+        let last = bytes.split_off(bytes.len() - 1);
+        for (data, timestamp_ns) in [(bytes, first_ns), (last, last_ns)] {
+            if data.is_empty() {
+                continue;
+            }
+            let len = data.len() as u64;
+            events.push(Event::Data(DataEvent {
+                conn: origin.conn,
+                tid: origin.tid,
+                timestamp_ns,
+                direction,
+                source: Source::Syscall,
+                position: *position,
+                skipped_len: 0,
+                data,
+            }));
+            *position += len;
+        }
+    }
+}
+
+/// Headers of a payload as HTTP/1 header lines, framed for `body`: the body is written
+/// whole and (unless it could not be decoded) without its content encoding.
+fn head_lines(
+    headers: &HeaderMap,
+    body: &[u8],
+    withheld: bool,
+    undecoded: bool,
+    head: &mut Vec<u8>,
+) {
+    let framing = |name: &str| name.eq_ignore_ascii_case("content-length");
+    let chunked = headers
+        .keys()
+        .any(|name| name.eq_ignore_ascii_case("transfer-encoding"));
+    for (name, values) in headers {
+        let dropped = name.eq_ignore_ascii_case("transfer-encoding")
+            || (name.eq_ignore_ascii_case("content-encoding") && !undecoded)
+            // An empty body keeps its declared length (a response to HEAD), unless emptied.
+            || (framing(name) && (!body.is_empty() || withheld || chunked));
+        if dropped {
+            continue;
+        }
+        for value in values {
+            head.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        }
+    }
+    if !body.is_empty() || withheld || chunked {
+        head.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+    }
+    head.extend_from_slice(b"\r\n");
+    head.extend_from_slice(body);
+}
+
+fn has_tag(payload: &Payload, tag: &str) -> bool {
+    payload.tags.iter().any(|t| t == tag)
+}
+
+fn request_bytes(payload: &Payload) -> Vec<u8> {
+    let body = BASE64.decode(&payload.request_body).unwrap_or_default();
+    let mut bytes = format!(
+        "{} {} HTTP/1.{}\r\n",
+        payload.method, payload.raw_url, payload.proto_minor
+    )
+    .into_bytes();
+    head_lines(
+        &payload.request_headers,
+        &body,
+        has_tag(payload, TAG_REQUEST_BODY_WITHHELD),
+        has_tag(payload, TAG_REQUEST_BODY_ENCODED),
+        &mut bytes,
+    );
+    bytes
+}
+
+fn response_bytes(payload: &Payload) -> Vec<u8> {
+    let body = BASE64.decode(&payload.response_body).unwrap_or_default();
+    let mut bytes = format!(
+        "HTTP/1.{} {} \r\n",
+        payload.proto_minor, payload.status_code
+    )
+    .into_bytes();
+    head_lines(
+        &payload.response_headers,
+        &body,
+        has_tag(payload, TAG_RESPONSE_BODY_WITHHELD),
+        has_tag(payload, TAG_RESPONSE_BODY_ENCODED),
+        &mut bytes,
+    );
+    bytes
 }
 
 /// Replays a recording through the pipeline, writing payloads as NDJSON to `out`.
@@ -95,15 +281,18 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("apitoolkit-record-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir(&dir).unwrap();
         let path = dir.join("events.ndjson");
-        Recorder::create(&path).unwrap();
+        Recorder::create(&path, false).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(Recorder::create(&path).is_err(), "an existing file is kept");
+        assert!(
+            Recorder::create(&path, true).is_err(),
+            "an existing file is kept"
+        );
         let target = dir.join("target");
         std::fs::write(&target, "keep me").unwrap();
         let link = dir.join("link");
         std::os::unix::fs::symlink(&target, &link).unwrap();
-        assert!(Recorder::create(&link).is_err());
+        assert!(Recorder::create(&link, false).is_err());
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -45,9 +45,39 @@ pub struct LinkStats {
     pub errors_unattached: u64,
 }
 
+/// Where a payload came from: enough to write its exchange back as events (a redacted
+/// recording).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub conn: ConnId,
+    pub role: Role,
+    pub tid: u32,
+    /// First and last byte of the request.
+    pub request_ns: (u64, u64),
+    /// First and last byte of the response; none for a call that failed unanswered.
+    pub response_ns: Option<(u64, u64)>,
+}
+
+impl Origin {
+    fn of(tracked: &TrackedExchange) -> Self {
+        let Exchange {
+            request, response, ..
+        } = &tracked.exchange;
+        Self {
+            conn: tracked.conn,
+            role: tracked.role,
+            tid: tracked.tid,
+            request_ns: (request.first_byte_ns, request.last_byte_ns),
+            response_ns: Some((response.first_byte_ns, response.last_byte_ns)),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct PipelineOutput {
     pub payloads: Vec<Payload>,
+    /// `origins[i]` is where `payloads[i]` came from.
+    pub origins: Vec<Origin>,
     pub disable: Vec<(ConnId, Source)>,
     pub unreadable_tls: Vec<ConnId>,
 }
@@ -175,6 +205,7 @@ impl Pipeline {
         if !self.scope.outgoing {
             return;
         }
+        let request_ns = (request.first_byte_ns, request.last_byte_ns);
         let exchange = TrackedExchange {
             conn: call.conn,
             role: Role::Client,
@@ -190,13 +221,19 @@ impl Pipeline {
             errors: vec![error],
             ..Links::outgoing(self.parent(call.tid, profile.thread_per_request))
         };
-        self.emit_payload(&exchange, &profile, links, output);
+        let origin = Origin {
+            response_ns: None,
+            request_ns,
+            ..Origin::of(&exchange)
+        };
+        self.emit_payload(&exchange, origin, &profile, links, output);
     }
 
     /// Builds and redacts one payload.
     fn emit_payload(
         &mut self,
         exchange: &TrackedExchange,
+        origin: Origin,
         profile: &ProcessProfile,
         links: Links,
         output: &mut PipelineOutput,
@@ -204,6 +241,7 @@ impl Pipeline {
         let mut payload = payload::build(exchange, profile, links, &self.settings);
         self.redactor.apply(&mut payload);
         output.payloads.push(payload);
+        output.origins.push(origin);
         *self
             .payloads_by_process
             .entry(exchange.conn.tgid)
@@ -257,6 +295,7 @@ impl Pipeline {
         let Tracked { output, ended, .. } = tracked;
         let mut pipeline_output = PipelineOutput {
             payloads: Vec::with_capacity(output.exchanges.len()),
+            origins: Vec::with_capacity(output.exchanges.len()),
             disable: output.disable,
             unreadable_tls: output.unreadable_tls,
         };
@@ -269,7 +308,8 @@ impl Pipeline {
             }
             let profile = self.profiles.get(exchange.conn.tgid);
             let links = self.links(&exchange, profile.thread_per_request);
-            self.emit_payload(&exchange, &profile, links, &mut pipeline_output);
+            let origin = Origin::of(&exchange);
+            self.emit_payload(&exchange, origin, &profile, links, &mut pipeline_output);
         }
         for call in output.failed_calls {
             self.on_failed_call(call, &mut pipeline_output);
