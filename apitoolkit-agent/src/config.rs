@@ -191,7 +191,7 @@ pub struct CaptureArgs {
     #[arg(long, value_name = "FILE", env = "APITOOLKIT_CREDENTIALS")]
     pub credentials: Option<PathBuf>,
 
-    /// Debug logging on standard error.
+    /// Debug logging on standard error (payloads are named there, never logged).
     #[arg(long, env = "APITOOLKIT_DEBUG")]
     pub debug: bool,
 
@@ -224,6 +224,16 @@ pub struct CaptureArgs {
     /// Largest body kept per message; longer bodies are cut and tagged as truncated.
     #[arg(long, default_value_t = 1024 * 1024, env = "APITOOLKIT_MAX_BODY_BYTES")]
     pub max_body_bytes: usize,
+
+    /// Bytes all connections together may hold for messages still arriving (heads, bodies,
+    /// unanswered requests). Beyond it the connections idle longest lose their unfinished
+    /// messages (counted, logged), so clients that never finish cannot grow the agent.
+    #[arg(
+        long,
+        default_value_t = crate::pipeline::connections::DEFAULT_MAX_BUFFERED_BYTES,
+        env = "APITOOLKIT_MAX_BUFFERED_BYTES"
+    )]
+    pub max_buffered_bytes: usize,
 
     /// Override the detected framework (a backend sdk_type name such as PythonFlask).
     #[arg(long, env = "APITOOLKIT_SDK_TYPE")]

@@ -73,6 +73,8 @@ pub struct Snapshot<'a> {
     pub totals: &'a CaptureTotals,
     pub sinks: &'a [Arc<PayloadQueue>],
     pub watched_processes: usize,
+    /// Bytes held for messages still arriving.
+    pub buffered_bytes: usize,
     /// Payloads per live process, with its name.
     pub payloads_by_process: Vec<(u32, &'a str, u64)>,
 }
@@ -98,12 +100,15 @@ macro_rules! counters {
             errors_unattached: "apitoolkit_agent_errors_unattached_total" = $snapshot.links.errors_unattached;
             tls_connections: "apitoolkit_agent_tls_connections_total" = $snapshot.tracker.tls_connections;
             unreadable_tls_connections: "apitoolkit_agent_unreadable_tls_connections_total" = $snapshot.tracker.unreadable_tls_connections;
+            evicted_connections: "apitoolkit_agent_evicted_connections_total" = $snapshot.tracker.evicted_connections;
+            evicted_bytes: "apitoolkit_agent_evicted_bytes_total" = $snapshot.tracker.evicted_bytes;
             tls_unmapped: "apitoolkit_agent_dropped_events_total" {"cause" => "tls_unmapped"} = $snapshot.losses.tls_unmapped;
             ringbuf_full: "apitoolkit_agent_dropped_events_total" {"cause" => "ringbuf_full"} = $snapshot.losses.ringbuf_full;
             conn_table_full: "apitoolkit_agent_dropped_events_total" {"cause" => "conn_table_full"} = $snapshot.losses.conn_table_full;
             inflight_table_full: "apitoolkit_agent_dropped_events_total" {"cause" => "inflight_table_full"} = $snapshot.losses.inflight_table_full;
             user_read_failed: "apitoolkit_agent_dropped_events_total" {"cause" => "user_read_failed"} = $snapshot.losses.user_read_failed;
             decode_errors: "apitoolkit_agent_dropped_events_total" {"cause" => "decode_error"} = $snapshot.totals.decode_errors;
+            stderr_yielded: "apitoolkit_agent_dropped_events_total" {"cause" => "stderr_yielded"} = $snapshot.losses.stderr_yielded;
         }
     };
 }
@@ -133,6 +138,7 @@ pub fn export(snapshot: &Snapshot<'_>) {
             .absolute(sink.dropped());
     }
     gauge!("apitoolkit_agent_watched_processes").set(snapshot.watched_processes as f64);
+    gauge!("apitoolkit_agent_buffered_bytes").set(snapshot.buffered_bytes as f64);
     for (pid, name, payloads) in &snapshot.payloads_by_process {
         metrics::counter!("apitoolkit_agent_payloads_total", "pid" => pid.to_string(), "process" => name.to_string())
             .absolute(*payloads);
@@ -143,6 +149,80 @@ pub fn export(snapshot: &Snapshot<'_>) {
 pub fn log_totals(snapshot: &Snapshot<'_>) {
     let sink_dropped = snapshot.sinks.iter().map(|sink| sink.dropped()).sum();
     (counters!(snapshot, log_counters))(sink_dropped);
+}
+
+/// How often [`LossReport`] sums up.
+pub const LOSS_REPORT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Counters meaning traffic went uncaptured, by the name the shutdown log gives them; the
+/// second part says whether the kernel dropped it (a warning) or reassembly could not use it.
+fn uncaptured(snapshot: &Snapshot<'_>) -> [(&'static str, u64, bool); 14] {
+    let (tracker, losses) = (snapshot.tracker, &snapshot.losses);
+    [
+        ("unpaired_requests", tracker.unpaired_requests, false),
+        ("unpaired_responses", tracker.unpaired_responses, false),
+        ("malformed_messages", tracker.malformed_messages, false),
+        ("desyncs", tracker.desyncs, false),
+        ("gap_bytes", tracker.gap_bytes, false),
+        ("evicted_connections", tracker.evicted_connections, true),
+        ("ringbuf_full", losses.ringbuf_full, true),
+        ("conn_table_full", losses.conn_table_full, true),
+        ("inflight_table_full", losses.inflight_table_full, true),
+        ("user_read_failed", losses.user_read_failed, true),
+        ("tls_unmapped", losses.tls_unmapped, true),
+        ("stderr_yielded", losses.stderr_yielded, true),
+        ("decode_errors", snapshot.totals.decode_errors, true),
+        (
+            "sink_dropped",
+            snapshot.sinks.iter().map(|sink| sink.dropped()).sum(),
+            true,
+        ),
+    ]
+}
+
+/// Once an interval, one log line with what went uncaptured in it, if anything did: counters
+/// on /metrics alone go unnoticed. Requests answered but unparsable (invalid chunking, cut by
+/// their client) show up here as unpaired or malformed.
+#[derive(Default)]
+pub struct LossReport {
+    previous: Vec<u64>,
+    ticks: u32,
+}
+
+impl LossReport {
+    /// Called once a second; every `interval` ticks, returns the growth of each uncaptured
+    /// counter since the last report (`name=growth ...`, nothing when none grew) and whether
+    /// the kernel or the agent dropped any of it.
+    pub fn tick(&mut self, snapshot: &Snapshot<'_>, interval: u32) -> Option<(String, bool)> {
+        self.ticks += 1;
+        if self.ticks < interval {
+            return None;
+        }
+        self.ticks = 0;
+        let now = uncaptured(snapshot);
+        let previous = std::mem::replace(&mut self.previous, now.iter().map(|c| c.1).collect());
+        let mut dropped = false;
+        let grown: Vec<String> = now
+            .iter()
+            .enumerate()
+            .filter_map(|(index, &(name, value, drop))| {
+                let growth = value - previous.get(index).copied().unwrap_or(0);
+                dropped |= drop && growth > 0;
+                (growth > 0).then(|| format!("{name}={growth}"))
+            })
+            .collect();
+        (!grown.is_empty()).then(|| (grown.join(" "), dropped))
+    }
+}
+
+/// Logs what [`LossReport::tick`] found.
+pub fn report_losses(report: &mut LossReport, snapshot: &Snapshot<'_>) {
+    let interval = LOSS_REPORT_INTERVAL.as_secs() as u32;
+    match report.tick(snapshot, interval) {
+        Some((lost, true)) => tracing::warn!(%lost, seconds = interval, "not captured recently"),
+        Some((lost, false)) => tracing::info!(%lost, seconds = interval, "not captured recently"),
+        None => {}
+    }
 }
 
 /// Installs the process-wide metrics recorder.
@@ -283,6 +363,8 @@ mod tests {
             not_http_connections: 9,
             tls_connections: 10,
             unreadable_tls_connections: 11,
+            evicted_connections: 23,
+            evicted_bytes: 24,
         };
         let links = LinkStats {
             outgoing_with_parent: 12,
@@ -296,6 +378,7 @@ mod tests {
             inflight_table_full: 18,
             user_read_failed: 19,
             tls_unmapped: 20,
+            stderr_yielded: 25,
         };
         let totals = CaptureTotals {
             decode_errors: 21,
@@ -314,6 +397,7 @@ mod tests {
             totals: &totals,
             sinks: &[],
             watched_processes: 0,
+            buffered_bytes: 0,
             payloads_by_process: Vec::new(),
         };
         let recorder = PrometheusBuilder::new().build_recorder();
@@ -324,10 +408,11 @@ mod tests {
             .lines()
             .filter(|line| line.starts_with("apitoolkit_agent_"))
             .filter(|line| !line.starts_with("apitoolkit_agent_watched_processes"))
+            .filter(|line| !line.starts_with("apitoolkit_agent_buffered_bytes"))
             .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
             .collect();
         exported.sort_unstable();
-        assert_eq!(exported, (1..=22).collect::<Vec<u64>>());
+        assert_eq!(exported, (1..=25).collect::<Vec<u64>>());
 
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
         let writer = {
@@ -348,8 +433,49 @@ mod tests {
             .filter_map(|(_, value)| value.parse().ok())
             .collect();
         logged.sort_unstable();
-        assert_eq!(logged, (1..=22).collect::<Vec<u64>>());
+        assert_eq!(logged, (1..=25).collect::<Vec<u64>>());
         assert!(line.contains("not_http_connections=9 ") && line.contains("errors_unattached=15 "));
+    }
+
+    #[test]
+    fn the_loss_report_says_what_grew_in_each_interval_and_nothing_when_nothing_did() {
+        let (mut tracker, links, mut losses, totals) = distinct_counters();
+        let mut report = LossReport::default();
+        let mut tick = |tracker: &TrackerStats, losses: &KernelLosses| {
+            let snapshot = Snapshot {
+                tracker,
+                links: &links,
+                losses: losses.clone(),
+                totals: &totals,
+                sinks: &[],
+                watched_processes: 0,
+                buffered_bytes: 0,
+                payloads_by_process: Vec::new(),
+            };
+            (0..3)
+                .filter_map(|_| report.tick(&snapshot, 3))
+                .collect::<Vec<_>>()
+        };
+        let first = tick(&tracker, &losses);
+        assert_eq!(first.len(), 1, "one report per interval");
+        assert!(
+            first[0]
+                .0
+                .starts_with("unpaired_requests=6 unpaired_responses=7")
+        );
+        assert!(first[0].1);
+        assert_eq!(tick(&tracker, &losses), vec![], "nothing grew");
+        tracker.malformed_messages += 2;
+        assert_eq!(
+            tick(&tracker, &losses),
+            vec![("malformed_messages=2".to_owned(), false)]
+        );
+        losses.stderr_yielded += 1;
+        tracker.unpaired_requests += 4;
+        assert_eq!(
+            tick(&tracker, &losses),
+            vec![("unpaired_requests=4 stderr_yielded=1".to_owned(), true)]
+        );
     }
 
     struct LogWriter(Arc<std::sync::Mutex<Vec<u8>>>);

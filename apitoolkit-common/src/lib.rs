@@ -147,6 +147,8 @@ abi_enum! {
         ReadFailed = 3,
         /// TLS calls whose socket could not be found (no inner syscall, no earlier mapping).
         TlsUnmapped = 4,
+        /// Stderr writes dropped because the ring buffer was filling: errors yield to traffic.
+        StderrYielded = 5,
     }
 }
 

@@ -6,6 +6,7 @@ use apitoolkit_common::{
     Source, conn_key,
 };
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_RING_SIZE},
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
     macros::tracepoint,
     programs::TracePointContext,
@@ -14,7 +15,7 @@ use aya_ebpf::{
 use crate::{
     connections::{connection_of, emit_conn, is_ip, open_conn, read_sockaddr, report_broken},
     emit::{Skipped, emit_data, emit_on_connection, emit_skipped},
-    maps::{CONNECTIONS, IN_FLIGHT, LAST_SOCKET_FD, TLS_CALLS, config, count},
+    maps::{CONNECTIONS, EVENTS, IN_FLIGHT, LAST_SOCKET_FD, TLS_CALLS, config, count},
     process::current_target,
 };
 
@@ -219,8 +220,15 @@ fn captures_stderr() -> bool {
 /// errors. Positions count from the write's first byte. A write longer than a chunk sends its
 /// first and its last chunk (a Python traceback ends with its error type and message) and
 /// reports the middle as skipped; a longer writev sends its first chunk and reports the rest.
+///
+/// Error text yields to traffic: while the ring buffer is more than a quarter full, stderr
+/// writes are dropped and counted, so a process flooding its stderr cannot cost HTTP capture.
 #[inline(always)]
 fn emit_stderr(call: &InFlightCall, pid_tgid: u64, tgid: u32, total: u64) {
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > EVENTS.query(BPF_RB_RING_SIZE as u64) / 4 {
+        count(Counter::StderrYielded);
+        return;
+    }
     let stderr = ConnId {
         tgid,
         fd: STDERR_FD,

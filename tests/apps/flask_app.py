@@ -85,3 +85,11 @@ if __name__ == "__main__":
         port=int(os.environ.get("PORT", "5055")),
         ssl_context=(certificate, os.environ["TLS_KEY"]) if certificate else None,
     )
+
+
+@app.get("/flood")
+def flood():
+    """Writes `writes` single bytes to stderr, one write(2) each: a service spamming its log."""
+    for _ in range(int(request.args.get("writes", "1000"))):
+        os.write(2, b".")
+    return jsonify(flooded=True)

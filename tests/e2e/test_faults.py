@@ -1,6 +1,7 @@
 """Faults the agent must survive without hurting the service or pairing wrongly: the agent
 killed under load, thousands of short connections reusing fds, a ring buffer far too small,
-Pub/Sub unreachable for a minute, and a flood of idle clients on the metrics endpoint."""
+Pub/Sub unreachable for a minute, a flood of idle clients on the metrics endpoint, clients that
+never finish their heads, and a service flooding its stderr."""
 import json
 import os
 import resource
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import PROJECT_ID, Agent, body, body_json, free_port
+from conftest import APPS, PROJECT_ID, Agent, Server, body, body_json, free_port
 from test_capture import read_responses
 
 
@@ -169,3 +170,90 @@ def test_metrics_endpoint_under_two_thousand_idle_connections(flask_server):
         for client in idle:
             client.close()
         assert agent.stop() == 0
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+def wait_until_idle(pid: int, timeout: float = 120) -> None:
+    """Until the process used under 5% of a core for a second."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = cpu_seconds(pid)
+        time.sleep(1)
+        if cpu_seconds(pid) - before < 0.05:
+            return
+    raise AssertionError(f"pid {pid} still busy after {timeout} s")
+
+
+def test_ten_thousand_unfinished_heads_keep_the_agent_under_its_memory_limit():
+    """Clients that start a request head and never end it: each one's bytes wait in the agent
+    for the rest of the head. 10 000 of them send 400 MB; the agent keeps at most its buffer
+    bound (128 MiB) of it, evicting the connections idle longest, and stays far under the
+    512 MiB its systemd unit and DaemonSet allow. The service keeps being captured."""
+    clients_count, head_bytes = 10_000, 40 << 10
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = clients_count + 500  # the client ends here, the server ends in node (same limit)
+    try:
+        raised_hard = hard if hard == resource.RLIM_INFINITY else max(hard, needed)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, raised_hard))
+    except (ValueError, OSError):
+        pytest.skip(f"needs {needed} open files (hard limit {hard})")
+    port = free_port()
+    # node takes heads up to its --max-http-header-size; it waits 60 s for a head's end.
+    server = Server(["node", "--max-http-header-size=131072", str(APPS / "node_server.js")], port)
+    agent = Agent([server.pid])
+    clients = []
+    try:
+        head = b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"a" * head_bytes
+        started = time.monotonic()
+        for _ in range(clients_count):
+            client = socket.create_connection(("127.0.0.1", port))
+            client.sendall(head)
+            clients.append(client)
+        wait_until_idle(agent.process.pid)
+        took = time.monotonic() - started
+        peak = peak_rss_mib(agent.process.pid)
+        assert requests.get(f"http://127.0.0.1:{port}/after", timeout=10).status_code == 200
+        payloads = agent.wait_for(1)
+    finally:
+        for client in clients:
+            client.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert agent.stop() == 0
+    server.stop()
+    stats = agent.stats()
+    print(f"{clients_count} unfinished heads of {head_bytes >> 10} KiB: agent peak RSS {peak:.0f} MiB, "
+          f"evicted {stats['evicted_connections']} connections ({stats['evicted_bytes'] >> 20} MiB), "
+          f"{took:.1f} s")
+    assert stats["captured_bytes"] > clients_count * head_bytes * 0.9, "the agent saw the heads"
+    assert stats["evicted_connections"] > 0
+    assert [p["raw_url"] for p in payloads] == ["/after"]
+    assert peak < 400, f"peak RSS {peak:.0f} MiB"
+
+
+def test_a_stderr_flood_costs_no_exchange(gthread_server):
+    """A watched service printing 200 000 one-byte writes to stderr while serving 200 req/s:
+    error capture yields the ring buffer to traffic, and every exchange is captured."""
+    agent = Agent([gthread_server.pid])
+    flood = threading.Thread(
+        target=lambda: requests.get(f"{gthread_server.base}/flood?writes=200000", timeout=120))
+    flood.start()
+    sent = 0
+    with requests.Session() as session:
+        started = time.monotonic()
+        while flood.is_alive() or sent < 400:
+            sent += 1
+            assert session.get(f"{gthread_server.base}/item/{sent}", timeout=10).status_code == 200
+            time.sleep(max(0.0, started + sent / 200 - time.monotonic()))
+    flood.join()
+    payloads = agent.wait_for(sent + 1, timeout=30)
+    assert agent.stop() == 0
+    stats = agent.stats()
+    items = [p for p in payloads if p["url_path"].startswith("/item/")]
+    print(f"stderr flood of 200 000 writes: {len(items)} of {sent} exchanges captured, "
+          f"stderr writes yielded {stats['stderr_yielded']}, ringbuf_full {stats['ringbuf_full']}")
+    assert len(items) == sent, stats
+    assert stats["ringbuf_full"] == 0, stats

@@ -35,6 +35,7 @@ def test_api_key_bootstrap_publishes_redacted_payloads(flask_server, agent_facto
         "--redact-request-body", "$.items[*].secret",
         "--redact-response-body", "$..password",
         "--redact-response-body", "$..secret",
+        "--debug",
         env={"PUBSUB_EMULATOR_HOST": pubsub_emulator.host},
     )
     secret = "s3cret-value"
@@ -81,6 +82,9 @@ def test_api_key_bootstrap_publishes_redacted_payloads(flask_server, agent_facto
     assert upload["request_body"] == ""
     assert "apitoolkit.request_body_withheld" in upload["tags"]
     assert body_json(by_url["/hello?name=alice"], "response_body")["args"] == {"name": ["alice"]}
+    # --debug names each published payload, and logs none of its content (only stdout shows it).
+    assert sum("publishing msg_id=" in line for line in agent.log) == 3
+    assert not any("X-Other" in line or "alice" in line for line in agent.log)
 
 
 def test_api_key_gives_stdout_payloads_the_fetched_project_id(flask_server, agent_factory, metadata_stub):

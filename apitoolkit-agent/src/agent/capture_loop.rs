@@ -22,7 +22,7 @@ use super::{
 use crate::{
     allocator,
     capture::{self, Probes},
-    observability::{self, CaptureTotals, Heartbeat, Snapshot},
+    observability::{self, CaptureTotals, Heartbeat, LossReport, Snapshot},
     pipeline::{Pipeline, events::Event, payload::Payload},
     sinks::PayloadQueue,
     targets::process::{self, Profiler},
@@ -48,6 +48,7 @@ pub struct CaptureLoop {
     /// Names of watched processes, for metric labels.
     pub process_names: HashMap<u32, String>,
     pub heartbeat: Heartbeat,
+    pub losses: LossReport,
 }
 
 impl CaptureLoop {
@@ -156,6 +157,7 @@ impl CaptureLoop {
             totals: &self.totals,
             sinks: &self.sinks,
             watched_processes: watched.len(),
+            buffered_bytes: self.pipeline.buffered_bytes(),
             payloads_by_process,
         })
     }
@@ -176,7 +178,11 @@ impl CaptureLoop {
                 last_tick = Instant::now();
                 self.heartbeat.beat();
                 allocator::return_freed_memory();
-                observability::export(&self.snapshot(probes)?);
+                let mut losses = std::mem::take(&mut self.losses);
+                let snapshot = self.snapshot(probes)?;
+                observability::export(&snapshot);
+                observability::report_losses(&mut losses, &snapshot);
+                self.losses = losses;
                 if self.discovery.targets_exited() {
                     self.drain(probes)?;
                     return Ok(StopReason::TargetsExited);

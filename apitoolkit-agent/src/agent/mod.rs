@@ -303,7 +303,8 @@ fn capture(
         capture_scope(args),
         redactor(args)?,
         Profiles::per_process(),
-    );
+    )
+    .with_max_buffered_bytes(args.max_buffered_bytes);
     let mut probes = load_probes(args, &selector)?;
     let recorder = args
         .record
@@ -329,6 +330,7 @@ fn capture(
         totals: Default::default(),
         process_names: HashMap::new(),
         heartbeat,
+        losses: Default::default(),
     };
     let discovered = capture.discover(&mut probes)?;
     tracing::info!(

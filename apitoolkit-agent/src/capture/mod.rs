@@ -126,6 +126,7 @@ pub struct KernelLosses {
     pub inflight_table_full: u64,
     pub user_read_failed: u64,
     pub tls_unmapped: u64,
+    pub stderr_yielded: u64,
 }
 
 pub struct Probes {
@@ -322,6 +323,7 @@ impl Probes {
             inflight_table_full: total(Counter::InflightTableFull)?,
             user_read_failed: total(Counter::ReadFailed)?,
             tls_unmapped: total(Counter::TlsUnmapped)?,
+            stderr_yielded: total(Counter::StderrYielded)?,
         })
     }
 }

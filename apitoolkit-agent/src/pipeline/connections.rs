@@ -66,6 +66,9 @@ pub struct TrackerStats {
     pub tls_connections: u64,
     /// Connections that carried TLS records but no plaintext: their TLS library is not probed.
     pub unreadable_tls_connections: u64,
+    /// Connections whose unfinished messages were dropped to keep memory bounded.
+    pub evicted_connections: u64,
+    pub evicted_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -119,11 +122,23 @@ struct Connection {
     unclassified_bytes: u64,
     http: HttpConnection,
     ignored: bool,
+    /// Heap bytes its reassembly held after its last bytes (counted in the tracker's total).
+    retained_bytes: usize,
+    last_data_ns: u64,
 }
+
+/// Default bound of the bytes all connections may hold for unfinished messages.
+pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 128 << 20;
 
 pub struct ConnectionTracker {
     connections: HashMap<ConnId, Connection>,
     max_body_bytes: usize,
+    /// Beyond this many bytes held for unfinished messages, the connections idle longest are
+    /// evicted: whatever clients do, the agent's memory stays bounded.
+    max_buffered_bytes: usize,
+    buffered_bytes: usize,
+    /// When eviction was last logged: once a minute at most (the loss report sums it up).
+    eviction_logged_ns: Option<u64>,
     stats: TrackerStats,
 }
 
@@ -173,6 +188,8 @@ impl Connection {
                 HttpConnection::new(max_body_bytes)
             },
             ignored: false,
+            retained_bytes: 0,
+            last_data_ns: 0,
         }
     }
 
@@ -180,18 +197,79 @@ impl Connection {
     fn switch_to_tls(&mut self, max_body_bytes: usize) {
         *self = Self {
             transport: Transport::Tls,
+            // Still in the tracker's total until the next update.
+            retained_bytes: self.retained_bytes,
             ..Self::new(self.role, self.remote, self.seen_from_start, max_body_bytes)
         };
     }
 }
 
 impl ConnectionTracker {
-    pub fn new(max_body_bytes: usize) -> Self {
+    pub fn new(max_body_bytes: usize, max_buffered_bytes: usize) -> Self {
         Self {
             connections: HashMap::new(),
             max_body_bytes,
+            max_buffered_bytes,
+            buffered_bytes: 0,
+            eviction_logged_ns: None,
             stats: TrackerStats::default(),
         }
+    }
+
+    /// Bytes all connections hold for unfinished messages.
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffered_bytes
+    }
+
+    fn remove(&mut self, conn: &ConnId) -> Option<Connection> {
+        let connection = self.connections.remove(conn)?;
+        self.buffered_bytes -= connection.retained_bytes;
+        Some(connection)
+    }
+
+    /// Evicts the unfinished messages of the connections idle longest until a quarter of the
+    /// bound is free again (so eviction, which sorts, runs rarely).
+    fn evict_idle(&mut self, now_ns: u64, output: &mut TrackerOutput) {
+        let mut holding: Vec<(u64, ConnId)> = self
+            .connections
+            .iter()
+            .filter(|(_, connection)| connection.retained_bytes > 0)
+            .map(|(conn, connection)| (connection.last_data_ns, *conn))
+            .collect();
+        holding.sort_unstable_by_key(|(last_data_ns, _)| *last_data_ns);
+        let target = self.max_buffered_bytes / 4 * 3;
+        let (mut evicted, mut freed) = (0u64, 0usize);
+        for (_, conn) in holding {
+            if self.buffered_bytes <= target {
+                break;
+            }
+            let Some(connection) = self.connections.get_mut(&conn) else {
+                continue;
+            };
+            let mut http_output = Reassembled::default();
+            connection.http.evict(&mut http_output);
+            let retained = connection.http.retained_bytes();
+            freed += connection.retained_bytes - retained;
+            self.buffered_bytes -= connection.retained_bytes - retained;
+            connection.retained_bytes = retained;
+            evicted += 1;
+            hand_on(&mut self.stats, conn, connection, http_output, output);
+        }
+        self.stats.evicted_connections += evicted;
+        self.stats.evicted_bytes += freed as u64;
+        if self
+            .eviction_logged_ns
+            .is_some_and(|logged| now_ns.saturating_sub(logged) < 60_000_000_000)
+        {
+            return;
+        }
+        self.eviction_logged_ns = Some(now_ns);
+        tracing::warn!(
+            connections = evicted,
+            bytes = freed,
+            limit = self.max_buffered_bytes,
+            "unfinished messages evicted: connections held more than the buffer limit (logged once a minute, all counted in evicted_connections)"
+        );
     }
 
     pub fn stats(&self) -> &TrackerStats {
@@ -215,10 +293,10 @@ impl ConnectionTracker {
                 self.stats.connections_opened += 1;
                 // Kernel positions count from the first byte the kernel saw, which for a
                 // midstream connection is not the start of a message.
-                self.connections.insert(
-                    conn,
-                    Connection::new(role, remote, !midstream, self.max_body_bytes),
-                );
+                let connection = Connection::new(role, remote, !midstream, self.max_body_bytes);
+                if let Some(replaced) = self.connections.insert(conn, connection) {
+                    self.buffered_bytes -= replaced.retained_bytes;
+                }
             }
             Event::Data(data) => self.on_data(data, &mut output),
             Event::Close {
@@ -229,7 +307,7 @@ impl ConnectionTracker {
                 tls_bytes_sent,
                 tls_bytes_received,
             } => {
-                if let Some(connection) = self.connections.remove(&conn) {
+                if let Some(connection) = self.remove(&conn) {
                     let (sent, received) = match &connection.transport {
                         Transport::Tls => (tls_bytes_sent, tls_bytes_received),
                         _ => (bytes_sent, bytes_received),
@@ -257,7 +335,7 @@ impl ConnectionTracker {
                     .copied()
                     .collect();
                 for conn in exited {
-                    if let Some(connection) = self.connections.remove(&conn) {
+                    if let Some(connection) = self.remove(&conn) {
                         // The kernel sends no close for fds a dying process leaves open.
                         let end = StreamEnd {
                             sent: 0,
@@ -387,6 +465,13 @@ impl ConnectionTracker {
             return;
         }
         connection.reassemble(&data, bytes, gap, stats, output);
+        let retained = connection.http.retained_bytes();
+        self.buffered_bytes = self.buffered_bytes - connection.retained_bytes + retained;
+        connection.retained_bytes = retained;
+        connection.last_data_ns = data.timestamp_ns;
+        if self.buffered_bytes > self.max_buffered_bytes {
+            self.evict_idle(data.timestamp_ns, output);
+        }
     }
 }
 
@@ -681,7 +766,7 @@ mod tests {
                 100 + index as u64,
             ));
         }
-        let mut tracker = ConnectionTracker::new(1 << 20);
+        let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
         assert_eq!(
             run(&mut tracker, events),
             vec![("/a".to_owned(), 200, b"hello".to_vec())]
@@ -689,9 +774,67 @@ mod tests {
     }
 
     #[test]
+    fn unfinished_heads_beyond_the_buffer_bound_are_evicted_oldest_first() {
+        const LIMIT: usize = 1 << 20;
+        let mut tracker = ConnectionTracker::new(1 << 20, LIMIT);
+        // 40 clients each send 40 KiB of a head that never ends: 1.6 MiB without a bound.
+        let unfinished = [
+            b"GET /slow HTTP/1.1\r\nX-Filler: ".as_slice(),
+            &[b'a'; 40 << 10],
+        ]
+        .concat();
+        let conns: Vec<ConnId> = (0..40).map(|fd| conn(fd, 1)).collect();
+        for (at, &c) in conns.iter().enumerate() {
+            run(&mut tracker, vec![open(c, Role::Server)]);
+            run(
+                &mut tracker,
+                vec![data(c, Direction::Ingress, 0, &unfinished, at as u64)],
+            );
+            assert!(
+                tracker.buffered_bytes() <= LIMIT,
+                "{}",
+                tracker.buffered_bytes()
+            );
+        }
+        let stats = tracker.stats().clone();
+        assert!(stats.evicted_connections >= 10, "{stats:?}");
+        assert!(stats.evicted_bytes as usize >= stats.evicted_connections as usize * (40 << 10));
+
+        // The newest client was not evicted: its head completes and pairs.
+        let newest = conns[39];
+        let end = unfinished.len() as u64;
+        assert_eq!(
+            run(
+                &mut tracker,
+                vec![
+                    data(newest, Direction::Ingress, end, b"\r\n\r\n", 100),
+                    data(newest, Direction::Egress, 0, RESPONSE, 101),
+                ]
+            ),
+            vec![("/slow".to_owned(), 200, b"hello".to_vec())]
+        );
+        // The oldest was: its next request starts a new exchange, paired with its own response.
+        let oldest = conns[0];
+        assert_eq!(
+            run(
+                &mut tracker,
+                vec![
+                    data(oldest, Direction::Ingress, end, REQUEST, 102),
+                    data(oldest, Direction::Egress, 0, RESPONSE, 103),
+                ]
+            ),
+            vec![("/a".to_owned(), 200, b"hello".to_vec())]
+        );
+        for c in conns {
+            tracker.feed(close(c, 0, 0));
+        }
+        assert_eq!(tracker.buffered_bytes(), 0, "closing releases every count");
+    }
+
+    #[test]
     fn fd_reuse_never_merges_two_connections() {
         let (first, second) = (conn(5, 1), conn(5, 2));
-        let mut tracker = ConnectionTracker::new(1 << 20);
+        let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
         let exchanges = run(
             &mut tracker,
             vec![
@@ -726,7 +869,7 @@ mod tests {
     #[test]
     fn skipped_bytes_inside_a_body_keep_the_exchange_and_mark_it() {
         let c = conn(6, 1);
-        let mut tracker = ConnectionTracker::new(1 << 20);
+        let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
         let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n";
         let mut sendfile_marker = data(c, Direction::Egress, head.len() as u64, b"", 3);
         if let Event::Data(marker) = &mut sendfile_marker {
@@ -759,7 +902,7 @@ mod tests {
     #[test]
     fn lost_bytes_in_a_head_never_pair_the_wrong_response() {
         let c = conn(7, 1);
-        let mut tracker = ConnectionTracker::new(1 << 20);
+        let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
         let second = b"GET /second HTTP/1.1\r\n\r\n";
         let third = b"GET /third HTTP/1.1\r\n\r\n";
         let exchanges = run(
@@ -802,7 +945,7 @@ mod tests {
     #[test]
     fn close_completes_a_close_delimited_response() {
         let c = conn(8, 1);
-        let mut tracker = ConnectionTracker::new(1 << 20);
+        let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
         let body = b"HTTP/1.0 200 OK\r\n\r\nuntil-close";
         let exchanges = run(
             &mut tracker,
@@ -822,7 +965,7 @@ mod tests {
     #[test]
     fn unknown_role_is_inferred_from_the_first_bytes() {
         let c = conn(9, 1);
-        let mut tracker = ConnectionTracker::new(1 << 20);
+        let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
         let mut events = vec![Event::Open {
             conn: c,
             timestamp_ns: 0,
@@ -844,7 +987,7 @@ mod tests {
     #[test]
     fn a_connection_that_is_not_http_is_disabled() {
         let c = conn(10, 1);
-        let mut tracker = ConnectionTracker::new(1 << 20);
+        let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
         tracker.feed(open(c, Role::Client));
         let output = tracker.feed(data(
             c,
@@ -862,7 +1005,7 @@ mod tests {
     #[test]
     fn overlapping_bytes_are_not_parsed_twice() {
         let c = conn(11, 1);
-        let mut tracker = ConnectionTracker::new(1 << 20);
+        let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
         let exchanges = run(
             &mut tracker,
             vec![
@@ -878,7 +1021,7 @@ mod tests {
     #[test]
     fn process_exit_flushes_its_connections() {
         let c = conn(12, 1);
-        let mut tracker = ConnectionTracker::new(1 << 20);
+        let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
         let exchanges = run(
             &mut tracker,
             vec![
@@ -906,7 +1049,7 @@ mod tests {
     #[test]
     fn tls_plaintext_is_parsed_and_the_ciphertext_never_is() {
         let c = conn(13, 1);
-        let mut tracker = ConnectionTracker::new(1 << 20);
+        let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
         tracker.feed(open(c, Role::Server));
         let handshake = tracker.feed(data(c, Direction::Ingress, 0, CLIENT_HELLO, 1));
         assert!(handshake.disable.is_empty() && handshake.exchanges.is_empty());
@@ -935,7 +1078,7 @@ mod tests {
     #[test]
     fn plaintext_arriving_first_disables_the_socket_bytes() {
         let c = conn(14, 1);
-        let mut tracker = ConnectionTracker::new(1 << 20);
+        let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
         tracker.feed(open(c, Role::Client));
         let output = tracker.feed(tls(data(c, Direction::Egress, 0, REQUEST, 1)));
         assert_eq!(output.disable, vec![(c, Source::Syscall)]);
@@ -952,7 +1095,7 @@ mod tests {
 
     #[test]
     fn tls_application_data_without_plaintext_is_reported_and_a_bare_handshake_is_not() {
-        let mut tracker = ConnectionTracker::new(1 << 20);
+        let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
         let handshake_only = conn(15, 1);
         tracker.feed(open(handshake_only, Role::Server));
         tracker.feed(data(handshake_only, Direction::Ingress, 0, CLIENT_HELLO, 1));
@@ -986,7 +1129,7 @@ mod tests {
     #[test]
     fn tls_totals_at_close_reveal_lost_plaintext() {
         let c = conn(17, 1);
-        let mut tracker = ConnectionTracker::new(1 << 20);
+        let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
         tracker.feed(open(c, Role::Server));
         tracker.feed(tls(data(c, Direction::Ingress, 0, REQUEST, 1)));
         let head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n";
@@ -1007,7 +1150,7 @@ mod tests {
     #[test]
     fn endless_ciphertext_without_plaintext_is_given_up() {
         let c = conn(18, 1);
-        let mut tracker = ConnectionTracker::new(1 << 20);
+        let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
         tracker.feed(open(c, Role::Client));
         tracker.feed(data(c, Direction::Egress, 0, CLIENT_HELLO, 1));
         let record = [&b"\x17\x03\x03\x3f\xfb"[..], &[0u8; 0x3ffb]].concat();

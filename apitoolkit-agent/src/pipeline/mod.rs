@@ -119,7 +119,10 @@ impl Pipeline {
         profiles: Profiles,
     ) -> Self {
         Self {
-            tracker: ConnectionTracker::new(settings.max_body_bytes),
+            tracker: ConnectionTracker::new(
+                settings.max_body_bytes,
+                connections::DEFAULT_MAX_BUFFERED_BYTES,
+            ),
             settings,
             scope,
             redactor,
@@ -131,8 +134,19 @@ impl Pipeline {
         }
     }
 
+    /// Bounds the bytes all connections may hold for unfinished messages.
+    pub fn with_max_buffered_bytes(mut self, bytes: usize) -> Self {
+        self.tracker = ConnectionTracker::new(self.settings.max_body_bytes, bytes);
+        self
+    }
+
     pub fn stats(&self) -> &TrackerStats {
         self.tracker.stats()
+    }
+
+    /// Bytes held for messages still arriving.
+    pub fn buffered_bytes(&self) -> usize {
+        self.tracker.buffered_bytes()
     }
 
     pub fn link_stats(&self) -> &LinkStats {

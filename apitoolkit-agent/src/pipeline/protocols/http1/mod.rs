@@ -135,6 +135,26 @@ impl HttpConnection {
             .extend(self.pending.drain(..).map(|(_, request)| request));
     }
 
+    /// Heap bytes held for unfinished and unanswered messages.
+    pub fn retained_bytes(&self) -> usize {
+        let pending: usize = self
+            .pending
+            .iter()
+            .map(|(_, request)| request.retained_bytes())
+            .sum();
+        self.requests.retained_bytes() + self.responses.retained_bytes() + pending
+    }
+
+    /// Drops every unfinished and unanswered message to free memory, as a gap in both
+    /// directions would: pairing restarts at the next request.
+    pub fn evict(&mut self, output: &mut Reassembled) {
+        self.requests.abandon();
+        self.responses.abandon();
+        self.drop_pending(output);
+        self.pending = VecDeque::new();
+        self.desynced = true;
+    }
+
     pub fn awaits_response(&self) -> bool {
         !self.pending.is_empty()
     }

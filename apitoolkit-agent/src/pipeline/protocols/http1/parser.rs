@@ -89,6 +89,20 @@ impl Message {
             StartLine::Request { .. } => None,
         }
     }
+
+    /// Heap bytes the message holds.
+    pub fn retained_bytes(&self) -> usize {
+        let start = match &self.start {
+            StartLine::Request { method, target } => method.capacity() + target.capacity(),
+            StartLine::Response { .. } => 0,
+        };
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| name.capacity() + value.capacity())
+            .sum();
+        start + headers + self.body.bytes.capacity()
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -218,6 +232,26 @@ impl MessageParser {
         early.body.incomplete = true;
         early.last_byte_ns = self.last_push_ns;
         Some(early)
+    }
+
+    /// Heap bytes buffered for the message in progress.
+    pub fn retained_bytes(&self) -> usize {
+        let message = match &self.state {
+            State::Body { message, .. } => message.retained_bytes(),
+            _ => 0,
+        };
+        self.buffer.capacity() + message
+    }
+
+    /// Drops the message in progress and frees its memory (the agent needs it back); the
+    /// parser resyncs on the next message start.
+    pub fn abandon(&mut self) {
+        if matches!(self.state, State::Upgraded) {
+            return;
+        }
+        self.buffer = BytesMut::new();
+        self.first_byte_ns = None;
+        self.state = State::Resync;
     }
 
     pub fn upgrade(&mut self) {
