@@ -73,6 +73,9 @@ abi_enum! {
         /// A [`ConnRecord`] for a connect that failed, or a connection a data call found broken
         /// (reset, timed out).
         ConnError = 5,
+        /// A [`ProcessRecord`]: the kernel selected a process the moment it bound a `--port` port
+        /// or executed an `--exe` program; userspace confirms it from /proc.
+        ProcessSelected = 6,
     }
 }
 
@@ -132,6 +135,19 @@ abi_enum! {
         /// The agent's own process, never a target (it would capture its own output).
         AgentTgid = 3,
     }
+}
+
+/// Length of the kernel's task name (`comm`), NUL included.
+pub const COMM_LEN: usize = 16;
+
+/// The task name a process executing `program` gets: the file name of the path it executed,
+/// cut to 15 bytes, NUL-padded. The key of the exe-target map.
+pub fn exe_comm(program: &str) -> [u8; COMM_LEN] {
+    let name = program.rsplit('/').next().unwrap_or(program).as_bytes();
+    let mut comm = [0; COMM_LEN];
+    let len = name.len().min(COMM_LEN - 1);
+    comm[..len].copy_from_slice(&name[..len]);
+    comm
 }
 
 /// Size of the kernel's configuration array.
@@ -273,6 +289,11 @@ pub mod maps {
     pub const TARGETS: &str = "TARGETS";
     /// Selected cgroups (v2 ids).
     pub const CGROUP_TARGETS: &str = "CGROUP_TARGETS";
+    /// `--port` ports: a process binding one is selected at once.
+    pub const PORT_TARGETS: &str = "PORT_TARGETS";
+    /// `--exe` program names as the kernel's task name ([`crate::exe_comm`]): a process
+    /// executing one is selected at once.
+    pub const EXE_TARGETS: &str = "EXE_TARGETS";
     /// Known connections ([`crate::ConnState`] by [`crate::conn_key`]).
     pub const CONNECTIONS: &str = "CONNECTIONS";
     /// Byte sources userspace gave up on ([`crate::Disabled`] by [`crate::conn_key`]).
@@ -321,6 +342,10 @@ pub mod programs {
     pub const ENTER_CLOSE: &str = "enter_close";
     pub const PROCESS_FORK: &str = "process_fork";
     pub const PROCESS_EXIT: &str = "process_exit";
+    /// bind: selects a process binding a `--port` port.
+    pub const ENTER_BIND: &str = "enter_bind";
+    /// exec: selects a process executing an `--exe` program.
+    pub const PROCESS_EXEC: &str = "process_exec";
 
     pub const SSL_READ_ENTER: &str = "ssl_read_enter";
     pub const SSL_READ_EX_ENTER: &str = "ssl_read_ex_enter";
@@ -390,6 +415,8 @@ pub mod programs {
         (ENTER_CLOSE, "syscalls", &["sys_enter_close"]),
         (PROCESS_FORK, "sched", &["sched_process_fork"]),
         (PROCESS_EXIT, "sched", &["sched_process_exit"]),
+        (ENTER_BIND, "syscalls", &["sys_enter_bind"]),
+        (PROCESS_EXEC, "sched", &["sched_process_exec"]),
     ];
 
     /// SSL functions to probe, with their entry programs: (function, program). Each also gets
@@ -416,6 +443,17 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exe_comm_is_the_file_name_as_the_kernel_names_the_task() {
+        assert_eq!(&exe_comm("/usr/bin/node"), b"node\0\0\0\0\0\0\0\0\0\0\0\0");
+        assert_eq!(&exe_comm("gunicorn"), b"gunicorn\0\0\0\0\0\0\0\0");
+        // Task names hold 15 bytes and a NUL.
+        assert_eq!(
+            &exe_comm("/opt/a-very-long-server-name"),
+            b"a-very-long-ser\0"
+        );
+    }
 
     /// Every variant survives raw -> enum -> raw, and the value just past the last is rejected.
     macro_rules! round_trips {
@@ -463,6 +501,8 @@ mod tests {
             ENTER_CLOSE,
             PROCESS_FORK,
             PROCESS_EXIT,
+            ENTER_BIND,
+            PROCESS_EXEC,
             SSL_READ_ENTER,
             SSL_READ_EX_ENTER,
             SSL_WRITE_ENTER,

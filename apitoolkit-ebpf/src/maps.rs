@@ -4,8 +4,8 @@
 //! statics keep their names.
 
 use apitoolkit_common::{
-    CONFIG_COUNT, COUNTER_COUNT, ConfigKey, ConnState, Counter, DEFAULT_RING_BUFFER_BYTES,
-    DataRecord, Disabled,
+    COMM_LEN, CONFIG_COUNT, COUNTER_COUNT, ConfigKey, ConnState, Counter,
+    DEFAULT_RING_BUFFER_BYTES, DataRecord, Disabled,
 };
 use aya_ebpf::{
     macros::map,
@@ -25,6 +25,15 @@ pub(crate) static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0
 /// Selected cgroups (v2 ids) for `--cgroup`.
 #[map]
 pub(crate) static CGROUP_TARGETS: HashMap<u64, u8> = HashMap::with_max_entries(256, 0);
+
+/// `--port` ports (host order): binding one selects the process.
+#[map]
+pub(crate) static PORT_TARGETS: HashMap<u16, u8> = HashMap::with_max_entries(64, 0);
+
+/// `--exe` names as task names (`apitoolkit_common::exe_comm`): executing one selects the
+/// process.
+#[map]
+pub(crate) static EXE_TARGETS: HashMap<[u8; COMM_LEN], u8> = HashMap::with_max_entries(64, 0);
 
 #[map]
 pub(crate) static CONNECTIONS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65536, 0);

@@ -3,12 +3,21 @@
 
 use apitoolkit_common::{ConfigKey, Counter, ProcessRecord, RecordKind};
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+    },
     macros::tracepoint,
     programs::TracePointContext,
 };
 
-use crate::maps::{CGROUP_TARGETS, EVENTS, LAST_SOCKET_FD, TARGETS, TLS_CALLS, config, count};
+use crate::{
+    connections::read_sockaddr,
+    maps::{
+        CGROUP_TARGETS, EVENTS, EXE_TARGETS, LAST_SOCKET_FD, PORT_TARGETS, TARGETS, TLS_CALLS,
+        config, count,
+    },
+    syscalls::arg,
+};
 
 /// `(pid_tgid, tgid)` of the current thread if its process is a target.
 #[inline(always)]
@@ -50,6 +59,67 @@ pub fn process_fork(ctx: TracePointContext) -> u32 {
     // through bpf_probe_read_kernel, which fails instead of faulting, and any i32 is valid.
     if let Ok(child) = unsafe { ctx.read_at::<i32>(20) } {
         let _ = TARGETS.insert(&(child as u32), &1, 0);
+    }
+    0
+}
+
+/// The current process, when it is neither a target yet nor the agent.
+#[inline(always)]
+fn unselected_process() -> Option<u32> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: only the presence of the entry is used; its value is never read.
+    let selected = unsafe { TARGETS.get(&tgid) }.is_some() || selected_by_config(tgid);
+    (!selected && tgid != config(ConfigKey::AgentTgid)).then_some(tgid)
+}
+
+/// Makes the current process a target from its next syscall on (its threads and children
+/// follow through the fork hook) and tells userspace, which confirms it from /proc.
+#[inline(always)]
+fn select_now(tgid: u32) {
+    if TARGETS.insert(&tgid, &1, 0).is_err() {
+        return;
+    }
+    let record = ProcessRecord {
+        kind: RecordKind::ProcessSelected as u32,
+        tgid,
+        // SAFETY: the helper takes no arguments.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    if EVENTS.output::<ProcessRecord>(&record, 0).is_err() {
+        count(Counter::RingbufFull);
+    }
+}
+
+/// bind(fd, addr, len): a server binding a `--port` port is selected before it accepts its
+/// first connection, not at the next /proc scan.
+#[tracepoint]
+pub fn enter_bind(ctx: TracePointContext) -> u32 {
+    let Some(tgid) = unselected_process() else {
+        return 0;
+    };
+    let Some(address) = arg::<u64>(&ctx, 1).and_then(read_sockaddr) else {
+        return 0;
+    };
+    // SAFETY: only the presence of the entry is used; its value is never read.
+    if unsafe { PORT_TARGETS.get(&address.port) }.is_some() {
+        select_now(tgid);
+    }
+    0
+}
+
+/// sched_process_exec: the task already carries the new program's name, so a process executing
+/// an `--exe` program is selected before its first syscall.
+#[tracepoint]
+pub fn process_exec(_ctx: TracePointContext) -> u32 {
+    let Some(tgid) = unselected_process() else {
+        return 0;
+    };
+    let Ok(comm) = bpf_get_current_comm() else {
+        return 0;
+    };
+    // SAFETY: only the presence of the entry is used; its value is never read.
+    if unsafe { EXE_TARGETS.get(&comm) }.is_some() {
+        select_now(tgid);
     }
     0
 }

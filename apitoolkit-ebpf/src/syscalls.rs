@@ -57,7 +57,7 @@ pub(crate) struct InFlightCall {
 }
 
 #[inline(always)]
-fn arg<T>(ctx: &TracePointContext, n: usize) -> Option<T> {
+pub(crate) fn arg<T>(ctx: &TracePointContext, n: usize) -> Option<T> {
     // SAFETY: argument slots of events/syscalls/sys_enter_*/format, read through
     // bpf_probe_read_kernel (fails instead of faulting); callers read integers, valid for any
     // bytes.

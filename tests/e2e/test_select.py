@@ -1,5 +1,6 @@
 """Selecting processes beyond --pid: by port, executable, cgroup and --all, including servers
 started (and restarted) after the agent; plus `check` and `config --print`."""
+import shutil
 import subprocess
 import sys
 import uuid
@@ -53,6 +54,29 @@ def test_exe_selects_by_program_name():
         server.stop()
         agent.stop()
     assert urls == ["/by-exe"]
+
+
+@pytest.mark.parametrize("selected_by", ["port", "exe"])
+def test_the_first_request_of_a_server_started_later_is_captured(selected_by, tmp_path):
+    """The kernel selects a process the moment it binds a --port port or executes an --exe
+    program; /proc, scanned once a second, only confirms it."""
+    port = free_port()
+    program = tmp_path / "apitk-first-req"  # node under a name no other process has
+    program.symlink_to(shutil.which("node"))
+    args = ("--port", str(port)) if selected_by == "port" else ("--exe", program.name)
+    agent = agent_without_pids(*args)
+    try:
+        server = Server([str(program), str(APPS / "node_server.js")], port)
+        try:
+            # At once: no waiting for the agent's "watching new processes".
+            assert requests.get(f"{server.base}/first").status_code == 200
+            urls = payload_urls(agent, 1)
+            agent.wait_for_log("watching new processes", str(server.pid))
+        finally:
+            server.stop()
+    finally:
+        assert agent.stop() == 0
+    assert urls == ["/first"]
 
 
 def test_all_selects_every_process_but_the_agent():

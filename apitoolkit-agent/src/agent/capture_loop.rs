@@ -54,8 +54,10 @@ pub struct CaptureLoop {
 impl CaptureLoop {
     fn handle(&mut self, event: Event, probes: &mut Probes) -> anyhow::Result<()> {
         let recorded = self.recorder.is_some().then(|| event.clone());
-        if let Event::Data(data) = &event {
-            self.totals.captured_bytes += data.data.len() as u64;
+        match &event {
+            Event::Data(data) => self.totals.captured_bytes += data.data.len() as u64,
+            Event::ProcessSelected { tgid, .. } => self.discovery.kernel_picked(*tgid),
+            _ => {}
         }
         let tracked = self.pipeline.track(event);
         for &tgid in &tracked.unprofiled {

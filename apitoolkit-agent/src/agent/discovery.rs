@@ -1,7 +1,7 @@
 //! Setting up watched processes while capture runs: selection rescans, the TCP connections a
 //! process already held, the kernel's target map, and TLS libraries to probe.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::{
     capture::Probes,
@@ -11,6 +11,9 @@ use crate::{
 
 /// Seconds between TLS rescans of every watched process (new ones are scanned at once).
 const TLS_RESCAN_SECONDS: u32 = 5;
+/// Scans a process the kernel selected (at bind or exec) gets to show up in /proc as selected
+/// (listening on the port, running the program) before the kernel stops capturing it.
+const KERNEL_PICK_SCANS: u32 = 3;
 
 /// Processes one discovery pass set up.
 pub struct Discovered {
@@ -27,16 +30,21 @@ pub struct Discovery {
     tls: TlsWatcher,
     /// Processes already warned about for TLS the agent cannot read.
     unreadable_tls_reported: HashSet<u32>,
+    /// Processes the kernel selected and /proc has not confirmed yet, with the scans left.
+    kernel_picks: HashMap<u32, u32>,
 }
 
-/// Registers the TCP connections `pids` already hold with the kernel side and returns their
-/// open events; the kernel's timestamps and generations use CLOCK_MONOTONIC too.
+/// Registers the TCP connections `pids` already hold, and the kernel does not follow yet, with
+/// the kernel side and returns their open events; the kernel's timestamps and generations use
+/// CLOCK_MONOTONIC too.
 fn register_existing_connections(probes: &mut Probes, pids: &[u32]) -> anyhow::Result<Vec<Event>> {
     let mut events = Vec::new();
     for &pid in pids {
         for existing in sockets::existing_connections(pid) {
             let generation = super::clock_ns(libc::CLOCK_MONOTONIC) as u64;
-            probes.register_connection(pid, existing.fd, generation)?;
+            if !probes.register_connection(pid, existing.fd, generation)? {
+                continue;
+            }
             events.push(Event::Open {
                 conn: ConnId {
                     tgid: pid,
@@ -61,7 +69,44 @@ impl Discovery {
             since_tls_rescan: 0,
             tls: TlsWatcher::default(),
             unreadable_tls_reported: HashSet::new(),
+            kernel_picks: HashMap::new(),
         }
+    }
+
+    /// The kernel selected `tgid` as it bound a port or executed a program: captured from now
+    /// on, until the next scans confirm it or give it up.
+    pub fn kernel_picked(&mut self, tgid: u32) {
+        tracing::debug!(
+            pid = tgid,
+            "selected in the kernel, to be confirmed from /proc"
+        );
+        self.kernel_picks.insert(tgid, KERNEL_PICK_SCANS);
+    }
+
+    /// Gives up kernel picks that /proc did not confirm in time (a client binding the port,
+    /// a bind that failed, a program of the same name elsewhere).
+    fn settle_kernel_picks(
+        &mut self,
+        probes: &mut Probes,
+        selected: &HashSet<u32>,
+    ) -> anyhow::Result<()> {
+        let mut unconfirmed = Vec::new();
+        self.kernel_picks.retain(|pid, scans_left| {
+            if selected.contains(pid) {
+                return false;
+            }
+            *scans_left -= 1;
+            if *scans_left == 0 || !process::exists(*pid) {
+                unconfirmed.push(*pid);
+                return false;
+            }
+            true
+        });
+        if !unconfirmed.is_empty() {
+            tracing::debug!(pids = ?unconfirmed, "kernel selections not confirmed, released");
+            probes.remove_targets(&unconfirmed)?;
+        }
+        Ok(())
     }
 
     pub fn watched(&self) -> &HashSet<u32> {
@@ -103,6 +148,7 @@ impl Discovery {
             .collect();
         new.sort_unstable();
         let existing_connections = register_existing_connections(probes, &new)?;
+        self.settle_kernel_picks(probes, &selected_now)?;
         self.watched = selected_now;
         let watched = &self.watched;
         self.tls.retain_processes(|pid| watched.contains(&pid));

@@ -276,6 +276,8 @@ fn load_probes(args: &CaptureArgs, selector: &Selector) -> anyhow::Result<Probes
         let ids: Vec<u64> = selector.cgroups().iter().map(|cgroup| cgroup.id).collect();
         probes.select_cgroups(&ids)?;
     }
+    probes.select_ports(&args.ports)?;
+    probes.select_exes(&args.exes)?;
     Ok(probes)
 }
 

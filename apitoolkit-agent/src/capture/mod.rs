@@ -11,7 +11,7 @@ use std::{
 };
 
 use apitoolkit_common::{
-    ConfigKey, ConnState, Counter, Disabled, conn_key, maps,
+    COMM_LEN, ConfigKey, ConnState, Counter, Disabled, conn_key, exe_comm, maps,
     programs::{SSL_CALL_RETURN, SSL_PROGRAMS, TRACEPOINTS},
 };
 use aya::{
@@ -257,6 +257,41 @@ impl Probes {
         self.set_config(ConfigKey::SelectCgroups, 1)
     }
 
+    /// Makes a process that binds one of these ports a target at once, in the kernel.
+    pub fn select_ports(&mut self, ports: &[u16]) -> Result<(), ProbeError> {
+        let mut targets: HashMap<_, u16, u8> = self.map(maps::PORT_TARGETS)?;
+        for port in ports {
+            targets
+                .insert(port, 1, 0)
+                .map_err(in_map(maps::PORT_TARGETS))?;
+        }
+        Ok(())
+    }
+
+    /// Makes a process that executes one of these programs (by file name) a target at once,
+    /// in the kernel.
+    pub fn select_exes(&mut self, exes: &[String]) -> Result<(), ProbeError> {
+        let mut targets: HashMap<_, [u8; COMM_LEN], u8> = self.map(maps::EXE_TARGETS)?;
+        for exe in exes {
+            targets
+                .insert(exe_comm(exe), 1, 0)
+                .map_err(in_map(maps::EXE_TARGETS))?;
+        }
+        Ok(())
+    }
+
+    /// Stops capturing processes the kernel selected that /proc did not confirm.
+    pub fn remove_targets(&mut self, pids: &[u32]) -> Result<(), ProbeError> {
+        let mut targets: HashMap<_, u32, u8> = self.map(maps::TARGETS)?;
+        for pid in pids {
+            match targets.remove(pid) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(error) => return Err(in_map(maps::TARGETS)(error)),
+            }
+        }
+        Ok(())
+    }
+
     pub fn add_targets(&mut self, pids: &[u32]) -> Result<(), ProbeError> {
         let mut targets: HashMap<_, u32, u8> = self.map(maps::TARGETS)?;
         for pid in pids {
@@ -272,15 +307,25 @@ impl Probes {
         tgid: u32,
         fd: i32,
         generation: u64,
-    ) -> Result<(), ProbeError> {
+    ) -> Result<bool, ProbeError> {
+        /// Insert only if absent (`BPF_NOEXIST`).
+        const NO_EXIST: u64 = 1;
         let mut connections: HashMap<_, u64, ConnState> = self.map(maps::CONNECTIONS)?;
         let state = ConnState {
             generation,
             ..ConnState::default()
         };
-        connections
-            .insert(conn_key(tgid, fd), state, 0)
-            .map_err(in_map(maps::CONNECTIONS))
+        // A connection the kernel already follows (accepted after a kernel-side selection)
+        // keeps its state: returns false.
+        match connections.insert(conn_key(tgid, fd), state, NO_EXIST) {
+            Ok(()) => Ok(true),
+            Err(MapError::SyscallError(error))
+                if error.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(false)
+            }
+            Err(error) => Err(in_map(maps::CONNECTIONS)(error)),
+        }
     }
 
     /// Stops the kernel from sending this connection generation's bytes from `source`.
@@ -401,6 +446,8 @@ mod tests {
             maps::EVENTS,
             maps::CONFIG,
             maps::CGROUP_TARGETS,
+            maps::PORT_TARGETS,
+            maps::EXE_TARGETS,
             maps::TARGETS,
             maps::CONNECTIONS,
             maps::DISABLED,

@@ -327,6 +327,7 @@ impl ConnectionTracker {
                 remote,
                 errno,
             } => self.on_error(conn, tid, timestamp_ns, remote, errno, &mut output),
+            Event::ProcessSelected { .. } => {}
             Event::ProcessExit { tgid, timestamp_ns } => {
                 let exited: Vec<ConnId> = self
                     .connections

@@ -72,6 +72,12 @@ pub enum Event {
         tgid: u32,
         timestamp_ns: u64,
     },
+    /// The kernel selected a process as it bound a `--port` port or executed an `--exe`
+    /// program (selection's business: the pipeline passes it by).
+    ProcessSelected {
+        tgid: u32,
+        timestamp_ns: u64,
+    },
     /// A connect failed, or a call found the connection broken.
     ConnError {
         conn: ConnId,
@@ -193,6 +199,13 @@ impl Event {
                     timestamp_ns: record.timestamp_ns,
                 })
             }
+            RecordKind::ProcessSelected => {
+                let record: abi::ProcessRecord = read_record(record)?;
+                Ok(Event::ProcessSelected {
+                    tgid: record.tgid,
+                    timestamp_ns: record.timestamp_ns,
+                })
+            }
         }
     }
 
@@ -201,7 +214,8 @@ impl Event {
             Event::Open { timestamp_ns, .. }
             | Event::Close { timestamp_ns, .. }
             | Event::ConnError { timestamp_ns, .. }
-            | Event::ProcessExit { timestamp_ns, .. } => *timestamp_ns,
+            | Event::ProcessExit { timestamp_ns, .. }
+            | Event::ProcessSelected { timestamp_ns, .. } => *timestamp_ns,
             Event::Data(data) => data.timestamp_ns,
         }
     }
