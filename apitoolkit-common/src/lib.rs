@@ -15,8 +15,10 @@ pub const DEFAULT_RING_BUFFER_BYTES: u32 = 8 * 1024 * 1024;
 /// syscall moves beyond that is reported as skipped bytes, never silently dropped.
 pub const MAX_LOOP_STEPS: u32 = 1024;
 
-/// Iovec entries walked per readv/writev/sendmsg/recvmsg call.
-pub const MAX_IOVECS: u64 = 64;
+/// Iovec entries walked per readv/writev/sendmsg/recvmsg call: the kernel's own limit (UIO_MAXIOV),
+/// since node's HTTP/2 writes a large body as hundreds of iovecs (a frame header and its payload
+/// each). The loop bound still caps the work per call.
+pub const MAX_IOVECS: u64 = 1024;
 
 /// Declares an ABI enum with its derives (serde in snake case for userspace), `ALL`, and a `TryFrom` of its raw type that hands an
 /// unknown value back as the error: kernel bytes are validated, never transmuted (an invalid

@@ -1,10 +1,12 @@
-//! HTTP reassembly under arbitrary bytes and arbitrary chunking.
+//! HTTP reassembly (HTTP/1, and HTTP/2 when the request stream opens with its preface) under
+//! arbitrary bytes and arbitrary chunking.
 //!
 //! Input: one byte seeding the chunk sizes, then the request stream, the separator `\n~~~\n`,
 //! and the response stream (so seeds and findings stay readable text). Properties:
 //! - nothing panics, whatever the bytes, the chunking, the gaps or the close;
-//! - exchanges come out in serial order, each a request paired with a response, bodies within
-//!   the limit, and every exchange builds a payload;
+//! - each exchange is a request paired with a response, bodies within the limit, HTTP/1
+//!   exchanges in serial order, HTTP/2 ones never two of a stream; every exchange builds a
+//!   payload;
 //! - a stream that reassembles cleanly in one piece gives the same exchanges in any chunking.
 #![no_main]
 
@@ -13,9 +15,9 @@ use apitoolkit_agent::pipeline::{
     events::{ConnId, Role},
     payload::{self, Links, PayloadSettings},
     profile::{ProcessProfile, SdkType},
-    protocols::http1::{
-        Exchange, HttpConnection, Reassembled,
-        parser::{MessageKind, StartLine},
+    protocols::{
+        Exchange, Reassembled, Reassembler,
+        message::{MessageKind, StartLine},
     },
 };
 use libfuzzer_sys::fuzz_target;
@@ -43,7 +45,7 @@ enum Feed {
 }
 
 fn reassemble(requests: &[u8], responses: &[u8], feed: &Feed) -> Reassembled {
-    let mut connection = HttpConnection::new(MAX_BODY_BYTES);
+    let mut connection = Reassembler::new(MAX_BODY_BYTES);
     let mut output = Reassembled::default();
     for (kind, stream) in [
         (MessageKind::Request, requests),
@@ -80,9 +82,17 @@ fn check(exchanges: &[Exchange]) {
         max_body_bytes: MAX_BODY_BYTES,
         realtime_offset_ns: 0,
     };
-    for pair in exchanges.windows(2) {
+    let (http1, http2): (Vec<&Exchange>, Vec<&Exchange>) = exchanges
+        .iter()
+        .partition(|exchange| exchange.request.version.major == 1);
+    for pair in http1.windows(2) {
         assert!(pair[0].serial < pair[1].serial, "exchanges out of order");
     }
+    let mut streams: Vec<u64> = http2.iter().map(|exchange| exchange.serial).collect();
+    streams.sort_unstable();
+    let count = streams.len();
+    streams.dedup();
+    assert_eq!(streams.len(), count, "one exchange per stream");
     for exchange in exchanges {
         assert!(matches!(exchange.request.start, StartLine::Request { .. }));
         assert!(matches!(

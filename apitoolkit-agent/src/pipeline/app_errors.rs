@@ -5,6 +5,8 @@
 
 use std::{collections::HashMap, net::SocketAddr};
 
+use super::protocols::Exchange;
+
 /// Text kept per thread while waiting for the rest of an error; older text is dropped.
 const MAX_PENDING_TEXT: usize = 64 * 1024;
 
@@ -28,8 +30,90 @@ pub struct CapturedError {
     pub stack_trace: String,
 }
 
-/// Text per (tgid, tid) that may still become part of an error.
+/// gRPC status codes by number (grpc/doc/statuscodes.md).
+const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// HTTP/2 error codes by number (RFC 9113 §7).
+const HTTP2_ERROR_CODES: [&str; 14] = [
+    "NO_ERROR",
+    "PROTOCOL_ERROR",
+    "INTERNAL_ERROR",
+    "FLOW_CONTROL_ERROR",
+    "SETTINGS_TIMEOUT",
+    "STREAM_CLOSED",
+    "FRAME_SIZE_ERROR",
+    "REFUSED_STREAM",
+    "CANCEL",
+    "COMPRESSION_ERROR",
+    "CONNECT_ERROR",
+    "ENHANCE_YOUR_CALM",
+    "INADEQUATE_SECURITY",
+    "HTTP_1_1_REQUIRED",
+];
+
 impl CapturedError {
+    fn named(error_type: String, message: String, timestamp_ns: u64) -> Self {
+        Self {
+            timestamp_ns,
+            root_error_type: error_type.clone(),
+            root_error_message: message.clone(),
+            error_type,
+            message,
+            stack_trace: String::new(),
+        }
+    }
+
+    /// Errors the protocol itself reports on an exchange: a stream reset before its response
+    /// ended (RST_STREAM), and a gRPC call's non-zero `grpc-status`, typed by its code name as
+    /// grpcio names it (`grpc.StatusCode.NOT_FOUND`), with its `grpc-message`.
+    pub fn of_protocol(exchange: &Exchange) -> Vec<Self> {
+        let at = exchange.response.last_byte_ns;
+        let mut errors = Vec::new();
+        if let Some(code) = exchange.reset {
+            let name = HTTP2_ERROR_CODES
+                .get(code as usize)
+                .map_or_else(|| format!("0x{code:x}"), |name| (*name).to_owned());
+            errors.push(Self::named(
+                "StreamReset".to_owned(),
+                format!("HTTP/2 stream reset with {name}"),
+                at,
+            ));
+        }
+        let grpc_status = exchange
+            .response
+            .header("grpc-status")
+            .and_then(|status| status.trim().parse::<usize>().ok());
+        if let Some(status) = grpc_status.filter(|status| *status != 0) {
+            let name = GRPC_CODES.get(status).copied().unwrap_or("UNKNOWN");
+            let message = exchange.response.header("grpc-message").unwrap_or_default();
+            let message = percent_encoding::percent_decode_str(message).decode_utf8_lossy();
+            errors.push(Self::named(
+                format!("grpc.StatusCode.{name}"),
+                message.into_owned(),
+                at,
+            ));
+        }
+        errors
+    }
+
     /// The error of an outgoing call that got no response: `errno` as the kernel reported it,
     /// or none when the connection closed unanswered.
     pub fn failed_call(errno: Option<u32>, remote: Option<SocketAddr>, timestamp_ns: u64) -> Self {
@@ -54,14 +138,7 @@ impl CapturedError {
             Some(remote) => format!("{description} ({remote})"),
             None => description,
         };
-        Self {
-            timestamp_ns,
-            error_type: error_type.to_owned(),
-            root_error_type: error_type.to_owned(),
-            root_error_message: message.clone(),
-            message,
-            stack_trace: String::new(),
-        }
+        Self::named(error_type.to_owned(), message, timestamp_ns)
     }
 }
 

@@ -6,9 +6,10 @@ use std::{collections::HashMap, net::SocketAddr};
 use super::{
     ciphertext::{RecordWalker, looks_like_tls_record},
     events::{ConnId, DataEvent, Direction, Event, Role, Source},
-    protocols::http1::{
-        Anomaly, Exchange, HttpConnection, Reassembled,
-        parser::{Message, MessageKind, looks_like_start},
+    protocols::{
+        Anomaly, Exchange, Reassembled, Reassembler,
+        http1::parser::looks_like_start,
+        message::{Message, MessageKind},
     },
 };
 
@@ -120,7 +121,7 @@ struct Connection {
     next_ingress: Option<u64>,
     next_egress: Option<u64>,
     unclassified_bytes: u64,
-    http: HttpConnection,
+    http: Reassembler,
     ignored: bool,
     /// Heap bytes its reassembly held after its last bytes (counted in the tracker's total).
     retained_bytes: usize,
@@ -183,9 +184,9 @@ impl Connection {
             next_egress: start,
             unclassified_bytes: 0,
             http: if role == Role::Unknown {
-                HttpConnection::joined_midstream(max_body_bytes)
+                Reassembler::joined_midstream(max_body_bytes)
             } else {
-                HttpConnection::new(max_body_bytes)
+                Reassembler::new(max_body_bytes)
             },
             ignored: false,
             retained_bytes: 0,
@@ -727,9 +728,8 @@ mod tests {
             .flat_map(|event| tracker.feed(event).exchanges)
             .map(|tracked| {
                 let exchange = tracked.exchange;
-                let crate::pipeline::protocols::http1::parser::StartLine::Request {
-                    target, ..
-                } = exchange.request.start
+                let crate::pipeline::protocols::message::StartLine::Request { target, .. } =
+                    exchange.request.start
                 else {
                     panic!("request expected");
                 };

@@ -23,7 +23,7 @@ use events::{ConnId, DataEvent, Event, Role, Source};
 use link::{Answered, Linker};
 use payload::{Links, Payload, PayloadSettings};
 use profile::{ProcessProfile, Profiles};
-use protocols::http1::{Exchange, parser::Message};
+use protocols::{Exchange, message::Message};
 use redact::Redactor;
 
 /// What besides incoming requests becomes part of the payloads.
@@ -229,6 +229,7 @@ impl Pipeline {
                 serial: 0,
                 request,
                 response: Message::missing_response(call.timestamp_ns),
+                reset: None,
             },
         };
         let links = Links {
@@ -321,7 +322,10 @@ impl Pipeline {
                 continue;
             }
             let profile = self.profiles.get(exchange.conn.tgid);
-            let links = self.links(&exchange, profile.thread_per_request);
+            let mut links = self.links(&exchange, profile.thread_per_request);
+            links
+                .errors
+                .extend(CapturedError::of_protocol(&exchange.exchange));
             let origin = Origin::of(&exchange);
             self.emit_payload(&exchange, origin, &profile, links, &mut pipeline_output);
         }

@@ -13,7 +13,7 @@ use super::{
     profile::{ProcessProfile, SdkType},
     protocols::{
         content,
-        http1::parser::{Body, Message, StartLine},
+        message::{Body, Message, StartLine},
     },
 };
 
@@ -232,7 +232,12 @@ pub fn build(
         timestamp: rfc3339(response.last_byte_ns as i128 + settings.realtime_offset_ns),
         duration: response.last_byte_ns.saturating_sub(request.first_byte_ns),
         method,
-        host: request.header("host").unwrap_or_default().to_owned(),
+        host: request
+            .authority
+            .as_deref()
+            .or_else(|| request.header("host"))
+            .unwrap_or_default()
+            .to_owned(),
         raw_url: target.clone(),
         url_path: path,
         path_params: serde_json::Map::new(),
@@ -241,8 +246,8 @@ pub fn build(
         response_headers: header_map(response),
         request_body,
         response_body,
-        proto_major: 1,
-        proto_minor: request.version_minor,
+        proto_major: request.version.major,
+        proto_minor: request.version.minor,
         status_code: response.status().unwrap_or_default(),
         sdk_type,
         project_id: settings.project_id,
@@ -266,12 +271,16 @@ mod tests {
     use flate2::{Compression, write::GzEncoder};
 
     use super::*;
-    use crate::pipeline::{events::ConnId, protocols::http1::Exchange};
+    use crate::pipeline::{
+        events::ConnId,
+        protocols::{Exchange, message::Version},
+    };
 
     fn message(start: StartLine, headers: &[(&str, &str)], body: &[u8], at: (u64, u64)) -> Message {
         Message {
             start,
-            version_minor: 1,
+            version: Version::HTTP_1_1,
+            authority: None,
             headers: headers
                 .iter()
                 .map(|(name, value)| (name.to_string(), value.to_string()))
@@ -310,6 +319,7 @@ mod tests {
                 serial: 0,
                 request,
                 response,
+                reset: None,
             },
         }
     }

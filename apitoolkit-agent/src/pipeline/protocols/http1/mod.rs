@@ -6,42 +6,18 @@ pub mod parser;
 
 use std::collections::VecDeque;
 
-use parser::{Message, MessageKind, MessageParser, ParseError, Polled};
+use bytes::BytesMut;
+
+use parser::{MessageParser, Polled};
+
+use super::{
+    Anomaly, Exchange, Reassembled,
+    message::{Message, MessageKind},
+};
 
 /// Requests waiting for a response on one connection; beyond this the oldest is dropped (a
 /// client that pipelines this deep, or a response stream we cannot see).
 const MAX_PENDING_REQUESTS: usize = 128;
-
-/// A request and the response that answered it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Exchange {
-    /// The request's number on its connection (see `Reassembled::requests_read`).
-    pub serial: u64,
-    pub request: Message,
-    pub response: Message,
-}
-
-/// Things reassembly noticed that cost an exchange or a connection; the caller counts them.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Anomaly {
-    /// Bytes were lost where no message boundary could absorb them.
-    Desync,
-    /// A request or response dropped because pairing could not be trusted.
-    Unpaired(MessageKind),
-    Malformed(MessageKind, ParseError),
-}
-
-/// What the bytes pushed into one connection's reassembly produced.
-#[derive(Default, Debug, PartialEq, Eq)]
-pub struct Reassembled {
-    pub exchanges: Vec<Exchange>,
-    pub anomalies: Vec<Anomaly>,
-    /// Serials of requests read completely and now awaiting their response; the exchange that
-    /// answers one carries the same serial.
-    pub requests_read: Vec<u64>,
-    /// Requests still awaiting a response when the connection closed.
-    pub unanswered: Vec<Message>,
-}
 
 pub struct HttpConnection {
     requests: MessageParser,
@@ -55,6 +31,21 @@ pub struct HttpConnection {
     /// Nothing valid has been parsed yet; a malformed start means the protocol is not HTTP.
     seen_message: bool,
     upgraded: bool,
+    h2c: Option<H2cUpgrade>,
+}
+
+/// A switch to HTTP/2 by `Upgrade: h2c`: the request that asked for it and what each side
+/// sent after the 101.
+pub struct H2cUpgrade {
+    pub request: Message,
+    pub client_bytes: BytesMut,
+    pub server_bytes: BytesMut,
+}
+
+fn upgrades_to_h2c(response: &Message) -> bool {
+    response
+        .header("upgrade")
+        .is_some_and(|protocol| protocol.trim().eq_ignore_ascii_case("h2c"))
 }
 
 impl HttpConnection {
@@ -67,6 +58,7 @@ impl HttpConnection {
             desynced: false,
             seen_message: false,
             upgraded: false,
+            h2c: None,
         }
     }
 
@@ -93,6 +85,11 @@ impl HttpConnection {
 
     pub fn is_upgraded(&self) -> bool {
         self.upgraded
+    }
+
+    /// The connection switched to HTTP/2 by `Upgrade: h2c`.
+    pub fn take_h2c_upgrade(&mut self) -> Option<H2cUpgrade> {
+        self.h2c.take()
     }
 
     pub fn push(
@@ -177,7 +174,7 @@ impl HttpConnection {
                     Polled::Interim => {}
                     Polled::Malformed(error) => output
                         .anomalies
-                        .push(Anomaly::Malformed(MessageKind::Request, error)),
+                        .push(Anomaly::Malformed(MessageKind::Request, error.into())),
                 }
             }
             // Borrows disjoint fields, so no per-poll copy of the method.
@@ -193,7 +190,7 @@ impl HttpConnection {
                     Polled::Interim => {}
                     Polled::Malformed(error) => output
                         .anomalies
-                        .push(Anomaly::Malformed(MessageKind::Response, error)),
+                        .push(Anomaly::Malformed(MessageKind::Response, error.into())),
                 }
             }
             if !progressed || self.upgraded {
@@ -250,13 +247,23 @@ impl HttpConnection {
         };
         if response.status() == Some(101) {
             self.upgraded = true;
-            self.requests.upgrade();
-            self.responses.upgrade();
+            let client_bytes = self.requests.upgrade();
+            let server_bytes = self.responses.upgrade();
+            if upgrades_to_h2c(&response) {
+                // Not an exchange: HTTP/2 answers the request on stream 1.
+                self.h2c = Some(H2cUpgrade {
+                    request,
+                    client_bytes,
+                    server_bytes,
+                });
+                return;
+            }
         }
         output.exchanges.push(Exchange {
             serial,
             request,
             response,
+            reset: None,
         });
     }
 }
@@ -264,13 +271,14 @@ impl HttpConnection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::protocols::message::StartLine;
 
     fn targets(output: &Reassembled) -> Vec<(String, u16)> {
         output
             .exchanges
             .iter()
             .map(|exchange| {
-                let parser::StartLine::Request { target, .. } = &exchange.request.start else {
+                let StartLine::Request { target, .. } = &exchange.request.start else {
                     panic!("request expected");
                 };
                 (target.clone(), exchange.response.status().unwrap())

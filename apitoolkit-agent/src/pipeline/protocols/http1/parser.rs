@@ -7,6 +7,7 @@
 use bytes::{Buf, BytesMut};
 
 use super::framing::{ChunkState, ChunkStep, Framing, MAX_HEAD_BYTES, chunk_boundary};
+use crate::pipeline::protocols::message::{Body, Message, MessageKind, StartLine, Version};
 
 const MAX_HEADERS: usize = 256;
 /// Longest token a resync scan must keep from a buffer it discards, so a message start split
@@ -23,87 +24,6 @@ const METHODS: [&[u8]; 9] = [
     b"CONNECT ",
     b"TRACE ",
 ];
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MessageKind {
-    Request,
-    Response,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Body {
-    pub bytes: Vec<u8>,
-    /// More bytes arrived than the configured maximum; the rest was dropped.
-    pub truncated: bool,
-    /// Part of the body was never captured (a gap inside it).
-    pub incomplete: bool,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StartLine {
-    Request { method: String, target: String },
-    Response { status: u16 },
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Message {
-    pub start: StartLine,
-    pub version_minor: u8,
-    pub headers: Vec<(String, String)>,
-    pub body: Body,
-    pub first_byte_ns: u64,
-    pub last_byte_ns: u64,
-}
-
-impl Message {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
-    }
-
-    pub fn method(&self) -> Option<&str> {
-        match &self.start {
-            StartLine::Request { method, .. } => Some(method),
-            StartLine::Response { .. } => None,
-        }
-    }
-
-    /// Stands for the response an outgoing request never got: status 0, no headers, no body,
-    /// as the SDKs report a failed call.
-    pub fn missing_response(at_ns: u64) -> Self {
-        Self {
-            start: StartLine::Response { status: 0 },
-            version_minor: 1,
-            headers: Vec::new(),
-            body: Body::default(),
-            first_byte_ns: at_ns,
-            last_byte_ns: at_ns,
-        }
-    }
-
-    pub fn status(&self) -> Option<u16> {
-        match self.start {
-            StartLine::Response { status } => Some(status),
-            StartLine::Request { .. } => None,
-        }
-    }
-
-    /// Heap bytes the message holds.
-    pub fn retained_bytes(&self) -> usize {
-        let start = match &self.start {
-            StartLine::Request { method, target } => method.capacity() + target.capacity(),
-            StartLine::Response { .. } => 0,
-        };
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(name, value)| name.capacity() + value.capacity())
-            .sum();
-        start + headers + self.body.bytes.capacity()
-    }
-}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {
@@ -254,9 +174,11 @@ impl MessageParser {
         self.state = State::Resync;
     }
 
-    pub fn upgrade(&mut self) {
+    /// After a 101 nothing more is HTTP/1: returns the bytes buffered past the message, the
+    /// start of the new protocol.
+    pub fn upgrade(&mut self) -> BytesMut {
         self.state = State::Upgraded;
-        self.buffer.clear();
+        std::mem::take(&mut self.buffer)
     }
 
     /// `len` bytes of the stream were lost. Returns false when the message in progress had to
@@ -309,7 +231,7 @@ impl MessageParser {
                 detached: false,
             } => {
                 let pending = self.buffer.split();
-                append_body(&mut message.body, &pending, self.max_body_bytes);
+                message.body.append(&pending, self.max_body_bytes);
                 message.last_byte_ns = self.last_push_ns;
                 Some(message)
             }
@@ -407,7 +329,8 @@ impl MessageParser {
                     let first_byte_ns = self.first_byte_ns.take().unwrap_or(self.last_push_ns);
                     let message = Message {
                         start,
-                        version_minor,
+                        version: Version::http1(version_minor),
+                        authority: None,
                         headers,
                         body: Body::default(),
                         first_byte_ns,
@@ -480,13 +403,13 @@ impl MessageParser {
             match framing {
                 Framing::UntilClose => {
                     let data = self.buffer.split();
-                    append_body(&mut message.body, &data, limit);
+                    message.body.append(&data, limit);
                     return Ok(BodyProgress::NeedMore);
                 }
                 Framing::Length(remaining) | Framing::Chunked(ChunkState::Data(remaining)) => {
                     let take = (*remaining).min(self.buffer.len() as u64) as usize;
                     let data = self.buffer.split_to(take);
-                    append_body(&mut message.body, &data, limit);
+                    message.body.append(&data, limit);
                     *remaining -= take as u64;
                     if *remaining > 0 {
                         return Ok(BodyProgress::NeedMore);
@@ -575,14 +498,6 @@ fn parse_response_head<'b>(
             collect_headers(response.headers),
         ))),
     }
-}
-
-fn append_body(body: &mut Body, data: &[u8], max_body_bytes: usize) {
-    let room = max_body_bytes.saturating_sub(body.bytes.len());
-    if data.len() > room {
-        body.truncated = true;
-    }
-    body.bytes.extend_from_slice(&data[..data.len().min(room)]);
 }
 
 /// Whether `bytes` can be the start of a message of `kind`; a prefix too short to tell counts.
@@ -682,7 +597,7 @@ mod tests {
         assert!(parse_all(&mut parser, Some("GET")).is_empty());
         let message = parser.close().expect("message completes at close");
         assert_eq!(message.body.bytes, b"abcdef");
-        assert_eq!(message.version_minor, 0);
+        assert_eq!(message.version, Version::http1(0));
         assert_eq!(message.last_byte_ns, 2);
     }
 
