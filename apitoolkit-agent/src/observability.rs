@@ -100,6 +100,7 @@ macro_rules! counters {
             errors_unattached: "apitoolkit_agent_errors_unattached_total" = $snapshot.links.errors_unattached;
             tls_connections: "apitoolkit_agent_tls_connections_total" = $snapshot.tracker.tls_connections;
             unreadable_tls_connections: "apitoolkit_agent_unreadable_tls_connections_total" = $snapshot.tracker.unreadable_tls_connections;
+            headers_incomplete: "apitoolkit_agent_headers_incomplete_total" = $snapshot.tracker.headers_incomplete;
             evicted_connections: "apitoolkit_agent_evicted_connections_total" = $snapshot.tracker.evicted_connections;
             evicted_bytes: "apitoolkit_agent_evicted_bytes_total" = $snapshot.tracker.evicted_bytes;
             tls_unmapped: "apitoolkit_agent_dropped_events_total" {"cause" => "tls_unmapped"} = $snapshot.losses.tls_unmapped;
@@ -364,6 +365,7 @@ mod tests {
             tls_connections: 10,
             unreadable_tls_connections: 11,
             evicted_connections: 23,
+            headers_incomplete: 26,
             evicted_bytes: 24,
         };
         let links = LinkStats {
@@ -412,7 +414,7 @@ mod tests {
             .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
             .collect();
         exported.sort_unstable();
-        assert_eq!(exported, (1..=25).collect::<Vec<u64>>());
+        assert_eq!(exported, (1..=26).collect::<Vec<u64>>());
 
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
         let writer = {
@@ -433,7 +435,7 @@ mod tests {
             .filter_map(|(_, value)| value.parse().ok())
             .collect();
         logged.sort_unstable();
-        assert_eq!(logged, (1..=25).collect::<Vec<u64>>());
+        assert_eq!(logged, (1..=26).collect::<Vec<u64>>());
         assert!(line.contains("not_http_connections=9 ") && line.contains("errors_unattached=15 "));
     }
 

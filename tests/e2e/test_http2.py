@@ -1,8 +1,10 @@
 """HTTP/2: node's http2 server over h2c (prior knowledge) and over TLS (ALPN h2), driven by
-curl and by a node client multiplexing 20 streams on one connection; one payload per stream."""
+curl and by a node client multiplexing 20 streams on one connection; gRPC (grpcio) seen from
+its server and from its client; one payload per stream."""
 import json
+import os
 import subprocess
-from pathlib import Path
+import sys
 
 import pytest
 
@@ -80,3 +82,137 @@ def test_twenty_streams_on_one_connection_and_a_reset_stream(http2_server, agent
         ("StreamReset", "HTTP/2 stream reset with CANCEL")]
     assert agent.stop() == 0
     assert agent.stats()["connections"] == 1
+
+
+def grpc_messages(payload, field) -> list:
+    """The messages of a gRPC body: each a 1-byte flag, a 4-byte length and the message."""
+    data, messages = body(payload, field), []
+    while data:
+        length = int.from_bytes(data[1:5], "big")
+        messages.append(data[5:5 + length])
+        data = data[5 + length:]
+    return messages
+
+
+def test_grpc_calls_seen_from_the_server_and_from_the_client(agent_factory):
+    port = free_port()
+    server = Server([sys.executable, str(APPS / "grpc_app.py"), "server"], port)
+    client = None
+    try:
+        server_agent = agent_factory([server.pid])
+        client = subprocess.Popen([sys.executable, str(APPS / "grpc_app.py"), "client"],
+                                  env={**os.environ, "PORT": str(port)}, cwd=APPS,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert client.stdout.readline().strip() == "ready"
+        client_agent = agent_factory([client.pid])
+        out, _ = client.communicate("go\n", timeout=60)
+        assert [json.loads(line) for line in out.splitlines()] == [
+            {"get": "item:7"},
+            {"list": ["shelf-0", "shelf-1", "shelf-2"]},
+            {"fail": "NOT_FOUND", "details": "no such item"},
+        ]
+        for agent in (server_agent, client_agent):
+            payloads = agent.wait_for(3)
+            assert sorted(p["raw_url"] for p in payloads) == [
+                "/shop.Catalog/Fail", "/shop.Catalog/Get", "/shop.Catalog/List"]
+            for p in payloads:
+                assert (p["method"], p["status_code"], p["proto_major"]) == ("POST", 200, 2)
+                assert header(p, "request_headers", "content-type") == ["application/grpc"]
+            get = by_url(payloads, "/shop.Catalog/Get")
+            assert grpc_messages(get, "request_body") == [b"7"]
+            assert grpc_messages(get, "response_body") == [b"item:7"]
+            assert header(get, "response_headers", "grpc-status") == ["0"]
+            assert get["errors"] == []
+            listed = by_url(payloads, "/shop.Catalog/List")
+            assert grpc_messages(listed, "response_body") == [b"shelf-0", b"shelf-1", b"shelf-2"]
+            fail = by_url(payloads, "/shop.Catalog/Fail")
+            assert header(fail, "response_headers", "grpc-status") == ["5"]
+            assert [(e["error_type"], e["message"]) for e in fail["errors"]] == [
+                ("grpc.StatusCode.NOT_FOUND", "no such item")]
+    finally:
+        if client and client.poll() is None:
+            client.kill()
+        server.stop()
+
+
+def test_an_h2c_upgrade_switches_the_connection_mid_way(agent_factory):
+    """curl --http2 on plain HTTP asks hypercorn to upgrade; the upgrading GET is answered
+    over HTTP/2 on stream 1, the next request reuses the connection as stream 3."""
+    port = free_port()
+    server = Server([sys.executable, "-m", "hypercorn", "asgi_app:app", "--bind", f"127.0.0.1:{port}"], port)
+    try:
+        agent = agent_factory([server.pid])
+        result = subprocess.run(
+            ["curl", "-sS", "--http2", f"{server.base}/up?x=1", f"{server.base}/second"],
+            capture_output=True, text=True, timeout=30, check=True)
+        answers = [json.loads(part + "}") for part in result.stdout.split("}") if part]
+        assert [a["http_version"] for a in answers] == ["2", "2"]
+        payloads = agent.wait_for(2)
+    finally:
+        server.stop()
+    assert sorted(p["raw_url"] for p in payloads) == ["/second", "/up?x=1"]
+    assert all(p["status_code"] == 200 for p in payloads), "no 101 of its own"
+    up = by_url(payloads, "/up?x=1")
+    assert body_json(up, "response_body")["path"] == "/up"
+    assert header(up, "request_headers", "upgrade") == ["h2c"]
+    assert body_json(by_url(payloads, "/second"), "response_body")["path"] == "/second"
+    assert by_url(payloads, "/second")["proto_major"] == 2
+    assert agent.stop() == 0
+    assert agent.stats()["connections"] == 1
+
+
+def test_nginx_http2_over_tls_in_front_of_an_http1_upstream(flask_server, certificate, agent_factory, tmp_path):
+    """Watching nginx: the browser side is HTTP/2 over TLS, the upstream side plain HTTP/1.1,
+    and both are captured."""
+    port = free_port()
+    (tmp_path / "logs").mkdir()
+    config = tmp_path / "nginx.conf"
+    config.write_text(
+        f"daemon off;\nmaster_process on;\nworker_processes 1;\npid {tmp_path}/nginx.pid;\n"
+        f"error_log {tmp_path}/logs/error.log warn;\nevents {{ worker_connections 64; }}\n"
+        "http {\n  access_log off;\n"
+        f"  server {{ listen 127.0.0.1:{port} ssl http2; ssl_certificate {certificate.cert};\n"
+        f"    ssl_certificate_key {certificate.key};\n"
+        f"    location /api/ {{ proxy_pass http://127.0.0.1:{flask_server.port}/;"
+        " proxy_http_version 1.1; proxy_set_header Connection \"\"; } }\n}\n")
+    nginx = Server(["nginx", "-p", str(tmp_path), "-c", str(config)], port, scheme="https")
+    try:
+        agent = agent_factory([nginx.pid])
+        result = subprocess.run(["curl", "-sS", "-k", "--http2", f"{nginx.base}/api/hello?name=h2"],
+                                capture_output=True, text=True, timeout=30, check=True)
+        assert json.loads(result.stdout)["args"] == {"name": ["h2"]}
+        payloads = agent.wait_for(2)
+    finally:
+        nginx.process.send_signal(15)
+        nginx.process.wait(timeout=10)
+    incoming = by_url(payloads, "/api/hello?name=h2")
+    outgoing = by_url(payloads, "/hello?name=h2")
+    assert (incoming["proto_major"], outgoing["proto_major"], outgoing["proto_minor"]) == (2, 1, 1)
+    assert incoming["host"] == f"127.0.0.1:{port}"
+    assert body_json(incoming, "response_body") == body_json(outgoing, "response_body")
+    assert body_json(incoming, "response_body")["args"] == {"name": ["h2"]}
+
+
+def test_a_connection_older_than_the_agent_never_gets_a_guessed_header(http2_server, agent_factory):
+    """The session's HPACK tables were filled before the agent started: fields indexed then are
+    unknown. The payloads carry what was decodable, tagged, and no field the client did not send."""
+    client = subprocess.Popen(["node", str(APPS / "node_http2_session.js"), http2_server.base],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "ready"
+        agent = agent_factory([http2_server.pid])
+        out, _ = client.communicate("go\n", timeout=30)
+        assert [json.loads(line)["path"] for line in out.splitlines()] == ["/later/1", "/later/2"]
+        payloads = agent.wait_for(2)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    assert sorted(p["raw_url"] for p in payloads) == ["/later/1", "/later/2"]
+    sent = {"x-session": "s-123", "x-tenant": "acme"}
+    for p in payloads:
+        assert "apitoolkit.headers_incomplete" in p["tags"]
+        for name, values in p["request_headers"].items():
+            assert name not in sent or values == [sent[name]], (name, values)
+        assert body_json(p, "response_body")["path"] == p["raw_url"]
+    assert agent.stop() == 0
+    assert agent.stats()["headers_incomplete"] == 2

@@ -67,6 +67,8 @@ pub struct TrackerStats {
     pub tls_connections: u64,
     /// Connections that carried TLS records but no plaintext: their TLS library is not probed.
     pub unreadable_tls_connections: u64,
+    /// HTTP/2 exchanges of connections older than the agent, some header fields unknown.
+    pub headers_incomplete: u64,
     /// Connections whose unfinished messages were dropped to keep memory bounded.
     pub evicted_connections: u64,
     pub evicted_bytes: u64,
@@ -185,8 +187,10 @@ impl Connection {
             unclassified_bytes: 0,
             http: if role == Role::Unknown {
                 Reassembler::joined_midstream(max_body_bytes)
-            } else {
+            } else if seen_from_start {
                 Reassembler::new(max_body_bytes)
+            } else {
+                Reassembler::midstream(max_body_bytes)
             },
             ignored: false,
             retained_bytes: 0,
@@ -650,6 +654,11 @@ fn hand_on(
         }
     }
     stats.exchanges += http.exchanges.len() as u64;
+    stats.headers_incomplete += http
+        .exchanges
+        .iter()
+        .filter(|exchange| exchange.headers_incomplete)
+        .count() as u64;
     output
         .exchanges
         .extend(http.exchanges.into_iter().map(|exchange| TrackedExchange {

@@ -230,6 +230,7 @@ impl Pipeline {
                 request,
                 response: Message::missing_response(call.timestamp_ns),
                 reset: None,
+                headers_incomplete: false,
             },
         };
         let links = Links {

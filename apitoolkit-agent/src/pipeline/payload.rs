@@ -104,6 +104,9 @@ pub const TAG_REQUEST_BODY_INCOMPLETE: &str = "apitoolkit.request_body_incomplet
 pub const TAG_RESPONSE_BODY_INCOMPLETE: &str = "apitoolkit.response_body_incomplete";
 pub const TAG_REQUEST_BODY_ENCODED: &str = "apitoolkit.request_body_undecoded";
 pub const TAG_RESPONSE_BODY_ENCODED: &str = "apitoolkit.response_body_undecoded";
+/// HTTP/2 on a connection older than the agent: header fields from HPACK state the agent never
+/// saw are missing.
+pub const TAG_HEADERS_INCOMPLETE: &str = "apitoolkit.headers_incomplete";
 
 fn header_map(message: &Message) -> HeaderMap {
     let mut map = HeaderMap::new();
@@ -227,6 +230,9 @@ pub fn build(
         },
         &mut tags,
     );
+    if tracked.exchange.headers_incomplete {
+        tags.push(TAG_HEADERS_INCOMPLETE.to_owned());
+    }
     tags.extend(profile.tags.iter().cloned());
     Payload {
         timestamp: rfc3339(response.last_byte_ns as i128 + settings.realtime_offset_ns),
@@ -320,6 +326,7 @@ mod tests {
                 request,
                 response,
                 reset: None,
+                headers_incomplete: false,
             },
         }
     }

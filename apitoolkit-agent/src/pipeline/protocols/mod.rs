@@ -29,6 +29,9 @@ pub struct Exchange {
     pub response: Message,
     /// HTTP/2: the RST_STREAM error code that ended the stream.
     pub reset: Option<u32>,
+    /// HTTP/2 on a connection older than the agent: some header fields referred to HPACK
+    /// state from before, so they are missing (never guessed).
+    pub headers_incomplete: bool,
 }
 
 /// Things reassembly noticed that cost an exchange or a connection; the caller counts them.
@@ -75,6 +78,9 @@ pub enum Reassembler {
 pub struct Opening {
     client: Vec<u8>,
     server: Vec<u8>,
+    /// The connection is older than the agent: no preface to expect, but frames may show it
+    /// is HTTP/2 all the same.
+    midstream: bool,
 }
 
 /// A server sending more than this before its client said anything is no HTTP server.
@@ -89,7 +95,21 @@ impl Reassembler {
         }
     }
 
-    /// For a connection older than the agent: HTTP/1, resynchronising on a message start.
+    /// For a connection older than the agent whose role is known: HTTP/2 if its client's first
+    /// bytes are HTTP/2 frames, else HTTP/1.
+    pub fn midstream(max_body_bytes: usize) -> Self {
+        Self::Http1 {
+            http: HttpConnection::new(max_body_bytes),
+            opening: Some(Opening {
+                midstream: true,
+                ..Opening::default()
+            }),
+            max_body_bytes,
+        }
+    }
+
+    /// For a connection older than the agent, of unknown role: HTTP/1, resynchronising on a
+    /// message start.
     pub fn joined_midstream(max_body_bytes: usize) -> Self {
         Self::Http1 {
             http: HttpConnection::joined_midstream(max_body_bytes),
@@ -128,12 +148,18 @@ impl Reassembler {
             MessageKind::Response => held.server.extend_from_slice(data),
         }
         let client = &held.client;
-        let undecided = client.len() < PREFACE.len() && PREFACE.starts_with(client);
+        let undecided = if held.midstream {
+            client.len() < http2::FRAME_HEADER_LEN
+        } else {
+            client.len() < PREFACE.len() && PREFACE.starts_with(client)
+        };
         if undecided && held.server.len() <= MAX_OPENING_SERVER_BYTES {
             return;
         }
         let held = opening.take().expect("matched");
-        if held.client.starts_with(PREFACE) {
+        if held.midstream && http2::looks_like_frames(&held.client) {
+            *self = Self::Http2(Box::new(Http2Connection::midstream(max_body_bytes)));
+        } else if held.client.starts_with(PREFACE) {
             *self = Self::Http2(Box::new(Http2Connection::new(max_body_bytes)));
         }
         for (kind, bytes) in [

@@ -264,6 +264,7 @@ impl HttpConnection {
             request,
             response,
             reset: None,
+            headers_incomplete: false,
         });
     }
 }

@@ -17,6 +17,9 @@ pub mod kind {
     pub const RST_STREAM: u8 = 0x3;
     pub const SETTINGS: u8 = 0x4;
     pub const PUSH_PROMISE: u8 = 0x5;
+    pub const PING: u8 = 0x6;
+    pub const GOAWAY: u8 = 0x7;
+    pub const WINDOW_UPDATE: u8 = 0x8;
     pub const CONTINUATION: u8 = 0x9;
 }
 
@@ -89,6 +92,28 @@ impl Frame {
         payload.truncate(payload.len() - pad);
         Ok(payload)
     }
+}
+
+/// Whether `bytes` (the first a connection older than the agent showed) are HTTP/2 frames:
+/// every frame header in them has a known type, a stream id its type allows and a length that
+/// fits, and there is at least one. HTTP/1 never passes: a method or `HTTP/1.` puts a letter or
+/// a space where the type goes.
+pub fn looks_like_frames(mut bytes: &[u8]) -> bool {
+    let mut frames = 0;
+    while let Some(header) = bytes.get(..HEADER_LEN) {
+        let header = FrameHeader::parse(header.try_into().expect("sliced"));
+        let connection_level = matches!(header.kind, kind::SETTINGS | kind::PING | kind::GOAWAY);
+        let known = header.kind <= kind::CONTINUATION;
+        if !known || connection_level != (header.stream == 0) && header.kind != kind::WINDOW_UPDATE
+        {
+            return false;
+        }
+        frames += 1;
+        bytes = bytes
+            .get(HEADER_LEN + header.len as usize..)
+            .unwrap_or_default();
+    }
+    frames > 0
 }
 
 /// Splits one direction's bytes into whole frames. A gap inside a DATA frame's payload is

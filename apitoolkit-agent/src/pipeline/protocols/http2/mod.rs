@@ -3,15 +3,19 @@
 //! exchanges, one per stream, never mixing two streams' frames.
 
 mod frames;
+mod partial_hpack;
 
 use std::collections::BTreeMap;
 
 use frames::{Frame, FrameReader, flag, kind};
+use partial_hpack::PartialDecoder;
 
 use super::{
     Anomaly, Exchange, Reassembled,
     message::{Body, Message, MessageKind, StartLine, Version},
 };
+
+pub use frames::{HEADER_LEN as FRAME_HEADER_LEN, looks_like_frames};
 
 /// What a client sends first on an HTTP/2 connection.
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -38,7 +42,7 @@ pub enum Http2Error {
 /// build.
 struct Endpoint {
     frames: FrameReader,
-    hpack: loona_hpack::Decoder<'static>,
+    hpack: Hpack,
     /// A header block waiting for its CONTINUATION frames.
     block: Option<PendingBlock>,
     /// A block could not be decoded: the dynamic table may differ from the peer's, so no later
@@ -47,6 +51,20 @@ struct Endpoint {
     /// Preface bytes still expected (the client's only).
     preface_left: usize,
     last_push_ns: u64,
+}
+
+/// The HPACK decoder of one direction.
+enum Hpack {
+    /// Seen from the connection's start: the whole dynamic table is known.
+    Full(Box<loona_hpack::Decoder<'static>>),
+    /// Joined mid-stream: entries from before are unknown, reported, never guessed.
+    Partial(Box<PartialDecoder>),
+}
+
+/// A decoded header block, and whether some of its fields could not be known.
+struct Fields {
+    headers: Vec<(String, String)>,
+    incomplete: bool,
 }
 
 struct PendingBlock {
@@ -67,6 +85,8 @@ struct Half {
     first_ns: u64,
     last_ns: u64,
     ended: bool,
+    /// Some header or trailer field referred to HPACK state from before the agent joined.
+    headers_incomplete: bool,
 }
 
 #[derive(Default)]
@@ -95,7 +115,7 @@ impl Endpoint {
     fn new(kind: MessageKind) -> Self {
         Self {
             frames: FrameReader::default(),
-            hpack: loona_hpack::Decoder::new(),
+            hpack: Hpack::Full(Box::new(loona_hpack::Decoder::new())),
             block: None,
             hpack_broken: false,
             preface_left: match kind {
@@ -122,23 +142,53 @@ impl Endpoint {
         true
     }
 
-    fn decode(&mut self, block: &[u8]) -> Result<Vec<(String, String)>, Http2Error> {
+    /// One direction of a connection joined mid-stream: no preface, HPACK state unknown.
+    fn midstream() -> Self {
+        Self {
+            hpack: Hpack::Partial(Box::default()),
+            preface_left: 0,
+            ..Self::new(MessageKind::Response)
+        }
+    }
+
+    fn decode(&mut self, block: &[u8]) -> Result<Fields, Http2Error> {
         if self.hpack_broken {
             return Err(Http2Error::Hpack("an earlier block failed".to_owned()));
         }
-        let mut headers = Vec::new();
-        let decoded = self.hpack.decode_with_cb(block, |name, value| {
-            headers.push((
-                String::from_utf8_lossy(&name).into_owned(),
-                String::from_utf8_lossy(&value).into_owned(),
-            ));
-        });
-        match decoded {
-            Ok(()) => Ok(headers),
-            Err(error) => {
-                self.hpack_broken = true;
-                Err(Http2Error::Hpack(format!("{error:?}")))
+        let decoded = match &mut self.hpack {
+            Hpack::Full(decoder) => {
+                let mut headers = Vec::new();
+                decoder
+                    .decode_with_cb(block, |name, value| {
+                        headers.push((
+                            String::from_utf8_lossy(&name).into_owned(),
+                            String::from_utf8_lossy(&value).into_owned(),
+                        ));
+                    })
+                    .map(|()| Fields {
+                        headers,
+                        incomplete: false,
+                    })
+                    .map_err(|error| format!("{error:?}"))
             }
+            Hpack::Partial(decoder) => decoder
+                .decode(block)
+                .map(|partial| Fields {
+                    headers: partial.headers,
+                    incomplete: partial.incomplete,
+                })
+                .map_err(|_| "malformed block".to_owned()),
+        };
+        decoded.map_err(|reason| {
+            self.hpack_broken = true;
+            Http2Error::Hpack(reason)
+        })
+    }
+
+    /// SETTINGS_HEADER_TABLE_SIZE from the peer: the largest table this direction may use.
+    fn allow_table_size(&mut self, size: usize) {
+        if let Hpack::Full(decoder) = &mut self.hpack {
+            decoder.set_max_allowed_table_size(size);
         }
     }
 }
@@ -203,6 +253,16 @@ impl Http2Connection {
         }
     }
 
+    /// A connection older than the agent: the client's preface and both HPACK tables' history
+    /// are gone; streams already under way are not followed (their frames are skipped).
+    pub fn midstream(max_body_bytes: usize) -> Self {
+        Self {
+            client: Endpoint::midstream(),
+            server: Endpoint::midstream(),
+            ..Self::new(max_body_bytes)
+        }
+    }
+
     /// A connection upgraded from HTTP/1.1 (`Upgrade: h2c`): the upgrading request is stream
     /// 1, answered in HTTP/2.
     pub fn upgraded(request: Message, max_body_bytes: usize) -> Self {
@@ -215,11 +275,11 @@ impl Http2Connection {
         headers.extend(request.headers);
         let half = Half {
             headers: Some(headers),
-            trailers: Vec::new(),
             body: request.body,
             first_ns: request.first_byte_ns,
             last_ns: request.last_byte_ns,
             ended: true,
+            ..Half::default()
         };
         connection.streams.insert(
             1,
@@ -433,7 +493,7 @@ impl Http2Connection {
                     let value =
                         u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
                     if id == SETTINGS_HEADER_TABLE_SIZE {
-                        peer.hpack.set_max_allowed_table_size(value as usize);
+                        peer.allow_table_size(value as usize);
                     }
                 }
             }
@@ -464,8 +524,11 @@ impl Http2Connection {
             return Ok(());
         }
         let decoded = self.endpoint(kind).decode(&block.bytes);
-        let headers = match decoded {
-            Ok(headers) => headers,
+        let Fields {
+            headers,
+            incomplete,
+        } = match decoded {
+            Ok(fields) => fields,
             Err(error) => {
                 self.streams.remove(&block.stream);
                 return Err(error);
@@ -479,12 +542,18 @@ impl Http2Connection {
                 first_ns: timestamp_ns,
                 last_ns: timestamp_ns,
                 ended: true,
+                headers_incomplete: incomplete,
                 ..Half::default()
             };
             return Ok(());
         }
+        if kind == MessageKind::Response && !self.streams.contains_key(&block.stream) {
+            // A response on a stream whose request was not seen (opened before the agent).
+            return Ok(());
+        }
         let stream = self.streams.entry(block.stream).or_default();
         let half = stream.half(kind);
+        half.headers_incomplete |= incomplete;
         let informational =
             pseudo(&headers, ":status").is_some_and(|status| status.starts_with('1'));
         if half.headers.is_none() {
@@ -538,6 +607,7 @@ impl Http2Connection {
         }
         output.exchanges.push(Exchange {
             serial: u64::from(id),
+            headers_incomplete: stream.request.headers_incomplete || response.headers_incomplete,
             request: stream.request.into_message(start, authority),
             response: response.into_message(StartLine::Response { status }, None),
             reset,

@@ -430,3 +430,80 @@ fn an_h2c_upgrade_answers_the_upgrading_request_on_stream_one() {
     );
     assert_eq!(output.exchanges[0].request.header("host"), Some("api.test"));
 }
+
+#[test]
+fn a_connection_older_than_the_agent_gives_what_its_headers_allow_and_says_so() {
+    let mut wire = Wire::new();
+    let request = [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/repeat"),
+        (":authority", "api.test"),
+        ("x-tenant", "acme"),
+    ];
+    wire.request(1, &request, true);
+    wire.response(1, &[(":status", "200"), ("x-served-by", "node-1")], true);
+    // The agent starts here: later frames refer to table entries made before.
+    let (client_seen, server_seen) = (wire.client.len(), wire.server.len());
+    wire.request(3, &request, true);
+    wire.request(5, &get("/fresh"), true);
+    wire.response(3, &[(":status", "200"), ("x-served-by", "node-1")], true);
+    wire.response(5, &[(":status", "404"), ("x-served-by", "node-1")], true);
+
+    let mut reassembler = Reassembler::midstream(MAX_BODY);
+    let mut output = Reassembled::default();
+    reassembler.push(
+        MessageKind::Request,
+        &wire.client[client_seen..],
+        1,
+        &mut output,
+    );
+    reassembler.push(
+        MessageKind::Response,
+        &wire.server[server_seen..],
+        2,
+        &mut output,
+    );
+    let summary: Vec<_> = output
+        .exchanges
+        .iter()
+        .map(|e| {
+            (
+                target(&e.request),
+                e.response.status(),
+                e.headers_incomplete,
+                e.request.headers.clone(),
+                e.response.headers.clone(),
+            )
+        })
+        .collect();
+    // Only fields that were really sent, never another's value: x-tenant and x-served-by were
+    // indexed before the agent joined.
+    let user_agent = vec![("user-agent".to_owned(), "curl/8".to_owned())];
+    assert_eq!(
+        summary,
+        vec![
+            ("/repeat", Some(200), true, vec![], vec![]),
+            ("/fresh", Some(404), true, user_agent, vec![]),
+        ]
+    );
+
+    // HTTP/1 on an old connection stays HTTP/1.
+    let mut reassembler = Reassembler::midstream(MAX_BODY);
+    let mut output = Reassembled::default();
+    reassembler.push(
+        MessageKind::Request,
+        b"GET /old HTTP/1.1\r\n\r\n",
+        1,
+        &mut output,
+    );
+    reassembler.push(
+        MessageKind::Response,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        2,
+        &mut output,
+    );
+    assert_eq!(output.exchanges.len(), 1);
+    assert!(!frames::looks_like_frames(b"POST /x HTTP/1.1\r\n"));
+    assert!(!frames::looks_like_frames(b"HTTP/1.1 200 OK\r\n"));
+}
