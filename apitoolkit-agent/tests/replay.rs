@@ -176,11 +176,10 @@ fn redaction_rules_apply_to_the_replayed_session() {
     );
 }
 
-#[test]
-fn rechunking_every_record_into_single_bytes_changes_nothing() {
-    let whole = replay(recorded_events());
+/// Every data event cut into one-byte events at their own positions.
+fn one_byte_per_event(events: Vec<Event>) -> Vec<Event> {
     let mut split = Vec::new();
-    for event in recorded_events() {
+    for event in events {
         match event {
             Event::Data(data) if data.data.len() > 1 => {
                 for (offset, byte) in data.data.iter().enumerate() {
@@ -193,7 +192,13 @@ fn rechunking_every_record_into_single_bytes_changes_nothing() {
             other => split.push(other),
         }
     }
-    let rechunked = replay(split);
+    split
+}
+
+#[test]
+fn rechunking_every_record_into_single_bytes_changes_nothing() {
+    let whole = replay(recorded_events());
+    let rechunked = replay(one_byte_per_event(recorded_events()));
     assert_eq!(rechunked.len(), whole.len());
     for (a, b) in whole.iter().zip(&rechunked) {
         let mut b = b.clone();
@@ -387,4 +392,48 @@ fn a_redacted_recording_keeps_outgoing_calls() {
         summary
     };
     assert_eq!(sorted(&replayed), sorted(&live));
+}
+
+/// node's http2 server over h2c: curl's GET, then a node client's 3 concurrent POSTs and a
+/// stream it reset, all on one connection each.
+#[test]
+fn recorded_h2c_session_yields_one_payload_per_stream() {
+    let (payloads, pipeline) = replay_fixture("node_h2c_session.ndjson", SdkType::SDKUnknown);
+    assert_eq!(
+        summary(&payloads),
+        vec![
+            ("GET", "/hello?name=bob", 200),
+            ("POST", "/echo/0?n=0", 200),
+            ("POST", "/echo/1?n=1", 200),
+            ("POST", "/echo/2?n=2", 200),
+            ("GET", "/slow", 0),
+        ]
+    );
+    for payload in &payloads {
+        assert_eq!((payload.proto_major, payload.proto_minor), (2, 0));
+        assert!(payload.host.starts_with("127.0.0.1:"));
+        assert!(
+            payload
+                .request_headers
+                .keys()
+                .all(|name| !name.starts_with(':'))
+        );
+    }
+    assert_eq!(payloads[0].request_headers["x-request-tag"], vec!["t1"]);
+    for (n, payload) in payloads[1..4].iter().enumerate() {
+        let sent: serde_json::Value =
+            serde_json::from_slice(&decoded(&payload.request_body)).unwrap();
+        assert_eq!(sent["stream"], n);
+        let answer: serde_json::Value =
+            serde_json::from_slice(&decoded(&payload.response_body)).unwrap();
+        let received: serde_json::Value =
+            serde_json::from_str(answer["received"].as_str().unwrap()).unwrap();
+        assert_eq!(received, sent);
+    }
+    assert_eq!(payloads[4].errors[0].error_type, "StreamReset");
+    assert_eq!(pipeline.stats().malformed_messages, 0);
+
+    // One byte per event changes nothing: frames split anywhere reassemble the same.
+    let split = one_byte_per_event(fixture_events("node_h2c_session.ndjson"));
+    assert_eq!(summary(&replay(split)), summary(&payloads));
 }

@@ -77,8 +77,8 @@ impl Recorder {
 /// values redacted. Everything else (opens, closes, errors, stderr) is kept as it came.
 ///
 /// What a replay of it cannot reproduce: parent links (a request is written once answered,
-/// after the calls it made), original framing and content encodings, and bytes of exchanges
-/// that never completed.
+/// after the calls it made), original framing and content encodings (HTTP/2 exchanges come
+/// back as HTTP/1.1), and bytes of exchanges that never completed.
 #[derive(Debug, Default)]
 pub struct RedactedEvents {
     /// Bytes written so far per connection and direction: the stream positions.
@@ -200,6 +200,15 @@ fn head_lines(
     head.extend_from_slice(body);
 }
 
+/// The HTTP/1 minor version an exchange is written back in (HTTP/2 exchanges as HTTP/1.1).
+fn http1_minor(payload: &Payload) -> u8 {
+    if payload.proto_major == 1 {
+        payload.proto_minor
+    } else {
+        1
+    }
+}
+
 fn has_tag(payload: &Payload, tag: &str) -> bool {
     payload.tags.iter().any(|t| t == tag)
 }
@@ -208,7 +217,9 @@ fn request_bytes(payload: &Payload) -> Vec<u8> {
     let body = BASE64.decode(&payload.request_body).unwrap_or_default();
     let mut bytes = format!(
         "{} {} HTTP/1.{}\r\n",
-        payload.method, payload.raw_url, payload.proto_minor
+        payload.method,
+        payload.raw_url,
+        http1_minor(payload)
     )
     .into_bytes();
     head_lines(
@@ -225,7 +236,8 @@ fn response_bytes(payload: &Payload) -> Vec<u8> {
     let body = BASE64.decode(&payload.response_body).unwrap_or_default();
     let mut bytes = format!(
         "HTTP/1.{} {} \r\n",
-        payload.proto_minor, payload.status_code
+        http1_minor(payload),
+        payload.status_code
     )
     .into_bytes();
     head_lines(
