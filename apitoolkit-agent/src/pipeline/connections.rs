@@ -1,7 +1,10 @@
 //! Per-connection state keyed by (tgid, fd, generation): byte positions with gap detection, the
 //! connection's role, whether its socket carries TLS, and its HTTP reassembly.
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+};
 
 use super::{
     ciphertext::{RecordWalker, looks_like_tls_record},
@@ -142,6 +145,8 @@ pub struct ConnectionTracker {
     buffered_bytes: usize,
     /// When eviction was last logged: once a minute at most (the loss report sums it up).
     eviction_logged_ns: Option<u64>,
+    /// Processes already told about a connection that speaks neither HTTP/1 nor HTTP/2.
+    not_http_reported: HashSet<u32>,
     stats: TrackerStats,
 }
 
@@ -217,6 +222,7 @@ impl ConnectionTracker {
             max_buffered_bytes,
             buffered_bytes: 0,
             eviction_logged_ns: None,
+            not_http_reported: HashSet::new(),
             stats: TrackerStats::default(),
         }
     }
@@ -334,6 +340,7 @@ impl ConnectionTracker {
             } => self.on_error(conn, tid, timestamp_ns, remote, errno, &mut output),
             Event::ProcessSelected { .. } => {}
             Event::ProcessExit { tgid, timestamp_ns } => {
+                self.not_http_reported.remove(&tgid);
                 let exited: Vec<ConnId> = self
                     .connections
                     .keys()
@@ -470,7 +477,16 @@ impl ConnectionTracker {
         if connection.role == Role::Unknown && !connection.learn_role(&data, bytes, stats, output) {
             return;
         }
+        let not_http_before = stats.not_http_connections;
         connection.reassemble(&data, bytes, gap, stats, output);
+        if stats.not_http_connections > not_http_before && self.not_http_reported.insert(conn.tgid)
+        {
+            tracing::info!(
+                pid = conn.tgid,
+                "a connection of this process speaks neither HTTP/1 nor HTTP/2: not captured \
+                 (said once per process; all are counted in not_http_connections)"
+            );
+        }
         let retained = connection.http.retained_bytes();
         self.buffered_bytes = self.buffered_bytes - connection.retained_bytes + retained;
         connection.retained_bytes = retained;

@@ -1,4 +1,5 @@
-//! Load generators: wrk at saturation, hey at a fixed rate. Both on keep-alive connections.
+//! Load generators: wrk at saturation, hey at a fixed rate, h2load for HTTP/2 at saturation.
+//! All on keep-alive connections.
 
 use std::process::Command;
 
@@ -10,9 +11,14 @@ pub const CONNECTIONS: u32 = 8;
 /// hey paces each connection; a fixed rate uses as many connections as it needs at this rate.
 const RATE_PER_CONNECTION: u32 = 100;
 
+/// Streams h2load keeps in flight per connection.
+const HTTP2_STREAMS: u32 = 10;
+
 #[derive(Clone, Copy)]
 pub enum Load {
     Saturation,
+    /// Saturation over HTTP/2, many streams per connection.
+    Http2Saturation,
     /// Requests per second.
     Rate(u32),
 }
@@ -21,8 +27,9 @@ pub enum Load {
 pub struct LoadResult {
     pub requests: u64,
     pub requests_per_second: f64,
-    pub p50_us: f64,
-    pub p99_us: f64,
+    /// Latency percentiles, where the tool reports them (h2load does not).
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
     /// Connect, read, write and timeout errors the load tool saw.
     pub errors: u64,
 }
@@ -33,6 +40,9 @@ impl Load {
             Load::Saturation => {
                 format!("saturation (wrk -t1 -c{CONNECTIONS} -d{SECONDS}s)")
             }
+            Load::Http2Saturation => {
+                format!("saturation (h2load -c{CONNECTIONS} -m{HTTP2_STREAMS} -D{SECONDS})")
+            }
             Load::Rate(rate) => format!("{rate} req/s (hey, {SECONDS} s)"),
         }
     }
@@ -40,6 +50,7 @@ impl Load {
     pub fn run(self, url: &str) -> anyhow::Result<LoadResult> {
         match self {
             Load::Saturation => wrk(url),
+            Load::Http2Saturation => h2load(url),
             Load::Rate(rate) => hey(url, rate),
         }
     }
@@ -92,8 +103,8 @@ fn parse_wrk(text: &str) -> anyhow::Result<LoadResult> {
         match fields.as_slice() {
             ["Requests/sec:", value] => result.requests_per_second = value.parse()?,
             [count, "requests", "in", ..] => result.requests = count.parse()?,
-            ["50%", value] => result.p50_us = wrk_microseconds(value)?,
-            ["99%", value] => result.p99_us = wrk_microseconds(value)?,
+            ["50%", value] => result.p50_us = Some(wrk_microseconds(value)?),
+            ["99%", value] => result.p99_us = Some(wrk_microseconds(value)?),
             ["Socket", "errors:", counts @ ..] => {
                 result.errors = counts
                     .iter()
@@ -134,8 +145,8 @@ fn parse_hey(text: &str) -> anyhow::Result<LoadResult> {
         let fields: Vec<&str> = line.split_whitespace().collect();
         match fields.as_slice() {
             ["Requests/sec:", value] => result.requests_per_second = value.parse()?,
-            ["50%", "in", value, "secs"] => result.p50_us = value.parse::<f64>()? * 1e6,
-            ["99%", "in", value, "secs"] => result.p99_us = value.parse::<f64>()? * 1e6,
+            ["50%", "in", value, "secs"] => result.p50_us = Some(value.parse::<f64>()? * 1e6),
+            ["99%", "in", value, "secs"] => result.p99_us = Some(value.parse::<f64>()? * 1e6),
             ["Error", "distribution:"] => in_errors = true,
             [code, count, "responses"] if !in_errors => {
                 if *code != "[200]" {
@@ -155,6 +166,61 @@ fn parse_hey(text: &str) -> anyhow::Result<LoadResult> {
     Ok(result)
 }
 
+fn h2load(url: &str) -> anyhow::Result<LoadResult> {
+    let text = output(Command::new("h2load").args([
+        &format!("-c{CONNECTIONS}"),
+        &format!("-m{HTTP2_STREAMS}"),
+        "-t1",
+        &format!("-D{SECONDS}"),
+        url,
+    ]))?;
+    parse_h2load(&text)
+}
+
+/// h2load prints `finished in 8.00s, 12345.67 req/s, 1.23MB/s`, `requests: 98775 total, 98785
+/// started, 98775 done, 98775 succeeded, 0 failed, 0 errored, 0 timeout` and `status codes:
+/// 98775 2xx, 0 3xx, 0 4xx, 0 5xx`.
+fn parse_h2load(text: &str) -> anyhow::Result<LoadResult> {
+    let mut result = LoadResult::default();
+    for line in text.lines() {
+        let fields: Vec<&str> = line
+            .split([' ', ','])
+            .filter(|field| !field.is_empty())
+            .collect();
+        match fields.as_slice() {
+            ["finished", "in", _, rate, "req/s", ..] => {
+                result.requests_per_second = rate.parse()?
+            }
+            [
+                "requests:",
+                ..,
+                succeeded,
+                "succeeded",
+                failed,
+                "failed",
+                errored,
+                "errored",
+                timeout,
+                "timeout",
+            ] => {
+                result.requests = succeeded.parse()?;
+                result.errors =
+                    failed.parse::<u64>()? + errored.parse::<u64>()? + timeout.parse::<u64>()?;
+            }
+            ["status", "codes:", _, "2xx", rest @ ..]
+                if rest.chunks(2).any(|pair| pair[0] != "0") =>
+            {
+                bail!("the server answered with errors:\n{text}");
+            }
+            _ => {}
+        }
+    }
+    if result.requests == 0 {
+        bail!("h2load reported no requests:\n{text}");
+    }
+    Ok(result)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,8 +230,8 @@ mod tests {
         let text = "Running 8s test @ http://127.0.0.1:1/1k\n  Latency Distribution\n     50%   52.00us\n     99%    1.07ms\n  677387 requests in 8.00s, 786.19MB read\n  Socket errors: connect 0, read 2, write 1, timeout 0\nRequests/sec:  84667.12\n";
         let result = parse_wrk(text).unwrap();
         assert_eq!(result.requests, 677_387);
-        assert_eq!(result.p50_us, 52.0);
-        assert_eq!(result.p99_us, 1070.0);
+        assert_eq!(result.p50_us, Some(52.0));
+        assert_eq!(result.p99_us, Some(1070.0));
         assert_eq!(result.errors, 3);
         assert_eq!(result.requests_per_second, 84_667.12);
     }
@@ -176,8 +242,19 @@ mod tests {
         let result = parse_hey(text).unwrap();
         assert_eq!(result.requests, 7998);
         assert_eq!(result.errors, 2);
-        assert!((result.p50_us - 500.0).abs() < 1e-6);
-        assert!((result.p99_us - 1200.0).abs() < 1e-6);
+        assert!((result.p50_us.unwrap() - 500.0).abs() < 1e-6);
+        assert!((result.p99_us.unwrap() - 1200.0).abs() < 1e-6);
         assert!(parse_hey("Status code distribution:\n  [502]\t3 responses\n").is_err());
+    }
+
+    #[test]
+    fn reads_h2load_output() {
+        let text = "starting benchmark...\nfinished in 8.00s, 12345.67 req/s, 1.23MB/s\nrequests: 98775 total, 98785 started, 98770 done, 98765 succeeded, 5 failed, 4 errored, 1 timeout\nstatus codes: 98765 2xx, 0 3xx, 0 4xx, 0 5xx\n";
+        let result = parse_h2load(text).unwrap();
+        assert_eq!(result.requests, 98_765);
+        assert_eq!(result.errors, 10);
+        assert_eq!(result.requests_per_second, 12_345.67);
+        assert_eq!(result.p50_us, None);
+        assert!(parse_h2load(&text.replace("0 4xx", "7 4xx")).is_err());
     }
 }

@@ -49,16 +49,24 @@ fn installed(tool: &str) -> bool {
 }
 
 fn ensure_tools() -> anyhow::Result<()> {
-    if ["nginx", "wrk", "hey", "curl", "openssl"]
+    if ["nginx", "wrk", "hey", "h2load", "curl", "openssl"]
         .iter()
         .all(|tool| installed(tool))
     {
         return Ok(());
     }
-    eprintln!("bench: installing nginx, wrk, hey, curl and openssl");
+    eprintln!("bench: installing nginx, wrk, hey, h2load, curl and openssl");
     crate::run(Command::new("apt-get").args(["update", "-qq"]))?;
     crate::run(Command::new("apt-get").args([
-        "install", "-y", "-qq", "nginx", "wrk", "hey", "curl", "openssl",
+        "install",
+        "-y",
+        "-qq",
+        "nginx",
+        "wrk",
+        "hey",
+        "nghttp2-client",
+        "curl",
+        "openssl",
     ]))
 }
 
@@ -120,7 +128,8 @@ impl Scenario {
             Some(format!("{:.3}", self.throughput_ratio(run)))
         });
         row("p50 / p99 latency µs", &|run| {
-            Some(format!("{:.0} / {:.0}", run.load.p50_us, run.load.p99_us))
+            let (p50, p99) = (run.load.p50_us?, run.load.p99_us?);
+            Some(format!("{p50:.0} / {p99:.0}"))
         });
         row("requests completed / failed", &|run| {
             Some(format!("{} / {}", run.load.requests, run.load.errors))

@@ -41,11 +41,20 @@ const KIB_HTTPS: Body = Body {
     https: true,
 };
 
+const KIB_HTTP2: Body = Body {
+    path: "1k",
+    label: "1 KiB HTTP/2 over TLS",
+    bytes: 1024,
+    https: true,
+};
+
 /// The ports nginx listens on.
 #[derive(Clone, Copy)]
 struct Ports {
     http: u16,
     https: u16,
+    /// TLS with ALPN h2.
+    http2: u16,
 }
 
 impl Ports {
@@ -88,12 +97,15 @@ fn start_nginx(ports: Ports) -> anyhow::Result<ChildGuard> {
          default_type application/octet-stream;\n  \
          server {{ listen 127.0.0.1:{http}; root {root}; }}\n  \
          server {{ listen 127.0.0.1:{https} ssl; ssl_certificate {cert}; \
-         ssl_certificate_key {key}; root {root}; }}\n}}\n",
+         ssl_certificate_key {key}; root {root}; }}\n  \
+         server {{ listen 127.0.0.1:{http2} ssl http2; ssl_certificate {cert}; \
+         ssl_certificate_key {key}; http2_max_requests 1000000; root {root}; }}\n}}\n",
         pid = prefix.join("nginx.pid").display(),
         log = prefix.join("logs/error.log").display(),
         root = html.display(),
         http = ports.http,
         https = ports.https,
+        http2 = ports.http2,
         cert = cert.display(),
         key = key.display(),
     );
@@ -118,6 +130,7 @@ pub(super) fn nginx_scenarios(context: &Context) -> anyhow::Result<Vec<Scenario>
     let ports = Ports {
         http: free_port()?,
         https: free_port()?,
+        http2: free_port()?,
     };
     let mut nginx = start_nginx(ports)?;
     let pid = nginx.pid();
@@ -136,6 +149,18 @@ pub(super) fn nginx_scenarios(context: &Context) -> anyhow::Result<Vec<Scenario>
             &|| Load::Saturation.run(&url),
         )?);
     }
+    let url = format!("https://127.0.0.1:{}/{}", ports.http2, KIB_HTTP2.path);
+    scenarios.push(with_and_without_agent(
+        format!(
+            "nginx, {}, {}",
+            KIB_HTTP2.label,
+            Load::Http2Saturation.describe()
+        ),
+        pid,
+        &[Sink::Stdout],
+        context,
+        &|| Load::Http2Saturation.run(&url),
+    )?);
     let url = ports.url(&KIB);
     for rate in FIXED_RATES {
         let load = Load::Rate(rate);
