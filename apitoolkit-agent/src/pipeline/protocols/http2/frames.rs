@@ -94,11 +94,10 @@ impl Frame {
     }
 }
 
-/// Whether `bytes` (the first a connection older than the agent showed) are HTTP/2 frames:
-/// every frame header in them has a known type, a stream id its type allows and a length that
-/// fits, and there is at least one. HTTP/1 never passes: a method or `HTTP/1.` puts a letter or
-/// a space where the type goes.
-pub fn looks_like_frames(mut bytes: &[u8]) -> bool {
+/// Walks the frame headers `bytes` would hold if they started at a frame boundary: how many
+/// plausible frames, and whether the last one ends exactly where `bytes` do. `None` as soon as
+/// a header is implausible (an unknown type, or a stream id its type forbids).
+fn frame_chain(mut bytes: &[u8]) -> Option<(usize, bool)> {
     let mut frames = 0;
     while let Some(header) = bytes.get(..HEADER_LEN) {
         let header = FrameHeader::parse(header.try_into().expect("sliced"));
@@ -106,40 +105,66 @@ pub fn looks_like_frames(mut bytes: &[u8]) -> bool {
         let known = header.kind <= kind::CONTINUATION;
         if !known || connection_level != (header.stream == 0) && header.kind != kind::WINDOW_UPDATE
         {
-            return false;
+            return None;
         }
         frames += 1;
-        bytes = bytes
-            .get(HEADER_LEN + header.len as usize..)
-            .unwrap_or_default();
+        match bytes.get(HEADER_LEN + header.len as usize..) {
+            Some(rest) => bytes = rest,
+            None => return Some((frames, false)),
+        }
     }
-    frames > 0
+    Some((frames, bytes.is_empty()))
+}
+
+/// Whether `bytes` (the first a connection older than the agent showed) are HTTP/2 frames.
+/// HTTP/1 never passes: a method or `HTTP/1.` puts a letter or a space where the type goes.
+pub fn looks_like_frames(bytes: &[u8]) -> bool {
+    frame_chain(bytes).is_some_and(|(frames, _)| frames > 0)
 }
 
 /// Splits one direction's bytes into whole frames. A gap inside a DATA frame's payload is
-/// absorbed (the frame reports it as lost); any other gap loses the frame boundaries, after
-/// which nothing more of this direction is read.
+/// absorbed (the frame reports it as lost); any other gap loses the frame boundaries. Then the
+/// reader waits for a push (one read or write) that is whole frames from its first byte to its
+/// last, as a writer's call is, and goes on from there.
 #[derive(Default)]
 pub struct FrameReader {
     buffer: BytesMut,
     current: Option<FrameHeader>,
     /// Payload bytes of the current frame lost to gaps.
     lost: u32,
-    broken: bool,
+    resyncing: bool,
+}
+
+/// What a push did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pushed {
+    Appended,
+    /// The reader found frame boundaries again: what came before is unknown.
+    Resynced,
+    /// Dropped while looking for frame boundaries.
+    Skipped,
 }
 
 impl FrameReader {
-    pub fn push(&mut self, data: &[u8]) {
-        if !self.broken {
+    pub fn push(&mut self, data: &[u8]) -> Pushed {
+        if !self.resyncing {
             self.buffer.extend_from_slice(data);
+            return Pushed::Appended;
         }
+        if frame_chain(data).is_some_and(|(frames, whole)| frames > 0 && whole) {
+            self.resyncing = false;
+            self.buffer.extend_from_slice(data);
+            return Pushed::Resynced;
+        }
+        Pushed::Skipped
     }
 
-    /// The frame boundaries are lost: the rest of this direction is not read.
+    /// The frame boundaries are lost: drops what is held and resyncs on later pushes.
     pub fn abandon(&mut self) {
-        self.broken = true;
+        self.resyncing = true;
         self.buffer = BytesMut::new();
         self.current = None;
+        self.lost = 0;
     }
 
     pub fn retained_bytes(&self) -> usize {
@@ -164,7 +189,7 @@ impl FrameReader {
 
     /// The next complete frame, if the buffered bytes hold one.
     pub fn next_frame(&mut self) -> Option<Result<Frame, Http2Error>> {
-        if self.broken {
+        if self.resyncing {
             return None;
         }
         let header = match self.current_header()? {
@@ -187,7 +212,7 @@ impl FrameReader {
 
     /// `len` bytes of this direction were lost after the ones pushed so far.
     pub fn gap(&mut self, len: u64) -> Result<(), Http2Error> {
-        if self.broken {
+        if self.resyncing {
             return Ok(());
         }
         let inside_data = match self.current_header() {
@@ -301,8 +326,11 @@ pub(super) mod tests {
         let mut reader = FrameReader::default();
         reader.push(&data[..HEADER_LEN + 10]);
         assert_eq!(reader.gap(200), Err(Http2Error::LostSync), "past the frame");
-        reader.push(&next);
+        // The rest of a frame is skipped; a push of whole frames is a boundary again.
+        assert_eq!(reader.push(&data[HEADER_LEN + 50..]), Pushed::Skipped);
         assert!(reader.next_frame().is_none());
+        assert_eq!(reader.push(&next), Pushed::Resynced);
+        assert_eq!(frames(&mut reader)[0].payload, Bytes::from_static(b"end"));
         let mut reader = FrameReader::default();
         reader.push(&data);
         assert_eq!(reader.gap(1), Err(Http2Error::LostSync), "at a boundary");

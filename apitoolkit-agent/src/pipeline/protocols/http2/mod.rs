@@ -1,13 +1,14 @@
 //! HTTP/2 reassembly for one connection (RFC 9113): frames per direction, HPACK per direction
-//! (loona-hpack, which keeps the dynamic table and honours size updates), and streams into
-//! exchanges, one per stream, never mixing two streams' frames.
+//! (httlib-hpack, which keeps the dynamic table, honours size updates and decodes Huffman a few
+//! bits at a time), and streams into exchanges, one per stream, never mixing two streams'
+//! frames.
 
 mod frames;
 mod partial_hpack;
 
 use std::collections::BTreeMap;
 
-use frames::{Frame, FrameReader, flag, kind};
+use frames::{Frame, FrameReader, Pushed, flag, kind};
 use partial_hpack::PartialDecoder;
 
 use super::{
@@ -28,9 +29,11 @@ const MAX_HEADER_BLOCK_BYTES: usize = 256 * 1024;
 pub enum Http2Error {
     #[error("malformed HTTP/2 {0} frame")]
     Frame(&'static str),
-    #[error("HTTP/2 bytes lost between frames: the rest of this direction cannot be read")]
+    #[error(
+        "HTTP/2 bytes lost between frames: open streams are lost, reading resumes at a frame boundary"
+    )]
     LostSync,
-    #[error("HTTP/2 header block cannot be decoded ({0}): later ones cannot be trusted")]
+    #[error("HTTP/2 header block cannot be decoded ({0}): older table entries are forgotten")]
     Hpack(String),
     #[error("HTTP/2 header block larger than {MAX_HEADER_BLOCK_BYTES} bytes")]
     HeaderBlockTooLarge,
@@ -45,9 +48,6 @@ struct Endpoint {
     hpack: Hpack,
     /// A header block waiting for its CONTINUATION frames.
     block: Option<PendingBlock>,
-    /// A block could not be decoded: the dynamic table may differ from the peer's, so no later
-    /// block of this direction is decoded (a header is never guessed).
-    hpack_broken: bool,
     /// Preface bytes still expected (the client's only).
     preface_left: usize,
     last_push_ns: u64,
@@ -56,7 +56,7 @@ struct Endpoint {
 /// The HPACK decoder of one direction.
 enum Hpack {
     /// Seen from the connection's start: the whole dynamic table is known.
-    Full(Box<loona_hpack::Decoder<'static>>),
+    Full(Box<httlib_hpack::Decoder<'static>>),
     /// Joined mid-stream: entries from before are unknown, reported, never guessed.
     Partial(Box<PartialDecoder>),
 }
@@ -115,9 +115,8 @@ impl Endpoint {
     fn new(kind: MessageKind) -> Self {
         Self {
             frames: FrameReader::default(),
-            hpack: Hpack::Full(Box::new(loona_hpack::Decoder::new())),
+            hpack: Hpack::Full(Box::default()),
             block: None,
-            hpack_broken: false,
             preface_left: match kind {
                 MessageKind::Request => PREFACE.len(),
                 MessageKind::Response => 0,
@@ -151,22 +150,29 @@ impl Endpoint {
         }
     }
 
+    /// The dynamic table may no longer match the peer's (a block failed, or frames were lost):
+    /// from here on only entries inserted later are known, the older ones never guessed.
+    fn forget_table(&mut self) {
+        self.hpack = Hpack::Partial(Box::default());
+        self.block = None;
+    }
+
     fn decode(&mut self, block: &[u8]) -> Result<Fields, Http2Error> {
-        if self.hpack_broken {
-            return Err(Http2Error::Hpack("an earlier block failed".to_owned()));
-        }
         let decoded = match &mut self.hpack {
             Hpack::Full(decoder) => {
-                let mut headers = Vec::new();
+                let mut fields = Vec::new();
                 decoder
-                    .decode_with_cb(block, |name, value| {
-                        headers.push((
-                            String::from_utf8_lossy(&name).into_owned(),
-                            String::from_utf8_lossy(&value).into_owned(),
-                        ));
-                    })
-                    .map(|()| Fields {
-                        headers,
+                    .decode(&mut block.to_vec(), &mut fields)
+                    .map(|_| Fields {
+                        headers: fields
+                            .into_iter()
+                            .map(|(name, value, _flags)| {
+                                (
+                                    String::from_utf8_lossy(&name).into_owned(),
+                                    String::from_utf8_lossy(&value).into_owned(),
+                                )
+                            })
+                            .collect(),
                         incomplete: false,
                     })
                     .map_err(|error| format!("{error:?}"))
@@ -180,15 +186,15 @@ impl Endpoint {
                 .map_err(|_| "malformed block".to_owned()),
         };
         decoded.map_err(|reason| {
-            self.hpack_broken = true;
+            self.forget_table();
             Http2Error::Hpack(reason)
         })
     }
 
     /// SETTINGS_HEADER_TABLE_SIZE from the peer: the largest table this direction may use.
-    fn allow_table_size(&mut self, size: usize) {
+    fn allow_table_size(&mut self, size: u32) {
         if let Hpack::Full(decoder) = &mut self.hpack {
-            decoder.set_max_allowed_table_size(size);
+            decoder.set_max_dynamic_size(size);
         }
     }
 }
@@ -314,7 +320,9 @@ impl Http2Connection {
             return;
         }
         endpoint.last_push_ns = timestamp_ns;
-        endpoint.frames.push(data);
+        if endpoint.frames.push(data) == Pushed::Resynced {
+            endpoint.forget_table();
+        }
         while let Some(frame) = self.endpoint(kind).frames.next_frame() {
             let handled = frame.and_then(|frame| self.on_frame(kind, frame, timestamp_ns, output));
             if let Err(error) = handled {
@@ -493,7 +501,7 @@ impl Http2Connection {
                     let value =
                         u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
                     if id == SETTINGS_HEADER_TABLE_SIZE {
-                        peer.allow_table_size(value as usize);
+                        peer.allow_table_size(value);
                     }
                 }
             }
@@ -516,7 +524,7 @@ impl Http2Connection {
         if block.bytes.len() > MAX_HEADER_BLOCK_BYTES {
             self.streams.remove(&block.stream);
             // Undecoded, the block's table updates are lost with it.
-            self.endpoint(kind).hpack_broken = true;
+            self.endpoint(kind).forget_table();
             return Err(Http2Error::HeaderBlockTooLarge);
         }
         if !end_headers {
@@ -616,4 +624,4 @@ impl Http2Connection {
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

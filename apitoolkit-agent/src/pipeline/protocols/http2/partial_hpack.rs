@@ -1,5 +1,5 @@
 //! HPACK (RFC 7541) for a connection joined mid-stream, whose dynamic table began before the
-//! agent saw it. No crate decodes with an unknown table: loona-hpack (used for connections
+//! agent saw it. No crate decodes with an unknown table: httlib-hpack (used for connections
 //! seen from their start) stops at the first unknown index. Here an unknown entry is reported
 //! as unknown and decoding goes on, never guessing:
 //! - an index names the entry that many insertions ago on both sides (evictions only drop the
@@ -11,11 +11,11 @@
 //!   so the table keeps at most [`MAX_ENTRIES`] (the most any peer's table could reference is
 //!   bounded by its size; a size update to 0 empties it).
 //!
-//! Strings use loona-hpack's Huffman decoder.
+//! Strings use httlib-huffman, the Huffman decoder of httlib-hpack.
 
 use std::collections::VecDeque;
 
-use loona_hpack::huffman::HuffmanDecoder;
+use httlib_huffman::DecoderSpeed;
 
 /// Entries kept: a 64 KiB table of the smallest possible entries (32 bytes of overhead each).
 const MAX_ENTRIES: usize = 2048;
@@ -98,19 +98,10 @@ pub struct PartialBlock {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Malformed;
 
+#[derive(Default)]
 pub struct PartialDecoder {
     /// Newest first, as indices count.
     table: VecDeque<Field>,
-    huffman: HuffmanDecoder,
-}
-
-impl Default for PartialDecoder {
-    fn default() -> Self {
-        Self {
-            table: VecDeque::new(),
-            huffman: HuffmanDecoder::new(),
-        }
-    }
 }
 
 /// An HPACK integer with an `prefix`-bit prefix (RFC 7541 §5.1).
@@ -134,13 +125,16 @@ fn integer(block: &[u8], at: &mut usize, prefix: u8) -> Result<usize, Malformed>
 }
 
 impl PartialDecoder {
-    fn string(&mut self, block: &[u8], at: &mut usize) -> Result<String, Malformed> {
+    fn string(&self, block: &[u8], at: &mut usize) -> Result<String, Malformed> {
         let huffman = *block.get(*at).ok_or(Malformed)? & 0x80 != 0;
         let len = integer(block, at, 7)?;
         let bytes = block.get(*at..*at + len).ok_or(Malformed)?;
         *at += len;
         let decoded = if huffman {
-            self.huffman.decode(bytes).map_err(|_| Malformed)?
+            let mut decoded = Vec::with_capacity(bytes.len() * 2);
+            httlib_huffman::decode(bytes, &mut decoded, DecoderSpeed::FiveBits)
+                .map_err(|_| Malformed)?;
+            decoded
         } else {
             bytes.to_vec()
         };
@@ -204,26 +198,31 @@ impl PartialDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::protocols::http2::tests::encode;
 
     #[test]
     fn entries_from_before_are_unknown_and_never_misread() {
         // The peer's encoder has been at work for a while: its table holds entries we never saw.
-        let mut encoder = loona_hpack::Encoder::new();
-        let earlier: Vec<(&[u8], &[u8])> = vec![
-            (b":path", b"/old"),
-            (b"user-agent", b"client/1"),
-            (b"x-tenant", b"acme"),
-        ];
-        encoder.encode(earlier.iter().copied());
-        // What the agent sees: literals (with static names), static entries, new and old dynamic
-        // entries. This encoder only indexes names the static table lacks.
-        let block = encoder.encode([
-            (b":method".as_slice(), b"GET".as_slice()),
-            (b":path", b"/new"),
-            (b"user-agent", b"client/1"),
-            (b"x-tenant", b"acme"),
-            (b"x-request", b"r1"),
-        ]);
+        let mut encoder = httlib_hpack::Encoder::default();
+        encode(
+            &mut encoder,
+            &[
+                (":path", "/old"),
+                ("user-agent", "client/1"),
+                ("x-tenant", "acme"),
+            ],
+        );
+        // What the agent sees: static entries, literals, old and new dynamic entries.
+        let block = encode(
+            &mut encoder,
+            &[
+                (":method", "GET"),
+                (":path", "/new"),
+                ("user-agent", "client/1"),
+                ("x-tenant", "acme"),
+                ("x-request", "r1"),
+            ],
+        );
         let mut decoder = PartialDecoder::default();
         let decoded = decoder.decode(&block).unwrap();
         assert!(decoded.incomplete);
@@ -232,17 +231,22 @@ mod tests {
             vec![
                 (":method".to_owned(), "GET".to_owned()),
                 (":path".to_owned(), "/new".to_owned()),
-                ("user-agent".to_owned(), "client/1".to_owned()),
                 ("x-request".to_owned(), "r1".to_owned()),
             ]
         );
-        // Entries inserted since joining are known exactly in later blocks.
-        let next = encoder.encode([(b"x-request".as_slice(), b"r1".as_slice())]);
+        // Entries inserted since joining are known exactly in later blocks, the old ones not.
+        let next = encode(
+            &mut encoder,
+            &[(":path", "/new"), ("x-request", "r1"), ("x-tenant", "acme")],
+        );
         assert_eq!(
             decoder.decode(&next).unwrap(),
             PartialBlock {
-                headers: vec![("x-request".to_owned(), "r1".to_owned())],
-                incomplete: false
+                headers: vec![
+                    (":path".to_owned(), "/new".to_owned()),
+                    ("x-request".to_owned(), "r1".to_owned())
+                ],
+                incomplete: true
             }
         );
         assert_eq!(decoder.decode(&[0xff]), Err(Malformed), "a cut integer");
