@@ -1,5 +1,5 @@
 // Plain node http(s) server (no framework) for the end-to-end suite; keeps connections alive.
-// HTTPS when TLS_CERT and TLS_KEY name PEM files.
+// HTTPS when TLS_CERT and TLS_KEY name PEM files. `handle` also serves node_http2_server.js.
 const fs = require("fs");
 const http = require("http");
 const https = require("https");
@@ -22,17 +22,29 @@ function handle(req, res) {
       res.end(body);
       return;
     }
+    if (req.url.startsWith("/slow")) {
+      return; // never answered: the client gives up (an HTTP/2 client resets the stream)
+    }
     const body = JSON.stringify({ path: req.url, received: Buffer.concat(chunks).toString() });
-    res.writeHead(200, { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(body) });
+    const headers = { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(body) };
+    if (req.stream) headers["X-Stream"] = String(req.stream.id); // HTTP/2
+    res.writeHead(200, headers);
     res.end(body);
   });
 }
 
-const server = process.env.TLS_CERT
-  ? https.createServer(
-      { cert: fs.readFileSync(process.env.TLS_CERT), key: fs.readFileSync(process.env.TLS_KEY) },
-      handle,
-    )
-  : http.createServer(handle);
-server.keepAliveTimeout = 30000;
-server.listen(Number(process.env.PORT || 3000), "127.0.0.1");
+/// Certificate options when TLS_CERT and TLS_KEY are set.
+function tlsOptions() {
+  return process.env.TLS_CERT
+    ? { cert: fs.readFileSync(process.env.TLS_CERT), key: fs.readFileSync(process.env.TLS_KEY) }
+    : null;
+}
+
+module.exports = { handle, tlsOptions };
+
+if (require.main === module) {
+  const tls = tlsOptions();
+  const server = tls ? https.createServer(tls, handle) : http.createServer(handle);
+  server.keepAliveTimeout = 30000;
+  server.listen(Number(process.env.PORT || 3000), "127.0.0.1");
+}

@@ -408,37 +408,19 @@ impl Http2Connection {
             self.streams.remove(&block.stream);
             return Err(Http2Error::Frame("interrupted header block"));
         }
-        match header.kind {
+        let fragment = match header.kind {
             kind::DATA => {
-                let content = frame.content(0)?;
-                let max_body_bytes = self.max_body_bytes;
-                let Some(stream) = self.streams.get_mut(&header.stream) else {
-                    return Ok(());
-                };
-                let half = stream.half(kind);
-                half.body.append(&content, max_body_bytes);
-                half.body.incomplete |= frame.lost > 0;
-                half.last_ns = timestamp_ns;
-                if header.has(flag::END_STREAM) {
-                    half.ended = true;
-                    self.maybe_complete(header.stream, output);
-                }
+                self.on_data(kind, &frame, timestamp_ns, output)?;
+                None
             }
             kind::HEADERS => {
                 let skip = if header.has(flag::PRIORITY) { 5 } else { 0 };
-                let block = PendingBlock {
+                Some(PendingBlock {
                     stream: header.stream,
                     end_stream: header.has(flag::END_STREAM),
                     promised: None,
                     bytes: frame.content(skip)?.to_vec(),
-                };
-                self.on_block_fragment(
-                    kind,
-                    block,
-                    header.has(flag::END_HEADERS),
-                    timestamp_ns,
-                    output,
-                )?;
+                })
             }
             kind::PUSH_PROMISE => {
                 let content = frame.content(0)?;
@@ -446,19 +428,12 @@ impl Http2Connection {
                     .get(..4)
                     .map(|id| u32::from_be_bytes([id[0], id[1], id[2], id[3]]) & 0x7fff_ffff)
                     .ok_or(Http2Error::Frame("PUSH_PROMISE"))?;
-                let block = PendingBlock {
+                Some(PendingBlock {
                     stream: header.stream,
                     end_stream: false,
                     promised: Some(promised),
                     bytes: content[4..].to_vec(),
-                };
-                self.on_block_fragment(
-                    kind,
-                    block,
-                    header.has(flag::END_HEADERS),
-                    timestamp_ns,
-                    output,
-                )?;
+                })
             }
             kind::CONTINUATION => {
                 let endpoint = self.endpoint(kind);
@@ -470,13 +445,7 @@ impl Http2Connection {
                     return Err(Http2Error::Frame("CONTINUATION of another stream"));
                 }
                 block.bytes.extend_from_slice(&frame.payload);
-                self.on_block_fragment(
-                    kind,
-                    block,
-                    header.has(flag::END_HEADERS),
-                    timestamp_ns,
-                    output,
-                )?;
+                Some(block)
             }
             kind::RST_STREAM => {
                 let code = frame
@@ -489,6 +458,7 @@ impl Http2Connection {
                 {
                     self.complete(header.stream, stream, Some(code), output);
                 }
+                None
             }
             kind::SETTINGS if !header.has(flag::ACK) => {
                 // The sender's decoder allows the peer's encoder this large a table.
@@ -504,10 +474,44 @@ impl Http2Connection {
                         peer.allow_table_size(value);
                     }
                 }
+                None
             }
             // GOAWAY, PING, PRIORITY, WINDOW_UPDATE, SETTINGS acks and unknown (extension)
             // frames carry nothing an exchange needs.
-            _ => {}
+            _ => None,
+        };
+        match fragment {
+            Some(block) => self.on_block_fragment(
+                kind,
+                block,
+                header.has(flag::END_HEADERS),
+                timestamp_ns,
+                output,
+            ),
+            None => Ok(()),
+        }
+    }
+
+    fn on_data(
+        &mut self,
+        kind: MessageKind,
+        frame: &Frame,
+        timestamp_ns: u64,
+        output: &mut Reassembled,
+    ) -> Result<(), Http2Error> {
+        let header = frame.header;
+        let content = frame.content(0)?;
+        let max_body_bytes = self.max_body_bytes;
+        let Some(stream) = self.streams.get_mut(&header.stream) else {
+            return Ok(());
+        };
+        let half = stream.half(kind);
+        half.body.append(&content, max_body_bytes);
+        half.body.incomplete |= frame.lost > 0;
+        half.last_ns = timestamp_ns;
+        if header.has(flag::END_STREAM) {
+            half.ended = true;
+            self.maybe_complete(header.stream, output);
         }
         Ok(())
     }
