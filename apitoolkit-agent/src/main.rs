@@ -50,7 +50,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Check) => {
-            let (table, ok) = preflight::report(&preflight::run());
+            let mut checks = preflight::run();
+            checks.extend(agent::tls_site_checks());
+            let (table, ok) = preflight::report(&checks);
             print!("{table}");
             if !ok {
                 anyhow::bail!("this host cannot run the agent: fix the FAIL lines above");

@@ -56,7 +56,7 @@ def test_curl_over_http2_gives_one_payload_per_request(http2_server, agent_facto
     assert body_json(echo, "response_body")["received"] == '{"name": "bob"}'
 
     assert body(by_url(payloads, "/big"), "response_body") == big
-    assert not any(tag.endswith(("_incomplete", "_truncated")) for p in payloads for tag in p["tags"])
+    assert not any(tag.endswith(("_incomplete", "_truncated")) for p in payloads for tag in p["tags"]), [(p["raw_url"], p["tags"]) for p in payloads]
 
 
 def test_twenty_streams_on_one_connection_and_a_reset_stream(http2_server, agent_factory):

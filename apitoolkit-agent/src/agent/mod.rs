@@ -3,6 +3,9 @@
 //! sinks drain what is queued.
 
 mod capture_loop;
+mod tls_check;
+
+pub use tls_check::tls_site_checks;
 mod discovery;
 pub mod recording;
 

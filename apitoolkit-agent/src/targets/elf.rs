@@ -4,7 +4,7 @@
 use std::{fs::File, io, path::Path};
 
 use memmap2::Mmap;
-use object::{Object, ObjectSection, ObjectSymbol};
+use object::{Object, ObjectSection, ObjectSymbol, SectionKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
@@ -35,6 +35,30 @@ impl ElfFile {
     /// Go binaries carry their build information in this section (Go 1.13+).
     pub fn is_go(&self) -> bool {
         self.parsed().section_by_name(".go.buildinfo").is_some()
+    }
+
+    /// The virtual address the byte at file `offset` is loaded at.
+    pub fn address_of(&self, offset: u64) -> Option<u64> {
+        self.parsed().sections().find_map(|section| {
+            let (start, size) = section.file_range()?;
+            (offset >= start && offset < start + size).then(|| section.address() + (offset - start))
+        })
+    }
+
+    /// Up to `len` bytes of machine code at virtual `address`, with their file offset: only
+    /// inside an executable section, never past its end.
+    pub fn code(&self, address: u64, len: usize) -> Option<(u64, &[u8])> {
+        let file = self.parsed();
+        let section = file.sections().find(|section| {
+            section.kind() == SectionKind::Text
+                && address >= section.address()
+                && address < section.address() + section.size()
+        })?;
+        let (start, size) = section.file_range()?;
+        let offset = start + (address - section.address());
+        let end = (offset + len as u64).min(start + size);
+        let bytes = self.map.get(offset as usize..end as usize)?;
+        Some((offset, bytes))
     }
 
     /// File offsets of those of `names` the file defines, in the order of `names`.

@@ -4,6 +4,7 @@
 
 pub mod elf;
 pub mod kubernetes;
+pub mod probe_site;
 pub mod process;
 pub mod select;
 pub mod sockets;

@@ -11,9 +11,16 @@ use std::{
 };
 
 use apitoolkit_common::programs::SSL_PROGRAMS;
+use iced_x86::Register;
 
-use super::elf::ElfFile;
+use super::{
+    elf::ElfFile,
+    probe_site::{self, Execution},
+};
 use crate::capture::Probes;
+
+/// Bytes of a function decoded to find its first call.
+const DECODED_BYTES: usize = 256;
 
 /// What a file mapped by a target process is, as far as TLS capture goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,6 +75,201 @@ fn probe_points(mut functions: Vec<(&'static str, u64)>) -> Option<Vec<(&'static
         functions.retain(|(name, _)| *name != "SSL_write_ex");
     }
     Some(functions)
+}
+
+/// Where the SSL functions that move plaintext one way are probed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteReport {
+    /// The SSL functions covered, e.g. `SSL_read, SSL_read_ex`.
+    pub functions: String,
+    /// `None`: at their entries; else the file offset of the internal function they share.
+    pub inner: Option<u64>,
+    pub execution: Execution,
+}
+
+impl std::fmt::Display for SiteReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let execution = match self.execution {
+            Execution::Emulated => "emulated",
+            Execution::SingleStepped => "single-stepped (a trap per call, ~14 µs on a VM)",
+        };
+        match self.inner {
+            Some(offset) => write!(
+                f,
+                "{}: the internal function they call (at 0x{offset:x}), {execution}",
+                self.functions
+            ),
+            None => write!(f, "{}: their entries, {execution}", self.functions),
+        }
+    }
+}
+
+/// The probe points of a TLS library and where each kind of call is probed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SitePlan {
+    /// (SSL function whose entry program runs there, file offset).
+    pub points: Vec<(&'static str, u64)>,
+    pub sites: Vec<SiteReport>,
+}
+
+/// Where to probe one direction's plain function (`SSL_read`) and `_ex` form (`SSL_read_ex`,
+/// whose length pointer is in `length_register`). Their entries if the kernel emulates them.
+/// Otherwise, where the code proves it, the internal function both call first: the `_ex` form
+/// hands it its own arguments untouched (so it takes the `_ex` contract: object, buffer,
+/// length, length pointer), the plain form keeps the object and buffer, and its entry is
+/// emulated (a `push`). Otherwise the entries after all, single-stepped.
+fn plan_direction(
+    elf: &ElfFile,
+    (plain, plain_offset): (&'static str, u64),
+    (ex, ex_offset): (&'static str, u64),
+    length_register: Register,
+) -> (Vec<(&'static str, u64)>, SiteReport) {
+    let entries = vec![(plain, plain_offset), (ex, ex_offset)];
+    let function = |offset| {
+        let address = elf.address_of(offset)?;
+        let (_, code) = elf.code(address, DECODED_BYTES)?;
+        Some((address, code))
+    };
+    let execution_at = |offset| {
+        function(offset)
+            .and_then(|(address, code)| probe_site::execution(code, address))
+            .unwrap_or(Execution::SingleStepped)
+    };
+    let functions = format!("{plain}, {ex}");
+    if entries
+        .iter()
+        .all(|(_, offset)| execution_at(*offset) == Execution::Emulated)
+    {
+        let report = SiteReport {
+            functions,
+            inner: None,
+            execution: Execution::Emulated,
+        };
+        return (entries, report);
+    }
+    let inner = (|| {
+        let (plain_address, plain_code) = function(plain_offset)?;
+        let (ex_address, ex_code) = function(ex_offset)?;
+        let plain_call = probe_site::first_call(plain_code, plain_address)?;
+        let ex_call = probe_site::first_call(ex_code, ex_address)?;
+        let proven = plain_call.target == ex_call.target
+            && plain_call.preserves(&[Register::RDI, Register::RSI])
+            && ex_call.preserves(&[Register::RDI, Register::RSI, Register::RDX, length_register]);
+        let (offset, code) = elf.code(ex_call.target, DECODED_BYTES)?;
+        let emulated = probe_site::execution(code, ex_call.target) == Some(Execution::Emulated);
+        (proven && emulated).then_some(offset)
+    })();
+    match inner {
+        Some(offset) => (
+            vec![(ex, offset)],
+            SiteReport {
+                functions,
+                inner: Some(offset),
+                execution: Execution::Emulated,
+            },
+        ),
+        None => (
+            entries,
+            SiteReport {
+                functions,
+                inner: None,
+                execution: Execution::SingleStepped,
+            },
+        ),
+    }
+}
+
+/// Where to probe a TLS library, or `None` if it is none: per direction, the cheapest sites
+/// the machine code proves right (see [`plan_direction`]).
+pub fn plan_sites(elf: &ElfFile) -> Option<SitePlan> {
+    let names: Vec<&str> = SSL_PROGRAMS.iter().map(|(name, _)| *name).collect();
+    let functions = probe_points(elf.function_offsets(&names))?;
+    let find = |name: &str| functions.iter().copied().find(|(f, _)| *f == name);
+    let write_ex = find("SSL_write_ex2")
+        .map(|function| (function, Register::R8))
+        .or_else(|| find("SSL_write_ex").map(|function| (function, Register::RCX)));
+    let directions = [
+        (
+            find("SSL_read"),
+            find("SSL_read_ex").map(|f| (f, Register::RCX)),
+        ),
+        (find("SSL_write"), write_ex),
+    ];
+    let mut plan = SitePlan {
+        points: Vec::new(),
+        sites: Vec::new(),
+    };
+    for direction in directions {
+        match direction {
+            (Some(plain), Some((ex, length_register))) => {
+                let (points, site) = plan_direction(elf, plain, ex, length_register);
+                plan.points.extend(points);
+                plan.sites.push(site);
+            }
+            // No `_ex` form (OpenSSL before 1.1.1, BoringSSL): the plain entry as it is.
+            (Some(plain), None) => {
+                let execution = elf
+                    .address_of(plain.1)
+                    .and_then(|address| {
+                        let (_, code) = elf.code(address, DECODED_BYTES)?;
+                        probe_site::execution(code, address)
+                    })
+                    .unwrap_or(Execution::SingleStepped);
+                plan.points.push(plain);
+                plan.sites.push(SiteReport {
+                    functions: plain.0.to_owned(),
+                    inner: None,
+                    execution,
+                });
+            }
+            (None, _) => {}
+        }
+    }
+    Some(plan)
+}
+
+/// Directories where distributions keep the shared libssl.
+const LIBRARY_DIRS: [&str; 5] = [
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib64",
+    "/lib64",
+    "/usr/lib",
+];
+
+/// The TLS libraries of this host, for `check`: every shared `libssl.so.*` in the usual
+/// directories and a `node` on the PATH (which links OpenSSL statically), with where each
+/// would be probed.
+pub fn host_libraries() -> Vec<(PathBuf, SitePlan)> {
+    let mut files: Vec<PathBuf> = LIBRARY_DIRS
+        .iter()
+        .filter_map(|dir| fs::read_dir(dir).ok())
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("libssl.so."))
+        })
+        .chain(std::env::var_os("PATH").into_iter().flat_map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("node"))
+                .filter(|node| node.is_file())
+                .take(1)
+                .collect::<Vec<_>>()
+        }))
+        .filter_map(|path| fs::canonicalize(path).ok())
+        .collect();
+    files.sort();
+    files.dedup();
+    files
+        .into_iter()
+        .filter_map(|path| {
+            let plan = plan_sites(&ElfFile::open(&path).ok()?)?;
+            Some((path, plan))
+        })
+        .collect()
 }
 
 impl TlsWatcher {
@@ -158,17 +360,17 @@ fn inspect_and_probe(probes: &mut Probes, path: &str, host_path: &Path) -> FileK
             return FileKind::Other;
         }
     };
-    let names: Vec<&str> = SSL_PROGRAMS.iter().map(|(name, _)| *name).collect();
-    let Some(points) = probe_points(elf.function_offsets(&names)) else {
+    let Some(plan) = plan_sites(&elf) else {
         return if elf.is_go() {
             FileKind::Go
         } else {
             FileKind::Other
         };
     };
-    match probes.attach_tls(host_path, &points) {
+    match probes.attach_tls(host_path, &plan.points) {
         Ok(()) => {
-            tracing::debug!(path, functions = ?points, "attached SSL uprobes");
+            let sites: Vec<String> = plan.sites.iter().map(ToString::to_string).collect();
+            tracing::info!(path, sites = ?sites, "SSL probe sites");
             FileKind::Probed
         }
         Err(error) => {
@@ -181,6 +383,41 @@ fn inspect_and_probe(probes: &mut Probes, path: &str, host_path: &Path) -> FileK
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Debian 12's OpenSSL 3.0 starts SSL_read and friends with `sub $n,%rsp` (single-stepped),
+    /// and each calls an internal function that starts with `push`. So does OpenSSL 1.1.1:
+    /// `APITOOLKIT_TEST_LIBSSL=/path/to/libssl.so.1.1` checks such a file too (psycopg2-binary's
+    /// wheel bundles one).
+    #[test]
+    fn openssl_is_probed_at_its_internal_functions_and_never_single_stepped() {
+        let extra = std::env::var_os("APITOOLKIT_TEST_LIBSSL").map(PathBuf::from);
+        let paths = [PathBuf::from("/usr/lib/x86_64-linux-gnu/libssl.so.3")];
+        for path in paths.into_iter().chain(extra) {
+            let Ok(elf) = ElfFile::open(&path) else {
+                continue; // another distribution: the e2e TLS tests cover what it has
+            };
+            assert_inner_sites(&elf);
+        }
+    }
+
+    fn assert_inner_sites(elf: &ElfFile) {
+        let plan = plan_sites(elf).unwrap();
+        assert_eq!(plan.sites.len(), 2);
+        for site in &plan.sites {
+            assert_eq!(site.execution, Execution::Emulated, "{site}");
+            assert!(site.inner.is_some(), "{site}");
+        }
+        let programs: Vec<&str> = plan.points.iter().map(|(function, _)| *function).collect();
+        assert_eq!(programs, ["SSL_read_ex", "SSL_write_ex"]);
+        for (_, offset) in &plan.points {
+            let address = elf.address_of(*offset).unwrap();
+            let (_, code) = elf.code(address, 16).unwrap();
+            assert_eq!(
+                probe_site::execution(code, address),
+                Some(Execution::Emulated)
+            );
+        }
+    }
 
     #[test]
     fn candidates_are_the_executable_and_mapped_libssl_once_each() {

@@ -1,15 +1,14 @@
 //! HTTP/2 reassembly for one connection (RFC 9113): frames per direction, HPACK per direction
-//! (httlib-hpack, which keeps the dynamic table, honours size updates and decodes Huffman a few
-//! bits at a time), and streams into exchanges, one per stream, never mixing two streams'
-//! frames.
+//! (dynamic table, size updates, partial decoding where the table's history is unknown), and
+//! streams into exchanges, one per stream, never mixing two streams' frames.
 
 mod frames;
-mod partial_hpack;
+mod hpack;
 
 use std::collections::BTreeMap;
 
 use frames::{Frame, FrameReader, Pushed, flag, kind};
-use partial_hpack::PartialDecoder;
+use hpack::{HpackDecoder, PartialBlock};
 
 use super::{
     Anomaly, Exchange, Reassembled,
@@ -33,8 +32,8 @@ pub enum Http2Error {
         "HTTP/2 bytes lost between frames: open streams are lost, reading resumes at a frame boundary"
     )]
     LostSync,
-    #[error("HTTP/2 header block cannot be decoded ({0}): older table entries are forgotten")]
-    Hpack(String),
+    #[error("HTTP/2 header block cannot be decoded: older table entries are forgotten")]
+    Hpack,
     #[error("HTTP/2 header block larger than {MAX_HEADER_BLOCK_BYTES} bytes")]
     HeaderBlockTooLarge,
     #[error("HTTP/2 client did not start with the connection preface")]
@@ -45,26 +44,12 @@ pub enum Http2Error {
 /// build.
 struct Endpoint {
     frames: FrameReader,
-    hpack: Hpack,
+    hpack: HpackDecoder,
     /// A header block waiting for its CONTINUATION frames.
     block: Option<PendingBlock>,
     /// Preface bytes still expected (the client's only).
     preface_left: usize,
     last_push_ns: u64,
-}
-
-/// The HPACK decoder of one direction.
-enum Hpack {
-    /// Seen from the connection's start: the whole dynamic table is known.
-    Full(Box<httlib_hpack::Decoder<'static>>),
-    /// Joined mid-stream: entries from before are unknown, reported, never guessed.
-    Partial(Box<PartialDecoder>),
-}
-
-/// A decoded header block, and whether some of its fields could not be known.
-struct Fields {
-    headers: Vec<(String, String)>,
-    incomplete: bool,
 }
 
 struct PendingBlock {
@@ -85,6 +70,8 @@ struct Half {
     first_ns: u64,
     last_ns: u64,
     ended: bool,
+    /// DATA payload bytes received, kept or not.
+    received: u64,
     /// Some header or trailer field referred to HPACK state from before the agent joined.
     headers_incomplete: bool,
 }
@@ -115,7 +102,7 @@ impl Endpoint {
     fn new(kind: MessageKind) -> Self {
         Self {
             frames: FrameReader::default(),
-            hpack: Hpack::Full(Box::default()),
+            hpack: HpackDecoder::new(),
             block: None,
             preface_left: match kind {
                 MessageKind::Request => PREFACE.len(),
@@ -144,7 +131,7 @@ impl Endpoint {
     /// One direction of a connection joined mid-stream: no preface, HPACK state unknown.
     fn midstream() -> Self {
         Self {
-            hpack: Hpack::Partial(Box::default()),
+            hpack: HpackDecoder::partial(),
             preface_left: 0,
             ..Self::new(MessageKind::Response)
         }
@@ -153,49 +140,15 @@ impl Endpoint {
     /// The dynamic table may no longer match the peer's (a block failed, or frames were lost):
     /// from here on only entries inserted later are known, the older ones never guessed.
     fn forget_table(&mut self) {
-        self.hpack = Hpack::Partial(Box::default());
+        self.hpack = HpackDecoder::partial();
         self.block = None;
     }
 
-    fn decode(&mut self, block: &[u8]) -> Result<Fields, Http2Error> {
-        let decoded = match &mut self.hpack {
-            Hpack::Full(decoder) => {
-                let mut fields = Vec::new();
-                decoder
-                    .decode(&mut block.to_vec(), &mut fields)
-                    .map(|_| Fields {
-                        headers: fields
-                            .into_iter()
-                            .map(|(name, value, _flags)| {
-                                (
-                                    String::from_utf8_lossy(&name).into_owned(),
-                                    String::from_utf8_lossy(&value).into_owned(),
-                                )
-                            })
-                            .collect(),
-                        incomplete: false,
-                    })
-                    .map_err(|error| format!("{error:?}"))
-            }
-            Hpack::Partial(decoder) => decoder
-                .decode(block)
-                .map(|partial| Fields {
-                    headers: partial.headers,
-                    incomplete: partial.incomplete,
-                })
-                .map_err(|_| "malformed block".to_owned()),
-        };
-        decoded.map_err(|reason| {
+    fn decode(&mut self, block: &[u8]) -> Result<PartialBlock, Http2Error> {
+        self.hpack.decode(block).map_err(|_| {
             self.forget_table();
-            Http2Error::Hpack(reason)
+            Http2Error::Hpack
         })
-    }
-
-    /// SETTINGS_HEADER_TABLE_SIZE from the peer: the largest table this direction may use.
-    fn allow_table_size(&mut self, size: u32) {
-        if let Hpack::Full(decoder) = &mut self.hpack {
-            decoder.set_max_dynamic_size(size);
-        }
     }
 }
 
@@ -234,8 +187,14 @@ impl Half {
         let mut headers = regular(self.headers.unwrap_or_default());
         // Trailers (gRPC's grpc-status and grpc-message) belong with the headers.
         headers.extend(self.trailers);
+        // A stream cut before its END_STREAM is still whole if its declared length arrived (a
+        // client that has all of a Content-Length body may close before the empty last frame).
+        let declared = headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, length)| length.trim().parse::<u64>().ok());
         let mut body = self.body;
-        body.incomplete |= !self.ended;
+        body.incomplete |= !self.ended && declared != Some(self.received);
         Message {
             start,
             version: Version::HTTP_2,
@@ -471,7 +430,7 @@ impl Http2Connection {
                     let value =
                         u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
                     if id == SETTINGS_HEADER_TABLE_SIZE {
-                        peer.allow_table_size(value);
+                        peer.hpack.allow_table_size(value);
                     }
                 }
                 None
@@ -507,6 +466,7 @@ impl Http2Connection {
         };
         let half = stream.half(kind);
         half.body.append(&content, max_body_bytes);
+        half.received += content.len() as u64;
         half.body.incomplete |= frame.lost > 0;
         half.last_ns = timestamp_ns;
         if header.has(flag::END_STREAM) {
@@ -536,7 +496,7 @@ impl Http2Connection {
             return Ok(());
         }
         let decoded = self.endpoint(kind).decode(&block.bytes);
-        let Fields {
+        let PartialBlock {
             headers,
             incomplete,
         } = match decoded {

@@ -266,6 +266,29 @@ fn a_reset_stream_is_an_exchange_with_its_code_and_other_streams_carry_on() {
 }
 
 #[test]
+fn a_body_of_its_declared_length_is_whole_though_the_stream_never_ended() {
+    let mut wire = Wire::new();
+    wire.request(1, &get("/a"), true);
+    wire.request(3, &get("/b"), true);
+    wire.response(1, &[(":status", "200"), ("content-length", "5")], false);
+    Wire::data(&mut wire.server, 1, b"hello", false);
+    wire.response(3, &[(":status", "200"), ("content-length", "9")], false);
+    Wire::data(&mut wire.server, 3, b"cut", false);
+    // The client closes before the server's empty END_STREAM frames.
+    let mut connection = Http2Connection::new(MAX_BODY);
+    let mut output = Reassembled::default();
+    connection.push(MessageKind::Request, &wire.client, 1, &mut output);
+    connection.push(MessageKind::Response, &wire.server, 2, &mut output);
+    connection.close(&mut output);
+    let summary: Vec<_> = output
+        .exchanges
+        .iter()
+        .map(|e| (target(&e.request), e.response.body.incomplete))
+        .collect();
+    assert_eq!(summary, vec![("/a", false), ("/b", true)]);
+}
+
+#[test]
 fn informational_responses_are_skipped_and_padding_is_not_body() {
     let mut wire = Wire::new();
     wire.request(
@@ -590,4 +613,31 @@ fn a_pushed_response_is_an_exchange_of_the_promised_request() {
             (2, "/style.css", b"body{}".to_vec())
         ]
     );
+}
+
+/// The fuzzer's find (a HEADERS block cut inside a literal, which a crate decoder indexed out
+/// of bounds on): reassembled in one piece and in single bytes, without a panic.
+#[test]
+fn a_header_block_cut_inside_a_literal_is_malformed_not_a_crash() {
+    let input = include_bytes!("../../../../../fuzz/seeds/http_reassembly/http2_cut_hpack_literal");
+    let streams = &input[1..];
+    let at = streams.windows(5).position(|w| w == b"\n~~~\n").unwrap();
+    let (client, server) = (&streams[..at], &streams[at + 5..]);
+    for piece in [usize::MAX, 1] {
+        let mut reassembler = Reassembler::new(MAX_BODY);
+        let mut output = Reassembled::default();
+        for chunk in client.chunks(piece) {
+            reassembler.push(MessageKind::Request, chunk, 1, &mut output);
+        }
+        for chunk in server.chunks(piece) {
+            reassembler.push(MessageKind::Response, chunk, 2, &mut output);
+        }
+        reassembler.close(&mut output);
+        assert!(
+            output
+                .anomalies
+                .iter()
+                .any(|anomaly| matches!(anomaly, Anomaly::Malformed(..)))
+        );
+    }
 }
