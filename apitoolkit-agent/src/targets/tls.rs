@@ -112,6 +112,21 @@ pub struct SitePlan {
     pub sites: Vec<SiteReport>,
 }
 
+/// The address and first bytes of the function at file `offset`.
+fn function_code(elf: &ElfFile, offset: u64) -> Option<(u64, &[u8])> {
+    let address = elf.address_of(offset)?;
+    let (_, code) = elf.code(address, DECODED_BYTES)?;
+    Some((address, code))
+}
+
+/// How a uprobe at the entry of the function at file `offset` runs; single-stepped when its
+/// code cannot be read.
+fn entry_execution(elf: &ElfFile, offset: u64) -> Execution {
+    function_code(elf, offset)
+        .and_then(|(address, code)| probe_site::execution(code, address))
+        .unwrap_or(Execution::SingleStepped)
+}
+
 /// Where to probe one direction's plain function (`SSL_read`) and `_ex` form (`SSL_read_ex`,
 /// whose length pointer is in `length_register`). Their entries if the kernel emulates them.
 /// Otherwise, where the code proves it, the internal function both call first: the `_ex` form
@@ -125,20 +140,11 @@ fn plan_direction(
     length_register: Register,
 ) -> (Vec<(&'static str, u64)>, SiteReport) {
     let entries = vec![(plain, plain_offset), (ex, ex_offset)];
-    let function = |offset| {
-        let address = elf.address_of(offset)?;
-        let (_, code) = elf.code(address, DECODED_BYTES)?;
-        Some((address, code))
-    };
-    let execution_at = |offset| {
-        function(offset)
-            .and_then(|(address, code)| probe_site::execution(code, address))
-            .unwrap_or(Execution::SingleStepped)
-    };
+    let function = |offset| function_code(elf, offset);
     let functions = format!("{plain}, {ex}");
     if entries
         .iter()
-        .all(|(_, offset)| execution_at(*offset) == Execution::Emulated)
+        .all(|(_, offset)| entry_execution(elf, *offset) == Execution::Emulated)
     {
         let report = SiteReport {
             functions,
@@ -208,13 +214,7 @@ pub fn plan_sites(elf: &ElfFile) -> Option<SitePlan> {
             }
             // No `_ex` form (OpenSSL before 1.1.1, BoringSSL): the plain entry as it is.
             (Some(plain), None) => {
-                let execution = elf
-                    .address_of(plain.1)
-                    .and_then(|address| {
-                        let (_, code) = elf.code(address, DECODED_BYTES)?;
-                        probe_site::execution(code, address)
-                    })
-                    .unwrap_or(Execution::SingleStepped);
+                let execution = entry_execution(elf, plain.1);
                 plan.points.push(plain);
                 plan.sites.push(SiteReport {
                     functions: plain.0.to_owned(),

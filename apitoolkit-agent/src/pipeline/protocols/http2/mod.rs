@@ -299,13 +299,18 @@ impl Http2Connection {
                 .anomalies
                 .push(Anomaly::Malformed(kind, error.into()));
             output.anomalies.push(Anomaly::Desync);
-            // Frames of this direction are gone for good: its open streams cannot end.
-            let open = std::mem::take(&mut self.streams);
-            output.anomalies.extend(
-                open.into_values()
-                    .map(|_| Anomaly::Unpaired(MessageKind::Request)),
-            );
+            // Frames of this direction are gone: its open streams cannot end.
+            self.drop_open_streams(output);
         }
+    }
+
+    /// Counts every open stream as lost and forgets it.
+    fn drop_open_streams(&mut self, output: &mut Reassembled) {
+        let open = std::mem::take(&mut self.streams);
+        output.anomalies.extend(
+            open.into_values()
+                .map(|_| Anomaly::Unpaired(MessageKind::Request)),
+        );
     }
 
     /// The connection closed: streams with a response so far become exchanges (their bodies
@@ -340,16 +345,12 @@ impl Http2Connection {
         self.client.frames.retained_bytes() + self.server.frames.retained_bytes() + bodies
     }
 
-    /// Drops everything held to free memory; without its frame boundaries the connection is
-    /// not read further.
+    /// Drops everything held to free memory; both directions resync at their next push of whole
+    /// frames.
     pub fn evict(&mut self, output: &mut Reassembled) {
         self.client.frames.abandon();
         self.server.frames.abandon();
-        let open = std::mem::take(&mut self.streams);
-        output.anomalies.extend(
-            open.into_values()
-                .map(|_| Anomaly::Unpaired(MessageKind::Request)),
-        );
+        self.drop_open_streams(output);
     }
 
     fn on_frame(
