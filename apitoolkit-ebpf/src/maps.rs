@@ -14,6 +14,7 @@ use aya_ebpf::{
 
 use crate::{
     emit::EmitState,
+    go_tls::{GoTlsRead, GoroutineKey},
     syscalls::InFlightCall,
     tls::{SslConn, SslKey, TlsCall},
 };
@@ -79,6 +80,12 @@ pub(crate) static SSL_CONNS: LruHashMap<SslKey, SslConn> = LruHashMap::with_max_
 /// socket I/O outside the SSL call (node feeds OpenSSL from memory buffers).
 #[map]
 pub(crate) static LAST_SOCKET_FD: LruHashMap<u64, i32> = LruHashMap::with_max_entries(16384, 0);
+
+/// Go crypto/tls reads in progress, by goroutine: LRU, since a goroutine that panics inside
+/// `Read` never reaches a `ret`.
+#[map]
+pub(crate) static GO_TLS_READS: LruHashMap<GoroutineKey, GoTlsRead> =
+    LruHashMap::with_max_entries(16384, 0);
 
 /// Counts one event that could not be delivered.
 #[inline(always)]

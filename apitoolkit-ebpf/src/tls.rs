@@ -162,22 +162,31 @@ fn exit_tls_call(ctx: &RetProbeContext) -> u32 {
         count(Counter::TlsUnmapped);
         return 0;
     };
+    let direction = if call.direction == Direction::Egress as u8 {
+        Direction::Egress
+    } else {
+        Direction::Ingress
+    };
+    emit_plaintext(pid_tgid, fd, call.buf, direction, total);
+    0
+}
+
+/// Emits `total` plaintext bytes at `buf` of a TLS call on connection `fd` of the current
+/// thread's process; counted as unmapped when the fd is no known connection.
+#[inline(always)]
+pub(crate) fn emit_plaintext(pid_tgid: u64, fd: i32, buf: u64, direction: Direction, total: u64) {
+    let tgid = (pid_tgid >> 32) as u32;
     let Some(state) = CONNECTIONS.get_ptr_mut(&conn_key(tgid, fd)) else {
         count(Counter::TlsUnmapped);
-        return 0;
+        return;
     };
     let buffer = InFlightCall {
-        user_ptr: call.buf,
+        user_ptr: buf,
         count: 0,
         fd,
         kind: CallKind::Buffer,
         socket_only: 0,
         _pad: [0; 2],
-    };
-    let direction = if call.direction == Direction::Egress as u8 {
-        Direction::Egress
-    } else {
-        Direction::Ingress
     };
     emit_on_connection(
         // SAFETY: a live `CONNECTIONS` element (memory stays valid while the program runs),
@@ -192,7 +201,6 @@ fn exit_tls_call(ctx: &RetProbeContext) -> u32 {
         Source::Tls,
         total,
     );
-    0
 }
 
 /// SSL_read(ssl, buf, num) -> bytes read.

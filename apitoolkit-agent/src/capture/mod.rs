@@ -12,18 +12,24 @@ use std::{
 
 use apitoolkit_common::{
     COMM_LEN, ConfigKey, ConnState, Counter, Disabled, conn_key, exe_comm, maps,
-    programs::{SSL_CALL_RETURN, SSL_PROGRAMS, TRACEPOINTS},
+    programs::{
+        GO_TLS_PROGRAMS, GO_TLS_READ_ENTER, GO_TLS_READ_RETURN, GO_TLS_WRITE_ENTER,
+        SSL_CALL_RETURN, SSL_PROGRAMS, TRACEPOINTS,
+    },
 };
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         TracePoint, UProbe,
-        uprobe::{UProbeAttachLocation, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
     },
 };
 
-use crate::pipeline::events::{ConnId, Source};
+use crate::{
+    pipeline::events::{ConnId, Source},
+    targets::go::{self, GoTlsPlan},
+};
 
 /// The kernel object, built by build.rs.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/apitoolkit"));
@@ -216,6 +222,35 @@ impl Probes {
         Ok(())
     }
 
+    /// Attaches the Go crypto/tls programs to the executable at `path` where `plan` says, each
+    /// with the executable's struct layout as its cookie.
+    pub fn attach_go_tls(&mut self, path: &Path, plan: &GoTlsPlan) -> Result<(), ProbeError> {
+        if !self.tls_loaded {
+            return Err(ProbeError::TlsUnavailable);
+        }
+        let sites = [
+            (GO_TLS_READ_ENTER, go::TLS_READ, vec![plan.read_entry]),
+            (GO_TLS_READ_RETURN, go::TLS_READ, plan.read_returns.clone()),
+            (GO_TLS_WRITE_ENTER, go::TLS_WRITE, vec![plan.write_entry]),
+        ];
+        for (program, function, offsets) in sites {
+            for offset in offsets {
+                let point = UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(offset),
+                    cookie: Some(plan.layout.cookie()),
+                };
+                self.uprobe(program)
+                    .attach(point, path, UProbeScope::AllProcesses)
+                    .map_err(|source| ProbeError::Uprobe {
+                        program,
+                        function,
+                        source,
+                    })?;
+            }
+        }
+        Ok(())
+    }
+
     /// The map `name` of the kernel object as the typed map `T`.
     fn map<'a, T>(&'a mut self, name: &'static str) -> Result<T, ProbeError>
     where
@@ -389,7 +424,8 @@ fn load_tls_programs(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     let programs = SSL_PROGRAMS
         .iter()
         .map(|(_, program)| *program)
-        .chain([SSL_CALL_RETURN]);
+        .chain([SSL_CALL_RETURN])
+        .chain(GO_TLS_PROGRAMS);
     for program in programs {
         uprobe(ebpf, program)
             .load()
@@ -441,7 +477,8 @@ mod tests {
             .iter()
             .map(|(program, ..)| *program)
             .chain(SSL_PROGRAMS.iter().map(|(_, program)| *program))
-            .chain([SSL_CALL_RETURN]);
+            .chain([SSL_CALL_RETURN])
+        .chain(GO_TLS_PROGRAMS);
         let used_maps = [
             maps::EVENTS,
             maps::CONFIG,

@@ -17,11 +17,7 @@ mod nginx;
 mod pubsub;
 mod writes;
 
-use std::{
-    fs,
-    path::PathBuf,
-    process::{Command, Stdio},
-};
+use std::{fs, path::PathBuf};
 
 use anyhow::Context as _;
 use serde_json::{Value, json};
@@ -40,34 +36,15 @@ const TARGET_THROUGHPUT_RATIO: f64 = 0.97;
 const TARGET_CPU_US_PER_REQUEST: f64 = 15.0;
 const TARGET_RSS_MIB: f64 = 64.0;
 
-fn installed(tool: &str) -> bool {
-    Command::new("which")
-        .arg(tool)
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success())
-}
-
 fn ensure_tools() -> anyhow::Result<()> {
-    if ["nginx", "wrk", "hey", "h2load", "curl", "openssl"]
-        .iter()
-        .all(|tool| installed(tool))
-    {
-        return Ok(());
-    }
-    eprintln!("bench: installing nginx, wrk, hey, h2load, curl and openssl");
-    crate::run(Command::new("apt-get").args(["update", "-qq"]))?;
-    crate::run(Command::new("apt-get").args([
-        "install",
-        "-y",
-        "-qq",
-        "nginx",
-        "wrk",
-        "hey",
-        "nghttp2-client",
-        "curl",
-        "openssl",
-    ]))
+    crate::setup::debian_programs(&[
+        ("nginx", "nginx"),
+        ("wrk", "wrk"),
+        ("hey", "hey"),
+        ("h2load", "nghttp2-client"),
+        ("curl", "curl"),
+        ("openssl", "openssl"),
+    ])
 }
 
 fn bench_dir() -> PathBuf {
