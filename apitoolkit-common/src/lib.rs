@@ -78,6 +78,8 @@ abi_enum! {
         /// A [`ProcessRecord`]: the kernel selected a process the moment it bound a `--port` port
         /// or executed an `--exe` program; userspace confirms it from /proc.
         ProcessSelected = 6,
+        /// A [`GoroutineRecord`]: a target Go process started a goroutine.
+        GoroutineCreated = 7,
     }
 }
 
@@ -223,7 +225,11 @@ pub const fn go_layout_cookie(conn_data: u16, net_fd: u16, sysfd: u16) -> u64 {
 /// The three offsets of [`go_layout_cookie`], in its order.
 #[inline(always)]
 pub const fn go_layout_offsets(cookie: u64) -> [u64; 3] {
-    [cookie & 0xffff, (cookie >> 16) & 0xffff, (cookie >> 32) & 0xffff]
+    [
+        cookie & 0xffff,
+        (cookie >> 16) & 0xffff,
+        (cookie >> 32) & 0xffff,
+    ]
 }
 
 /// Key of a connection in the kernel maps.
@@ -245,6 +251,9 @@ pub struct DataHeader {
     /// Bytes that follow this chunk in the stream but were not captured (sendfile, loop bound,
     /// lost records): userspace turns them into a gap.
     pub skipped_len: u64,
+    /// Go's crypto/tls: the goroutine the bytes were moved for (the caller of an HTTP client
+    /// round trip when the connection's read or write loop moved them); 0 elsewhere.
+    pub goroutine: u64,
     pub captured_len: u32,
     pub direction: u8,
     pub source: u8,
@@ -299,6 +308,18 @@ pub struct ProcessRecord {
     pub timestamp_ns: u64,
 }
 
+/// A goroutine and the goroutine whose `go` statement started it (the `g` pointers), so
+/// userspace can follow work a request's handler hands to other goroutines.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GoroutineRecord {
+    pub kind: u32,
+    pub tgid: u32,
+    pub timestamp_ns: u64,
+    pub goroutine: u64,
+    pub parent: u64,
+}
+
 /// Names of the kernel object's maps: userspace finds each map by the name of its `#[map]`
 /// static, so both sides spell it once, here.
 pub mod maps {
@@ -335,6 +356,12 @@ pub mod maps {
     pub const LAST_SOCKET_FD: &str = "LAST_SOCKET_FD";
     /// Go crypto/tls reads between their entry and return, by goroutine.
     pub const GO_TLS_READS: &str = "GO_TLS_READS";
+    /// The goroutine calling `runtime.newproc1`, by thread.
+    pub const GO_NEWPROC_CALLERS: &str = "GO_NEWPROC_CALLERS";
+    /// The goroutine of each net/http client connection's round trip in progress.
+    pub const GO_ROUND_TRIPS: &str = "GO_ROUND_TRIPS";
+    /// The connection each net/http read or write loop goroutine serves.
+    pub const GO_CONN_LOOPS: &str = "GO_CONN_LOOPS";
 }
 
 /// Names of the kernel object's programs (the names of their functions) and where userspace
@@ -379,8 +406,23 @@ pub mod programs {
     pub const GO_TLS_READ_RETURN: &str = "go_tls_read_return";
     /// Go `crypto/tls.(*Conn).Write`, at its entry only: the bytes are all there.
     pub const GO_TLS_WRITE_ENTER: &str = "go_tls_write_enter";
-    pub const GO_TLS_PROGRAMS: [&str; 3] =
-        [GO_TLS_READ_ENTER, GO_TLS_READ_RETURN, GO_TLS_WRITE_ENTER];
+    /// Goroutine creation: the calls of `runtime.newproc1` and `runtime.runqput` in the
+    /// closure `runtime.newproc` runs on the system stack.
+    pub const GO_NEWPROC1_CALL: &str = "go_newproc1_call";
+    pub const GO_RUNQPUT_CALL: &str = "go_runqput_call";
+    /// net/http's client: `(*persistConn).roundTrip` (the caller's goroutine) and the entries
+    /// of the connection's `readLoop` and `writeLoop`.
+    pub const GO_ROUND_TRIP_ENTER: &str = "go_round_trip_enter";
+    pub const GO_CONN_LOOP_ENTER: &str = "go_conn_loop_enter";
+    pub const GO_PROGRAMS: [&str; 7] = [
+        GO_TLS_READ_ENTER,
+        GO_TLS_READ_RETURN,
+        GO_TLS_WRITE_ENTER,
+        GO_NEWPROC1_CALL,
+        GO_RUNQPUT_CALL,
+        GO_ROUND_TRIP_ENTER,
+        GO_CONN_LOOP_ENTER,
+    ];
 
     /// Tracepoints by program: (program, category, event names).
     pub const TRACEPOINTS: &[(&str, &str, &[&str])] = &[
@@ -548,16 +590,20 @@ mod tests {
             GO_TLS_READ_ENTER,
             GO_TLS_READ_RETURN,
             GO_TLS_WRITE_ENTER,
+            GO_NEWPROC1_CALL,
+            GO_RUNQPUT_CALL,
+            GO_ROUND_TRIP_ENTER,
+            GO_CONN_LOOP_ENTER,
         ];
         for program in all {
             let uses = TRACEPOINTS.iter().filter(|(p, ..)| *p == program).count()
                 + SSL_PROGRAMS.iter().filter(|(_, p)| *p == program).count()
                 + usize::from(SSL_CALL_RETURN == program)
-                + GO_TLS_PROGRAMS.iter().filter(|p| **p == program).count();
+                + GO_PROGRAMS.iter().filter(|p| **p == program).count();
             assert_eq!(uses, 1, "{program}");
         }
         assert_eq!(
-            TRACEPOINTS.len() + SSL_PROGRAMS.len() + 1 + GO_TLS_PROGRAMS.len(),
+            TRACEPOINTS.len() + SSL_PROGRAMS.len() + 1 + GO_PROGRAMS.len(),
             all.len()
         );
     }

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    emit::emit_on_connection,
+    emit::{Mover, emit_on_connection},
     maps::{CONNECTIONS, LAST_SOCKET_FD, SSL_CONNS, TLS_CALLS, count},
     process::current_target,
     syscalls::{CallKind, InFlightCall},
@@ -167,15 +167,28 @@ fn exit_tls_call(ctx: &RetProbeContext) -> u32 {
     } else {
         Direction::Ingress
     };
-    emit_plaintext(pid_tgid, fd, call.buf, direction, total);
+    emit_plaintext(
+        tgid,
+        Mover::thread(pid_tgid as u32),
+        fd,
+        call.buf,
+        direction,
+        total,
+    );
     0
 }
 
-/// Emits `total` plaintext bytes at `buf` of a TLS call on connection `fd` of the current
-/// thread's process; counted as unmapped when the fd is no known connection.
+/// Emits `total` plaintext bytes at `buf` of a TLS call on connection `fd` of process `tgid`;
+/// counted as unmapped when the fd is no known connection.
 #[inline(always)]
-pub(crate) fn emit_plaintext(pid_tgid: u64, fd: i32, buf: u64, direction: Direction, total: u64) {
-    let tgid = (pid_tgid >> 32) as u32;
+pub(crate) fn emit_plaintext(
+    tgid: u32,
+    mover: Mover,
+    fd: i32,
+    buf: u64,
+    direction: Direction,
+    total: u64,
+) {
     let Some(state) = CONNECTIONS.get_ptr_mut(&conn_key(tgid, fd)) else {
         count(Counter::TlsUnmapped);
         return;
@@ -196,7 +209,7 @@ pub(crate) fn emit_plaintext(pid_tgid: u64, fd: i32, buf: u64, direction: Direct
         unsafe { &mut *state },
         tgid,
         &buffer,
-        pid_tgid as u32,
+        mover,
         direction,
         Source::Tls,
         total,

@@ -13,8 +13,9 @@ use std::{
 use apitoolkit_common::{
     COMM_LEN, ConfigKey, ConnState, Counter, Disabled, conn_key, exe_comm, maps,
     programs::{
-        GO_TLS_PROGRAMS, GO_TLS_READ_ENTER, GO_TLS_READ_RETURN, GO_TLS_WRITE_ENTER,
-        SSL_CALL_RETURN, SSL_PROGRAMS, TRACEPOINTS,
+        GO_CONN_LOOP_ENTER, GO_NEWPROC1_CALL, GO_PROGRAMS, GO_ROUND_TRIP_ENTER, GO_RUNQPUT_CALL,
+        GO_TLS_READ_ENTER, GO_TLS_READ_RETURN, GO_TLS_WRITE_ENTER, SSL_CALL_RETURN, SSL_PROGRAMS,
+        TRACEPOINTS,
     },
 };
 use aya::{
@@ -222,31 +223,44 @@ impl Probes {
         Ok(())
     }
 
-    /// Attaches the Go crypto/tls programs to the executable at `path` where `plan` says, each
-    /// with the executable's struct layout as its cookie.
-    pub fn attach_go_tls(&mut self, path: &Path, plan: &GoTlsPlan) -> Result<(), ProbeError> {
+    /// Attaches the Go programs to the executable at `path` where `plan` says: crypto/tls, and
+    /// goroutine creation and net/http client round trips where the plan has them. Each gets
+    /// the executable's struct layout as its cookie.
+    pub fn attach_go(&mut self, path: &Path, plan: &GoTlsPlan) -> Result<(), ProbeError> {
         if !self.tls_loaded {
             return Err(ProbeError::TlsUnavailable);
         }
-        let sites = [
-            (GO_TLS_READ_ENTER, go::TLS_READ, vec![plan.read_entry]),
-            (GO_TLS_READ_RETURN, go::TLS_READ, plan.read_returns.clone()),
-            (GO_TLS_WRITE_ENTER, go::TLS_WRITE, vec![plan.write_entry]),
+        let mut sites = vec![
+            (GO_TLS_READ_ENTER, go::TLS_READ, plan.read_entry),
+            (GO_TLS_WRITE_ENTER, go::TLS_WRITE, plan.write_entry),
         ];
-        for (program, function, offsets) in sites {
-            for offset in offsets {
-                let point = UProbeAttachPoint {
-                    location: UProbeAttachLocation::AbsoluteOffset(offset),
-                    cookie: Some(plan.layout.cookie()),
-                };
-                self.uprobe(program)
-                    .attach(point, path, UProbeScope::AllProcesses)
-                    .map_err(|source| ProbeError::Uprobe {
-                        program,
-                        function,
-                        source,
-                    })?;
+        sites.extend(
+            plan.read_returns
+                .iter()
+                .map(|offset| (GO_TLS_READ_RETURN, go::TLS_READ, *offset)),
+        );
+        if let Ok(links) = &plan.links {
+            sites.push((GO_NEWPROC1_CALL, go::NEWPROC_CLOSURE, links.newproc1_call));
+            sites.push((GO_RUNQPUT_CALL, go::NEWPROC_CLOSURE, links.runqput_call));
+            if let Some(client) = &links.client {
+                sites.push((GO_ROUND_TRIP_ENTER, go::ROUND_TRIP, client.round_trip));
+                let [read_loop, write_loop] = client.loops;
+                sites.push((GO_CONN_LOOP_ENTER, go::READ_LOOP, read_loop));
+                sites.push((GO_CONN_LOOP_ENTER, go::WRITE_LOOP, write_loop));
             }
+        }
+        for (program, function, offset) in sites {
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(offset),
+                cookie: Some(plan.layout.cookie()),
+            };
+            self.uprobe(program)
+                .attach(point, path, UProbeScope::AllProcesses)
+                .map_err(|source| ProbeError::Uprobe {
+                    program,
+                    function,
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -425,7 +439,7 @@ fn load_tls_programs(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
         .iter()
         .map(|(_, program)| *program)
         .chain([SSL_CALL_RETURN])
-        .chain(GO_TLS_PROGRAMS);
+        .chain(GO_PROGRAMS);
     for program in programs {
         uprobe(ebpf, program)
             .load()
@@ -478,7 +492,7 @@ mod tests {
             .map(|(program, ..)| *program)
             .chain(SSL_PROGRAMS.iter().map(|(_, program)| *program))
             .chain([SSL_CALL_RETURN])
-        .chain(GO_TLS_PROGRAMS);
+            .chain(GO_PROGRAMS);
         let used_maps = [
             maps::EVENTS,
             maps::CONFIG,

@@ -66,7 +66,8 @@ impl ElfFile {
             if end > size {
                 return None;
             }
-            self.map.get((start + skip) as usize..(start + end) as usize)
+            self.map
+                .get((start + skip) as usize..(start + end) as usize)
         })
     }
 

@@ -12,9 +12,18 @@ use super::{elf::ElfFile, probe_site};
 
 /// Register-ABI Go (1.17+) passes the receiver and the slice in RAX, RBX, RCX and keeps the
 /// running goroutine in R14: the probes need all four as the function received them.
-const ARGUMENT_REGISTERS: [Register; 4] = [Register::RAX, Register::RBX, Register::RCX, Register::R14];
+const ARGUMENT_REGISTERS: [Register; 4] =
+    [Register::RAX, Register::RBX, Register::RCX, Register::R14];
 pub const TLS_READ: &str = "crypto/tls.(*Conn).Read";
 pub const TLS_WRITE: &str = "crypto/tls.(*Conn).Write";
+/// The closure `runtime.newproc` (the `go` statement) runs on the system stack: it calls
+/// `newproc1(fn, callergp, ...)`, then `runqput(pp, newg, ...)`.
+pub const NEWPROC_CLOSURE: &str = "runtime.newproc.func1";
+const NEWPROC1: &str = "runtime.newproc1";
+const RUNQPUT: &str = "runtime.runqput";
+pub const ROUND_TRIP: &str = "net/http.(*persistConn).roundTrip";
+pub const READ_LOOP: &str = "net/http.(*persistConn).readLoop";
+pub const WRITE_LOOP: &str = "net/http.(*persistConn).writeLoop";
 
 /// Where the socket's fd sits, from a `*tls.Conn`: the data word of its first field (the
 /// `net.Conn` interface), the `*netFD` in that `*net.TCPConn`, and `pfd.Sysfd` in the
@@ -73,9 +82,7 @@ pub enum GoTlsRefusal {
     NotX86,
     #[error("no readable Go version in .go.buildinfo")]
     NoVersion,
-    #[error(
-        "{0}: crypto/tls is probed for Go 1.17 to 1.27 (register ABI, struct layouts checked)"
-    )]
+    #[error("{0}: crypto/tls is probed for Go 1.17 to 1.27 (register ABI, struct layouts checked)")]
     UnsupportedVersion(String),
     #[error("no readable .gopclntab function table")]
     NoFunctionTable,
@@ -97,6 +104,34 @@ pub struct GoTlsPlan {
     pub read_returns: Vec<u64>,
     /// `Write`'s entry site: the bytes are taken there, before they are encrypted.
     pub write_entry: u64,
+    /// Where goroutine creation and net/http client calls are probed, or why they are not
+    /// (outgoing calls then get no `parent_id`).
+    pub links: Result<GoLinkSites, GoLinkRefusal>,
+}
+
+/// Sites (file offsets) that let outgoing calls be linked to the request being served.
+#[derive(Debug, PartialEq, Eq)]
+pub struct GoLinkSites {
+    /// The calls of `newproc1` and `runqput` in [`NEWPROC_CLOSURE`] (emulated: `call`).
+    pub newproc1_call: u64,
+    pub runqput_call: u64,
+    /// The entry sites of `(*persistConn).roundTrip`, and of its `readLoop` and `writeLoop`;
+    /// `None` when the program has no net/http client.
+    pub client: Option<ClientSites>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct ClientSites {
+    pub round_trip: u64,
+    pub loops: [u64; 2],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GoLinkRefusal {
+    #[error("goroutine links need Go 1.18+ (newproc1 took other arguments before)")]
+    OldGo,
+    #[error("{0}: not found or its machine code does not decode as expected")]
+    Unverified(&'static str),
 }
 
 /// The Go version recorded in `.go.buildinfo`: inline since Go 1.18 (flag bit 2: a varint
@@ -116,7 +151,10 @@ pub fn version(elf: &ElfFile) -> Option<GoVersion> {
     } else {
         let header = word(info, 16, pointer_size)?;
         let string = elf.data(header, 2 * pointer_size)?;
-        let (data, length) = (word(string, 0, pointer_size)?, word(string, pointer_size, pointer_size)?);
+        let (data, length) = (
+            word(string, 0, pointer_size)?,
+            word(string, pointer_size, pointer_size)?,
+        );
         elf.data(data, usize::try_from(length).ok()?)?.to_vec()
     };
     GoVersion::parse(std::str::from_utf8(&text).ok()?)
@@ -162,7 +200,9 @@ pub fn function_ranges<'n>(elf: &ElfFile, names: &[&'n str]) -> Option<Vec<(&'n 
         _ => return None,
     };
     let size = usize::from(*table.get(7)?);
-    let header = |index: usize| -> Option<usize> { usize::try_from(word(table, 8 + index * size, size)?).ok() };
+    let header = |index: usize| -> Option<usize> {
+        usize::try_from(word(table, 8 + index * size, size)?).ok()
+    };
     let functions = header(0)?;
     let (text_start, names_at, functab_at) = match format {
         TableFormat::Go116 => (0, header(2)?, header(6)?),
@@ -184,7 +224,11 @@ pub fn function_ranges<'n>(elf: &ElfFile, names: &[&'n str]) -> Option<Vec<(&'n 
     };
     let entry = |index: usize| -> Option<u64> {
         let value = word(functab, index * entry_size, field)?;
-        Some(if format == TableFormat::Go118 { text_start + value } else { value })
+        Some(if format == TableFormat::Go118 {
+            text_start + value
+        } else {
+            value
+        })
     };
     let name_of = |index: usize| -> Option<&[u8]> {
         let func_at = usize::try_from(word(functab, index * entry_size + field, field)?).ok()?;
@@ -195,9 +239,7 @@ pub fn function_ranges<'n>(elf: &ElfFile, names: &[&'n str]) -> Option<Vec<(&'n 
     };
     let mut found: Vec<Option<(u64, u64)>> = vec![None; names.len()];
     for index in 0..functions {
-        let Some(name) = name_of(index) else {
-            return None;
-        };
+        let name = name_of(index)?;
         if let Some(wanted) = names.iter().position(|wanted| wanted.as_bytes() == name) {
             found[wanted] = Some((entry(index)?, entry(index + 1)?));
         }
@@ -227,15 +269,13 @@ pub fn plan(elf: &ElfFile) -> Result<GoTlsPlan, GoTlsRefusal> {
     }
     let version = version(elf).ok_or(GoTlsRefusal::NoVersion)?;
     let layout = layout(&version)?;
-    let ranges = function_ranges(elf, &[TLS_READ, TLS_WRITE]).ok_or(GoTlsRefusal::NoFunctionTable)?;
+    let ranges =
+        function_ranges(elf, &[TLS_READ, TLS_WRITE]).ok_or(GoTlsRefusal::NoFunctionTable)?;
     let [(_, read_at, read_end), (_, write_at, write_end)] = ranges[..] else {
         return Err(GoTlsRefusal::NoTls);
     };
     let code = |name, entry: u64, end: u64| {
-        let length = usize::try_from(end.saturating_sub(entry)).unwrap_or(0);
-        elf.code(entry, length)
-            .filter(|(_, code)| code.len() == length && length > 0)
-            .ok_or(GoTlsRefusal::UnverifiedCode(name))
+        function_code(elf, entry, end).ok_or(GoTlsRefusal::UnverifiedCode(name))
     };
     let (read_offset, read_code) = code(TLS_READ, read_at, read_end)?;
     let (write_offset, write_code) = code(TLS_WRITE, write_at, write_end)?;
@@ -244,14 +284,82 @@ pub fn plan(elf: &ElfFile) -> Result<GoTlsPlan, GoTlsRefusal> {
             .map(|site| offset + site)
             .ok_or(GoTlsRefusal::UnverifiedCode(name))
     };
-    let read_returns = probe_site::returns(read_code, read_at)
-        .ok_or(GoTlsRefusal::UnverifiedCode(TLS_READ))?;
+    let read_returns =
+        probe_site::returns(read_code, read_at).ok_or(GoTlsRefusal::UnverifiedCode(TLS_READ))?;
+    let links = if version.minor < 18 {
+        Err(GoLinkRefusal::OldGo)
+    } else {
+        link_sites(elf)
+    };
     Ok(GoTlsPlan {
+        links,
         layout,
         read_entry: entry_site(TLS_READ, read_offset, read_code, read_at)?,
-        read_returns: read_returns.into_iter().map(|site| read_offset + site).collect(),
+        read_returns: read_returns
+            .into_iter()
+            .map(|site| read_offset + site)
+            .collect(),
         write_entry: entry_site(TLS_WRITE, write_offset, write_code, write_at)?,
         version,
+    })
+}
+
+/// The machine code of the whole function `[entry, end)`, with its file offset.
+fn function_code(elf: &ElfFile, entry: u64, end: u64) -> Option<(u64, &[u8])> {
+    let length = usize::try_from(end.checked_sub(entry)?).ok()?;
+    elf.code(entry, length)
+        .filter(|(_, code)| code.len() == length && length > 0)
+}
+
+/// Where goroutine creation and net/http client round trips are probed in a Go 1.18+ program.
+fn link_sites(elf: &ElfFile) -> Result<GoLinkSites, GoLinkRefusal> {
+    let names = [
+        NEWPROC_CLOSURE,
+        NEWPROC1,
+        RUNQPUT,
+        ROUND_TRIP,
+        READ_LOOP,
+        WRITE_LOOP,
+    ];
+    let ranges = function_ranges(elf, &names).unwrap_or_default();
+    let range = |name| {
+        ranges
+            .iter()
+            .find(|(found, ..)| *found == name)
+            .map(|(_, entry, end)| (*entry, *end))
+    };
+    let unverified = GoLinkRefusal::Unverified;
+    let (closure_at, closure_end) = range(NEWPROC_CLOSURE).ok_or(unverified(NEWPROC_CLOSURE))?;
+    let (offset, closure) =
+        function_code(elf, closure_at, closure_end).ok_or(unverified(NEWPROC_CLOSURE))?;
+    let call_site = |callee| {
+        let (target, _) = range(callee).ok_or(unverified(callee))?;
+        probe_site::only_call_to(closure, closure_at, target)
+            .map(|site| offset + site)
+            .ok_or(unverified(callee))
+    };
+    let newproc1_call = call_site(NEWPROC1)?;
+    let runqput_call = call_site(RUNQPUT)?;
+    let client = match range(ROUND_TRIP) {
+        None => None,
+        Some(_) => {
+            let entry = |name| {
+                let (at, end) = range(name).ok_or(unverified(name))?;
+                let (offset, code) = function_code(elf, at, end).ok_or(unverified(name))?;
+                probe_site::emulated_entry(code, at, &[Register::RAX, Register::R14])
+                    .map(|site| offset + site)
+                    .ok_or(unverified(name))
+            };
+            Some(ClientSites {
+                round_trip: entry(ROUND_TRIP)?,
+                loops: [entry(READ_LOOP)?, entry(WRITE_LOOP)?],
+            })
+        }
+    };
+    Ok(GoLinkSites {
+        newproc1_call,
+        runqput_call,
+        client,
     })
 }
 
@@ -273,7 +381,8 @@ mod tests {
                 let dir = out.join(format!("{name}-src"));
                 std::fs::create_dir_all(&dir).unwrap();
                 std::fs::write(dir.join("main.go"), source).unwrap();
-                std::fs::write(dir.join("go.mod"), "module example.test/plain\n\ngo 1.17\n").unwrap();
+                std::fs::write(dir.join("go.mod"), "module example.test/plain\n\ngo 1.17\n")
+                    .unwrap();
                 dir
             }
             None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/apps/go_tls"),
@@ -293,7 +402,10 @@ mod tests {
     }
 
     fn go_version() -> String {
-        let output = Command::new("go").args(["env", "GOVERSION"]).output().unwrap();
+        let output = Command::new("go")
+            .args(["env", "GOVERSION"])
+            .output()
+            .unwrap();
         String::from_utf8(output.stdout).unwrap().trim().to_owned()
     }
 
@@ -305,18 +417,38 @@ mod tests {
             elf.code(address, 6).unwrap().1.to_vec()
         };
         for entry in [plan.read_entry, plan.write_entry] {
-            assert_eq!(byte_at(entry)[..2], [0x0f, 0x86], "jbe rel32 at 0x{entry:x}");
+            assert_eq!(
+                byte_at(entry)[..2],
+                [0x0f, 0x86],
+                "jbe rel32 at 0x{entry:x}"
+            );
         }
         assert!(plan.read_returns.len() >= 2);
         for site in &plan.read_returns {
             assert_eq!(byte_at(*site)[0], 0xc3, "ret at 0x{site:x}");
+        }
+        let links = plan.links.as_ref().unwrap();
+        for call in [links.newproc1_call, links.runqput_call] {
+            assert_eq!(byte_at(call)[0], 0xe8, "call rel32 at 0x{call:x}");
+        }
+        let client = links
+            .client
+            .as_ref()
+            .expect("the server calls out with net/http");
+        for entry in [client.round_trip, client.loops[0], client.loops[1]] {
+            assert_eq!(
+                byte_at(entry)[..2],
+                [0x0f, 0x86],
+                "jbe rel32 at 0x{entry:x}"
+            );
         }
     }
 
     #[test]
     fn plain_stripped_and_pie_builds_are_probed_at_verified_sites() {
         let plain = ElfFile::open(&go_build("server", &[], None)).unwrap();
-        let stripped = ElfFile::open(&go_build("server-stripped", &["-ldflags=-s -w"], None)).unwrap();
+        let stripped =
+            ElfFile::open(&go_build("server-stripped", &["-ldflags=-s -w"], None)).unwrap();
         let pie = ElfFile::open(&go_build("server-pie", &["-buildmode=pie"], None)).unwrap();
         assert_eq!(stripped.symbol_address(TLS_READ), None, "stripped");
 
@@ -326,7 +458,14 @@ mod tests {
             .collect();
         for (elf, plan) in [&plain, &stripped, &pie].into_iter().zip(&plans) {
             assert_eq!(plan.version.text, go_version());
-            assert_eq!(plan.layout, GoLayout { conn_data: 8, net_fd: 0, sysfd: 16 });
+            assert_eq!(
+                plan.layout,
+                GoLayout {
+                    conn_data: 8,
+                    net_fd: 0,
+                    sysfd: 16
+                }
+            );
             assert_sites(elf, plan);
         }
         // Stripping removes the symbols, not the code: the same sites.
@@ -344,6 +483,9 @@ mod tests {
         let source = "package main\n\nimport \"fmt\"\n\nfunc main() { fmt.Println(\"hi\") }\n";
         let hello = ElfFile::open(&go_build("hello", &[], Some(source))).unwrap();
         assert_eq!(plan(&hello), Err(GoTlsRefusal::NoTls));
+        // Goroutine creation is found in any Go program, the client only where it is linked.
+        let links = link_sites(&hello).unwrap();
+        assert_eq!(links.client, None);
         let rust = ElfFile::open(Path::new("/proc/self/exe")).unwrap();
         assert_eq!(plan(&rust), Err(GoTlsRefusal::NoVersion));
     }

@@ -406,7 +406,7 @@ fn probe_go(probes: &mut Probes, path: &str, host_path: &Path, elf: &ElfFile) ->
         Ok(plan) => plan,
         Err(reason) => return GoTls::Refused(reason),
     };
-    match probes.attach_go_tls(host_path, &plan) {
+    match probes.attach_go(host_path, &plan) {
         Ok(()) => {
             tracing::info!(
                 path,
@@ -416,6 +416,19 @@ fn probe_go(probes: &mut Probes, path: &str, host_path: &Path, elf: &ElfFile) ->
                 write_entry = format_args!("0x{:x}", plan.write_entry),
                 "Go crypto/tls probe sites: entries emulated, returns of Read single-stepped"
             );
+            match &plan.links {
+                Ok(links) => tracing::info!(
+                    path,
+                    http_client = links.client.is_some(),
+                    "Go goroutine links probed: outgoing calls get the parent_id of the request \
+                     whose handler (or a goroutine it started) made them"
+                ),
+                Err(reason) => tracing::warn!(
+                    path,
+                    %reason,
+                    "Go goroutine links not probed: outgoing calls get no parent_id"
+                ),
+            }
             GoTls::Probed(plan.version.text)
         }
         Err(error) => {
