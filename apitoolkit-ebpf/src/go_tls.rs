@@ -24,7 +24,10 @@ use aya_ebpf::{
 
 use crate::{
     emit::Mover,
-    maps::{EVENTS, GO_CONN_LOOPS, GO_NEWPROC_CALLERS, GO_ROUND_TRIPS, GO_TLS_READS, count},
+    maps::{
+        EVENTS, GO_CONN_LOOPS, GO_NEWPROC_CALLERS, GO_ROUND_TRIPS, GO_TLS_READS, LAST_SOCKET_FD,
+        count,
+    },
     process::current_target,
     tls::emit_plaintext,
 };
@@ -133,22 +136,30 @@ pub fn go_tls_read_return(ctx: ProbeContext) -> u32 {
     };
     let registers = registers(&ctx);
     let key = goroutine(&registers, tgid);
+    let total = registers.rax as i64;
     // SAFETY: copied at once. Only these programs write `GO_TLS_READS`, and the entry is keyed
     // by this goroutine; `GoTlsRead` is plain integers, valid for any bytes.
-    let Some(read) = unsafe { GO_TLS_READS.get(&key) }.copied() else {
-        return 0;
-    };
+    let read = unsafe { GO_TLS_READS.get(&key) }.copied();
     let _ = GO_TLS_READS.remove(&key);
-    let total = registers.rax as i64;
     if total <= 0 {
         return 0;
     }
+    let mover = mover(pid_tgid, key);
+    let Some(read) = read else {
+        // A read that was already waiting when the probes were attached: its bytes are gone,
+        // but the stream must not silently close over them (the next response would pair with
+        // this one's request). The socket read that woke it ran on this thread just now.
+        // SAFETY: copied at once; any i32 is valid.
+        if let Some(fd) = unsafe { LAST_SOCKET_FD.get(&pid_tgid) }.copied() {
+            emit_plaintext(tgid, mover, fd, None, Direction::Ingress, total as u64);
+        }
+        return 0;
+    };
     let Some(fd) = socket_fd(&ctx, read.conn) else {
         count(Counter::TlsUnmapped);
         return 0;
     };
-    let mover = mover(pid_tgid, key);
-    emit_plaintext(tgid, mover, fd, read.buf, Direction::Ingress, total as u64);
+    emit_plaintext(tgid, mover, fd, Some(read.buf), Direction::Ingress, total as u64);
     0
 }
 
@@ -172,7 +183,7 @@ pub fn go_tls_write_enter(ctx: ProbeContext) -> u32 {
         tgid,
         mover(pid_tgid, goroutine(&registers, tgid)),
         fd,
-        registers.rbx,
+        Some(registers.rbx),
         Direction::Egress,
         registers.rcx,
     );

@@ -171,21 +171,22 @@ fn exit_tls_call(ctx: &RetProbeContext) -> u32 {
         tgid,
         Mover::thread(pid_tgid as u32),
         fd,
-        call.buf,
+        Some(call.buf),
         direction,
         total,
     );
     0
 }
 
-/// Emits `total` plaintext bytes at `buf` of a TLS call on connection `fd` of process `tgid`;
-/// counted as unmapped when the fd is no known connection.
+/// Emits `total` plaintext bytes at `buf` of a TLS call on connection `fd` of process `tgid`,
+/// or, without `buf`, tells userspace they were moved but not captured; counted as unmapped
+/// when the fd is no known connection.
 #[inline(always)]
 pub(crate) fn emit_plaintext(
     tgid: u32,
     mover: Mover,
     fd: i32,
-    buf: u64,
+    buf: Option<u64>,
     direction: Direction,
     total: u64,
 ) {
@@ -194,10 +195,14 @@ pub(crate) fn emit_plaintext(
         return;
     };
     let buffer = InFlightCall {
-        user_ptr: buf,
+        user_ptr: buf.unwrap_or(0),
         count: 0,
         fd,
-        kind: CallKind::Buffer,
+        kind: if buf.is_some() {
+            CallKind::Buffer
+        } else {
+            CallKind::SizeOnly
+        },
         socket_only: 0,
         _pad: [0; 2],
     };
