@@ -159,7 +159,14 @@ pub fn go_tls_read_return(ctx: ProbeContext) -> u32 {
         count(Counter::TlsUnmapped);
         return 0;
     };
-    emit_plaintext(tgid, mover, fd, Some(read.buf), Direction::Ingress, total as u64);
+    emit_plaintext(
+        tgid,
+        mover,
+        fd,
+        Some(read.buf),
+        Direction::Ingress,
+        total as u64,
+    );
     0
 }
 
