@@ -34,8 +34,8 @@ def go_builds(tmp_path_factory):
     return builds
 
 
-def go_server(go_builds, certificate, kind="plain", http2=True, upstream=None):
-    env = {**certificate.env, "HTTP2": "1" if http2 else "0"}
+def go_server(go_builds, certificate, kind="plain", http2=True, upstream=None, upstream_http2=False):
+    env = {**certificate.env, "HTTP2": "1" if http2 else "0", "UPSTREAM_HTTP2": "1" if upstream_http2 else "0"}
     if upstream is not None:
         env["UPSTREAM"] = upstream.base
     return Server([str(go_builds[kind])], free_port(), env=env, scheme="https")
@@ -106,11 +106,16 @@ def test_stripped_and_pie_go_servers_over_h2(kind, go_builds, certificate, agent
     assert body(by_url(payloads, "/big"), "response_body") == BIG_BODY
 
 
-def test_go_outgoing_calls_link_to_the_request_that_made_them(go_builds, certificate, https_node_server,
+@pytest.mark.parametrize("upstream_http2", [False, True], ids=["http1-upstream", "h2-upstream"])
+def test_go_outgoing_calls_link_to_the_request_that_made_them(upstream_http2, go_builds, certificate,
                                                               agent_factory):
     """Each handler calls out over HTTPS, itself (/call/direct) or from a goroutine it starts
-    (/call/spawned); net/http's client writes and reads on goroutines of its own."""
-    server = go_server(go_builds, certificate, http2=False, upstream=https_node_server)
+    (/call/spawned); net/http's client writes and reads on goroutines of its own. Over HTTP/2
+    the calls share one connection whose frames one goroutine reads: no link is made there
+    (never the wrong one)."""
+    upstream_app = "node_http2_server.js" if upstream_http2 else "node_server.js"
+    upstream = Server(["node", str(APPS / upstream_app)], free_port(), env=certificate.env, scheme="https")
+    server = go_server(go_builds, certificate, http2=False, upstream=upstream, upstream_http2=upstream_http2)
     try:
         agent = agent_factory([server.pid])
         assert agent.wait_for_log("Go goroutine links probed")
@@ -124,19 +129,22 @@ def test_go_outgoing_calls_link_to_the_request_that_made_them(go_builds, certifi
         with ThreadPoolExecutor(CONCURRENT_CLIENTS) as pool:
             paths = list(pool.map(call, range(REQUESTS)))
         payloads = agent.wait_for(2 * REQUESTS)
+        assert agent.stop() == 0
     finally:
         server.stop()
+        upstream.stop()
     assert len(payloads) == 2 * REQUESTS
     for i, path in enumerate(paths):
         incoming = by_url(payloads, path)
         outgoing = by_url(payloads, f"/downstream/{i}")
         assert incoming["parent_id"] is None and incoming["sdk_type"] == "GoBuiltIn"
         assert outgoing["sdk_type"] == "GoOutgoing"
-        assert outgoing["parent_id"] == incoming["msg_id"], path
-        assert outgoing["host"] == f"127.0.0.1:{https_node_server.port}"
-        assert body_json(outgoing, "response_body") == {"path": f"/downstream/{i}", "received": ""}
-    assert agent.stop() == 0
-    assert agent.stats()["outgoing_with_parent"] == REQUESTS
+        assert outgoing["proto_major"] == (2 if upstream_http2 else 1)
+        expected_parent = None if upstream_http2 else incoming["msg_id"]
+        assert outgoing["parent_id"] == expected_parent, path
+        assert outgoing["host"] == f"127.0.0.1:{upstream.port}"
+        assert body_json(outgoing, "response_body")["path"] == f"/downstream/{i}"
+    assert agent.stats()["outgoing_with_parent"] == (0 if upstream_http2 else REQUESTS)
 
 
 def test_go_connections_older_than_the_agent(go_builds, certificate, https_node_server, agent_factory):

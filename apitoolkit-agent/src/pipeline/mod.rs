@@ -23,7 +23,10 @@ use events::{ConnId, DataEvent, Event, Role, Source, Worker};
 use link::{Answered, Linker};
 use payload::{Links, Payload, PayloadSettings};
 use profile::{ProcessProfile, Profiles};
-use protocols::{Exchange, message::Message};
+use protocols::{
+    Exchange,
+    message::{Message, Version},
+};
 use redact::Redactor;
 
 /// What besides incoming requests becomes part of the payloads.
@@ -271,6 +274,15 @@ impl Pipeline {
 
     fn links(&mut self, exchange: &TrackedExchange, thread_per_request: bool) -> Links {
         match exchange.role {
+            // A Go HTTP/2 client's streams share one connection whose frames are read by a
+            // goroutine of its own, started for whichever call dialed: its ancestry says
+            // nothing about the call a stream belongs to.
+            Role::Client
+                if exchange.worker.goroutine != 0
+                    && exchange.exchange.request.version == Version::HTTP_2 =>
+            {
+                Links::outgoing(None)
+            }
             Role::Client => Links::outgoing(self.parent(
                 exchange.conn.tgid,
                 exchange.worker,

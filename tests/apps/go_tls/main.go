@@ -1,7 +1,8 @@
 // Go net/http HTTPS server (standard library only) for the end-to-end suite. PORT, TLS_CERT and
 // TLS_KEY configure it; HTTP2=0 forces HTTP/1.1. UPSTREAM (an https base URL, trusted through
 // UPSTREAM_CA) is what /call/... handlers call, from the handler's goroutine (/call/direct) or
-// from a goroutine the handler starts (/call/spawned). GO_CLIENT=URL turns the program into a
+// from a goroutine the handler starts (/call/spawned), over HTTP/2 when UPSTREAM_HTTP2=1 (else
+// HTTP/1.1: a custom TLS configuration turns net/http's HTTP/2 off). GO_CLIENT=URL turns the program into a
 // client that keeps one connection open and sends a request on it at every line of stdin.
 package main
 
@@ -32,7 +33,10 @@ func upstreamClient() *http.Client {
 	if pem, err := os.ReadFile(os.Getenv("UPSTREAM_CA")); err == nil {
 		roots.AppendCertsFromPEM(pem)
 	}
-	transport := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}
+	transport := &http.Transport{
+		TLSClientConfig:   &tls.Config{RootCAs: roots},
+		ForceAttemptHTTP2: os.Getenv("UPSTREAM_HTTP2") == "1",
+	}
 	return &http.Client{Transport: transport}
 }
 
