@@ -213,22 +213,27 @@ pub struct Disabled {
     pub _pad: u32,
 }
 
-/// The attach cookie of the Go crypto/tls probes: where the socket's fd sits, from a
-/// `*tls.Conn`, in the Go version of the probed executable. The byte offsets of the `net.Conn`
-/// interface's data word in `tls.Conn`, of the `*netFD` in `net.TCPConn`, and of `Sysfd` in
-/// `netFD`, 16 bits each.
+/// The attach cookie of the Go probes: where the socket's fd sits, from a `*tls.Conn`, in the
+/// Go version of the probed executable (the byte offsets of the `net.Conn` interface's data word
+/// in `tls.Conn`, of the `*netFD` in `net.TCPConn`, and of `Sysfd` in `netFD`), and, for the
+/// program at `Read`'s copy of plaintext into the caller's buffer, the offset from RSP of the
+/// receiver `Read` spilled to the stack (0 elsewhere). 16 bits each, in that order.
 #[inline(always)]
-pub const fn go_layout_cookie(conn_data: u16, net_fd: u16, sysfd: u16) -> u64 {
-    (conn_data as u64) | ((net_fd as u64) << 16) | ((sysfd as u64) << 32)
+pub const fn go_probe_cookie(offsets: [u16; 4]) -> u64 {
+    (offsets[0] as u64)
+        | ((offsets[1] as u64) << 16)
+        | ((offsets[2] as u64) << 32)
+        | ((offsets[3] as u64) << 48)
 }
 
-/// The three offsets of [`go_layout_cookie`], in its order.
+/// The offsets of [`go_probe_cookie`], in its order.
 #[inline(always)]
-pub const fn go_layout_offsets(cookie: u64) -> [u64; 3] {
+pub const fn go_probe_offsets(cookie: u64) -> [u64; 4] {
     [
         cookie & 0xffff,
         (cookie >> 16) & 0xffff,
         (cookie >> 32) & 0xffff,
+        cookie >> 48,
     ]
 }
 
@@ -401,7 +406,10 @@ pub mod programs {
     /// The uretprobe every SSL function shares: the entry program stashed what it needs.
     pub const SSL_CALL_RETURN: &str = "ssl_call_return";
 
-    /// Go `crypto/tls.(*Conn).Read`, at its entry and (a uprobe each) at every `ret`.
+    /// Go `crypto/tls.(*Conn).Read`, at its one call of `runtime.memmove` (the plaintext copied
+    /// into the caller's buffer) where the code proves the receiver's stack slot; else at its
+    /// entry and (a uprobe each) at every `ret`.
+    pub const GO_TLS_READ_COPY: &str = "go_tls_read_copy";
     pub const GO_TLS_READ_ENTER: &str = "go_tls_read_enter";
     pub const GO_TLS_READ_RETURN: &str = "go_tls_read_return";
     /// Go `crypto/tls.(*Conn).Write`, at its entry only: the bytes are all there.
@@ -414,7 +422,8 @@ pub mod programs {
     /// of the connection's `readLoop` and `writeLoop`.
     pub const GO_ROUND_TRIP_ENTER: &str = "go_round_trip_enter";
     pub const GO_CONN_LOOP_ENTER: &str = "go_conn_loop_enter";
-    pub const GO_PROGRAMS: [&str; 7] = [
+    pub const GO_PROGRAMS: [&str; 8] = [
+        GO_TLS_READ_COPY,
         GO_TLS_READ_ENTER,
         GO_TLS_READ_RETURN,
         GO_TLS_WRITE_ENTER,
@@ -541,11 +550,14 @@ mod tests {
     }
 
     #[test]
-    fn go_layout_offsets_unpack_what_the_cookie_packs() {
-        assert_eq!(go_layout_offsets(go_layout_cookie(8, 0, 16)), [8, 0, 16]);
+    fn go_probe_offsets_unpack_what_the_cookie_packs() {
         assert_eq!(
-            go_layout_offsets(go_layout_cookie(u16::MAX, 1, u16::MAX)),
-            [65535, 1, 65535]
+            go_probe_offsets(go_probe_cookie([8, 0, 16, 0x70])),
+            [8, 0, 16, 0x70]
+        );
+        assert_eq!(
+            go_probe_offsets(go_probe_cookie([u16::MAX, 1, u16::MAX, u16::MAX])),
+            [65535, 1, 65535, 65535]
         );
     }
 
@@ -587,6 +599,7 @@ mod tests {
             SSL_WRITE_EX_ENTER,
             SSL_WRITE_EX2_ENTER,
             SSL_CALL_RETURN,
+            GO_TLS_READ_COPY,
             GO_TLS_READ_ENTER,
             GO_TLS_READ_RETURN,
             GO_TLS_WRITE_ENTER,

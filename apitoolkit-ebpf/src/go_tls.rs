@@ -13,7 +13,7 @@
 //! trip is in progress on that connection, so an outgoing call made under a request's handler
 //! can be traced back to it.
 
-use apitoolkit_common::{Counter, Direction, GoroutineRecord, RecordKind, go_layout_offsets};
+use apitoolkit_common::{Counter, Direction, GoroutineRecord, RecordKind, go_probe_offsets};
 use aya_ebpf::{
     EbpfContext,
     bindings::pt_regs,
@@ -97,7 +97,7 @@ fn mover(pid_tgid: u64, running: GoObject) -> Mover {
 fn socket_fd(ctx: &ProbeContext, conn: u64) -> Option<i32> {
     // SAFETY: the helper only reads the cookie of the attachment that fired.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    let [conn_data, net_fd, sysfd] = go_layout_offsets(cookie);
+    let [conn_data, net_fd, sysfd, _] = go_probe_offsets(cookie);
     // SAFETY: bpf_probe_read_user copies from the target's memory and fails instead of faulting
     // on a bad address; integers are valid for any bytes.
     let tcp_conn: u64 = unsafe { bpf_probe_read_user((conn + conn_data) as *const u64) }.ok()?;
@@ -106,6 +106,44 @@ fn socket_fd(ctx: &ProbeContext, conn: u64) -> Option<i32> {
     // SAFETY: as above.
     let fd: i64 = unsafe { bpf_probe_read_user((netfd + sysfd) as *const i64) }.ok()?;
     i32::try_from(fd).ok().filter(|fd| *fd >= 0)
+}
+
+/// In `(c *Conn) Read(b []byte)`, at `call runtime.memmove(to, from, n)`: the decrypted bytes
+/// `Read` returns (RBX, length RCX) are copied into `b`. `c` is in the stack slot `Read` spilled
+/// it to, at the cookie's offset from RSP. No `ret` probe, so no trap, and a `Read` that was
+/// already waiting when the probe was attached is seen too.
+#[uprobe]
+pub fn go_tls_read_copy(ctx: ProbeContext) -> u32 {
+    let Some((pid_tgid, tgid)) = current_target() else {
+        return 0;
+    };
+    let registers = registers(&ctx);
+    if registers.rcx == 0 {
+        return 0;
+    }
+    // SAFETY: the helper only reads the cookie of the attachment that fired.
+    let [_, _, _, receiver_slot] = go_probe_offsets(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
+    // SAFETY: bpf_probe_read_user copies from the target's stack and fails instead of faulting
+    // on a bad address; a u64 is valid for any bytes.
+    let Ok(conn) = (unsafe { bpf_probe_read_user((registers.rsp + receiver_slot) as *const u64) })
+    else {
+        count(Counter::TlsUnmapped);
+        return 0;
+    };
+    let Some(fd) = socket_fd(&ctx, conn) else {
+        count(Counter::TlsUnmapped);
+        return 0;
+    };
+    let mover = mover(pid_tgid, goroutine(&registers, tgid));
+    emit_plaintext(
+        tgid,
+        mover,
+        fd,
+        Some(registers.rbx),
+        Direction::Ingress,
+        registers.rcx,
+    );
+    0
 }
 
 /// `(c *Conn) Read(b []byte) (int, error)`: c in RAX, b's pointer in RBX.

@@ -14,8 +14,8 @@ use apitoolkit_common::{
     COMM_LEN, ConfigKey, ConnState, Counter, Disabled, conn_key, exe_comm, maps,
     programs::{
         GO_CONN_LOOP_ENTER, GO_NEWPROC1_CALL, GO_PROGRAMS, GO_ROUND_TRIP_ENTER, GO_RUNQPUT_CALL,
-        GO_TLS_READ_ENTER, GO_TLS_READ_RETURN, GO_TLS_WRITE_ENTER, SSL_CALL_RETURN, SSL_PROGRAMS,
-        TRACEPOINTS,
+        GO_TLS_READ_COPY, GO_TLS_READ_ENTER, GO_TLS_READ_RETURN, GO_TLS_WRITE_ENTER,
+        SSL_CALL_RETURN, SSL_PROGRAMS, TRACEPOINTS,
     },
 };
 use aya::{
@@ -29,7 +29,7 @@ use aya::{
 
 use crate::{
     pipeline::events::{ConnId, Source},
-    targets::go::{self, GoTlsPlan},
+    targets::go::{self, GoTlsPlan, ReadSites},
 };
 
 /// The kernel object, built by build.rs.
@@ -230,29 +230,40 @@ impl Probes {
         if !self.tls_loaded {
             return Err(ProbeError::TlsUnavailable);
         }
-        let mut sites = vec![
-            (GO_TLS_READ_ENTER, go::TLS_READ, plan.read_entry),
-            (GO_TLS_WRITE_ENTER, go::TLS_WRITE, plan.write_entry),
-        ];
-        sites.extend(
-            plan.read_returns
-                .iter()
-                .map(|offset| (GO_TLS_READ_RETURN, go::TLS_READ, *offset)),
-        );
-        if let Ok(links) = &plan.links {
-            sites.push((GO_NEWPROC1_CALL, go::NEWPROC_CLOSURE, links.newproc1_call));
-            sites.push((GO_RUNQPUT_CALL, go::NEWPROC_CLOSURE, links.runqput_call));
-            if let Some(client) = &links.client {
-                sites.push((GO_ROUND_TRIP_ENTER, go::ROUND_TRIP, client.round_trip));
-                let [read_loop, write_loop] = client.loops;
-                sites.push((GO_CONN_LOOP_ENTER, go::READ_LOOP, read_loop));
-                sites.push((GO_CONN_LOOP_ENTER, go::WRITE_LOOP, write_loop));
+        let mut sites = vec![(GO_TLS_WRITE_ENTER, go::TLS_WRITE, plan.write_entry, 0)];
+        match &plan.read {
+            ReadSites::Copy {
+                call,
+                receiver_slot,
+            } => sites.push((GO_TLS_READ_COPY, go::TLS_READ, *call, *receiver_slot)),
+            ReadSites::EntryAndReturns { entry, returns } => {
+                sites.push((GO_TLS_READ_ENTER, go::TLS_READ, *entry, 0));
+                sites.extend(
+                    returns
+                        .iter()
+                        .map(|offset| (GO_TLS_READ_RETURN, go::TLS_READ, *offset, 0)),
+                );
             }
         }
-        for (program, function, offset) in sites {
+        if let Ok(links) = &plan.links {
+            sites.push((
+                GO_NEWPROC1_CALL,
+                go::NEWPROC_CLOSURE,
+                links.newproc1_call,
+                0,
+            ));
+            sites.push((GO_RUNQPUT_CALL, go::NEWPROC_CLOSURE, links.runqput_call, 0));
+            if let Some(client) = &links.client {
+                sites.push((GO_ROUND_TRIP_ENTER, go::ROUND_TRIP, client.round_trip, 0));
+                let [read_loop, write_loop] = client.loops;
+                sites.push((GO_CONN_LOOP_ENTER, go::READ_LOOP, read_loop, 0));
+                sites.push((GO_CONN_LOOP_ENTER, go::WRITE_LOOP, write_loop, 0));
+            }
+        }
+        for (program, function, offset, receiver_slot) in sites {
             let point = UProbeAttachPoint {
                 location: UProbeAttachLocation::AbsoluteOffset(offset),
-                cookie: Some(plan.layout.cookie()),
+                cookie: Some(plan.layout.cookie(receiver_slot)),
             };
             self.uprobe(program)
                 .attach(point, path, UProbeScope::AllProcesses)

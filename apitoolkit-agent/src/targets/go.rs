@@ -16,6 +16,7 @@ const ARGUMENT_REGISTERS: [Register; 4] =
     [Register::RAX, Register::RBX, Register::RCX, Register::R14];
 pub const TLS_READ: &str = "crypto/tls.(*Conn).Read";
 pub const TLS_WRITE: &str = "crypto/tls.(*Conn).Write";
+const MEMMOVE: &str = "runtime.memmove";
 /// The closure `runtime.newproc` (the `go` statement) runs on the system stack: it calls
 /// `newproc1(fn, callergp, ...)`, then `runqput(pp, newg, ...)`.
 pub const NEWPROC_CLOSURE: &str = "runtime.newproc.func1";
@@ -36,10 +37,10 @@ pub struct GoLayout {
 }
 
 impl GoLayout {
-    /// The layout packed into a uprobe's attach cookie, as the kernel programs unpack it
-    /// (`apitoolkit_common::GoLayoutCookie`).
-    pub fn cookie(&self) -> u64 {
-        apitoolkit_common::go_layout_cookie(self.conn_data, self.net_fd, self.sysfd)
+    /// The layout packed into a uprobe's attach cookie with the receiver's stack slot of the
+    /// read copy site (0 for other sites), as the kernel programs unpack it.
+    pub fn cookie(&self, receiver_slot: u16) -> u64 {
+        apitoolkit_common::go_probe_cookie([self.conn_data, self.net_fd, self.sysfd, receiver_slot])
     }
 }
 
@@ -98,15 +99,23 @@ pub enum GoTlsRefusal {
 pub struct GoTlsPlan {
     pub version: GoVersion,
     pub layout: GoLayout,
-    /// `Read`'s entry site: an emulated instruction with the arguments as received.
-    pub read_entry: u64,
-    /// Every `ret` of `Read` (single-stepped: the kernel does not emulate `ret`).
-    pub read_returns: Vec<u64>,
+    pub read: ReadSites,
     /// `Write`'s entry site: the bytes are taken there, before they are encrypted.
     pub write_entry: u64,
     /// Where goroutine creation and net/http client calls are probed, or why they are not
     /// (outgoing calls then get no `parent_id`).
     pub links: Result<GoLinkSites, GoLinkRefusal>,
+}
+
+/// Where `Read`'s plaintext is taken (file offsets).
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadSites {
+    /// Its one `call runtime.memmove`, which copies the plaintext into the caller's buffer
+    /// (emulated), with the receiver's stack slot there as an offset from RSP.
+    Copy { call: u64, receiver_slot: u16 },
+    /// Its entry site (emulated) and every `ret` (single-stepped: the kernel does not emulate
+    /// `ret`), where the code does not prove the copy site.
+    EntryAndReturns { entry: u64, returns: Vec<u64> },
 }
 
 /// Sites (file offsets) that let outgoing calls be linked to the request being served.
@@ -269,9 +278,14 @@ pub fn plan(elf: &ElfFile) -> Result<GoTlsPlan, GoTlsRefusal> {
     }
     let version = version(elf).ok_or(GoTlsRefusal::NoVersion)?;
     let layout = layout(&version)?;
-    let ranges =
-        function_ranges(elf, &[TLS_READ, TLS_WRITE]).ok_or(GoTlsRefusal::NoFunctionTable)?;
-    let [(_, read_at, read_end), (_, write_at, write_end)] = ranges[..] else {
+    let ranges = function_ranges(elf, &[TLS_READ, TLS_WRITE, MEMMOVE])
+        .ok_or(GoTlsRefusal::NoFunctionTable)?;
+    let [
+        (_, read_at, read_end),
+        (_, write_at, write_end),
+        (_, memmove, _),
+    ] = ranges[..]
+    else {
         return Err(GoTlsRefusal::NoTls);
     };
     let code = |name, entry: u64, end: u64| {
@@ -284,8 +298,7 @@ pub fn plan(elf: &ElfFile) -> Result<GoTlsPlan, GoTlsRefusal> {
             .map(|site| offset + site)
             .ok_or(GoTlsRefusal::UnverifiedCode(name))
     };
-    let read_returns =
-        probe_site::returns(read_code, read_at).ok_or(GoTlsRefusal::UnverifiedCode(TLS_READ))?;
+    let read = read_sites(read_offset, read_code, read_at, memmove)?;
     let links = if version.minor < 18 {
         Err(GoLinkRefusal::OldGo)
     } else {
@@ -294,13 +307,32 @@ pub fn plan(elf: &ElfFile) -> Result<GoTlsPlan, GoTlsRefusal> {
     Ok(GoTlsPlan {
         links,
         layout,
-        read_entry: entry_site(TLS_READ, read_offset, read_code, read_at)?,
-        read_returns: read_returns
-            .into_iter()
-            .map(|site| read_offset + site)
-            .collect(),
+        read,
         write_entry: entry_site(TLS_WRITE, write_offset, write_code, write_at)?,
         version,
+    })
+}
+
+/// Where to take `Read`'s plaintext, given its code (at file `offset`, address `at`) and the
+/// address of `runtime.memmove`: the copy site where the code proves it, else entry and returns.
+fn read_sites(offset: u64, code: &[u8], at: u64, memmove: u64) -> Result<ReadSites, GoTlsRefusal> {
+    let copy_site = probe_site::only_call_to(code, at, memmove).zip(
+        probe_site::spilled_argument_slot(code, at, Register::RAX)
+            .and_then(|slot| u16::try_from(slot).ok()),
+    );
+    if let Some((call, receiver_slot)) = copy_site {
+        return Ok(ReadSites::Copy {
+            call: offset + call,
+            receiver_slot,
+        });
+    }
+    let unverified = GoTlsRefusal::UnverifiedCode(TLS_READ);
+    let entry =
+        probe_site::emulated_entry(code, at, &ARGUMENT_REGISTERS).ok_or(unverified.clone())?;
+    let returns = probe_site::returns(code, at).ok_or(unverified)?;
+    Ok(ReadSites::EntryAndReturns {
+        entry: offset + entry,
+        returns: returns.into_iter().map(|site| offset + site).collect(),
     })
 }
 
@@ -416,16 +448,31 @@ mod tests {
             let address = elf.address_of(offset).unwrap();
             elf.code(address, 6).unwrap().1.to_vec()
         };
-        for entry in [plan.read_entry, plan.write_entry] {
-            assert_eq!(
-                byte_at(entry)[..2],
-                [0x0f, 0x86],
-                "jbe rel32 at 0x{entry:x}"
-            );
-        }
-        assert!(plan.read_returns.len() >= 2);
-        for site in &plan.read_returns {
-            assert_eq!(byte_at(*site)[0], 0xc3, "ret at 0x{site:x}");
+        let jbe = |entry: u64| assert_eq!(byte_at(entry)[..2], [0x0f, 0x86], "jbe at 0x{entry:x}");
+        jbe(plan.write_entry);
+        // Go 1.19 inlines bytes.Reader.Read into Read: one memmove call, the receiver spilled
+        // at entry RSP + 8 under a 0x68-byte frame.
+        let ReadSites::Copy {
+            call,
+            receiver_slot,
+        } = plan.read
+        else {
+            panic!("{:?}", plan.read);
+        };
+        assert_eq!(byte_at(call)[0], 0xe8, "call rel32 at 0x{call:x}");
+        assert_eq!(receiver_slot, 0x70);
+        // Without the copy site (no memmove call found), the entry and every ret.
+        let (_, read_at, read_end) = function_ranges(elf, &[TLS_READ]).unwrap()[0];
+        let (offset, code) = function_code(elf, read_at, read_end).unwrap();
+        let ReadSites::EntryAndReturns { entry, returns } =
+            read_sites(offset, code, read_at, 0).unwrap()
+        else {
+            panic!("no memmove, no copy site");
+        };
+        jbe(entry);
+        assert!(returns.len() >= 2);
+        for site in returns {
+            assert_eq!(byte_at(site)[0], 0xc3, "ret at 0x{site:x}");
         }
         let links = plan.links.as_ref().unwrap();
         for call in [links.newproc1_call, links.runqput_call] {

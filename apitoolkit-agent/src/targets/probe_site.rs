@@ -136,6 +136,93 @@ pub fn only_call_to(code: &[u8], ip: u64, target: u64) -> Option<u64> {
     }
 }
 
+/// The stack slot, as an offset from RSP in the function's body, holding the value `argument`
+/// had at entry: Go's register ABI spills arguments to slots its caller reserves just above the
+/// return address. Proven from the code of the whole function `code` holds (at `ip`): its
+/// straight prologue (the stack check, `push`es, one `sub rsp`) stores `argument` unchanged at
+/// entry RSP + 8 after setting up the frame; nothing else in the function writes that slot; and
+/// RSP changes nowhere else but in epilogues (`add rsp`, `pop`, `leave`, `ret`), so it is the
+/// same at every instruction of the body.
+pub fn spilled_argument_slot(code: &[u8], ip: u64, argument: Register) -> Option<u64> {
+    let all: Vec<Instruction> = instructions(code, ip).collect();
+    if all.iter().map(Instruction::len).sum::<usize>() != code.len() {
+        return None;
+    }
+    let mut info = InstructionInfoFactory::new();
+    let (mut frame, mut spill, mut written) = (0u64, None, Vec::new());
+    let mut body = all.len();
+    for (index, instruction) in all.iter().enumerate() {
+        let stores_argument = instruction.mnemonic() == Mnemonic::Mov
+            && instruction.op0_kind() == OpKind::Memory
+            && instruction.memory_base() == Register::RSP
+            && instruction.memory_index() == Register::None
+            && instruction.op1_kind() == OpKind::Register
+            && instruction.op1_register() == argument;
+        if instruction.mnemonic() == Mnemonic::Push && instruction.op0_kind() == OpKind::Register {
+            frame += 8;
+        } else if instruction.mnemonic() == Mnemonic::Sub
+            && instruction.op0_register() == Register::RSP
+            && instruction.op1_kind() != OpKind::Register
+        {
+            frame += instruction.immediate(1);
+        } else if stores_argument {
+            if !written.contains(&argument) && instruction.memory_displacement64() == frame + 8 {
+                spill.get_or_insert(frame + 8);
+            }
+        } else if index < 3 && instruction.is_jcc_short_or_near() {
+            continue; // the stack check
+        } else if instruction.flow_control() != FlowControl::Next
+            || moves_rsp(&mut info, instruction)
+        {
+            body = index;
+            break;
+        }
+        note_writes(&mut info, instruction, &mut written);
+    }
+    let slot = spill?;
+    for instruction in &all[body..] {
+        let epilogue = matches!(
+            instruction.mnemonic(),
+            Mnemonic::Add | Mnemonic::Pop | Mnemonic::Leave | Mnemonic::Ret | Mnemonic::Call
+        );
+        if writes_stack(&mut info, instruction, slot..slot + 8)
+            || (moves_rsp(&mut info, instruction) && !epilogue)
+        {
+            return None;
+        }
+    }
+    Some(slot)
+}
+
+/// Whether `instruction` changes RSP.
+fn moves_rsp(info: &mut InstructionInfoFactory, instruction: &Instruction) -> bool {
+    info.info(instruction).used_registers().iter().any(|used| {
+        used.register().full_register() == Register::RSP
+            && !matches!(used.access(), OpAccess::Read | OpAccess::CondRead)
+    })
+}
+
+/// Whether `instruction` writes any byte of `slot` (offsets from RSP).
+fn writes_stack(
+    info: &mut InstructionInfoFactory,
+    instruction: &Instruction,
+    slot: std::ops::Range<u64>,
+) -> bool {
+    info.info(instruction).used_memory().iter().any(|memory| {
+        // Displacements are two's complement: a negative one is below RSP, never the slot.
+        let start = memory.displacement() as i64;
+        let end = start + memory.memory_size().size() as i64;
+        let slot = slot.start as i64..slot.end as i64;
+        memory.base() == Register::RSP
+            && !matches!(
+                memory.access(),
+                OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess
+            )
+            && start < slot.end
+            && slot.start < end
+    })
+}
+
 /// A function's first call and what happened before it.
 #[derive(Debug, PartialEq, Eq)]
 pub struct FirstCall {
@@ -266,6 +353,72 @@ pub(super) mod tests {
             "cut inside an instruction"
         );
         assert_eq!(returns(&[0x31, 0xc9], 0x1000), None, "no ret");
+    }
+
+    #[test]
+    fn a_spilled_argument_is_found_only_where_nothing_else_can_move_or_overwrite_it() {
+        const CHECK: [u8; 10] = [0x49, 0x3b, 0x66, 0x10, 0x0f, 0x86, 0, 0, 0, 0]; // cmp; jbe
+        const SPILL_RAX: [u8; 5] = [0x48, 0x89, 0x44, 0x24, 0x70]; // mov %rax,0x70(%rsp)
+        const CALL: [u8; 5] = [0xe8, 0, 0, 0, 0];
+        const EPILOGUE: [u8; 5] = [0x48, 0x83, 0xc4, 0x68, 0xc3]; // add $0x68,%rsp; ret
+        let function = |parts: &[&[u8]]| parts.concat();
+        let go119 = function(&[
+            &CHECK,
+            &[0x48, 0x83, 0xec, 0x68],
+            &SPILL_RAX,
+            &CALL,
+            &EPILOGUE,
+        ]);
+        assert_eq!(
+            spilled_argument_slot(&go119, 0x1000, Register::RAX),
+            Some(0x70)
+        );
+        assert_eq!(
+            spilled_argument_slot(&go119, 0x1000, Register::RBX),
+            None,
+            "not spilled"
+        );
+        // Go 1.21+: push %rbp; mov %rsp,%rbp; sub $0x60,%rsp.
+        let go121 = function(&[
+            &CHECK,
+            &[0x55, 0x48, 0x89, 0xe5, 0x48, 0x83, 0xec, 0x60],
+            &SPILL_RAX,
+            &CALL,
+        ]);
+        assert_eq!(
+            spilled_argument_slot(&go121, 0x1000, Register::RAX),
+            Some(0x70)
+        );
+        let overwritten = function(&[
+            &go119[..go119.len() - 5],
+            &[0x48, 0x89, 0x5c, 0x24, 0x70],
+            &EPILOGUE,
+        ]);
+        assert_eq!(
+            spilled_argument_slot(&overwritten, 0x1000, Register::RAX),
+            None
+        );
+        let moved = function(&[
+            &go119[..go119.len() - 5],
+            &[0x48, 0x83, 0xec, 0x08],
+            &EPILOGUE,
+        ]);
+        assert_eq!(
+            spilled_argument_slot(&moved, 0x1000, Register::RAX),
+            None,
+            "sub rsp later"
+        );
+        let clobbered = function(&[
+            &CHECK,
+            &[0x48, 0x83, 0xec, 0x68, 0x31, 0xc0],
+            &SPILL_RAX,
+            &CALL,
+        ]);
+        assert_eq!(
+            spilled_argument_slot(&clobbered, 0x1000, Register::RAX),
+            None,
+            "rax changed"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! Finds the OpenSSL-compatible TLS libraries target processes use — a shared `libssl`, or an
-//! executable that links one statically and exports its symbols (node) — and attaches the SSL
-//! uprobes once per library file. Rescans pick up libraries loaded later (dlopen) and new
+//! Finds the TLS code target processes use — a shared `libssl`, an executable that links one
+//! statically and exports its symbols (node), or a Go executable's `crypto/tls` — and attaches
+//! the uprobes once per file. Rescans pick up libraries loaded later (dlopen) and new
 //! processes; each process's TLS visibility is logged whenever it changes.
 
 use std::{
@@ -408,13 +408,21 @@ fn probe_go(probes: &mut Probes, path: &str, host_path: &Path, elf: &ElfFile) ->
     };
     match probes.attach_go(host_path, &plan) {
         Ok(()) => {
+            let read = match &plan.read {
+                go::ReadSites::Copy { call, .. } => {
+                    format!("its copy into the caller's buffer (call at 0x{call:x}), emulated")
+                }
+                go::ReadSites::EntryAndReturns { returns, .. } => format!(
+                    "its entry (emulated) and {} returns (single-stepped: a trap per call)",
+                    returns.len()
+                ),
+            };
             tracing::info!(
                 path,
                 go = %plan.version.text,
-                read_entry = format_args!("0x{:x}", plan.read_entry),
-                read_returns = plan.read_returns.len(),
-                write_entry = format_args!("0x{:x}", plan.write_entry),
-                "Go crypto/tls probe sites: entries emulated, returns of Read single-stepped"
+                read,
+                write = "its entry, emulated",
+                "Go crypto/tls probe sites"
             );
             match &plan.links {
                 Ok(links) => tracing::info!(
