@@ -4,7 +4,8 @@
 //! Go runs goroutines on any thread and moves them between calls, so a read in progress is
 //! keyed by its goroutine (the `g` pointer Go keeps in R14), not by thread. There are no
 //! uretprobes on Go code (a rewritten return address breaks Go's stack copying and unwinding):
-//! userspace puts the return program on every `ret` of `Read`. The socket is read from the
+//! `Read` is probed where it copies the plaintext into the caller's buffer, or else userspace
+//! puts the return program on every `ret` of `Read`. The socket is read from the
 //! `tls.Conn` itself, along the offsets the attach cookie carries for the executable's Go
 //! version.
 //!

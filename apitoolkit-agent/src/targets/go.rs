@@ -3,8 +3,9 @@
 //!
 //! Go does TLS in Go, so there is no library to probe: the uprobes go on
 //! `crypto/tls.(*Conn).Read` and `Write` in the executable itself. Never uretprobes: Go moves
-//! goroutine stacks and walks them, and a rewritten return address crashes the service. A read's
-//! byte count is taken at every `ret` of `Read` instead, found by decoding the whole function.
+//! goroutine stacks and walks them, and a rewritten return address crashes the service. `Read`
+//! is probed where it copies the plaintext out (its `runtime.memmove` call), or, where the code
+//! does not prove that site, at its entry and every `ret`.
 
 use iced_x86::Register;
 
