@@ -14,10 +14,11 @@
 //! trip is in progress on that connection, so an outgoing call made under a request's handler
 //! can be traced back to it.
 
+use core::ptr::{addr_of, read_volatile};
+
 use apitoolkit_common::{Counter, Direction, GoroutineRecord, RecordKind, go_probe_offsets};
 use aya_ebpf::{
     EbpfContext,
-    bindings::pt_regs,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_get_attach_cookie},
     macros::uprobe,
     programs::ProbeContext,
@@ -62,17 +63,50 @@ pub(crate) struct GoTlsRead {
     buf: u64,
 }
 
-/// The registers at the probed instruction.
+/// The registers the Go programs use, at the probed instruction.
+#[derive(Clone, Copy)]
+struct Registers {
+    rax: u64,
+    rbx: u64,
+    rcx: u64,
+    rsp: u64,
+    r14: u64,
+    eflags: u64,
+}
+
+/// The registers at the probed instruction, each read with its own load: the verifier allows
+/// only loads at a constant offset from the unmodified context pointer.
 #[inline(always)]
-fn registers(ctx: &ProbeContext) -> pt_regs {
+fn registers(ctx: &ProbeContext) -> Registers {
+    let regs = ctx.regs;
     // SAFETY: the kernel hands a uprobe program the user registers of the probed thread; the
-    // pointer is valid for the whole run of the program and copied at once.
-    unsafe { *ctx.regs }
+    // pointer is valid for the whole run of the program, and each field is a plain integer.
+    unsafe {
+        Registers {
+            rax: read_volatile(addr_of!((*regs).rax)),
+            rbx: read_volatile(addr_of!((*regs).rbx)),
+            rcx: read_volatile(addr_of!((*regs).rcx)),
+            rsp: read_volatile(addr_of!((*regs).rsp)),
+            r14: read_volatile(addr_of!((*regs).r14)),
+            eflags: read_volatile(addr_of!((*regs).eflags)),
+        }
+    }
+}
+
+/// Carry and zero flags of RFLAGS: Go's stack-check `jbe` jumps when either is set.
+const CARRY_OR_ZERO: u64 = 1 | 1 << 6;
+
+/// The registers at an entry site (the `jbe` of Go's stack check), or `None` when the jump is
+/// taken: the stack grows and the function starts over, so the site is hit again.
+#[inline(always)]
+fn entry_registers(ctx: &ProbeContext) -> Option<Registers> {
+    let registers = registers(ctx);
+    (registers.eflags & CARRY_OR_ZERO == 0).then_some(registers)
 }
 
 /// The running goroutine: Go's register ABI keeps its `g` in R14.
 #[inline(always)]
-fn goroutine(registers: &pt_regs, tgid: u32) -> GoObject {
+fn goroutine(registers: &Registers, tgid: u32) -> GoObject {
     GoObject::new(registers.r14, tgid)
 }
 
@@ -153,7 +187,9 @@ pub fn go_tls_read_enter(ctx: ProbeContext) -> u32 {
     let Some((_, tgid)) = current_target() else {
         return 0;
     };
-    let registers = registers(&ctx);
+    let Some(registers) = entry_registers(&ctx) else {
+        return 0;
+    };
     let read = GoTlsRead {
         conn: registers.rax,
         buf: registers.rbx,
@@ -211,13 +247,16 @@ pub fn go_tls_read_return(ctx: ProbeContext) -> u32 {
 
 /// `(c *Conn) Write(b []byte) (int, error)`: the bytes to encrypt are `b` (RBX, length RCX) in
 /// full, so they are taken at the entry: no trap at a `ret`. A write that fails breaks the
-/// connection, which ends its exchange anyway.
+/// connection, which ends its exchange anyway. A hit that grows the stack first is skipped (it
+/// would send the bytes twice).
 #[uprobe]
 pub fn go_tls_write_enter(ctx: ProbeContext) -> u32 {
     let Some((pid_tgid, tgid)) = current_target() else {
         return 0;
     };
-    let registers = registers(&ctx);
+    let Some(registers) = entry_registers(&ctx) else {
+        return 0;
+    };
     if registers.rcx == 0 {
         return 0;
     }
@@ -291,7 +330,9 @@ pub fn go_round_trip_enter(ctx: ProbeContext) -> u32 {
     let Some((_, tgid)) = current_target() else {
         return 0;
     };
-    let registers = registers(&ctx);
+    let Some(registers) = entry_registers(&ctx) else {
+        return 0;
+    };
     let connection = GoObject::new(registers.rax, tgid);
     if GO_ROUND_TRIPS
         .insert(&connection, &registers.r14, 0)
@@ -309,7 +350,9 @@ pub fn go_conn_loop_enter(ctx: ProbeContext) -> u32 {
     let Some((_, tgid)) = current_target() else {
         return 0;
     };
-    let registers = registers(&ctx);
+    let Some(registers) = entry_registers(&ctx) else {
+        return 0;
+    };
     if GO_CONN_LOOPS
         .insert(&goroutine(&registers, tgid), &registers.rax, 0)
         .is_err()

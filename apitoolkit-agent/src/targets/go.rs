@@ -295,7 +295,7 @@ pub fn plan(elf: &ElfFile) -> Result<GoTlsPlan, GoTlsRefusal> {
     let (read_offset, read_code) = code(TLS_READ, read_at, read_end)?;
     let (write_offset, write_code) = code(TLS_WRITE, write_at, write_end)?;
     let entry_site = |name, offset, code: &[u8], address| {
-        probe_site::emulated_entry(code, address, &ARGUMENT_REGISTERS)
+        probe_site::go_stack_check_jump(code, address, &ARGUMENT_REGISTERS)
             .map(|site| offset + site)
             .ok_or(GoTlsRefusal::UnverifiedCode(name))
     };
@@ -329,7 +329,7 @@ fn read_sites(offset: u64, code: &[u8], at: u64, memmove: u64) -> Result<ReadSit
     }
     let unverified = GoTlsRefusal::UnverifiedCode(TLS_READ);
     let entry =
-        probe_site::emulated_entry(code, at, &ARGUMENT_REGISTERS).ok_or(unverified.clone())?;
+        probe_site::go_stack_check_jump(code, at, &ARGUMENT_REGISTERS).ok_or(unverified.clone())?;
     let returns = probe_site::returns(code, at).ok_or(unverified)?;
     Ok(ReadSites::EntryAndReturns {
         entry: offset + entry,
@@ -379,7 +379,7 @@ fn link_sites(elf: &ElfFile) -> Result<GoLinkSites, GoLinkRefusal> {
             let entry = |name| {
                 let (at, end) = range(name).ok_or(unverified(name))?;
                 let (offset, code) = function_code(elf, at, end).ok_or(unverified(name))?;
-                probe_site::emulated_entry(code, at, &[Register::RAX, Register::R14])
+                probe_site::go_stack_check_jump(code, at, &[Register::RAX, Register::R14])
                     .map(|site| offset + site)
                     .ok_or(unverified(name))
             };

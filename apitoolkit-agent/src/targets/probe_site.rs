@@ -13,8 +13,8 @@ use iced_x86::{
 
 /// Instructions followed from a function's entry looking for its first call.
 const MAX_INSTRUCTIONS: usize = 48;
-/// Instructions a function may run before the emulated one a probe replaces its entry with.
-const MAX_PROLOGUE: usize = 4;
+/// Instructions of Go's stack check, up to its `jbe`.
+const MAX_PROLOGUE: usize = 6;
 
 /// How the kernel runs an instruction under a uprobe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,22 +72,30 @@ fn note_writes(
     }
 }
 
-/// The offset of the first instruction the kernel emulates on the straight path from the
-/// entry of the function `code` holds (at `ip`), if the instructions before it write none of
-/// `arguments`: a uprobe there sees the arguments as the entry does, without a trap. Go
-/// functions open with a stack check (`cmp` against the goroutine's stack bound, then a `jbe`):
-/// the `jbe` is that site.
-pub fn emulated_entry(code: &[u8], ip: u64, arguments: &[Register]) -> Option<u64> {
+/// The offset of the `jbe` that ends Go's stack check at the entry of the function `code` holds
+/// (at `ip`): `cmp` of the stack pointer (or RSP minus the frame, in R12) against the goroutine's
+/// stack bound at 16(R14), then `jbe` to the code that grows the stack and starts the function
+/// over. The kernel emulates the `jbe`, and, when the instructions before it write none of
+/// `arguments`, a uprobe there sees the arguments as the entry does. A hit whose jump is taken
+/// (CF or ZF set) is followed by a second one once the stack has grown: the programs skip it.
+pub fn go_stack_check_jump(code: &[u8], ip: u64, arguments: &[Register]) -> Option<u64> {
     let mut info = InstructionInfoFactory::new();
     let mut written = Vec::new();
+    let mut compared_bound = false;
     for instruction in instructions(code, ip).take(MAX_PROLOGUE) {
-        if emulated(&instruction) {
+        if instruction.mnemonic() == Mnemonic::Jbe && compared_bound {
             return arguments
                 .iter()
                 .all(|register| !written.contains(register))
                 .then(|| instruction.ip() - ip);
         }
-        if instruction.flow_control() != FlowControl::Next {
+        compared_bound = instruction.mnemonic() == Mnemonic::Cmp
+            && instruction.memory_base() == Register::R14
+            && instruction.memory_displacement64() == 16;
+        // A large frame checks for wrap-around first (`jb` to the same place): fine to pass.
+        if instruction.flow_control() != FlowControl::Next
+            && !(instruction.is_jcc_short_or_near() && instruction.mnemonic() == Mnemonic::Jb)
+        {
             return None;
         }
         note_writes(&mut info, &instruction, &mut written);
@@ -316,25 +324,41 @@ pub(super) mod tests {
 
     #[test]
     fn a_go_entry_is_probed_at_the_jump_of_its_stack_check_when_the_arguments_survive() {
-        // cmp 0x10(%r14),%rsp; jbe; sub $0x68,%rsp (Go 1.19 crypto/tls.(*Conn).Read)
+        // cmp %rsp,0x10(%r14); jbe; sub $0x68,%rsp (Go 1.19 crypto/tls.(*Conn).Read)
         let small_frame = [
             0x49, 0x3b, 0x66, 0x10, 0x0f, 0x86, 0xc2, 0x03, 0, 0, 0x48, 0x83, 0xec, 0x68,
         ];
-        // lea -0x68(%rsp),%r12; cmp 0x10(%r14),%r12; jbe (a bigger frame: `Write`)
+        // lea -0x68(%rsp),%r12; cmp %r12,0x10(%r14); jbe (a bigger frame: `Write`)
         let big_frame = [
             0x4c, 0x8d, 0x64, 0x24, 0x98, 0x4d, 0x3b, 0x66, 0x10, 0x0f, 0x86, 0x64, 0x07, 0, 0,
         ];
+        // mov %rsp,%r12; sub $0x2000,%r12; jb; cmp %r12,0x10(%r14); jbe (a frame over 4 KiB)
+        let huge_frame = [
+            0x49, 0x89, 0xe4, 0x49, 0x81, 0xec, 0x00, 0x20, 0, 0, 0x72, 0x10, 0x4d, 0x3b, 0x66,
+            0x10, 0x0f, 0x86, 0x40, 0, 0, 0,
+        ];
         let arguments = [Register::RAX, Register::RBX, Register::RCX, Register::R14];
-        assert_eq!(emulated_entry(&small_frame, 0x1000, &arguments), Some(4));
-        assert_eq!(emulated_entry(&big_frame, 0x1000, &arguments), Some(9));
         assert_eq!(
-            emulated_entry(&big_frame, 0x1000, &[Register::R12]),
+            go_stack_check_jump(&small_frame, 0x1000, &arguments),
+            Some(4)
+        );
+        assert_eq!(go_stack_check_jump(&big_frame, 0x1000, &arguments), Some(9));
+        assert_eq!(
+            go_stack_check_jump(&huge_frame, 0x1000, &arguments),
+            Some(16)
+        );
+        assert_eq!(
+            go_stack_check_jump(&big_frame, 0x1000, &[Register::R12]),
             None,
             "r12 is written first"
         );
-        assert_eq!(emulated_entry(&[0x55], 0, &arguments), Some(0), "push");
         assert_eq!(
-            emulated_entry(&[0xc3], 0, &arguments),
+            go_stack_check_jump(&[0x55, 0xc3], 0, &arguments),
+            None,
+            "no stack check"
+        );
+        assert_eq!(
+            go_stack_check_jump(&[0xc3], 0, &arguments),
             None,
             "returns first"
         );
