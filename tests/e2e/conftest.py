@@ -51,6 +51,33 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 15.0) -
     raise TimeoutError(f"nothing listening on port {port}")
 
 
+def load_across_agent_sigkill(agent, url, session_factory):
+    """Four keep-alive clients (sessions from `session_factory`) GET `url` while the agent is
+    SIGKILLed with its probes attached: the requests served before the kill, and every status."""
+    statuses = []
+    stop = threading.Event()
+
+    def load():
+        with session_factory() as session:
+            while not stop.is_set():
+                statuses.append(session.get(url, timeout=10).status_code)
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    try:
+        time.sleep(1.5)
+        agent.process.send_signal(signal.SIGKILL)
+        agent.process.wait(timeout=10)
+        served_at_kill = len(statuses)
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=10)
+    return served_at_kill, statuses
+
+
 class Server:
     def __init__(self, argv, port: int, env=None, scheme="http"):
         self.port = port

@@ -5,7 +5,6 @@ never finish their heads, and a service flooding its stderr."""
 import json
 import os
 import resource
-import signal
 import socket
 import threading
 import time
@@ -15,31 +14,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import APPS, PROJECT_ID, Agent, Server, body, body_json, free_port
+from conftest import APPS, PROJECT_ID, Agent, Server, body, body_json, free_port, load_across_agent_sigkill
 from test_capture import read_responses
 
 
 def test_sigkill_under_load_costs_the_service_nothing(gthread_server):
     agent = Agent([gthread_server.pid])
-    statuses = []
-    stop = threading.Event()
-
-    def load():
-        with requests.Session() as session:
-            while not stop.is_set():
-                statuses.append(session.get(f"{gthread_server.base}/item/1", timeout=5).status_code)
-
-    workers = [threading.Thread(target=load) for _ in range(4)]
-    for worker in workers:
-        worker.start()
-    time.sleep(1.5)
-    agent.process.send_signal(signal.SIGKILL)
-    agent.process.wait(timeout=10)
-    served_at_kill = len(statuses)
-    time.sleep(1.5)
-    stop.set()
-    for worker in workers:
-        worker.join(timeout=10)
+    served_at_kill, statuses = load_across_agent_sigkill(agent, f"{gthread_server.base}/item/1", requests.Session)
     assert served_at_kill > 100
     assert len(statuses) > served_at_kill + 100, "the service keeps serving after the kill"
     assert set(statuses) == {200}

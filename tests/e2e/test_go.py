@@ -3,18 +3,15 @@ plain, stripped and as PIE, HTTP/1.1 and h2, outgoing HTTPS calls linked to the 
 handler (or a goroutine it started) made them, connections older than the agent, and a SIGKILLed
 agent that costs the service nothing."""
 import json
-import signal
 import socket
 import ssl
 import subprocess
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from conftest import APPS, Server, body, body_json, free_port, header
+from conftest import APPS, Agent, Server, body, body_json, free_port, header, load_across_agent_sigkill
 from test_capture import assert_common_fields, by_url, read_responses
 from test_tls import MAX_BODY, assert_no_ciphertext_parsed, https_session
 
@@ -200,34 +197,15 @@ def test_go_connections_older_than_the_agent(go_builds, certificate, https_node_
 
 
 def test_sigkilled_agent_costs_the_go_service_nothing(go_builds, certificate):
-    """Probes on every ret of Read and on goroutine creation are removed with the agent's
+    """The probes (Write's entry, Read's copy site, goroutine creation) go with the agent's
     process: the service keeps serving HTTPS without a failed request."""
-    from conftest import Agent
     server = go_server(go_builds, certificate, http2=False)
-    statuses = []
-    stop = threading.Event()
-
-    def load():
-        with https_session(certificate) as session:
-            while not stop.is_set():
-                statuses.append(session.get(f"{server.base}/item/1", timeout=10).status_code)
-
     try:
         agent = Agent([server.pid])
-        workers = [threading.Thread(target=load) for _ in range(4)]
-        for worker in workers:
-            worker.start()
-        time.sleep(1.5)
-        agent.process.send_signal(signal.SIGKILL)
-        agent.process.wait(timeout=10)
-        served_at_kill = len(statuses)
-        time.sleep(1.5)
-        stop.set()
-        for worker in workers:
-            worker.join(timeout=10)
+        served_at_kill, statuses = load_across_agent_sigkill(
+            agent, f"{server.base}/item/1", lambda: https_session(certificate))
         assert server.process.poll() is None, "the Go service is alive"
     finally:
-        stop.set()
         server.stop()
     assert served_at_kill > 50
     assert len(statuses) > served_at_kill + 50, "the service keeps serving after the kill"

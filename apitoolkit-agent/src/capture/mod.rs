@@ -207,17 +207,8 @@ impl Probes {
                 .map(|(_, program)| *program)
                 .expect("offsets are only looked up for SSL_PROGRAMS");
             for program in [entry, SSL_CALL_RETURN] {
-                self.uprobe(program)
-                    .attach(
-                        UProbeAttachLocation::AbsoluteOffset(offset),
-                        path,
-                        UProbeScope::AllProcesses,
-                    )
-                    .map_err(|source| ProbeError::Uprobe {
-                        program,
-                        function,
-                        source,
-                    })?;
+                let location = UProbeAttachLocation::AbsoluteOffset(offset);
+                self.attach_uprobe(program, function, location, path)?;
             }
         }
         Ok(())
@@ -265,15 +256,28 @@ impl Probes {
                 location: UProbeAttachLocation::AbsoluteOffset(offset),
                 cookie: Some(plan.layout.cookie(receiver_slot)),
             };
-            self.uprobe(program)
-                .attach(point, path, UProbeScope::AllProcesses)
-                .map_err(|source| ProbeError::Uprobe {
-                    program,
-                    function,
-                    source,
-                })?;
+            self.attach_uprobe(program, function, point, path)?;
         }
         Ok(())
+    }
+
+    /// Attaches `program` at `point` of the file at `path`, for every process: the programs
+    /// filter on the target set, so one attachment serves all processes that share the file.
+    fn attach_uprobe<'a>(
+        &mut self,
+        program: &'static str,
+        function: &'static str,
+        point: impl Into<UProbeAttachPoint<'a>>,
+        path: &Path,
+    ) -> Result<(), ProbeError> {
+        self.uprobe(program)
+            .attach(point, path, UProbeScope::AllProcesses)
+            .map(drop)
+            .map_err(|source| ProbeError::Uprobe {
+                program,
+                function,
+                source,
+            })
     }
 
     /// The map `name` of the kernel object as the typed map `T`.

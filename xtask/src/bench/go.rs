@@ -1,11 +1,17 @@
 //! The Go net/http HTTPS server of the e2e suite (tests/apps/go_tls), built with the machine's
 //! Go: crypto/tls probed in the executable, every `ret` of `Read` a single-stepped uprobe.
 
-use std::process::{Command, Stdio};
+use std::{
+    fs,
+    process::{Command, Stdio},
+};
 
 use anyhow::Context as _;
 
-use super::{Context, Scenario, agent::Sink, bench_dir, load::Load, with_and_without_agent};
+use super::{
+    Context, Scenario, agent::Sink, bench_dir, load::Load, self_signed_certificate,
+    with_and_without_agent,
+};
 use crate::{
     services::{ChildGuard, free_port},
     workspace_root,
@@ -15,6 +21,7 @@ const FIXED_RATE: u32 = 1_000;
 
 fn start_go_server(port: u16) -> anyhow::Result<ChildGuard> {
     let dir = bench_dir().join("go");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let binary = dir.join("go_tls");
     crate::run(
         Command::new("go")
@@ -23,18 +30,7 @@ fn start_go_server(port: u16) -> anyhow::Result<ChildGuard> {
             .arg(".")
             .current_dir(workspace_root().join("tests/apps/go_tls")),
     )?;
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    crate::run(
-        Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            ])
-            .args(["-subj", "/CN=127.0.0.1", "-keyout"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .stderr(Stdio::null()),
-    )?;
+    let (cert, key) = self_signed_certificate(&dir)?;
     let mut server = ChildGuard {
         child: Command::new(&binary)
             .env("PORT", port.to_string())

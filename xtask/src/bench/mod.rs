@@ -22,7 +22,10 @@ mod pubsub;
 mod service;
 mod writes;
 
-use std::{fs, path::PathBuf};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context as _;
 use serde_json::{Value, json};
@@ -55,6 +58,23 @@ fn ensure_tools() -> anyhow::Result<()> {
 
 fn bench_dir() -> PathBuf {
     workspace_root().join("target/bench")
+}
+
+/// A certificate and key for 127.0.0.1 made with the openssl CLI in `dir`: (cert, key) paths.
+fn self_signed_certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    crate::run(
+        std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=127.0.0.1", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(std::process::Stdio::null()),
+    )?;
+    Ok((cert, key))
 }
 
 /// One load run: the first of a scenario runs without any instrumentation, and is the

@@ -7,7 +7,10 @@ use std::{
 
 use anyhow::Context as _;
 
-use super::{Context, Scenario, agent::Sink, bench_dir, load::Load, with_and_without_agent};
+use super::{
+    Context, Scenario, agent::Sink, bench_dir, load::Load, self_signed_certificate,
+    with_and_without_agent,
+};
 use crate::services::{ChildGuard, free_port};
 
 const FIXED_RATES: [u32; 2] = [1_000, 5_000];
@@ -78,18 +81,7 @@ fn start_nginx(ports: Ports) -> anyhow::Result<ChildGuard> {
     for body in [&KIB, &SIXTY_FOUR_KIB] {
         fs::write(html.join(body.path), vec![b'a'; body.bytes])?;
     }
-    let (cert, key) = (prefix.join("cert.pem"), prefix.join("key.pem"));
-    crate::run(
-        Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            ])
-            .args(["-subj", "/CN=127.0.0.1", "-keyout"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .stderr(Stdio::null()),
-    )?;
+    let (cert, key) = self_signed_certificate(&prefix)?;
     let config = format!(
         "daemon off;\nmaster_process on;\nworker_processes 1;\npid {pid};\nerror_log {log} warn;\n\
          events {{ worker_connections 1024; }}\n\
