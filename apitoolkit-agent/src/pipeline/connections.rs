@@ -47,11 +47,13 @@ pub struct FailedCall {
 
 /// A server thread read a whole request and is now serving it (until the exchange with the
 /// same connection and serial comes out).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Serving {
     pub conn: ConnId,
     pub serial: u64,
     pub tid: u32,
+    /// The request's `traceparent` header, as sent.
+    pub traceparent: Option<String>,
 }
 
 /// Counters of what the tracker saw and what it could not use.
@@ -652,11 +654,12 @@ fn hand_on(
     if role == Role::Server {
         output
             .serving
-            .extend(
-                http.requests_read
-                    .iter()
-                    .map(|&serial| Serving { conn, serial, tid }),
-            );
+            .extend(http.requests_read.into_iter().map(|read| Serving {
+                conn,
+                serial: read.serial,
+                tid,
+                traceparent: read.traceparent,
+            }));
     }
     for anomaly in http.anomalies {
         match anomaly {

@@ -1,5 +1,6 @@
 //! Ties what a thread does while it serves an incoming request to that request: outgoing
-//! requests it makes get the request's `msg_id` as their `parent_id`, and errors it prints join
+//! requests it makes get the request's `msg_id` as their `parent_id` (and its span as their
+//! parent span), and errors it prints join
 //! the request's `errors`. A link is made only when the thread serves exactly one request, so
 //! a thread juggling several (pipelining, event loops) gets none rather than a wrong one.
 
@@ -7,13 +8,26 @@ use std::collections::HashMap;
 
 use uuid::Uuid;
 
-use super::{app_errors::CapturedError, connections::Serving, events::ConnId};
+use super::{
+    app_errors::CapturedError,
+    connections::Serving,
+    events::ConnId,
+    trace::{ParentSpan, TraceParent},
+};
 
 /// An incoming request read and not yet answered.
 struct Unanswered {
     msg_id: Uuid,
+    span: ParentSpan,
     tid: u32,
     errors: Vec<CapturedError>,
+}
+
+/// The incoming request a thread is serving, as the parent of what it does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parent {
+    pub msg_id: Uuid,
+    pub span: ParentSpan,
 }
 
 #[derive(Default)]
@@ -28,11 +42,15 @@ pub struct Answered {
 }
 
 impl Linker {
+    /// `serving.traceparent` must be one the payload may show (not a redacted header).
     pub fn serving(&mut self, serving: Serving) {
+        let msg_id = Uuid::new_v4();
+        let traceparent = serving.traceparent.as_deref().and_then(TraceParent::parse);
         self.unanswered.insert(
             (serving.conn, serving.serial),
             Unanswered {
-                msg_id: Uuid::new_v4(),
+                msg_id,
+                span: ParentSpan::incoming(msg_id, traceparent),
                 tid: serving.tid,
                 errors: Vec::new(),
             },
@@ -63,9 +81,12 @@ impl Linker {
         serving.next().is_none().then_some(only)
     }
 
-    /// The `msg_id` of the request thread `tid` is serving.
-    pub fn parent(&mut self, tid: u32) -> Option<Uuid> {
-        self.only_request_of(tid).map(|request| request.msg_id)
+    /// The request thread `tid` is serving.
+    pub fn parent(&mut self, tid: u32) -> Option<Parent> {
+        self.only_request_of(tid).map(|request| Parent {
+            msg_id: request.msg_id,
+            span: request.span,
+        })
     }
 
     /// Adds an error to the request thread `tid` is serving; gives it back when there is none.
@@ -117,14 +138,21 @@ mod tests {
     #[test]
     fn threads_link_to_their_own_request() {
         let mut linker = Linker::default();
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         for (fd, tid) in [(5, 50), (6, 60)] {
             linker.serving(Serving {
                 conn: conn(fd),
                 serial: 0,
                 tid,
+                traceparent: (tid == 60).then(|| traceparent.to_owned()),
             });
         }
-        let parent_of_60 = linker.parent(60).unwrap();
+        let parent = linker.parent(60).unwrap();
+        assert_eq!(
+            Some(parent.span.trace_id),
+            TraceParent::parse(traceparent).map(|header| header.trace_id)
+        );
+        let parent_of_60 = parent.msg_id;
         assert_eq!(linker.attach_error(50, error("on 50")), None);
         let first = linker.answered(conn(5), 0);
         let second = linker.answered(conn(6), 0);
@@ -145,6 +173,7 @@ mod tests {
                 conn: conn(5),
                 serial,
                 tid: 50,
+                traceparent: None,
             });
         }
         assert_eq!(linker.parent(50), None);
