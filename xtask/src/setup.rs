@@ -100,7 +100,7 @@ fn pip_install(requirements: &str, modules: &str, what: &str) -> anyhow::Result<
 pub fn python_packages() -> anyhow::Result<()> {
     pip_install(
         "tests/requirements.txt",
-        "flask, gunicorn, pytest, requests, grpc, hypercorn, kubernetes_validate",
+        "flask, gunicorn, pytest, requests, grpc, opentelemetry.proto, hypercorn, kubernetes_validate",
         "Python test packages",
     )
 }
