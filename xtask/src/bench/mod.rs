@@ -4,7 +4,8 @@
 //!   the agent writing to stdout, and with the agent publishing to the Pub/Sub emulator;
 //! - a Flask app under gunicorn the same way, plus the same app instrumented with the
 //!   apitoolkit-flask SDK publishing to the emulator (what Flask users run today);
-//! - nginx at fixed rates (hey) with and without the agent;
+//! - nginx at fixed rates (hey) with and without the agent; at 5000 req/s also publishing to
+//!   Pub/Sub and exporting OTLP spans to the test suite's receiver;
 //! - the cost of write(2) in a process the agent does not watch.
 //!
 //! Prints one table per scenario and which targets were met, and writes everything to
@@ -14,6 +15,7 @@ mod agent;
 mod flask;
 mod load;
 mod nginx;
+mod otlp;
 mod pubsub;
 mod writes;
 
@@ -134,7 +136,7 @@ impl Scenario {
         row("requests completed / failed", &|run| {
             Some(format!("{} / {}", run.load.requests, run.load.errors))
         });
-        row("payloads (stdout / published)", &|run| {
+        row("payloads (stdout / delivered)", &|run| {
             Some(run.agent.as_ref()?.payloads.to_string())
         });
         row("capture ratio", &|run| {
@@ -197,9 +199,10 @@ fn with_and_without_agent(
         let label = match sink {
             Sink::Stdout => "agent → stdout",
             Sink::PubSub => "agent → Pub/Sub",
+            Sink::Otlp => "agent → OTLP",
         };
         eprintln!("bench: {title}: {label}");
-        let agent = Agent::start(pid, sink, &context.emulator)?;
+        let agent = Agent::start(pid, sink, context)?;
         let (load, cost) = agent.measure(context.ticks_per_second, load)?;
         runs.push(Run {
             label,
@@ -212,6 +215,7 @@ fn with_and_without_agent(
 
 struct Context {
     emulator: Emulator,
+    otlp_receiver: otlp::Receiver,
     ticks_per_second: f64,
 }
 
@@ -281,6 +285,7 @@ pub fn run() -> anyhow::Result<()> {
     fs::create_dir_all(bench_dir())?;
     let context = Context {
         emulator: Emulator::start()?,
+        otlp_receiver: otlp::Receiver::start()?,
         ticks_per_second: clock_ticks_per_second()?,
     };
     let mut scenarios = nginx::nginx_scenarios(&context)?;
