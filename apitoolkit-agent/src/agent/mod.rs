@@ -169,7 +169,8 @@ async fn resolve_destination(
     outputs: Outputs,
 ) -> anyhow::Result<Option<Destination>> {
     let to_pubsub = outputs.pubsub;
-    if !to_pubsub && !(outputs.stdout && config.api_key.is_some()) {
+    let stamps_project_id = outputs.stdout && config.api_key.is_some();
+    if !to_pubsub && !stamps_project_id {
         return Ok(None);
     }
     match config.resolve().await {

@@ -179,12 +179,18 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::sinks::tests::payload;
 
-    fn payload(path: &str) -> Payload {
-        let mut payload: Payload =
-            serde_json::from_str(include_str!("../../../tests/fixtures/payload.json")).unwrap();
-        payload.raw_url = path.to_owned();
-        payload
+    /// A queue holding `/1` that closes after `seconds` (of paused test time).
+    fn queue_closing_after(seconds: u64) -> Arc<PayloadQueue> {
+        let queue = PayloadQueue::new("test", 1 << 20);
+        queue.push([payload("/1")]);
+        let closer = Arc::clone(&queue);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(seconds)).await;
+            closer.close();
+        });
+        queue
     }
 
     /// Fails the first `failures` attempts with `reason`, then records what it receives.
@@ -241,13 +247,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn closing_the_queue_ends_the_pause_and_a_rejected_key_is_not_retried_then() {
-        let queue = PayloadQueue::new("test", 1 << 20);
-        queue.push([payload("/1")]);
-        let closer = Arc::clone(&queue);
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            closer.close();
-        });
+        let queue = queue_closing_after(2);
         let started = tokio::time::Instant::now();
         let mut transport = Scripted {
             failures: 5,
@@ -261,14 +261,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_rejected_key_is_retried_slowly() {
-        let queue = PayloadQueue::new("test", 1 << 20);
-        queue.push([payload("/1")]);
-        let closer = Arc::clone(&queue);
+        let queue = queue_closing_after(100);
         let received = Arc::default();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(100)).await;
-            closer.close();
-        });
         let mut transport = Scripted {
             failures: 3,
             reason: FailureReason::Rejected,

@@ -182,7 +182,8 @@ impl PayloadQueue {
 mod tests {
     use super::*;
 
-    fn payload(path: &str) -> Payload {
+    /// The fixture payload, told apart by its `raw_url`.
+    pub(super) fn payload(path: &str) -> Payload {
         let mut payload: Payload =
             serde_json::from_str(include_str!("../../../tests/fixtures/payload.json")).unwrap();
         payload.raw_url = path.to_owned();

@@ -392,17 +392,22 @@ mod tests {
         );
     }
 
+    /// The span of a served request that carried `traceparent` under this name.
+    fn served_with(name: &str, traceparent: &str) -> Span {
+        let mut payload = payload();
+        payload
+            .request_headers
+            .insert(name.into(), vec![traceparent.into()]);
+        payload.span = payload.span_context(Role::Server, None);
+        span(&payload)
+    }
+
     #[test]
     fn a_request_traceparent_is_joined_and_a_malformed_one_ignored() {
-        let mut joined = payload();
-        joined.request_headers.insert(
-            "Traceparent".into(),
-            vec!["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()],
+        let joined = served_with(
+            "Traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         );
-        let joined = span(&Payload {
-            span: joined.span_context(Role::Server, None),
-            ..joined
-        });
         assert_eq!(
             joined.trace_id,
             [
@@ -414,15 +419,7 @@ mod tests {
             joined.parent_span_id,
             [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]
         );
-        let mut malformed = payload();
-        malformed.request_headers.insert(
-            "traceparent".into(),
-            vec!["00-xyz-00f067aa0ba902b7-01".into()],
-        );
-        let malformed = span(&Payload {
-            span: malformed.span_context(Role::Server, None),
-            ..malformed
-        });
+        let malformed = served_with("traceparent", "00-xyz-00f067aa0ba902b7-01");
         assert_eq!(malformed.trace_id, payload().msg_id.into_bytes());
         assert!(malformed.parent_span_id.is_empty());
     }
