@@ -2,7 +2,8 @@
 /v1/traces), decoding with the official OpenTelemetry protobuf definitions (PyPI
 `opentelemetry-proto`). It keeps every span it receives as a plain dict, records the request
 headers, can insist on an API key (UNAUTHENTICATED / 401 otherwise), and can be stopped and
-started again on the same port to play an outage."""
+started again on the same port to play an outage. With a certificate it serves TLS (https)."""
+import ssl
 import threading
 import time
 from concurrent import futures
@@ -50,12 +51,14 @@ SPAN_KIND_CLIENT = 3
 
 
 class OtlpReceiver:
-    def __init__(self, protocol: str, port: int, api_key=None, keep_spans=True):
+    def __init__(self, protocol: str, port: int, api_key=None, keep_spans=True, certificate=None):
+        """`certificate`: (cert.pem, key.pem) paths to serve TLS with."""
         self.protocol = protocol
         self.keep_spans = keep_spans
+        self.certificate = certificate
         self.span_count = 0
         self.port = port
-        self.endpoint = f"http://127.0.0.1:{port}"
+        self.endpoint = f"{'https' if certificate else 'http'}://127.0.0.1:{port}"
         self.api_key = api_key
         self.spans = []
         self.headers = []
@@ -97,7 +100,12 @@ class OtlpReceiver:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
                              options=[("grpc.so_reuseport", 0)])
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), server)
-        server.add_insecure_port(f"127.0.0.1:{self.port}")
+        address = f"127.0.0.1:{self.port}"
+        if self.certificate:
+            cert, key = (open(path, "rb").read() for path in self.certificate)
+            server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            server.add_insecure_port(address)
         server.start()
         return server
 
@@ -129,6 +137,10 @@ class OtlpReceiver:
 
         ThreadingHTTPServer.allow_reuse_address = True
         server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        if self.certificate:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.certificate)
+            server.socket = context.wrap_socket(server.socket, server_side=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         return server
 
@@ -155,19 +167,6 @@ class OtlpReceiver:
             elif time.monotonic() - since >= quiet:
                 break
             time.sleep(0.1)
-        with self.lock:
-            return list(self.spans)
-
-    def wait_for(self, count: int, timeout: float = 20.0):
-        """Waits until at least `count` spans arrived, then a little longer so that extra ones
-        show up too; returns them all."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                if len(self.spans) >= count:
-                    break
-            time.sleep(0.05)
-        time.sleep(0.5)
         with self.lock:
             return list(self.spans)
 

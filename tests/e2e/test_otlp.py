@@ -3,6 +3,7 @@ the official OpenTelemetry protobuf definitions), from a real Flask app under re
 attributes, redaction, parent/child spans, W3C traceparent, an outage, a rejected key."""
 import base64
 import json
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import free_port
+from conftest import free_port, wait_for_items
 from otlp_receiver import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, OtlpReceiver
 
 REDACTED = "[CLIENT_REDACTED]"
@@ -64,7 +65,7 @@ def test_spans_carry_the_sdk_attributes_redacted_and_join_traces(receiver, flask
     requests.get(f"{flask_server.base}/proxy",
                  params={"url": f"{node_server.base}/up/2", "traceparent": traceparent(PROPAGATED)})
 
-    spans = receiver.wait_for(7)
+    spans = wait_for_items(receiver.spans, receiver.lock, 7)
     assert len(spans) == 7, [span["attributes"]["http.target"] for span in spans]
     assert agent.wait_for(0, timeout=0) == [], "--output otlp alone writes nothing to stdout"
     assert all(headers.get("x-api-key") == API_KEY and headers.get("x-tenant") == "blue"
@@ -135,7 +136,7 @@ def test_outage_delivers_what_the_queue_holds_once_and_counts_the_rest(receiver,
     with requests.Session() as session:
         for i in range(3):
             session.get(f"{flask_server.base}/item/{i}")
-        assert len(receiver.wait_for(3)) == 3
+        assert len(wait_for_items(receiver.spans, receiver.lock, 3)) == 3
 
         receiver.stop()
         sent = []
@@ -171,3 +172,67 @@ def test_a_rejected_api_key_is_logged_once_and_not_retried_at_full_speed(receive
     assert receiver.rejected == 1, "one attempt, then a long pause"
     assert sum("rejected the API key" in line for line in agent.log) == 1
     assert agent.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def server_certificate(tmp_path_factory):
+    """A CA and a server certificate for 127.0.0.1 it signed (rustls refuses a self-signed CA
+    certificate as the server's own); returns (ca.pem, cert.pem, key.pem)."""
+    directory = tmp_path_factory.mktemp("otlp-tls")
+    ca, ca_key, cert, key, csr, extensions = (str(directory / name) for name in
+                                              ("ca.pem", "ca-key.pem", "cert.pem", "key.pem", "cert.csr", "ext.cnf"))
+    (directory / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+                                       "extendedKeyUsage=serverAuth\n")
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=OTLP test CA",
+            "-keyout", ca_key, "-out", ca)
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", csr)
+    openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-days", "1",
+            "-extfile", extensions, "-out", cert)
+    return ca, cert, key
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_an_https_endpoint_is_verified_with_the_system_roots(protocol, server_certificate, flask_server,
+                                                             agent_factory):
+    ca, cert, key = server_certificate
+    receiver = OtlpReceiver(protocol, free_port(), certificate=(cert, key))
+    try:
+        # Its CA is not among the system roots: nothing is sent.
+        untrusting = agent_factory([flask_server.pid], *otlp_args(receiver))
+        requests.get(f"{flask_server.base}/item/1")
+        untrusting.wait_for_log("delivery failed", "otlp", timeout=10)
+        untrusting.process.kill()
+        untrusting.process.wait()
+        assert receiver.spans == []
+        # The system roots (SSL_CERT_FILE) hold its CA: delivered.
+        agent_factory([flask_server.pid], *otlp_args(receiver), env={"SSL_CERT_FILE": ca})
+        requests.get(f"{flask_server.base}/item/2")
+        spans = wait_for_items(receiver.spans, receiver.lock, 1)
+        assert [span["attributes"]["http.target"] for span in spans] == ["/item/2"]
+    finally:
+        receiver.stop()
+
+
+def test_a_redacted_traceparent_names_no_trace(flask_server, node_server, agent_factory):
+    """--redact-header traceparent: the spans do not carry the trace the hidden header named,
+    neither the request's nor its outgoing call's."""
+    receiver = OtlpReceiver("grpc", free_port())
+    try:
+        agent_factory([flask_server.pid], *otlp_args(receiver), "--redact-header", "traceparent")
+        requests.get(f"{flask_server.base}/proxy", params={"url": f"{node_server.base}/up/1"},
+                     headers={"traceparent": traceparent(CALLER)})
+        spans = wait_for_items(receiver.spans, receiver.lock, 2)
+    finally:
+        receiver.stop()
+    assert len(spans) == 2
+    assert CALLER[0] not in json.dumps(spans) and CALLER[1] not in json.dumps(spans)
+    incoming = next(span for span in spans if span["kind"] == SPAN_KIND_SERVER)
+    outgoing = next(span for span in spans if span["kind"] == SPAN_KIND_CLIENT)
+    assert incoming["attributes"]["http.request.header.traceparent"] == [REDACTED]
+    assert incoming["trace_id"] == uuid.UUID(incoming["attributes"]["apitoolkit.msg_id"]).hex
+    assert incoming["parent_span_id"] == ""
+    assert (outgoing["trace_id"], outgoing["parent_span_id"]) == (incoming["trace_id"], incoming["span_id"])
