@@ -66,20 +66,32 @@ fn json(value: &impl serde::Serialize) -> Option<AnyValue> {
 }
 
 /// `http.request.header.<name>` attributes: names lowercased (as OpenTelemetry asks), values
-/// of names differing only in case merged.
+/// of names differing only in case merged. Built without formatting machinery: this runs for
+/// every header of every exchange.
 fn headers(prefix: &str, map: &BTreeMap<String, Vec<String>>, out: &mut Vec<KeyValue>) {
-    let mut merged: BTreeMap<String, Vec<&String>> = BTreeMap::new();
+    let first = out.len();
     for (name, values) in map {
-        merged
-            .entry(name.to_ascii_lowercase())
-            .or_default()
-            .extend(values);
+        let mut key = String::with_capacity(prefix.len() + name.len());
+        key.push_str(prefix);
+        key.extend(name.chars().map(|c| c.to_ascii_lowercase()));
+        let values = values.iter().map(|value| AnyValue {
+            value: Some(Value::StringValue(value.clone())),
+        });
+        let merged = out[first..]
+            .iter_mut()
+            .find(|attribute| attribute.key == key);
+        match merged.and_then(|attribute| attribute.value.as_mut()?.value.as_mut()) {
+            Some(Value::ArrayValue(array)) => array.values.extend(values),
+            _ => out.push(attribute(
+                key,
+                Some(AnyValue {
+                    value: Some(Value::ArrayValue(ArrayValue {
+                        values: values.collect(),
+                    })),
+                }),
+            )),
+        }
     }
-    out.extend(
-        merged
-            .into_iter()
-            .map(|(name, values)| attribute(format!("{prefix}{name}"), strings(values))),
-    );
 }
 
 /// Unix nanoseconds of the payload's RFC 3339 timestamp (the last response byte).
@@ -142,12 +154,10 @@ pub fn span(payload: &Payload) -> Span {
         attribute("http.response.body", string(&payload.response_body)),
         attribute(
             "apitoolkit.sdk_type",
-            string(
-                serde_json::to_value(payload.sdk_type)
-                    .ok()
-                    .and_then(|name| name.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
-            ),
+            string(match serde_json::to_value(payload.sdk_type) {
+                Ok(serde_json::Value::String(name)) => name,
+                _ => String::new(),
+            }),
         ),
         attribute("apitoolkit.msg_id", string(payload.msg_id.to_string())),
         attribute("apitoolkit.errors", json(&payload.errors)),
@@ -194,26 +204,41 @@ pub fn span(payload: &Payload) -> Span {
     }
 }
 
-/// The resource attributes of a payload's service: name, version, host and pod.
-fn resource_attributes(payload: &Payload, settings: &ResourceSettings) -> Vec<(String, String)> {
-    let service_name = settings
-        .service_name
-        .clone()
-        .or_else(|| (!payload.service_name.is_empty()).then(|| payload.service_name.to_string()))
-        .unwrap_or_else(|| "unknown_service".to_owned());
-    let mut attributes = vec![("service.name".to_owned(), service_name)];
+/// What tells a payload's resource apart: its service and its `k8s.*` tags (borrowed, so
+/// grouping a batch allocates nothing per payload).
+fn resource_key(payload: &Payload) -> (&str, Vec<&str>) {
+    let k8s_tags = payload
+        .tags
+        .iter()
+        .filter(|tag| K8S_TAGS.iter().any(|(prefix, _)| tag.starts_with(prefix)))
+        .map(String::as_str)
+        .collect();
+    (&payload.service_name, k8s_tags)
+}
+
+/// The resource of a service: name, version, host and pod.
+fn resource(service_name: &str, k8s_tags: &[&str], settings: &ResourceSettings) -> Resource {
+    let service_name = match &settings.service_name {
+        Some(name) => name.as_str(),
+        None if !service_name.is_empty() => service_name,
+        None => "unknown_service",
+    };
+    let mut attributes = vec![attribute("service.name", string(service_name))];
     if let Some(version) = &settings.service_version {
-        attributes.push(("service.version".to_owned(), version.clone()));
+        attributes.push(attribute("service.version", string(version)));
     }
-    attributes.push(("host.name".to_owned(), settings.host_name.clone()));
-    for tag in &payload.tags {
+    attributes.push(attribute("host.name", string(&settings.host_name)));
+    for tag in k8s_tags {
         for (prefix, key) in K8S_TAGS {
             if let Some(value) = tag.strip_prefix(prefix) {
-                attributes.push((key.to_owned(), value.to_owned()));
+                attributes.push(attribute(key, string(value)));
             }
         }
     }
-    attributes
+    Resource {
+        attributes,
+        ..Default::default()
+    }
 }
 
 /// One request for a batch: a `ResourceSpans` per distinct service (and pod).
@@ -221,10 +246,10 @@ pub fn export_request(
     payloads: &[Payload],
     settings: &ResourceSettings,
 ) -> ExportTraceServiceRequest {
-    let mut by_resource: BTreeMap<Vec<(String, String)>, Vec<Span>> = BTreeMap::new();
+    let mut by_resource: BTreeMap<(&str, Vec<&str>), Vec<Span>> = BTreeMap::new();
     for payload in payloads {
         by_resource
-            .entry(resource_attributes(payload, settings))
+            .entry(resource_key(payload))
             .or_default()
             .push(span(payload));
     }
@@ -236,14 +261,8 @@ pub fn export_request(
     ExportTraceServiceRequest {
         resource_spans: by_resource
             .into_iter()
-            .map(|(attributes, spans)| ResourceSpans {
-                resource: Some(Resource {
-                    attributes: attributes
-                        .into_iter()
-                        .map(|(key, value)| attribute(key, string(value)))
-                        .collect(),
-                    ..Default::default()
-                }),
+            .map(|((service_name, k8s_tags), spans)| ResourceSpans {
+                resource: Some(resource(service_name, &k8s_tags, settings)),
                 scope_spans: vec![ScopeSpans {
                     scope: Some(scope.clone()),
                     spans,
