@@ -3,6 +3,7 @@
 `opentelemetry-proto`). It keeps every span it receives as a plain dict, records the request
 headers, can insist on an API key (UNAUTHENTICATED / 401 otherwise), and can be stopped and
 started again on the same port to play an outage. With a certificate it serves TLS (https)."""
+import socket
 import ssl
 import threading
 import time
@@ -65,6 +66,8 @@ class OtlpReceiver:
         self.rejected = 0
         self.lock = threading.Lock()
         self._server = None
+        # Open HTTP connections: stopping closes them too, as a dead receiver's would be.
+        self._connections = set()
         self.start()
 
     def _receive(self, headers, request) -> bool:
@@ -113,18 +116,34 @@ class OtlpReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            # Keep-alive, as collectors do.
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                with receiver.lock:
+                    receiver._connections.add(self.connection)
+
+            def finish(self):
+                super().finish()
+                with receiver.lock:
+                    receiver._connections.discard(self.connection)
+
+            def refuse(self, status):
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                if self.path != "/v1/traces" or self.headers.get("Content-Type") != "application/x-protobuf":
-                    self.send_response(404 if self.path != "/v1/traces" else 415)
-                    self.end_headers()
-                    return
+                if self.path != "/v1/traces":
+                    return self.refuse(404)
+                if self.headers.get("Content-Type") != "application/x-protobuf":
+                    return self.refuse(415)
                 request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
                 headers = {key.lower(): value for key, value in self.headers.items()}
                 if not receiver._receive(headers, request):
-                    self.send_response(401)
-                    self.end_headers()
-                    return
+                    return self.refuse(401)
                 reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -153,6 +172,12 @@ class OtlpReceiver:
         else:
             self._server.shutdown()
             self._server.server_close()
+            with self.lock:
+                for connection in self._connections:
+                    try:
+                        connection.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
         self._server = None
 
     def wait_until_quiet(self, quiet: float = 3.0, timeout: float = 30.0):
