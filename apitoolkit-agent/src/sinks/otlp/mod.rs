@@ -215,7 +215,7 @@ impl OtlpTransport {
                     .body(request.encode_to_vec())
                     .send()
                     .await
-                    .map_err(|error| (FailureReason::Unreachable, error.to_string()))?;
+                    .map_err(|error| (FailureReason::Unreachable, with_causes(&error)))?;
                 let status = response.status();
                 if status.is_success() {
                     Ok(())
@@ -225,6 +225,19 @@ impl OtlpTransport {
             }
         }
     }
+}
+
+/// An error and what caused it (reqwest's own text leaves out why a request failed, e.g. a
+/// refused connection or an untrusted certificate).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        text.push_str(": ");
+        text.push_str(&error.to_string());
+        cause = error.source();
+    }
+    text
 }
 
 fn log_partial_success(
