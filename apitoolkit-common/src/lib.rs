@@ -78,6 +78,8 @@ abi_enum! {
         /// A [`ProcessRecord`]: the kernel selected a process the moment it bound a `--port` port
         /// or executed an `--exe` program; userspace confirms it from /proc.
         ProcessSelected = 6,
+        /// A [`GoroutineRecord`]: a target Go process started a goroutine.
+        GoroutineCreated = 7,
     }
 }
 
@@ -211,6 +213,25 @@ pub struct Disabled {
     pub _pad: u32,
 }
 
+/// The attach cookie of the Go crypto/tls probes: where the socket's fd sits, from a
+/// `*tls.Conn`, in the Go version of the probed executable. The byte offsets of the `net.Conn`
+/// interface's data word in `tls.Conn`, of the `*netFD` in `net.TCPConn`, and of `Sysfd` in
+/// `netFD`, 16 bits each.
+#[inline(always)]
+pub const fn go_layout_cookie(conn_data: u16, net_fd: u16, sysfd: u16) -> u64 {
+    (conn_data as u64) | ((net_fd as u64) << 16) | ((sysfd as u64) << 32)
+}
+
+/// The three offsets of [`go_layout_cookie`], in its order.
+#[inline(always)]
+pub const fn go_layout_offsets(cookie: u64) -> [u64; 3] {
+    [
+        cookie & 0xffff,
+        (cookie >> 16) & 0xffff,
+        (cookie >> 32) & 0xffff,
+    ]
+}
+
 /// Key of a connection in the kernel maps.
 #[inline(always)]
 pub fn conn_key(tgid: u32, fd: i32) -> u64 {
@@ -230,6 +251,9 @@ pub struct DataHeader {
     /// Bytes that follow this chunk in the stream but were not captured (sendfile, loop bound,
     /// lost records): userspace turns them into a gap.
     pub skipped_len: u64,
+    /// Go's crypto/tls: the goroutine the bytes were moved for (the caller of an HTTP client
+    /// round trip when the connection's read or write loop moved them); 0 elsewhere.
+    pub goroutine: u64,
     pub captured_len: u32,
     pub direction: u8,
     pub source: u8,
@@ -284,6 +308,18 @@ pub struct ProcessRecord {
     pub timestamp_ns: u64,
 }
 
+/// A goroutine and the goroutine whose `go` statement started it (the `g` pointers), so
+/// userspace can follow work a request's handler hands to other goroutines.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GoroutineRecord {
+    pub kind: u32,
+    pub tgid: u32,
+    pub timestamp_ns: u64,
+    pub goroutine: u64,
+    pub parent: u64,
+}
+
 /// Names of the kernel object's maps: userspace finds each map by the name of its `#[map]`
 /// static, so both sides spell it once, here.
 pub mod maps {
@@ -318,6 +354,14 @@ pub mod maps {
     pub const SSL_CONNS: &str = "SSL_CONNS";
     /// The last connection fd each thread moved bytes on.
     pub const LAST_SOCKET_FD: &str = "LAST_SOCKET_FD";
+    /// Go crypto/tls reads between their entry and return, by goroutine.
+    pub const GO_TLS_READS: &str = "GO_TLS_READS";
+    /// The goroutine calling `runtime.newproc1`, by thread.
+    pub const GO_NEWPROC_CALLERS: &str = "GO_NEWPROC_CALLERS";
+    /// The goroutine of each net/http client connection's round trip in progress.
+    pub const GO_ROUND_TRIPS: &str = "GO_ROUND_TRIPS";
+    /// The connection each net/http read or write loop goroutine serves.
+    pub const GO_CONN_LOOPS: &str = "GO_CONN_LOOPS";
 }
 
 /// Names of the kernel object's programs (the names of their functions) and where userspace
@@ -356,6 +400,29 @@ pub mod programs {
     pub const SSL_WRITE_EX2_ENTER: &str = "ssl_write_ex2_enter";
     /// The uretprobe every SSL function shares: the entry program stashed what it needs.
     pub const SSL_CALL_RETURN: &str = "ssl_call_return";
+
+    /// Go `crypto/tls.(*Conn).Read`, at its entry and (a uprobe each) at every `ret`.
+    pub const GO_TLS_READ_ENTER: &str = "go_tls_read_enter";
+    pub const GO_TLS_READ_RETURN: &str = "go_tls_read_return";
+    /// Go `crypto/tls.(*Conn).Write`, at its entry only: the bytes are all there.
+    pub const GO_TLS_WRITE_ENTER: &str = "go_tls_write_enter";
+    /// Goroutine creation: the calls of `runtime.newproc1` and `runtime.runqput` in the
+    /// closure `runtime.newproc` runs on the system stack.
+    pub const GO_NEWPROC1_CALL: &str = "go_newproc1_call";
+    pub const GO_RUNQPUT_CALL: &str = "go_runqput_call";
+    /// net/http's client: `(*persistConn).roundTrip` (the caller's goroutine) and the entries
+    /// of the connection's `readLoop` and `writeLoop`.
+    pub const GO_ROUND_TRIP_ENTER: &str = "go_round_trip_enter";
+    pub const GO_CONN_LOOP_ENTER: &str = "go_conn_loop_enter";
+    pub const GO_PROGRAMS: [&str; 7] = [
+        GO_TLS_READ_ENTER,
+        GO_TLS_READ_RETURN,
+        GO_TLS_WRITE_ENTER,
+        GO_NEWPROC1_CALL,
+        GO_RUNQPUT_CALL,
+        GO_ROUND_TRIP_ENTER,
+        GO_CONN_LOOP_ENTER,
+    ];
 
     /// Tracepoints by program: (program, category, event names).
     pub const TRACEPOINTS: &[(&str, &str, &[&str])] = &[
@@ -474,6 +541,15 @@ mod tests {
     }
 
     #[test]
+    fn go_layout_offsets_unpack_what_the_cookie_packs() {
+        assert_eq!(go_layout_offsets(go_layout_cookie(8, 0, 16)), [8, 0, 16]);
+        assert_eq!(
+            go_layout_offsets(go_layout_cookie(u16::MAX, 1, u16::MAX)),
+            [65535, 1, 65535]
+        );
+    }
+
+    #[test]
     fn enums_round_trip_and_reject_unknown_values() {
         round_trips!(RecordKind, u32);
         round_trips!(Direction, u8);
@@ -511,13 +587,24 @@ mod tests {
             SSL_WRITE_EX_ENTER,
             SSL_WRITE_EX2_ENTER,
             SSL_CALL_RETURN,
+            GO_TLS_READ_ENTER,
+            GO_TLS_READ_RETURN,
+            GO_TLS_WRITE_ENTER,
+            GO_NEWPROC1_CALL,
+            GO_RUNQPUT_CALL,
+            GO_ROUND_TRIP_ENTER,
+            GO_CONN_LOOP_ENTER,
         ];
         for program in all {
             let uses = TRACEPOINTS.iter().filter(|(p, ..)| *p == program).count()
                 + SSL_PROGRAMS.iter().filter(|(_, p)| *p == program).count()
-                + usize::from(SSL_CALL_RETURN == program);
+                + usize::from(SSL_CALL_RETURN == program)
+                + GO_PROGRAMS.iter().filter(|p| **p == program).count();
             assert_eq!(uses, 1, "{program}");
         }
-        assert_eq!(TRACEPOINTS.len() + SSL_PROGRAMS.len() + 1, all.len());
+        assert_eq!(
+            TRACEPOINTS.len() + SSL_PROGRAMS.len() + 1 + GO_PROGRAMS.len(),
+            all.len()
+        );
     }
 }

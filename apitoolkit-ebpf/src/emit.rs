@@ -21,6 +21,21 @@ struct IoVec {
     len: u64,
 }
 
+/// Who moved bytes: the thread, and for Go's crypto/tls the goroutine they were moved for
+/// (0 elsewhere).
+#[derive(Clone, Copy)]
+pub(crate) struct Mover {
+    pub(crate) tid: u32,
+    pub(crate) goroutine: u64,
+}
+
+impl Mover {
+    #[inline(always)]
+    pub(crate) fn thread(tid: u32) -> Self {
+        Self { tid, goroutine: 0 }
+    }
+}
+
 /// What `emit_step` works through, in `EMIT_STATE`.
 #[repr(C)]
 pub(crate) struct EmitState {
@@ -35,6 +50,7 @@ pub(crate) struct EmitState {
     next_iovec: u64,
     segment_ptr: u64,
     segment_left: u64,
+    goroutine: u64,
     tid: u32,
     direction: u8,
     walks_iovecs: u8,
@@ -121,6 +137,7 @@ fn emit_chunk(state: &mut EmitState) -> i64 {
         timestamp_ns: state.timestamp_ns,
         position: state.start + state.done,
         skipped_len: 0,
+        goroutine: state.goroutine,
         captured_len: len as u32,
         direction: state.direction,
         source: state.source,
@@ -146,7 +163,7 @@ fn emit_chunk(state: &mut EmitState) -> i64 {
 pub(crate) fn emit_data(
     call: &InFlightCall,
     conn: ConnId,
-    tid: u32,
+    mover: Mover,
     direction: Direction,
     source: Source,
     total: u64,
@@ -172,7 +189,8 @@ pub(crate) fn emit_data(
             next_iovec: 0,
             segment_ptr: 0,
             segment_left: 0,
-            tid,
+            goroutine: mover.goroutine,
+            tid: mover.tid,
             direction: direction as u8,
             walks_iovecs: (call.kind == CallKind::IoVec) as u8,
             source: source as u8,
@@ -200,7 +218,7 @@ pub(crate) fn emit_data(
     if done < total {
         let skipped = Skipped {
             conn,
-            tid,
+            mover,
             timestamp_ns,
             position: start + done,
             len: total - done,
@@ -212,7 +230,7 @@ pub(crate) fn emit_data(
 /// Bytes of a stream that were moved but not captured.
 pub(crate) struct Skipped {
     pub(crate) conn: ConnId,
-    pub(crate) tid: u32,
+    pub(crate) mover: Mover,
     pub(crate) timestamp_ns: u64,
     pub(crate) position: u64,
     pub(crate) len: u64,
@@ -224,11 +242,12 @@ pub(crate) struct Skipped {
 pub(crate) fn emit_skipped(skipped: &Skipped, direction: Direction, source: Source) {
     let marker = DataHeader {
         kind: RecordKind::Data as u32,
-        tid: skipped.tid,
+        tid: skipped.mover.tid,
         conn: skipped.conn,
         timestamp_ns: skipped.timestamp_ns,
         position: skipped.position,
         skipped_len: skipped.len,
+        goroutine: skipped.mover.goroutine,
         captured_len: 0,
         direction: direction as u8,
         source: source as u8,
@@ -257,7 +276,7 @@ pub(crate) fn emit_on_connection(
     state: &mut ConnState,
     tgid: u32,
     call: &InFlightCall,
-    tid: u32,
+    mover: Mover,
     direction: Direction,
     source: Source,
     total: u64,
@@ -278,5 +297,5 @@ pub(crate) fn emit_on_connection(
         fd: call.fd,
         generation: state.generation,
     };
-    emit_data(call, conn, tid, direction, source, total, start);
+    emit_data(call, conn, mover, direction, source, total, start);
 }

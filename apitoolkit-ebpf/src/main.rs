@@ -5,7 +5,8 @@
 //!
 //! TLS: uprobes on the TLS library's read/write functions emit the plaintext. The socket
 //! syscall that runs inside an SSL call on the same thread names its connection (no struct
-//! offsets), and its ciphertext is not emitted.
+//! offsets), and its ciphertext is not emitted. Go's crypto/tls is probed in the executable,
+//! keyed by goroutine, its socket read from the `tls.Conn` (`go_tls`).
 //!
 //! Programs are the `#[tracepoint]`/`#[uprobe]`/`#[uretprobe]` functions of the modules below,
 //! named by their function names; maps are the `#[map]` statics of [`maps`], named by their
@@ -15,6 +16,7 @@
 
 mod connections;
 mod emit;
+mod go_tls;
 mod maps;
 mod process;
 mod syscalls;

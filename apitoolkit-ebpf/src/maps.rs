@@ -14,6 +14,7 @@ use aya_ebpf::{
 
 use crate::{
     emit::EmitState,
+    go_tls::{GoObject, GoTlsRead},
     syscalls::InFlightCall,
     tls::{SslConn, SslKey, TlsCall},
 };
@@ -79,6 +80,25 @@ pub(crate) static SSL_CONNS: LruHashMap<SslKey, SslConn> = LruHashMap::with_max_
 /// socket I/O outside the SSL call (node feeds OpenSSL from memory buffers).
 #[map]
 pub(crate) static LAST_SOCKET_FD: LruHashMap<u64, i32> = LruHashMap::with_max_entries(16384, 0);
+
+/// Go crypto/tls reads in progress, by goroutine: LRU, since a goroutine that panics inside
+/// `Read` never reaches a `ret`.
+#[map]
+pub(crate) static GO_TLS_READS: LruHashMap<GoObject, GoTlsRead> =
+    LruHashMap::with_max_entries(16384, 0);
+
+/// The goroutine running a `go` statement, by thread, from `newproc1` to `runqput`.
+#[map]
+pub(crate) static GO_NEWPROC_CALLERS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// net/http client connections (`*persistConn`) to the goroutine of their latest round trip.
+#[map]
+pub(crate) static GO_ROUND_TRIPS: LruHashMap<GoObject, u64> =
+    LruHashMap::with_max_entries(16384, 0);
+
+/// net/http read and write loop goroutines to their connection (`*persistConn`).
+#[map]
+pub(crate) static GO_CONN_LOOPS: LruHashMap<GoObject, u64> = LruHashMap::with_max_entries(32768, 0);
 
 /// Counts one event that could not be delivered.
 #[inline(always)]

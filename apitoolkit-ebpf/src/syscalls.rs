@@ -14,7 +14,7 @@ use aya_ebpf::{
 
 use crate::{
     connections::{connection_of, emit_conn, is_ip, open_conn, read_sockaddr, report_broken},
-    emit::{Skipped, emit_data, emit_on_connection, emit_skipped},
+    emit::{Mover, Skipped, emit_data, emit_on_connection, emit_skipped},
     maps::{CONNECTIONS, EVENTS, IN_FLIGHT, LAST_SOCKET_FD, TLS_CALLS, config, count},
     process::current_target,
 };
@@ -203,7 +203,7 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction) -> u32 {
         unsafe { &mut *state },
         tgid,
         &call,
-        pid_tgid as u32,
+        Mover::thread(pid_tgid as u32),
         direction,
         Source::Syscall,
         total,
@@ -234,13 +234,13 @@ fn emit_stderr(call: &InFlightCall, pid_tgid: u64, tgid: u32, total: u64) {
         fd: STDERR_FD,
         generation: 0,
     };
-    let tid = pid_tgid as u32;
+    let mover = Mover::thread(pid_tgid as u32);
     let chunk = CHUNK_SIZE as u64;
     let head = total.min(chunk);
     emit_data(
         call,
         stderr,
-        tid,
+        mover,
         Direction::Egress,
         Source::Stderr,
         head,
@@ -257,7 +257,7 @@ fn emit_stderr(call: &InFlightCall, pid_tgid: u64, tgid: u32, total: u64) {
     if tail_start > chunk {
         let skipped = Skipped {
             conn: stderr,
-            tid,
+            mover,
             // SAFETY: the helper takes no arguments.
             timestamp_ns: unsafe { bpf_ktime_get_ns() },
             position: chunk,
@@ -273,7 +273,7 @@ fn emit_stderr(call: &InFlightCall, pid_tgid: u64, tgid: u32, total: u64) {
         emit_data(
             &tail,
             stderr,
-            tid,
+            mover,
             Direction::Egress,
             Source::Stderr,
             total - tail_start,

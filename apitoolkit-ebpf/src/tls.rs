@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    emit::emit_on_connection,
+    emit::{Mover, emit_on_connection},
     maps::{CONNECTIONS, LAST_SOCKET_FD, SSL_CONNS, TLS_CALLS, count},
     process::current_target,
     syscalls::{CallKind, InFlightCall},
@@ -162,22 +162,49 @@ fn exit_tls_call(ctx: &RetProbeContext) -> u32 {
         count(Counter::TlsUnmapped);
         return 0;
     };
-    let Some(state) = CONNECTIONS.get_ptr_mut(&conn_key(tgid, fd)) else {
-        count(Counter::TlsUnmapped);
-        return 0;
-    };
-    let buffer = InFlightCall {
-        user_ptr: call.buf,
-        count: 0,
-        fd,
-        kind: CallKind::Buffer,
-        socket_only: 0,
-        _pad: [0; 2],
-    };
     let direction = if call.direction == Direction::Egress as u8 {
         Direction::Egress
     } else {
         Direction::Ingress
+    };
+    emit_plaintext(
+        tgid,
+        Mover::thread(pid_tgid as u32),
+        fd,
+        Some(call.buf),
+        direction,
+        total,
+    );
+    0
+}
+
+/// Emits `total` plaintext bytes at `buf` of a TLS call on connection `fd` of process `tgid`,
+/// or, without `buf`, tells userspace they were moved but not captured; counted as unmapped
+/// when the fd is no known connection.
+#[inline(always)]
+pub(crate) fn emit_plaintext(
+    tgid: u32,
+    mover: Mover,
+    fd: i32,
+    buf: Option<u64>,
+    direction: Direction,
+    total: u64,
+) {
+    let Some(state) = CONNECTIONS.get_ptr_mut(&conn_key(tgid, fd)) else {
+        count(Counter::TlsUnmapped);
+        return;
+    };
+    let buffer = InFlightCall {
+        user_ptr: buf.unwrap_or(0),
+        count: 0,
+        fd,
+        kind: if buf.is_some() {
+            CallKind::Buffer
+        } else {
+            CallKind::SizeOnly
+        },
+        socket_only: 0,
+        _pad: [0; 2],
     };
     emit_on_connection(
         // SAFETY: a live `CONNECTIONS` element (memory stays valid while the program runs),
@@ -187,12 +214,11 @@ fn exit_tls_call(ctx: &RetProbeContext) -> u32 {
         unsafe { &mut *state },
         tgid,
         &buffer,
-        pid_tgid as u32,
+        mover,
         direction,
         Source::Tls,
         total,
     );
-    0
 }
 
 /// SSL_read(ssl, buf, num) -> bytes read.

@@ -110,7 +110,7 @@ fn check(exchanges: &[Exchange]) {
             },
             role: Role::Server,
             remote: None,
-            tid: 1,
+            worker: Default::default(),
             exchange: exchange.clone(),
         };
         let built = payload::build(

@@ -92,6 +92,7 @@ pub fn build_agent(release: bool) -> anyhow::Result<()> {
 fn test(pytest_args: &[String]) -> anyhow::Result<()> {
     setup::toolchain()?;
     setup::python_packages()?;
+    setup::test_programs()?;
     // Default members only: the eBPF crate builds for the BPF target, never for the host.
     run(Command::new("cargo")
         .current_dir(workspace_root())
@@ -110,7 +111,8 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => {
             setup::toolchain()?;
             setup::cargo_fuzz()?;
-            setup::python_packages()
+            setup::python_packages()?;
+            setup::test_programs()
         }
         Task::Build { release } => build_agent(release),
         Task::Demo => demo::run(),

@@ -97,6 +97,44 @@ fn pip_install(requirements: &str, modules: &str, what: &str) -> anyhow::Result<
     .with_context(|| format!("installing {what}"))
 }
 
+/// Programs the end-to-end tests run, with the Debian packages that provide them (the Go
+/// toolchain builds the Go test servers).
+const TEST_PROGRAMS: [(&str, &str); 4] = [
+    ("go", "golang-go"),
+    ("nginx", "nginx"),
+    ("curl", "curl"),
+    ("openssl", "openssl"),
+];
+
+/// Installs the Debian packages of whichever `programs` (program, package) are not on the PATH.
+pub fn debian_programs(programs: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = programs
+        .iter()
+        .filter(|(program, _)| {
+            !Command::new("which")
+                .arg(program)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|status| status.success())
+        })
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {}", missing.join(", "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .with_context(|| format!("installing {}", missing.join(", ")))
+}
+
+pub fn test_programs() -> anyhow::Result<()> {
+    debian_programs(&TEST_PROGRAMS)
+}
+
 pub fn python_packages() -> anyhow::Result<()> {
     pip_install(
         "tests/requirements.txt",

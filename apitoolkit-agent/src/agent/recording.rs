@@ -155,7 +155,8 @@ impl RedactedEvents {
             let len = data.len() as u64;
             events.push(Event::Data(DataEvent {
                 conn: origin.conn,
-                tid: origin.tid,
+                tid: origin.worker.tid,
+                goroutine: origin.worker.goroutine,
                 timestamp_ns,
                 direction,
                 source: Source::Syscall,

@@ -12,18 +12,25 @@ use std::{
 
 use apitoolkit_common::{
     COMM_LEN, ConfigKey, ConnState, Counter, Disabled, conn_key, exe_comm, maps,
-    programs::{SSL_CALL_RETURN, SSL_PROGRAMS, TRACEPOINTS},
+    programs::{
+        GO_CONN_LOOP_ENTER, GO_NEWPROC1_CALL, GO_PROGRAMS, GO_ROUND_TRIP_ENTER, GO_RUNQPUT_CALL,
+        GO_TLS_READ_ENTER, GO_TLS_READ_RETURN, GO_TLS_WRITE_ENTER, SSL_CALL_RETURN, SSL_PROGRAMS,
+        TRACEPOINTS,
+    },
 };
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         TracePoint, UProbe,
-        uprobe::{UProbeAttachLocation, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
     },
 };
 
-use crate::pipeline::events::{ConnId, Source};
+use crate::{
+    pipeline::events::{ConnId, Source},
+    targets::go::{self, GoTlsPlan},
+};
 
 /// The kernel object, built by build.rs.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/apitoolkit"));
@@ -216,6 +223,48 @@ impl Probes {
         Ok(())
     }
 
+    /// Attaches the Go programs to the executable at `path` where `plan` says: crypto/tls, and
+    /// goroutine creation and net/http client round trips where the plan has them. Each gets
+    /// the executable's struct layout as its cookie.
+    pub fn attach_go(&mut self, path: &Path, plan: &GoTlsPlan) -> Result<(), ProbeError> {
+        if !self.tls_loaded {
+            return Err(ProbeError::TlsUnavailable);
+        }
+        let mut sites = vec![
+            (GO_TLS_READ_ENTER, go::TLS_READ, plan.read_entry),
+            (GO_TLS_WRITE_ENTER, go::TLS_WRITE, plan.write_entry),
+        ];
+        sites.extend(
+            plan.read_returns
+                .iter()
+                .map(|offset| (GO_TLS_READ_RETURN, go::TLS_READ, *offset)),
+        );
+        if let Ok(links) = &plan.links {
+            sites.push((GO_NEWPROC1_CALL, go::NEWPROC_CLOSURE, links.newproc1_call));
+            sites.push((GO_RUNQPUT_CALL, go::NEWPROC_CLOSURE, links.runqput_call));
+            if let Some(client) = &links.client {
+                sites.push((GO_ROUND_TRIP_ENTER, go::ROUND_TRIP, client.round_trip));
+                let [read_loop, write_loop] = client.loops;
+                sites.push((GO_CONN_LOOP_ENTER, go::READ_LOOP, read_loop));
+                sites.push((GO_CONN_LOOP_ENTER, go::WRITE_LOOP, write_loop));
+            }
+        }
+        for (program, function, offset) in sites {
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(offset),
+                cookie: Some(plan.layout.cookie()),
+            };
+            self.uprobe(program)
+                .attach(point, path, UProbeScope::AllProcesses)
+                .map_err(|source| ProbeError::Uprobe {
+                    program,
+                    function,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
     /// The map `name` of the kernel object as the typed map `T`.
     fn map<'a, T>(&'a mut self, name: &'static str) -> Result<T, ProbeError>
     where
@@ -389,7 +438,8 @@ fn load_tls_programs(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     let programs = SSL_PROGRAMS
         .iter()
         .map(|(_, program)| *program)
-        .chain([SSL_CALL_RETURN]);
+        .chain([SSL_CALL_RETURN])
+        .chain(GO_PROGRAMS);
     for program in programs {
         uprobe(ebpf, program)
             .load()
@@ -441,7 +491,8 @@ mod tests {
             .iter()
             .map(|(program, ..)| *program)
             .chain(SSL_PROGRAMS.iter().map(|(_, program)| *program))
-            .chain([SSL_CALL_RETURN]);
+            .chain([SSL_CALL_RETURN])
+            .chain(GO_PROGRAMS);
         let used_maps = [
             maps::EVENTS,
             maps::CONFIG,

@@ -8,7 +8,7 @@ use std::{
 
 use super::{
     ciphertext::{RecordWalker, looks_like_tls_record},
-    events::{ConnId, DataEvent, Direction, Event, Role, Source},
+    events::{ConnId, DataEvent, Direction, Event, Role, Source, Worker},
     protocols::{
         Anomaly, Exchange, Reassembled, Reassembler,
         http1::parser::looks_like_start,
@@ -24,9 +24,9 @@ pub struct TrackedExchange {
     pub conn: ConnId,
     pub role: Role,
     pub remote: Option<SocketAddr>,
-    /// The thread whose bytes completed the exchange: the one that wrote a server's response
-    /// or read a client's.
-    pub tid: u32,
+    /// Who moved the bytes that completed the exchange: the one that wrote a server's
+    /// response or read a client's.
+    pub worker: Worker,
     pub exchange: Exchange,
 }
 
@@ -36,8 +36,8 @@ pub struct TrackedExchange {
 pub struct FailedCall {
     pub conn: ConnId,
     pub remote: Option<SocketAddr>,
-    /// The thread that made the call.
-    pub tid: u32,
+    /// Who made the call.
+    pub worker: Worker,
     pub timestamp_ns: u64,
     /// What the kernel reported; `None` when the connection just closed.
     pub errno: Option<u32>,
@@ -51,7 +51,7 @@ pub struct FailedCall {
 pub struct Serving {
     pub conn: ConnId,
     pub serial: u64,
-    pub tid: u32,
+    pub worker: Worker,
     /// The request's `traceparent` header, as sent.
     pub traceparent: Option<String>,
 }
@@ -119,7 +119,7 @@ struct Connection {
     /// The open was seen, so each stream starts at position 0.
     seen_from_start: bool,
     /// The thread that last moved bytes on the connection.
-    last_tid: u32,
+    last_worker: Worker,
     /// The error a call on this connection failed with, reported with its unanswered request.
     error: Option<u32>,
     transport: Transport,
@@ -186,7 +186,7 @@ impl Connection {
             role,
             remote,
             seen_from_start,
-            last_tid: 0,
+            last_worker: Worker::default(),
             error: None,
             transport: Transport::Plain,
             next_ingress: start,
@@ -340,7 +340,7 @@ impl ConnectionTracker {
                 remote,
                 errno,
             } => self.on_error(conn, tid, timestamp_ns, remote, errno, &mut output),
-            Event::ProcessSelected { .. } => {}
+            Event::ProcessSelected { .. } | Event::GoroutineCreated { .. } => {}
             Event::ProcessExit { tgid, timestamp_ns } => {
                 self.not_http_reported.remove(&tgid);
                 let exited: Vec<ConnId> = self
@@ -379,7 +379,7 @@ impl ConnectionTracker {
         let failed_connect = FailedCall {
             conn,
             remote,
-            tid,
+            worker: Worker { tid, goroutine: 0 },
             timestamp_ns,
             errno: Some(errno),
             request: None,
@@ -453,7 +453,7 @@ impl ConnectionTracker {
                 .extend(unanswered.into_iter().map(|request| FailedCall {
                     conn,
                     remote: connection.remote,
-                    tid: connection.last_tid,
+                    worker: connection.last_worker,
                     timestamp_ns: end.timestamp_ns,
                     errno: connection.error,
                     request: Some(request),
@@ -637,7 +637,7 @@ impl Connection {
             }
             output.disable.push((data.conn, data.source));
         }
-        self.last_tid = data.tid;
+        self.last_worker = data.worker();
         hand_on(stats, data.conn, self, http_output, output);
     }
 }
@@ -650,14 +650,14 @@ fn hand_on(
     http: Reassembled,
     output: &mut TrackerOutput,
 ) {
-    let (role, remote, tid) = (connection.role, connection.remote, connection.last_tid);
+    let (role, remote, worker) = (connection.role, connection.remote, connection.last_worker);
     if role == Role::Server {
         output
             .serving
             .extend(http.requests_read.into_iter().map(|read| Serving {
                 conn,
                 serial: read.serial,
-                tid,
+                worker,
                 traceparent: read.traceparent,
             }));
     }
@@ -684,7 +684,7 @@ fn hand_on(
             conn,
             role,
             remote,
-            tid,
+            worker,
             exchange,
         }));
 }
@@ -719,6 +719,7 @@ mod tests {
         Event::Data(DataEvent {
             conn,
             tid: 1,
+            goroutine: 0,
             timestamp_ns: at,
             direction,
             source: Source::Syscall,

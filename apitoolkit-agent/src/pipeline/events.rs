@@ -29,11 +29,22 @@ impl From<abi::ConnId> for ConnId {
 /// The kernel's own enums, shared through the ABI crate (serialized in snake case).
 pub use abi::{Direction, Role, Source};
 
+/// Who moved a connection's bytes: the thread, and for Go's crypto/tls the goroutine they
+/// were moved for (0 elsewhere). Links follow the goroutine where there is one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Worker {
+    pub tid: u32,
+    pub goroutine: u64,
+}
+
 /// Bytes one syscall moved on a connection (or a piece of them), at a stream position.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataEvent {
     pub conn: ConnId,
     pub tid: u32,
+    /// Go's crypto/tls: the goroutine the bytes were moved for (see `GoroutineCreated`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub goroutine: u64,
     pub timestamp_ns: u64,
     pub direction: Direction,
     pub source: Source,
@@ -42,6 +53,15 @@ pub struct DataEvent {
     pub skipped_len: u64,
     #[serde(with = "payload_bytes")]
     pub data: Bytes,
+}
+
+impl DataEvent {
+    pub fn worker(&self) -> Worker {
+        Worker {
+            tid: self.tid,
+            goroutine: self.goroutine,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +97,14 @@ pub enum Event {
     ProcessSelected {
         tgid: u32,
         timestamp_ns: u64,
+    },
+    /// A Go process started a goroutine (`g` pointers; Go reuses a `g` once its goroutine
+    /// ended).
+    GoroutineCreated {
+        tgid: u32,
+        timestamp_ns: u64,
+        goroutine: u64,
+        parent: u64,
     },
     /// A connect failed, or a call found the connection broken.
     ConnError {
@@ -145,6 +173,7 @@ fn decode_data(record: &[u8]) -> Result<Event, DecodeError> {
     Ok(Event::Data(DataEvent {
         conn: header.conn.into(),
         tid: header.tid,
+        goroutine: header.goroutine,
         timestamp_ns: header.timestamp_ns,
         direction: field("direction", header.direction)?,
         source: field("source", header.source)?,
@@ -206,6 +235,15 @@ impl Event {
                     timestamp_ns: record.timestamp_ns,
                 })
             }
+            RecordKind::GoroutineCreated => {
+                let record: abi::GoroutineRecord = read_record(record)?;
+                Ok(Event::GoroutineCreated {
+                    tgid: record.tgid,
+                    timestamp_ns: record.timestamp_ns,
+                    goroutine: record.goroutine,
+                    parent: record.parent,
+                })
+            }
         }
     }
 
@@ -215,7 +253,8 @@ impl Event {
             | Event::Close { timestamp_ns, .. }
             | Event::ConnError { timestamp_ns, .. }
             | Event::ProcessExit { timestamp_ns, .. }
-            | Event::ProcessSelected { timestamp_ns, .. } => *timestamp_ns,
+            | Event::ProcessSelected { timestamp_ns, .. }
+            | Event::GoroutineCreated { timestamp_ns, .. } => *timestamp_ns,
             Event::Data(data) => data.timestamp_ns,
         }
     }
@@ -254,6 +293,7 @@ mod tests {
         abi::DataHeader {
             kind: RecordKind::Data as u32,
             tid: 7,
+            goroutine: 0xc000_0001,
             conn: abi::ConnId {
                 tgid: 42,
                 fd: 5,
@@ -321,6 +361,7 @@ mod tests {
                     generation: 4,
                 },
                 tid: 1,
+                goroutine: 0,
                 timestamp_ns: 5,
                 direction: Direction::Ingress,
                 source: Source::Syscall,

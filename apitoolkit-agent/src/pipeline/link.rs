@@ -3,6 +3,12 @@
 //! parent span), and errors it prints join
 //! the request's `errors`. A link is made only when the thread serves exactly one request, so
 //! a thread juggling several (pipelining, event loops) gets none rather than a wrong one.
+//!
+//! Go runs goroutines on any thread, so there the goroutine links instead: an outgoing call
+//! made by the goroutine serving a request, or by one it started (directly or through its
+//! descendants), belongs to that request. Go reuses the `g` of a goroutine that ended, so each
+//! start of a `g` is a separate incarnation, and a chain through a `g` started again since is
+//! broken rather than followed.
 
 use std::collections::HashMap;
 
@@ -11,28 +17,61 @@ use uuid::Uuid;
 use super::{
     app_errors::CapturedError,
     connections::Serving,
-    events::ConnId,
+    events::{ConnId, Worker},
     trace::{ParentSpan, TraceParent},
 };
+
+/// Ancestors followed from a goroutine looking for the request it works for.
+const MAX_GOROUTINE_DEPTH: usize = 64;
+/// Goroutines remembered across all processes; Go keeps the `g`s of ended goroutines for
+/// reuse, so this bounds the peak goroutine count followed, not the total ever started.
+const MAX_GOROUTINES: usize = 1 << 20;
+
+/// A goroutine of a process by its `g`, and which start of that `g` (0: started before
+/// capture began).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Goroutine {
+    tgid: u32,
+    g: u64,
+    incarnation: u64,
+}
 
 /// An incoming request read and not yet answered.
 struct Unanswered {
     msg_id: Uuid,
     span: ParentSpan,
     tid: u32,
+    goroutine: Option<Goroutine>,
     errors: Vec<CapturedError>,
 }
 
-/// The incoming request a thread is serving, as the parent of what it does.
+/// The incoming request a thread or goroutine works for, as the parent of what it does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Parent {
     pub msg_id: Uuid,
     pub span: ParentSpan,
 }
 
+/// How a `g` was last started: its incarnation and who started it.
+struct Started {
+    incarnation: u64,
+    parent: Option<Goroutine>,
+}
+
+impl Unanswered {
+    fn parent(&self) -> Parent {
+        Parent {
+            msg_id: self.msg_id,
+            span: self.span,
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Linker {
     unanswered: HashMap<(ConnId, u64), Unanswered>,
+    started: HashMap<(u32, u64), Started>,
+    incarnations: u64,
 }
 
 /// What an answered incoming request brings to its payload.
@@ -44,6 +83,7 @@ pub struct Answered {
 impl Linker {
     /// `serving.traceparent` must be one the payload may show (not a redacted header).
     pub fn serving(&mut self, serving: Serving) {
+        let goroutine = self.goroutine(serving.conn.tgid, serving.worker);
         let msg_id = Uuid::new_v4();
         let traceparent = serving.traceparent.as_deref().and_then(TraceParent::parse);
         self.unanswered.insert(
@@ -51,10 +91,75 @@ impl Linker {
             Unanswered {
                 msg_id,
                 span: ParentSpan::incoming(msg_id, traceparent),
-                tid: serving.tid,
+                tid: serving.worker.tid,
+                goroutine,
                 errors: Vec::new(),
             },
         );
+    }
+
+    /// The goroutine `worker` names in process `tgid`, as it is now; `None` for threads.
+    fn goroutine(&self, tgid: u32, worker: Worker) -> Option<Goroutine> {
+        (worker.goroutine != 0).then(|| Goroutine {
+            tgid,
+            g: worker.goroutine,
+            incarnation: self
+                .started
+                .get(&(tgid, worker.goroutine))
+                .map_or(0, |started| started.incarnation),
+        })
+    }
+
+    /// Goroutine `g` of process `tgid` was started by goroutine `parent`.
+    pub fn goroutine_started(&mut self, tgid: u32, g: u64, parent: u64) {
+        if self.started.len() >= MAX_GOROUTINES {
+            self.started.clear(); // chains through forgotten goroutines break, none go wrong
+        }
+        let parent = self.goroutine(
+            tgid,
+            Worker {
+                tid: 0,
+                goroutine: parent,
+            },
+        );
+        self.incarnations += 1;
+        let started = Started {
+            incarnation: self.incarnations,
+            parent,
+        };
+        self.started.insert((tgid, g), started);
+    }
+
+    /// The request the goroutine `worker` names works for: the one request served by it or by
+    /// its nearest ancestor that serves one.
+    fn goroutine_parent(&self, tgid: u32, worker: Worker) -> Option<Parent> {
+        let mut goroutine = self.goroutine(tgid, worker)?;
+        for _ in 0..MAX_GOROUTINE_DEPTH {
+            let mut serving = self
+                .unanswered
+                .values()
+                .filter(|request| request.goroutine == Some(goroutine));
+            if let Some(only) = serving.next() {
+                return serving.next().is_none().then_some(only.parent());
+            }
+            let started = self.started.get(&(tgid, goroutine.g))?;
+            if started.incarnation != goroutine.incarnation {
+                return None;
+            }
+            let parent = started.parent?;
+            let parent_now = self.goroutine(
+                tgid,
+                Worker {
+                    tid: 0,
+                    goroutine: parent.g,
+                },
+            )?;
+            if parent_now != parent {
+                return None; // the parent's `g` was started again: its request is over
+            }
+            goroutine = parent;
+        }
+        None
     }
 
     /// The identity and errors of the request an exchange answered (a fresh id if its reading
@@ -81,12 +186,17 @@ impl Linker {
         serving.next().is_none().then_some(only)
     }
 
-    /// The request thread `tid` is serving.
-    pub fn parent(&mut self, tid: u32) -> Option<Parent> {
-        self.only_request_of(tid).map(|request| Parent {
-            msg_id: request.msg_id,
-            span: request.span,
-        })
+    /// The request `worker` works for: by goroutine where there is one, else by thread when
+    /// `by_thread` (the runtime serves one request per thread).
+    pub fn parent(&mut self, tgid: u32, worker: Worker, by_thread: bool) -> Option<Parent> {
+        if worker.goroutine != 0 {
+            return self.goroutine_parent(tgid, worker);
+        }
+        if !by_thread {
+            return None;
+        }
+        self.only_request_of(worker.tid)
+            .map(|request| request.parent())
     }
 
     /// Adds an error to the request thread `tid` is serving; gives it back when there is none.
@@ -109,6 +219,7 @@ impl Linker {
     pub fn forget_process(&mut self, tgid: u32) {
         self.unanswered
             .retain(|(request_conn, _), _| request_conn.tgid != tgid);
+        self.started.retain(|(process, _), _| *process != tgid);
     }
 }
 
@@ -122,6 +233,65 @@ mod tests {
             fd,
             generation: 1,
         }
+    }
+
+    fn thread(tid: u32) -> Worker {
+        Worker { tid, goroutine: 0 }
+    }
+
+    fn goroutine(g: u64) -> Worker {
+        Worker {
+            tid: 7,
+            goroutine: g,
+        }
+    }
+
+    fn serve_on_goroutine(linker: &mut Linker, fd: i32, g: u64) {
+        linker.serving(Serving {
+            conn: conn(fd),
+            serial: 0,
+            worker: goroutine(g),
+            traceparent: None,
+        });
+    }
+
+    #[test]
+    fn goroutines_link_to_the_request_their_ancestor_serves() {
+        let mut linker = Linker::default();
+        // Two connection goroutines (0x100, 0x200) started before capture, each serving a
+        // request; 0x100's handler starts 0x110, which starts 0x111.
+        serve_on_goroutine(&mut linker, 5, 0x100);
+        serve_on_goroutine(&mut linker, 6, 0x200);
+        linker.goroutine_started(1, 0x110, 0x100);
+        linker.goroutine_started(1, 0x111, 0x110);
+        let first = linker.parent(1, goroutine(0x100), false).unwrap();
+        assert_eq!(linker.parent(1, goroutine(0x111), false), Some(first));
+        let second = linker.parent(1, goroutine(0x200), true).unwrap();
+        assert_ne!(first, second);
+        // Another process's goroutine with the same `g` is not related.
+        assert_eq!(linker.parent(2, goroutine(0x111), false), None);
+        // An unknown goroutine (no ancestry) serves nothing.
+        assert_eq!(linker.parent(1, goroutine(0x999), false), None);
+        assert_eq!(linker.answered(conn(5), 0).msg_id, first.msg_id);
+        assert_eq!(linker.parent(1, goroutine(0x111), false), None, "answered");
+    }
+
+    #[test]
+    fn a_reused_g_breaks_the_chain_instead_of_linking_elsewhere() {
+        let mut linker = Linker::default();
+        linker.goroutine_started(1, 0x100, 0x1);
+        serve_on_goroutine(&mut linker, 5, 0x100);
+        linker.goroutine_started(1, 0x110, 0x100);
+        // 0x100 ends and Go starts its `g` again for a goroutine serving another request.
+        linker.goroutine_started(1, 0x100, 0x1);
+        serve_on_goroutine(&mut linker, 6, 0x100);
+        let reused = linker.parent(1, goroutine(0x100), false).unwrap();
+        assert_eq!(linker.answered(conn(6), 0).msg_id, reused.msg_id);
+        // 0x110 was started by the earlier 0x100, whose request (conn 5) is still unanswered
+        // but no longer reachable through the reused `g`.
+        assert_eq!(linker.parent(1, goroutine(0x110), false), None);
+        linker.forget_process(1);
+        assert!(linker.started.is_empty() && linker.unanswered.is_empty());
     }
 
     fn error(message: &str) -> CapturedError {
@@ -143,11 +313,16 @@ mod tests {
             linker.serving(Serving {
                 conn: conn(fd),
                 serial: 0,
-                tid,
+                worker: thread(tid),
                 traceparent: (tid == 60).then(|| traceparent.to_owned()),
             });
         }
-        let parent = linker.parent(60).unwrap();
+        assert_eq!(
+            linker.parent(1, thread(60), false),
+            None,
+            "not thread per request"
+        );
+        let parent = linker.parent(1, thread(60), true).unwrap();
         assert_eq!(
             Some(parent.span.trace_id),
             TraceParent::parse(traceparent).map(|header| header.trace_id)
@@ -161,7 +336,7 @@ mod tests {
         assert_eq!(first.errors, vec![error("on 50")]);
         assert!(second.errors.is_empty());
         // Answered: the thread serves nothing now.
-        assert_eq!(linker.parent(60), None);
+        assert_eq!(linker.parent(1, thread(60), true), None);
         assert_eq!(linker.attach_error(60, error("late")), Some(error("late")));
     }
 
@@ -172,11 +347,11 @@ mod tests {
             linker.serving(Serving {
                 conn: conn(5),
                 serial,
-                tid: 50,
+                worker: thread(50),
                 traceparent: None,
             });
         }
-        assert_eq!(linker.parent(50), None);
+        assert_eq!(linker.parent(1, thread(50), true), None);
         linker.forget_connection(conn(5));
         assert!(linker.unanswered.is_empty());
     }

@@ -20,11 +20,14 @@ use std::collections::HashMap;
 
 use app_errors::{CapturedError, Piece, StderrCollector};
 use connections::{ConnectionTracker, FailedCall, TrackedExchange, TrackerOutput, TrackerStats};
-use events::{ConnId, DataEvent, Event, Role, Source};
+use events::{ConnId, DataEvent, Event, Role, Source, Worker};
 use link::{Answered, Linker, Parent};
 use payload::{Links, Payload, PayloadSettings};
 use profile::{ProcessProfile, Profiles};
-use protocols::{Exchange, message::Message};
+use protocols::{
+    Exchange,
+    message::{Message, Version},
+};
 use redact::Redactor;
 
 /// What besides incoming requests becomes part of the payloads.
@@ -52,7 +55,7 @@ pub struct LinkStats {
 pub struct Origin {
     pub conn: ConnId,
     pub role: Role,
-    pub tid: u32,
+    pub worker: Worker,
     /// First and last byte of the request.
     pub request_ns: (u64, u64),
     /// First and last byte of the response; none for a call that failed unanswered.
@@ -67,7 +70,7 @@ impl Origin {
         Self {
             conn: tracked.conn,
             role: tracked.role,
-            tid: tracked.tid,
+            worker: tracked.worker,
             request_ns: (request.first_byte_ns, request.last_byte_ns),
             response_ns: Some((response.first_byte_ns, response.last_byte_ns)),
         }
@@ -193,13 +196,10 @@ impl Pipeline {
         }
     }
 
-    /// The request thread `tid` serves, where the runtime makes that a reliable parent.
-    fn parent(&mut self, tid: u32, thread_per_request: bool) -> Option<Parent> {
-        let parent = if thread_per_request {
-            self.linker.parent(tid)
-        } else {
-            None
-        };
+    /// The request `worker` works for: by goroutine (Go), or by thread where the runtime
+    /// serves one request per thread.
+    fn parent(&mut self, tgid: u32, worker: Worker, thread_per_request: bool) -> Option<Parent> {
+        let parent = self.linker.parent(tgid, worker, thread_per_request);
         self.link_stats.outgoing_with_parent += u64::from(parent.is_some());
         parent
     }
@@ -211,7 +211,10 @@ impl Pipeline {
         let profile = self.profiles.get(call.conn.tgid);
         let error = CapturedError::failed_call(call.errno, call.remote, call.timestamp_ns);
         if self.scope.errors && profile.thread_per_request {
-            let attached = self.linker.attach_error(call.tid, error.clone()).is_none();
+            let attached = self
+                .linker
+                .attach_error(call.worker.tid, error.clone())
+                .is_none();
             self.link_stats.errors_attached += u64::from(attached);
         }
         let Some(request) = call.request else {
@@ -225,7 +228,7 @@ impl Pipeline {
             conn: call.conn,
             role: Role::Client,
             remote: call.remote,
-            tid: call.tid,
+            worker: call.worker,
             exchange: Exchange {
                 serial: 0,
                 request,
@@ -236,7 +239,7 @@ impl Pipeline {
         };
         let links = Links {
             errors: vec![error],
-            ..Links::outgoing(self.parent(call.tid, profile.thread_per_request))
+            ..Links::outgoing(self.parent(call.conn.tgid, call.worker, profile.thread_per_request))
         };
         let origin = Origin {
             response_ns: None,
@@ -269,7 +272,20 @@ impl Pipeline {
 
     fn links(&mut self, exchange: &TrackedExchange, thread_per_request: bool) -> Links {
         match exchange.role {
-            Role::Client => Links::outgoing(self.parent(exchange.tid, thread_per_request)),
+            // A Go HTTP/2 client's streams share one connection whose frames are read by a
+            // goroutine of its own, started for whichever call dialed: its ancestry says
+            // nothing about the call a stream belongs to.
+            Role::Client
+                if exchange.worker.goroutine != 0
+                    && exchange.exchange.request.version == Version::HTTP_2 =>
+            {
+                Links::outgoing(None)
+            }
+            Role::Client => Links::outgoing(self.parent(
+                exchange.conn.tgid,
+                exchange.worker,
+                thread_per_request,
+            )),
             _ => {
                 let Answered { msg_id, errors } = self
                     .linker
@@ -285,6 +301,15 @@ impl Pipeline {
         let ended = match &event {
             Event::Data(data) if data.source == Source::Stderr => {
                 self.on_stderr(data);
+                return Tracked::default();
+            }
+            Event::GoroutineCreated {
+                tgid,
+                goroutine,
+                parent,
+                ..
+            } => {
+                self.linker.goroutine_started(*tgid, *goroutine, *parent);
                 return Tracked::default();
             }
             Event::Close { conn, .. } => Some(Ended::Connection(*conn)),

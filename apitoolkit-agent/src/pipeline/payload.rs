@@ -306,7 +306,7 @@ mod tests {
 
     use super::*;
     use crate::pipeline::{
-        events::ConnId,
+        events::{ConnId, Worker},
         protocols::{Exchange, message::Version},
     };
 
@@ -348,7 +348,7 @@ mod tests {
             },
             role: Role::Server,
             remote: None,
-            tid: 1,
+            worker: Worker::default(),
             exchange: Exchange {
                 serial: 0,
                 request,

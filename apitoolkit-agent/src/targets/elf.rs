@@ -34,7 +34,56 @@ impl ElfFile {
 
     /// Go binaries carry their build information in this section (Go 1.13+).
     pub fn is_go(&self) -> bool {
-        self.parsed().section_by_name(".go.buildinfo").is_some()
+        self.section(".go.buildinfo").is_some()
+    }
+
+    /// Whether the machine code is x86-64, the only code the probe sites are decoded as.
+    pub fn is_x86_64(&self) -> bool {
+        self.parsed().architecture() == object::Architecture::X86_64
+    }
+
+    /// The contents and virtual address of the first section named `name` or ending in it (a
+    /// PIE Go binary keeps `.gopclntab` as `.data.rel.ro.gopclntab`).
+    pub fn section(&self, name: &str) -> Option<(u64, &[u8])> {
+        let file = self.parsed();
+        let section = file
+            .sections()
+            .find(|section| section.name().is_ok_and(|found| found.ends_with(name)))?;
+        let (start, size) = section.file_range()?;
+        let bytes = self.map.get(start as usize..(start + size) as usize)?;
+        Some((section.address(), bytes))
+    }
+
+    /// `len` bytes of file-backed data at virtual `address`, within one section.
+    pub fn data(&self, address: u64, len: usize) -> Option<&[u8]> {
+        self.parsed().sections().find_map(|section| {
+            let (start, size) = section.file_range()?;
+            if section.address() == 0 {
+                return None; // not loaded (symbols, debug information)
+            }
+            let skip = address.checked_sub(section.address())?;
+            let end = skip.checked_add(len as u64)?;
+            if end > size {
+                return None;
+            }
+            self.map
+                .get((start + skip) as usize..(start + end) as usize)
+        })
+    }
+
+    /// The virtual address of the symbol `name` (symbol table only: stripped files have none).
+    pub fn symbol_address(&self, name: &str) -> Option<u64> {
+        self.parsed()
+            .symbols()
+            .find(|symbol| symbol.name() == Ok(name))
+            .map(|symbol| symbol.address())
+    }
+
+    /// The virtual address of the executable section `.text`.
+    pub fn text_address(&self) -> Option<u64> {
+        self.parsed()
+            .section_by_name(".text")
+            .map(|section| section.address())
     }
 
     /// The virtual address the byte at file `offset` is loaded at.

@@ -3,6 +3,7 @@
 //! before the agent started; and the TLS libraries it uses, which get the SSL uprobes.
 
 pub mod elf;
+pub mod go;
 pub mod kubernetes;
 pub mod probe_site;
 pub mod process;

@@ -13,6 +13,8 @@ use iced_x86::{
 
 /// Instructions followed from a function's entry looking for its first call.
 const MAX_INSTRUCTIONS: usize = 48;
+/// Instructions a function may run before the emulated one a probe replaces its entry with.
+const MAX_PROLOGUE: usize = 4;
 
 /// How the kernel runs an instruction under a uprobe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +54,88 @@ pub fn execution(code: &[u8], ip: u64) -> Option<Execution> {
     })
 }
 
+/// Registers `instruction` writes (full 64-bit names), added to `written`.
+fn note_writes(
+    info: &mut InstructionInfoFactory,
+    instruction: &Instruction,
+    written: &mut Vec<Register>,
+) {
+    for used in info.info(instruction).used_registers() {
+        let writes = !matches!(
+            used.access(),
+            OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess
+        );
+        let register = used.register().full_register();
+        if writes && register != Register::None && !written.contains(&register) {
+            written.push(register);
+        }
+    }
+}
+
+/// The offset of the first instruction the kernel emulates on the straight path from the
+/// entry of the function `code` holds (at `ip`), if the instructions before it write none of
+/// `arguments`: a uprobe there sees the arguments as the entry does, without a trap. Go
+/// functions open with a stack check (`cmp` against the goroutine's stack bound, then a `jbe`):
+/// the `jbe` is that site.
+pub fn emulated_entry(code: &[u8], ip: u64, arguments: &[Register]) -> Option<u64> {
+    let mut info = InstructionInfoFactory::new();
+    let mut written = Vec::new();
+    for instruction in instructions(code, ip).take(MAX_PROLOGUE) {
+        if emulated(&instruction) {
+            return arguments
+                .iter()
+                .all(|register| !written.contains(register))
+                .then(|| instruction.ip() - ip);
+        }
+        if instruction.flow_control() != FlowControl::Next {
+            return None;
+        }
+        note_writes(&mut info, &instruction, &mut written);
+    }
+    None
+}
+
+/// The offsets of the instructions `wanted` picks in the function `code` holds entirely (at
+/// `ip`), decoded from its first byte to its last: `None` unless every byte belongs to a valid
+/// instruction, so each offset is an instruction boundary.
+fn find_instructions(
+    code: &[u8],
+    ip: u64,
+    wanted: impl Fn(&Instruction) -> bool,
+) -> Option<Vec<u64>> {
+    let mut decoded = 0;
+    let mut offsets = Vec::new();
+    for instruction in instructions(code, ip) {
+        decoded += instruction.len();
+        if wanted(&instruction) {
+            offsets.push(instruction.ip() - ip);
+        }
+    }
+    (decoded == code.len()).then_some(offsets)
+}
+
+/// Every `ret` of the function `code` holds (see [`find_instructions`]); `None` if it has none.
+pub fn returns(code: &[u8], ip: u64) -> Option<Vec<u64>> {
+    find_instructions(code, ip, |instruction| {
+        instruction.mnemonic() == Mnemonic::Ret
+    })
+    .filter(|offsets| !offsets.is_empty())
+}
+
+/// The one direct call of the function at `target` in the function `code` holds (see
+/// [`find_instructions`]); `None` if there is none or more than one.
+pub fn only_call_to(code: &[u8], ip: u64, target: u64) -> Option<u64> {
+    let calls = find_instructions(code, ip, |instruction| {
+        instruction.mnemonic() == Mnemonic::Call
+            && instruction.op0_kind() == OpKind::NearBranch64
+            && instruction.near_branch_target() == target
+    })?;
+    match calls[..] {
+        [offset] => Some(offset),
+        _ => None,
+    }
+}
+
 /// A function's first call and what happened before it.
 #[derive(Debug, PartialEq, Eq)]
 pub struct FirstCall {
@@ -88,16 +172,7 @@ pub fn first_call(code: &[u8], ip: u64) -> Option<FirstCall> {
                 });
             }
             FlowControl::Next | FlowControl::ConditionalBranch => {
-                for used in info.info(&instruction).used_registers() {
-                    let writes = !matches!(
-                        used.access(),
-                        OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess
-                    );
-                    let register = used.register().full_register();
-                    if writes && register != Register::None && !written.contains(&register) {
-                        written.push(register);
-                    }
-                }
+                note_writes(&mut info, &instruction, &mut written);
             }
             _ => return None,
         }
@@ -150,6 +225,59 @@ pub(super) mod tests {
             assert_eq!(execution(code, 0x1000), Some(expected), "{code:02x?}");
         }
         assert_eq!(execution(&[0x0f], 0x1000), None, "a cut instruction");
+    }
+
+    #[test]
+    fn a_go_entry_is_probed_at_the_jump_of_its_stack_check_when_the_arguments_survive() {
+        // cmp 0x10(%r14),%rsp; jbe; sub $0x68,%rsp (Go 1.19 crypto/tls.(*Conn).Read)
+        let small_frame = [
+            0x49, 0x3b, 0x66, 0x10, 0x0f, 0x86, 0xc2, 0x03, 0, 0, 0x48, 0x83, 0xec, 0x68,
+        ];
+        // lea -0x68(%rsp),%r12; cmp 0x10(%r14),%r12; jbe (a bigger frame: `Write`)
+        let big_frame = [
+            0x4c, 0x8d, 0x64, 0x24, 0x98, 0x4d, 0x3b, 0x66, 0x10, 0x0f, 0x86, 0x64, 0x07, 0, 0,
+        ];
+        let arguments = [Register::RAX, Register::RBX, Register::RCX, Register::R14];
+        assert_eq!(emulated_entry(&small_frame, 0x1000, &arguments), Some(4));
+        assert_eq!(emulated_entry(&big_frame, 0x1000, &arguments), Some(9));
+        assert_eq!(
+            emulated_entry(&big_frame, 0x1000, &[Register::R12]),
+            None,
+            "r12 is written first"
+        );
+        assert_eq!(emulated_entry(&[0x55], 0, &arguments), Some(0), "push");
+        assert_eq!(
+            emulated_entry(&[0xc3], 0, &arguments),
+            None,
+            "returns first"
+        );
+    }
+
+    #[test]
+    fn every_ret_is_found_only_when_the_whole_function_decodes() {
+        // xor %ecx,%ecx; ret; mov 0x60(%rsp),%rbp; ret; int3 padding
+        let function = [
+            0x31, 0xc9, 0xc3, 0x48, 0x8b, 0x6c, 0x24, 0x60, 0xc3, 0xcc, 0xcc,
+        ];
+        assert_eq!(returns(&function, 0x1000), Some(vec![2, 8]));
+        assert_eq!(
+            returns(&function[..7], 0x1000),
+            None,
+            "cut inside an instruction"
+        );
+        assert_eq!(returns(&[0x31, 0xc9], 0x1000), None, "no ret");
+    }
+
+    #[test]
+    fn a_call_site_is_found_when_the_target_is_called_exactly_once() {
+        // call 0x2000; call 0x3000; call 0x3000; ret
+        let code = [
+            0xe8, 0xfb, 0x0f, 0, 0, 0xe8, 0xf6, 0x1f, 0, 0, 0xe8, 0xf1, 0x1f, 0, 0, 0xc3,
+        ];
+        assert_eq!(only_call_to(&code, 0x1000, 0x2000), Some(0));
+        assert_eq!(only_call_to(&code, 0x1000, 0x3000), None, "called twice");
+        assert_eq!(only_call_to(&code, 0x1000, 0x4000), None, "never called");
+        assert_eq!(only_call_to(&code[..7], 0x1000, 0x2000), None, "cut");
     }
 
     #[test]

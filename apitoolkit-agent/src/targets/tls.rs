@@ -15,6 +15,7 @@ use iced_x86::Register;
 
 use super::{
     elf::ElfFile,
+    go::{self, GoTlsRefusal},
     probe_site::{self, Execution},
 };
 use crate::capture::Probes;
@@ -29,17 +30,27 @@ enum FileKind {
     Probed,
     /// It exports the SSL functions but attaching failed (logged when it happened).
     Unprobeable,
-    /// A Go executable: its crypto/tls has no SSL symbols to probe.
-    Go,
+    /// A Go executable: its crypto/tls probed, or why not.
+    Go(GoTls),
     Other,
 }
 
-/// Per process: the probed TLS libraries (paths inside the process), and whether it is Go.
+/// What became of a Go executable's crypto/tls.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum GoTls {
+    /// Probed; the Go version.
+    Probed(String),
+    Refused(GoTlsRefusal),
+    /// Attaching failed (logged when it happened).
+    Unprobeable,
+}
+
+/// Per process: the probed TLS libraries (paths inside the process), and its Go crypto/tls.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct ProcessTls {
     probed: Vec<String>,
     unprobeable: Vec<String>,
-    go: bool,
+    go: Option<GoTls>,
 }
 
 #[derive(Default)]
@@ -283,15 +294,26 @@ impl TlsWatcher {
             if self.reported.get(&pid) == Some(&found) {
                 continue;
             }
+            match &found.go {
+                Some(GoTls::Probed(version)) => {
+                    tracing::info!(pid, go = %version, "Go crypto/tls probed");
+                }
+                Some(GoTls::Refused(GoTlsRefusal::NoTls)) => {
+                    tracing::info!(pid, "Go binary without crypto/tls: plain HTTP is captured");
+                }
+                Some(GoTls::Refused(reason)) => {
+                    tracing::warn!(
+                        pid,
+                        %reason,
+                        "Go crypto/tls not probed: HTTPS served or called by this process is \
+                         not captured (plain HTTP is)"
+                    );
+                }
+                Some(GoTls::Unprobeable) | None => {}
+            }
             if !found.probed.is_empty() {
                 tracing::info!(pid, libraries = ?found.probed, "TLS plaintext probed");
-            } else if found.go {
-                tracing::warn!(
-                    pid,
-                    "Go binary: crypto/tls is not supported yet, HTTPS served or called by this \
-                     process is not captured (plain HTTP is)"
-                );
-            } else if found.unprobeable.is_empty() {
+            } else if found.go.is_none() && found.unprobeable.is_empty() {
                 tracing::info!(
                     pid,
                     "no TLS library mapped: plain HTTP is captured; a TLS library loaded later \
@@ -314,11 +336,11 @@ impl TlsWatcher {
         self.reported.retain(|pid, _| watched(*pid));
     }
 
-    /// Whether a TLS library of `pid` is probed (as of the last scan).
+    /// Whether a TLS library of `pid`, or its Go crypto/tls, is probed (as of the last scan).
     pub fn probes(&self, pid: u32) -> bool {
-        self.reported
-            .get(&pid)
-            .is_some_and(|found| !found.probed.is_empty())
+        self.reported.get(&pid).is_some_and(|found| {
+            !found.probed.is_empty() || matches!(found.go, Some(GoTls::Probed(_)))
+        })
     }
 
     fn scan_process(&mut self, probes: &mut Probes, pid: u32) -> Option<ProcessTls> {
@@ -344,7 +366,7 @@ impl TlsWatcher {
             match kind {
                 FileKind::Probed => found.probed.push(path),
                 FileKind::Unprobeable => found.unprobeable.push(path),
-                FileKind::Go => found.go = true,
+                FileKind::Go(go) => found.go = Some(go),
                 FileKind::Other => {}
             }
         }
@@ -360,12 +382,11 @@ fn inspect_and_probe(probes: &mut Probes, path: &str, host_path: &Path) -> FileK
             return FileKind::Other;
         }
     };
+    if elf.is_go() {
+        return FileKind::Go(probe_go(probes, path, host_path, &elf));
+    }
     let Some(plan) = plan_sites(&elf) else {
-        return if elf.is_go() {
-            FileKind::Go
-        } else {
-            FileKind::Other
-        };
+        return FileKind::Other;
     };
     match probes.attach_tls(host_path, &plan.points) {
         Ok(()) => {
@@ -376,6 +397,43 @@ fn inspect_and_probe(probes: &mut Probes, path: &str, host_path: &Path) -> FileK
         Err(error) => {
             tracing::warn!(path, %error, "could not attach SSL uprobes");
             FileKind::Unprobeable
+        }
+    }
+}
+
+fn probe_go(probes: &mut Probes, path: &str, host_path: &Path, elf: &ElfFile) -> GoTls {
+    let plan = match go::plan(elf) {
+        Ok(plan) => plan,
+        Err(reason) => return GoTls::Refused(reason),
+    };
+    match probes.attach_go(host_path, &plan) {
+        Ok(()) => {
+            tracing::info!(
+                path,
+                go = %plan.version.text,
+                read_entry = format_args!("0x{:x}", plan.read_entry),
+                read_returns = plan.read_returns.len(),
+                write_entry = format_args!("0x{:x}", plan.write_entry),
+                "Go crypto/tls probe sites: entries emulated, returns of Read single-stepped"
+            );
+            match &plan.links {
+                Ok(links) => tracing::info!(
+                    path,
+                    http_client = links.client.is_some(),
+                    "Go goroutine links probed: outgoing calls get the parent_id of the request \
+                     whose handler (or a goroutine it started) made them"
+                ),
+                Err(reason) => tracing::warn!(
+                    path,
+                    %reason,
+                    "Go goroutine links not probed: outgoing calls get no parent_id"
+                ),
+            }
+            GoTls::Probed(plan.version.text)
+        }
+        Err(error) => {
+            tracing::warn!(path, %error, "could not attach the Go crypto/tls uprobes");
+            GoTls::Unprobeable
         }
     }
 }

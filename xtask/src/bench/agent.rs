@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 
-use super::{Context, PUBSUB_PROJECT, TOPIC, load::LoadResult};
+use super::{Context, PUBSUB_PROJECT, TOPIC};
 use crate::{agent_binary, services::ChildGuard};
 
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -171,11 +171,11 @@ impl Agent {
     }
 
     /// Runs `load` while the agent watches, then stops the agent and reads what it reported.
-    pub(super) fn measure(
+    pub(super) fn measure<T>(
         self,
         ticks_per_second: f64,
-        load: impl FnOnce() -> anyhow::Result<LoadResult>,
-    ) -> anyhow::Result<(LoadResult, AgentCost)> {
+        load: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<(T, AgentCost)> {
         // Attaching costs CPU too: count only what the load costs.
         let ticks_before = self.cpu_ticks()?;
         let result = load()?;

@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 use anyhow::Context as _;
 
 use super::{
-    Context, Run, Scenario, TOPIC, agent::Sink, load::Load, pubsub::service_account_file,
+    Context, Run, Scenario, TOPIC, agent::Sink, load::Load, pubsub::service_account_file, service,
     with_and_without_agent,
 };
 use crate::{
@@ -75,9 +75,11 @@ pub(super) fn flask_scenario(context: &Context) -> anyhow::Result<Scenario> {
             ("PUBSUB_EMULATOR_HOST", &context.emulator.host),
         ],
     )?;
+    let (sdk_load, service_cpu_ns) = service::cpu_during(instrumented.pid(), load)?;
     scenario.runs.push(Run {
         label: "apitoolkit-flask SDK",
-        load: load()?,
+        load: sdk_load,
+        service_cpu_ns,
         agent: None,
     });
     instrumented.stop().context("stopping gunicorn")?;

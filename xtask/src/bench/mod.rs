@@ -6,6 +6,9 @@
 //!   apitoolkit-flask SDK publishing to the emulator (what Flask users run today);
 //! - nginx at fixed rates (hey) with and without the agent; at 5000 req/s also publishing to
 //!   Pub/Sub and exporting OTLP spans to the test suite's receiver;
+//! - a Go net/http HTTPS server (crypto/tls probed in the executable) at saturation and at a
+//!   fixed rate;
+//! - per run, the CPU the service's own threads spend per request (schedstat);
 //! - the cost of write(2) in a process the agent does not watch.
 //!
 //! Prints one table per scenario and which targets were met, and writes everything to
@@ -13,17 +16,15 @@
 
 mod agent;
 mod flask;
+mod go;
 mod load;
 mod nginx;
 mod otlp;
 mod pubsub;
+mod service;
 mod writes;
 
-use std::{
-    fs,
-    path::PathBuf,
-    process::{Command, Stdio},
-};
+use std::{fs, path::PathBuf};
 
 use anyhow::Context as _;
 use serde_json::{Value, json};
@@ -42,34 +43,16 @@ const TARGET_THROUGHPUT_RATIO: f64 = 0.97;
 const TARGET_CPU_US_PER_REQUEST: f64 = 15.0;
 const TARGET_RSS_MIB: f64 = 64.0;
 
-fn installed(tool: &str) -> bool {
-    Command::new("which")
-        .arg(tool)
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success())
-}
-
 fn ensure_tools() -> anyhow::Result<()> {
-    if ["nginx", "wrk", "hey", "h2load", "curl", "openssl"]
-        .iter()
-        .all(|tool| installed(tool))
-    {
-        return Ok(());
-    }
-    eprintln!("bench: installing nginx, wrk, hey, h2load, curl and openssl");
-    crate::run(Command::new("apt-get").args(["update", "-qq"]))?;
-    crate::run(Command::new("apt-get").args([
-        "install",
-        "-y",
-        "-qq",
-        "nginx",
-        "wrk",
-        "hey",
-        "nghttp2-client",
-        "curl",
-        "openssl",
-    ]))
+    crate::setup::debian_programs(&[
+        ("go", "golang-go"),
+        ("nginx", "nginx"),
+        ("wrk", "wrk"),
+        ("hey", "hey"),
+        ("h2load", "nghttp2-client"),
+        ("curl", "curl"),
+        ("openssl", "openssl"),
+    ])
 }
 
 fn bench_dir() -> PathBuf {
@@ -81,6 +64,8 @@ fn bench_dir() -> PathBuf {
 struct Run {
     label: &'static str,
     load: LoadResult,
+    /// CPU nanoseconds the service's own threads spent during the load.
+    service_cpu_ns: u64,
     agent: Option<AgentCost>,
 }
 
@@ -95,6 +80,10 @@ impl Run {
         // captured but not counted, so this can exceed 1 slightly.
         let agent = self.agent.as_ref()?;
         Some(agent.payloads as f64 / self.load.requests as f64)
+    }
+
+    fn service_cpu_us_per_request(&self) -> f64 {
+        self.service_cpu_ns as f64 / 1e3 / self.load.requests.max(1) as f64
     }
 
     fn cpu_us_per_payload(&self) -> Option<f64> {
@@ -142,6 +131,9 @@ impl Scenario {
         row("capture ratio", &|run| {
             Some(format!("{:.4}", run.capture_ratio()?))
         });
+        row("service CPU µs per request", &|run| {
+            Some(format!("{:.1}", run.service_cpu_us_per_request()))
+        });
         row("agent CPU µs per payload", &|run| {
             Some(format!("{:.1}", run.cpu_us_per_payload()?))
         });
@@ -167,6 +159,7 @@ impl Scenario {
                     "throughput_ratio": self.throughput_ratio(run),
                     "p50_us": run.load.p50_us,
                     "p99_us": run.load.p99_us,
+                    "service_cpu_us_per_request": run.service_cpu_us_per_request(),
                     "payloads": run.agent.as_ref().map(|agent| agent.payloads),
                     "capture_ratio": run.capture_ratio(),
                     "agent_cpu_seconds": run.agent.as_ref().map(|agent| agent.cpu_seconds),
@@ -190,9 +183,11 @@ fn with_and_without_agent(
     load: &dyn Fn() -> anyhow::Result<LoadResult>,
 ) -> anyhow::Result<Scenario> {
     eprintln!("bench: {title}: without the agent");
+    let (bare, service_cpu_ns) = service::cpu_during(pid, load)?;
     let mut runs = vec![Run {
         label: "no agent",
-        load: load()?,
+        load: bare,
+        service_cpu_ns,
         agent: None,
     }];
     for &sink in sinks {
@@ -203,10 +198,12 @@ fn with_and_without_agent(
         };
         eprintln!("bench: {title}: {label}");
         let agent = Agent::start(pid, sink, context)?;
-        let (load, cost) = agent.measure(context.ticks_per_second, load)?;
+        let ((load, service_cpu_ns), cost) =
+            agent.measure(context.ticks_per_second, || service::cpu_during(pid, load))?;
         runs.push(Run {
             label,
             load,
+            service_cpu_ns,
             agent: Some(cost),
         });
     }
@@ -290,6 +287,7 @@ pub fn run() -> anyhow::Result<()> {
     };
     let mut scenarios = nginx::nginx_scenarios(&context)?;
     scenarios.push(flask::flask_scenario(&context)?);
+    scenarios.extend(go::go_scenarios(&context)?);
     let (write_without_ns, write_with_ns) = writes::unwatched_write_ns(&context)?;
 
     for scenario in &scenarios {

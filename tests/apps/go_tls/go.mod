@@ -1,0 +1,3 @@
+module apitoolkit.test/go_tls
+
+go 1.19

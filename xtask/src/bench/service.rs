@@ -1,0 +1,72 @@
+//! CPU time the watched service itself spends, from `/proc/<pid>/task/<tid>/schedstat` of the
+//! process and its descendants: it includes the eBPF programs that run in its syscalls and
+//! uprobes, which is what the agent costs the service.
+
+use std::fs;
+
+/// `pid` and its descendants (nginx's workers, gunicorn's).
+fn process_tree(pid: u32) -> Vec<u32> {
+    let mut tree = vec![pid];
+    let mut next = 0;
+    while next < tree.len() {
+        let parent = tree[next];
+        next += 1;
+        let Ok(tasks) = fs::read_dir(format!("/proc/{parent}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children = fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            tree.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|child| child.parse::<u32>().ok()),
+            );
+        }
+    }
+    tree
+}
+
+/// Nanoseconds on CPU of every thread of `pid` and its descendants so far.
+fn cpu_ns(pid: u32) -> u64 {
+    process_tree(pid)
+        .into_iter()
+        .filter_map(|process| fs::read_dir(format!("/proc/{process}/task")).ok())
+        .flatten()
+        .flatten()
+        .filter_map(|task| fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|schedstat| schedstat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Runs `work` and returns its result with the CPU nanoseconds the service (`pid` and its
+/// descendants) spent meanwhile. Threads that exit during the run take their time with them;
+/// the services measured keep theirs.
+pub(super) fn cpu_during<T>(
+    pid: u32,
+    work: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, u64)> {
+    let before = cpu_ns(pid);
+    let result = work()?;
+    Ok((result, cpu_ns(pid).saturating_sub(before)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_spends_what_it_burns() {
+        let pid = std::process::id();
+        let ((), spent) = cpu_during(pid, || {
+            let start = std::time::Instant::now();
+            let mut x = 0u64;
+            while start.elapsed().as_millis() < 50 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert!(spent >= 40_000_000, "{spent} ns");
+        assert!(process_tree(pid).contains(&pid));
+    }
+}
