@@ -2,6 +2,7 @@
 the official OpenTelemetry protobuf definitions), from a real Flask app under real eBPF:
 attributes, redaction, parent/child spans, W3C traceparent, an outage, a rejected key."""
 import base64
+import signal
 import json
 import subprocess
 import time
@@ -236,3 +237,19 @@ def test_a_redacted_traceparent_names_no_trace(flask_server, node_server, agent_
     assert incoming["trace_id"] == uuid.UUID(incoming["attributes"]["apitoolkit.msg_id"]).hex
     assert incoming["parent_span_id"] == ""
     assert (outgoing["trace_id"], outgoing["parent_span_id"]) == (incoming["trace_id"], incoming["span_id"])
+
+
+def test_sigterm_flushes_what_is_queued(flask_server, agent_factory):
+    receiver = OtlpReceiver("grpc", free_port())
+    try:
+        agent = agent_factory([flask_server.pid], *otlp_args(receiver))
+        with requests.Session() as session:
+            for i in range(30):
+                session.get(f"{flask_server.base}/item/{i}")
+        assert agent.stop(signal.SIGTERM) == 0
+        # Delivered before the agent exited, not after.
+        delivered = sorted(span["attributes"]["http.target"] for span in receiver.spans)
+    finally:
+        receiver.stop()
+    assert delivered == sorted(f"/item/{i}" for i in range(30))
+    assert agent.wait_for_log("sink stopped", "otlp", "delivered=30", timeout=2)
