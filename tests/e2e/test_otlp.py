@@ -161,7 +161,9 @@ def test_outage_delivers_what_the_queue_holds_once_and_counts_the_rest(receiver,
 
 
 def test_a_rejected_api_key_is_logged_once_and_not_retried_at_full_speed(receiver, flask_server, agent_factory):
-    agent = agent_factory([flask_server.pid], *otlp_args(receiver), "--api-key", "wrong-key")
+    metrics = f"127.0.0.1:{free_port()}"
+    agent = agent_factory([flask_server.pid], *otlp_args(receiver), "--api-key", "wrong-key",
+                          "--metrics-address", metrics)
     with requests.Session() as session:
         for i in range(40):
             session.get(f"{flask_server.base}/item/{i}")
@@ -172,6 +174,9 @@ def test_a_rejected_api_key_is_logged_once_and_not_retried_at_full_speed(receive
     assert receiver.spans == []
     assert receiver.rejected == 1, "one attempt, then a long pause"
     assert sum("rejected the API key" in line for line in agent.log) == 1
+    counted = [line for line in requests.get(f"http://{metrics}/metrics", timeout=5).text.splitlines()
+               if line.startswith("apitoolkit_agent_sink_failures_total{")]
+    assert counted == ['apitoolkit_agent_sink_failures_total{sink="otlp",reason="rejected"} 1'], counted
     assert agent.stop() == 0
 
 
