@@ -13,7 +13,7 @@ use clap::{
 use serde::{Serialize, Serializer};
 use uuid::Uuid;
 
-use crate::pipeline::profile::SdkType;
+use crate::{pipeline::profile::SdkType, sinks::otlp::Protocol as OtlpProtocol};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -61,8 +61,54 @@ pub enum Output {
     Stdout,
     /// Publish to the APIToolkit Pub/Sub topic.
     Pubsub,
-    /// Both.
+    /// Export OpenTelemetry spans to --otlp-endpoint.
+    Otlp,
+    /// Stdout and Pub/Sub (the same as stdout,pubsub).
     Both,
+}
+
+/// The sinks payloads go to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Outputs {
+    pub stdout: bool,
+    pub pubsub: bool,
+    pub otlp: bool,
+}
+
+/// A `KEY=VALUE` header for the OTLP endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeaderArg {
+    pub name: String,
+    pub value: String,
+}
+
+fn parse_header(text: &str) -> Result<HeaderArg, String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() => Ok(HeaderArg {
+            name: name.trim().to_owned(),
+            value: value.trim().to_owned(),
+        }),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}
+
+/// Header values often are credentials: `config --print` shows only the names.
+impl Serialize for HeaderArg {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&format_args!("{}=****", self.name))
+    }
+}
+
+fn parse_otlp_endpoint(text: &str) -> Result<reqwest::Url, String> {
+    let url: reqwest::Url = text
+        .parse()
+        .map_err(|error| format!("{text:?} is not a URL: {error}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!(
+            "{text:?} is not an http:// or https:// URL with a host, e.g. http://localhost:4317"
+        ));
+    }
+    Ok(url)
 }
 
 /// Every field serializes under its flag's name, so `config --print` output is a config file.
@@ -145,9 +191,38 @@ pub struct CaptureArgs {
     #[arg(long, env = "APITOOLKIT_ALL")]
     pub all: bool,
 
-    /// Where payloads go [default: pubsub when --api-key or --topic is set, else stdout].
-    #[arg(long, value_enum, env = "APITOOLKIT_OUTPUT")]
-    pub output: Option<Output>,
+    /// Where payloads go, one or several (stdout,otlp) [default: otlp when --otlp-endpoint is
+    /// set, else pubsub when --api-key or --topic is set, else stdout].
+    #[arg(long, value_enum, env = "APITOOLKIT_OUTPUT", value_delimiter = ',')]
+    pub output: Vec<Output>,
+
+    /// OpenTelemetry collector to export spans to, e.g. http://localhost:4317 (gRPC) or
+    /// https://collector:4318 (HTTP; spans are POSTed to <URL>/v1/traces). https uses the
+    /// system's root certificates.
+    #[arg(long, value_name = "URL", value_parser = parse_otlp_endpoint, env = "APITOOLKIT_OTLP_ENDPOINT")]
+    #[serde(serialize_with = "display")]
+    pub otlp_endpoint: Option<reqwest::Url>,
+
+    /// OTLP transport: gRPC or HTTP with protobuf bodies.
+    #[arg(long, value_enum, default_value_t = OtlpProtocol::Grpc, env = "APITOOLKIT_OTLP_PROTOCOL")]
+    pub otlp_protocol: OtlpProtocol,
+
+    /// Header sent with every OTLP export (repeatable), e.g. Authorization=Bearer TOKEN; the
+    /// API key, when given, is sent as x-api-key.
+    #[arg(
+        long = "otlp-header",
+        value_name = "KEY=VALUE",
+        value_parser = parse_header,
+        env = "APITOOLKIT_OTLP_HEADERS",
+        value_delimiter = ','
+    )]
+    #[serde(rename = "otlp-header")]
+    pub otlp_headers: Vec<HeaderArg>,
+
+    /// The OpenTelemetry service.name of every span [default: the Kubernetes workload, else
+    /// the process's command name].
+    #[arg(long, env = "APITOOLKIT_SERVICE_NAME")]
+    pub service_name: Option<String>,
 
     /// APIToolkit API key: project id, topic and Pub/Sub credentials are fetched with it.
     /// Every local user sees a flag's value in `ps`: prefer APITOOLKIT_API_KEY or
@@ -316,20 +391,33 @@ pub struct CaptureArgs {
 }
 
 impl CaptureArgs {
-    /// Which sinks to feed, as (stdout, pubsub): `--output`, else Pub/Sub when a destination
-    /// is configured.
-    pub fn outputs(&self) -> (bool, bool) {
-        let output = self
-            .output
-            .unwrap_or(if self.api_key.is_some() || self.topic.is_some() {
-                Output::Pubsub
-            } else {
-                Output::Stdout
-            });
-        (
-            matches!(output, Output::Stdout | Output::Both),
-            matches!(output, Output::Pubsub | Output::Both),
-        )
+    /// Which sinks to feed: `--output`, else the destination configured.
+    pub fn outputs(&self) -> Outputs {
+        let default = if self.otlp_endpoint.is_some() {
+            Output::Otlp
+        } else if self.api_key.is_some() || self.topic.is_some() {
+            Output::Pubsub
+        } else {
+            Output::Stdout
+        };
+        let chosen = if self.output.is_empty() {
+            &[default][..]
+        } else {
+            &self.output
+        };
+        let mut outputs = Outputs::default();
+        for output in chosen {
+            match output {
+                Output::Stdout => outputs.stdout = true,
+                Output::Pubsub => outputs.pubsub = true,
+                Output::Otlp => outputs.otlp = true,
+                Output::Both => {
+                    outputs.stdout = true;
+                    outputs.pubsub = true;
+                }
+            }
+        }
+        outputs
     }
 }
 
@@ -359,6 +447,16 @@ impl Serialize for Endpoint {
             Some(address) => serializer.collect_str(&address),
             None => serializer.serialize_str("off"),
         }
+    }
+}
+
+fn display<S: Serializer>(
+    value: &Option<impl std::fmt::Display>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(value) => serializer.collect_str(value),
+        None => serializer.serialize_none(),
     }
 }
 
@@ -607,8 +705,51 @@ mod tests {
         let reread = parse_args(&["--config", file.path()]).unwrap();
         assert_eq!(reread.pids, vec![7]);
         assert_eq!(reread.tags, vec!["a"]);
-        assert_eq!(reread.output, Some(Output::Both));
+        assert_eq!(reread.output, vec![Output::Both]);
         assert_eq!(reread.api_key, None);
+    }
+
+    #[test]
+    fn outputs_combine_and_otlp_flags_are_checked() {
+        let args = parse_args(&[
+            "--output",
+            "pubsub,otlp",
+            "--otlp-endpoint",
+            "https://collector.example:4317",
+            "--otlp-header",
+            "Authorization=Bearer t0ken",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.outputs(),
+            Outputs {
+                stdout: false,
+                pubsub: true,
+                otlp: true
+            }
+        );
+        assert_eq!(
+            args.otlp_headers,
+            [HeaderArg {
+                name: "Authorization".into(),
+                value: "Bearer t0ken".into()
+            }]
+        );
+        let printed = args.to_toml();
+        assert!(printed.contains("Authorization=****"), "{printed}");
+        assert!(!printed.contains("t0ken"));
+        assert!(printed.contains("otlp-endpoint = \"https://collector.example:4317/\""));
+        let endpoint_only =
+            parse_args(&["--otlp-endpoint", "http://localhost:4318", "--api-key", "k"]).unwrap();
+        assert!(endpoint_only.outputs().otlp && !endpoint_only.outputs().pubsub);
+        for bad in ["localhost:4317", "ftp://host", "http://"] {
+            let error = parse_args(&["--otlp-endpoint", bad]).unwrap_err();
+            assert!(
+                error.to_string().contains("otlp-endpoint"),
+                "{bad}: {error}"
+            );
+        }
+        assert!(parse_args(&["--otlp-header", "novalue"]).is_err());
     }
 
     #[test]

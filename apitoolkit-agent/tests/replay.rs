@@ -11,6 +11,7 @@ use apitoolkit_agent::pipeline::{
     payload::{HeaderMap, Payload, PayloadSettings},
     profile::{ProcessProfile, Profiles, SdkType},
     redact::{REDACTED, Redactor, TAG_REQUEST_BODY_WITHHELD},
+    trace::SpanKind,
 };
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use bytes::Bytes;
@@ -47,6 +48,7 @@ fn pipeline(sdk_type: SdkType, redactor: Redactor) -> Pipeline {
         sdk_type,
         thread_per_request: true,
         tags: vec!["k8s.pod:shop-1".to_owned()].into(),
+        service_name: "shop".into(),
     };
     let scope = CaptureScope {
         outgoing: true,
@@ -202,7 +204,9 @@ fn rechunking_every_record_into_single_bytes_changes_nothing() {
     assert_eq!(rechunked.len(), whole.len());
     for (a, b) in whole.iter().zip(&rechunked) {
         let mut b = b.clone();
+        // Fresh ids each run (and the span ids made from them).
         b.msg_id = a.msg_id;
+        b.span = a.span;
         assert_eq!(*a, b);
     }
 }
@@ -262,6 +266,13 @@ fn recorded_outgoing_calls_and_errors_link_to_their_requests() {
             .iter()
             .find(|p| Some(p.msg_id) == call.parent_id)
             .expect("every outgoing call has its parent");
+        // Its span is the child of the parent's span, in the parent's trace.
+        assert_eq!(call.span.kind, SpanKind::Client);
+        assert_eq!(parent.span.kind, SpanKind::Server);
+        assert_eq!(call.span.trace_id, parent.span.trace_id);
+        assert_eq!(call.span.parent_span_id, Some(parent.span.span_id));
+        assert_eq!(parent.span.parent_span_id, None);
+        assert_eq!(&*call.service_name, "shop");
         // The parent proxied exactly this call: its URL names the upstream path.
         let upstream_path = call.raw_url.replace('/', "%2F");
         assert!(

@@ -54,9 +54,11 @@ def source():
 
 @app.get("/proxy")
 def proxy():
-    """Calls another service: the agent sees an outgoing (client-side) exchange."""
+    """Calls another service: the agent sees an outgoing (client-side) exchange. A `traceparent`
+    argument is sent on as that header, as a service propagating its trace would."""
+    headers = {"traceparent": request.args["traceparent"]} if "traceparent" in request.args else {}
     upstream = requests.get(request.args["url"], verify=os.environ.get("UPSTREAM_CA", True),
-                            timeout=float(request.args.get("timeout", "10")))
+                            timeout=float(request.args.get("timeout", "10")), headers=headers)
     return jsonify(upstream_status=upstream.status_code, upstream_body=upstream.text)
 
 

@@ -78,6 +78,20 @@ def load_across_agent_sigkill(agent, url, session_factory):
     return served_at_kill, statuses
 
 
+def wait_for_items(items: list, lock: threading.Lock, count: int, timeout: float = 20.0) -> list:
+    """Waits until `items` (filled by another thread under `lock`) holds at least `count`, then a
+    little longer so that extra (unexpected) ones show up too; returns a copy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with lock:
+            if len(items) >= count:
+                break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    with lock:
+        return list(items)
+
+
 class Server:
     def __init__(self, argv, port: int, env=None, scheme="http"):
         self.port = port
@@ -141,17 +155,8 @@ class Agent:
         self._ready.set()
 
     def wait_for(self, count: int, timeout: float = 20.0):
-        """Waits until at least `count` payloads arrived, then a little longer so that extra
-        (unexpected) payloads show up too."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if len(self.payloads) >= count:
-                    break
-            time.sleep(0.05)
-        time.sleep(0.3)
-        with self._lock:
-            return list(self.payloads)
+        """Waits until at least `count` payloads arrived (see `wait_for_items`)."""
+        return wait_for_items(self.payloads, self._lock, count, timeout)
 
     def wait_for_log(self, *fragments, timeout: float = 10.0) -> str:
         """The first log line containing every fragment, waiting for it to appear."""

@@ -92,14 +92,14 @@ def test_pubsub_down_for_a_minute_loses_nothing_it_could_keep(flask_server, inte
             sent.append(f"/item/{1000 + len(sent)}")
             session.get(f"{flask_server.base}{sent[-1]}")
             time.sleep(0.05)
-        agent.wait_for_log("publishing failed", timeout=1)
+        agent.wait_for_log("delivery failed", timeout=1)
 
         pubsub.replace()
         for _ in range(20):
             sent.append(f"/item/{1000 + len(sent)}")
             session.get(f"{flask_server.base}{sent[-1]}")
     delivered = pubsub.pull(expected=len(sent), timeout=90)
-    agent.wait_for_log("publishing to Pub/Sub again", timeout=1)
+    agent.wait_for_log("delivering again", timeout=1)
     assert agent.stop() == 0
     assert len(sent) > 500
     assert sorted(delivered) == sorted(sent), f"{len(delivered)} of {len(sent)} delivered"

@@ -27,14 +27,16 @@ use uuid::Uuid;
 
 use crate::{
     capture::Probes,
-    config::CaptureArgs,
+    config::{CaptureArgs, Outputs},
     observability::{self, Heartbeat},
     pipeline::{
         CaptureScope, Pipeline, payload::PayloadSettings, profile::Profiles, redact::Redactor,
     },
     sinks::{
         self, PayloadQueue,
-        pubsub::{Destination, DestinationConfig, PublishStats},
+        delivery::DeliveryStats,
+        otlp::{OtlpConfig, OtlpTransport, ResourceSettings},
+        pubsub::{Destination, DestinationConfig},
     },
     targets::{
         kubernetes::{self, ApiClient, SharedPods},
@@ -46,8 +48,8 @@ use capture_loop::CaptureLoop;
 use discovery::Discovery;
 use recording::Recorder;
 
-/// How long a stopping agent keeps trying to publish what it queued.
-const PUBLISH_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a stopping agent keeps trying to deliver what it queued.
+const DELIVERY_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Why capture stopped.
 #[derive(Debug, PartialEq, Eq)]
@@ -128,14 +130,47 @@ fn destination_config(args: &CaptureArgs) -> DestinationConfig {
     }
 }
 
+/// The OTLP destination: the endpoint, the headers with the API key as `x-api-key`, and what
+/// every span's resource says about this host.
+fn otlp_config(args: &CaptureArgs) -> anyhow::Result<OtlpConfig> {
+    let endpoint = args.otlp_endpoint.clone().context(
+        "--output otlp needs --otlp-endpoint URL (e.g. http://localhost:4317 for a local \
+         collector's OTLP/gRPC port)",
+    )?;
+    let mut headers: Vec<(String, String)> = args
+        .otlp_headers
+        .iter()
+        .map(|header| (header.name.clone(), header.value.clone()))
+        .collect();
+    if let Some(key) = &args.api_key {
+        headers.push(("x-api-key".to_owned(), key.clone()));
+    }
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_default();
+    Ok(OtlpConfig {
+        endpoint,
+        protocol: args.otlp_protocol,
+        headers,
+        resource: ResourceSettings {
+            service_name: args.service_name.clone(),
+            service_version: args.service_version.clone(),
+            host_name,
+        },
+    })
+}
+
 /// The Pub/Sub destination, and with an API key the project id, resolved before capture. An
 /// unreachable server is retried by the Pub/Sub sink while capture queues; without Pub/Sub
-/// output a failed lookup only costs the stdout payloads their project id.
+/// output a failed lookup only costs the stdout payloads their project id (OTLP spans carry
+/// none: the key itself names the project there).
 async fn resolve_destination(
     config: &DestinationConfig,
-    to_pubsub: bool,
+    outputs: Outputs,
 ) -> anyhow::Result<Option<Destination>> {
-    if !to_pubsub && config.api_key.is_none() {
+    let to_pubsub = outputs.pubsub;
+    let stamps_project_id = outputs.stdout && config.api_key.is_some();
+    if !to_pubsub && !stamps_project_id {
         return Ok(None);
     }
     match config.resolve().await {
@@ -157,37 +192,58 @@ async fn resolve_destination(
     }
 }
 
+/// A sink that delivers over the network, and its queue.
+struct RemoteSink {
+    queue: Arc<PayloadQueue>,
+    task: JoinHandle<DeliveryStats>,
+}
+
 /// The sinks' queues and tasks.
 struct Sinks {
     queues: Vec<Arc<PayloadQueue>>,
     stdout: Option<JoinHandle<std::io::Result<u64>>>,
-    pubsub: Option<(Arc<PayloadQueue>, JoinHandle<PublishStats>)>,
+    remote: Vec<RemoteSink>,
 }
 
-/// Starts the chosen sinks; returns them and the project id payloads carry.
+/// Starts the chosen sinks; returns them and the project id payloads carry. Bad OTLP
+/// settings (endpoint, headers) are start-up errors; an unreachable endpoint is not.
 async fn start_sinks(args: &CaptureArgs) -> anyhow::Result<(Sinks, Option<Uuid>)> {
-    let (to_stdout, to_pubsub) = args.outputs();
+    let outputs = args.outputs();
+    let otlp = outputs
+        .otlp
+        .then(|| otlp_config(args).and_then(|config| Ok(OtlpTransport::new(&config)?)))
+        .transpose()?;
     let config = destination_config(args);
-    let destination = resolve_destination(&config, to_pubsub).await?;
+    let destination = resolve_destination(&config, outputs).await?;
     let project_id = destination
         .as_ref()
         .map(|destination| destination.project_id);
     let mut queues = Vec::new();
-    let stdout = to_stdout.then(|| {
-        let queue = PayloadQueue::new("stdout", args.queue_bytes);
+    let mut queue = |name| {
+        let queue = PayloadQueue::new(name, args.queue_bytes);
         queues.push(queue.clone());
-        tokio::spawn(sinks::stdout::run(queue))
-    });
-    let pubsub = to_pubsub.then(|| {
-        let queue = PayloadQueue::new("pubsub", args.queue_bytes);
-        queues.push(queue.clone());
+        queue
+    };
+    let stdout = outputs
+        .stdout
+        .then(|| tokio::spawn(sinks::stdout::run(queue("stdout"))));
+    let mut remote = Vec::new();
+    if outputs.pubsub {
+        let queue = queue("pubsub");
         let task = tokio::spawn(sinks::pubsub::run(queue.clone(), config, destination));
-        (queue, task)
-    });
+        remote.push(RemoteSink { queue, task });
+    }
+    if let Some(transport) = otlp {
+        tracing::info!(endpoint = %args.otlp_endpoint.as_ref().map_or("", |url| url.as_str()),
+            protocol = ?args.otlp_protocol, "exporting OpenTelemetry spans");
+        let queue = queue("otlp");
+        let task = tokio::spawn(sinks::otlp::run(queue.clone(), transport));
+        remote.push(RemoteSink { queue, task });
+    }
     let sinks = Sinks {
         queues,
         stdout,
-        pubsub,
+        remote,
     };
     Ok((sinks, project_id))
 }
@@ -205,19 +261,23 @@ async fn drain_sinks(sinks: Sinks) -> anyhow::Result<u64> {
             .context("stdout sink panicked")?
             .context("writing payloads to stdout")?;
     }
-    if let Some((queue, sink)) = sinks.pubsub {
-        match tokio::time::timeout(PUBLISH_DEADLINE, sink).await {
+    let deadline = tokio::time::Instant::now() + DELIVERY_DEADLINE;
+    for RemoteSink { queue, task } in sinks.remote {
+        let sink = queue.name();
+        match tokio::time::timeout_at(deadline, task).await {
             Ok(stats) => {
-                let stats = stats.context("Pub/Sub sink panicked")?;
+                let stats = stats.with_context(|| format!("{sink} sink panicked"))?;
                 tracing::info!(
-                    published = stats.published,
+                    sink,
+                    delivered = stats.delivered,
                     failed_attempts = stats.failed_attempts,
-                    "Pub/Sub sink stopped"
+                    "sink stopped"
                 );
             }
             Err(_) => tracing::warn!(
+                sink,
                 undelivered_bytes = queue.queued_bytes(),
-                "Pub/Sub unreachable at shutdown: queued payloads were not published"
+                "destination unreachable at shutdown: queued payloads were not delivered"
             ),
         }
     }

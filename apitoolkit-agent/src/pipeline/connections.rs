@@ -47,11 +47,13 @@ pub struct FailedCall {
 
 /// A server thread read a whole request and is now serving it (until the exchange with the
 /// same connection and serial comes out).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Serving {
     pub conn: ConnId,
     pub serial: u64,
     pub worker: Worker,
+    /// The request's `traceparent` header, as sent.
+    pub traceparent: Option<String>,
 }
 
 /// Counters of what the tracker saw and what it could not use.
@@ -652,10 +654,11 @@ fn hand_on(
     if role == Role::Server {
         output
             .serving
-            .extend(http.requests_read.iter().map(|&serial| Serving {
+            .extend(http.requests_read.into_iter().map(|read| Serving {
                 conn,
-                serial,
+                serial: read.serial,
                 worker,
+                traceparent: read.traceparent,
             }));
     }
     for anomaly in http.anomalies {

@@ -1,5 +1,6 @@
 //! Ties what a thread does while it serves an incoming request to that request: outgoing
-//! requests it makes get the request's `msg_id` as their `parent_id`, and errors it prints join
+//! requests it makes get the request's `msg_id` as their `parent_id` (and its span as their
+//! parent span), and errors it prints join
 //! the request's `errors`. A link is made only when the thread serves exactly one request, so
 //! a thread juggling several (pipelining, event loops) gets none rather than a wrong one.
 //!
@@ -17,6 +18,7 @@ use super::{
     app_errors::CapturedError,
     connections::Serving,
     events::{ConnId, Worker},
+    trace::{ParentSpan, TraceParent},
 };
 
 /// Ancestors followed from a goroutine looking for the request it works for.
@@ -37,15 +39,32 @@ struct Goroutine {
 /// An incoming request read and not yet answered.
 struct Unanswered {
     msg_id: Uuid,
+    span: ParentSpan,
     tid: u32,
     goroutine: Option<Goroutine>,
     errors: Vec<CapturedError>,
+}
+
+/// The incoming request a thread or goroutine works for, as the parent of what it does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parent {
+    pub msg_id: Uuid,
+    pub span: ParentSpan,
 }
 
 /// How a `g` was last started: its incarnation and who started it.
 struct Started {
     incarnation: u64,
     parent: Option<Goroutine>,
+}
+
+impl Unanswered {
+    fn parent(&self) -> Parent {
+        Parent {
+            msg_id: self.msg_id,
+            span: self.span,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -62,12 +81,16 @@ pub struct Answered {
 }
 
 impl Linker {
+    /// `serving.traceparent` must be one the payload may show (not a redacted header).
     pub fn serving(&mut self, serving: Serving) {
         let goroutine = self.goroutine(serving.conn.tgid, serving.worker);
+        let msg_id = Uuid::new_v4();
+        let traceparent = serving.traceparent.as_deref().and_then(TraceParent::parse);
         self.unanswered.insert(
             (serving.conn, serving.serial),
             Unanswered {
-                msg_id: Uuid::new_v4(),
+                msg_id,
+                span: ParentSpan::incoming(msg_id, traceparent),
                 tid: serving.worker.tid,
                 goroutine,
                 errors: Vec::new(),
@@ -107,9 +130,9 @@ impl Linker {
         self.started.insert((tgid, g), started);
     }
 
-    /// The `msg_id` of the request the goroutine `worker` names works for: the one request
-    /// served by it or by its nearest ancestor that serves one.
-    fn goroutine_parent(&self, tgid: u32, worker: Worker) -> Option<Uuid> {
+    /// The request the goroutine `worker` names works for: the one request served by it or by
+    /// its nearest ancestor that serves one.
+    fn goroutine_parent(&self, tgid: u32, worker: Worker) -> Option<Parent> {
         let mut goroutine = self.goroutine(tgid, worker)?;
         for _ in 0..MAX_GOROUTINE_DEPTH {
             let mut serving = self
@@ -117,7 +140,7 @@ impl Linker {
                 .values()
                 .filter(|request| request.goroutine == Some(goroutine));
             if let Some(only) = serving.next() {
-                return serving.next().is_none().then_some(only.msg_id);
+                return serving.next().is_none().then_some(only.parent());
             }
             let started = self.started.get(&(tgid, goroutine.g))?;
             if started.incarnation != goroutine.incarnation {
@@ -163,9 +186,9 @@ impl Linker {
         serving.next().is_none().then_some(only)
     }
 
-    /// The `msg_id` of the request `worker` works for: by goroutine where there is one, else
-    /// by thread when `by_thread` (the runtime serves one request per thread).
-    pub fn parent(&mut self, tgid: u32, worker: Worker, by_thread: bool) -> Option<Uuid> {
+    /// The request `worker` works for: by goroutine where there is one, else by thread when
+    /// `by_thread` (the runtime serves one request per thread).
+    pub fn parent(&mut self, tgid: u32, worker: Worker, by_thread: bool) -> Option<Parent> {
         if worker.goroutine != 0 {
             return self.goroutine_parent(tgid, worker);
         }
@@ -173,7 +196,7 @@ impl Linker {
             return None;
         }
         self.only_request_of(worker.tid)
-            .map(|request| request.msg_id)
+            .map(|request| request.parent())
     }
 
     /// Adds an error to the request thread `tid` is serving; gives it back when there is none.
@@ -228,6 +251,7 @@ mod tests {
             conn: conn(fd),
             serial: 0,
             worker: goroutine(g),
+            traceparent: None,
         });
     }
 
@@ -248,7 +272,7 @@ mod tests {
         assert_eq!(linker.parent(2, goroutine(0x111), false), None);
         // An unknown goroutine (no ancestry) serves nothing.
         assert_eq!(linker.parent(1, goroutine(0x999), false), None);
-        assert_eq!(linker.answered(conn(5), 0).msg_id, first);
+        assert_eq!(linker.answered(conn(5), 0).msg_id, first.msg_id);
         assert_eq!(linker.parent(1, goroutine(0x111), false), None, "answered");
     }
 
@@ -262,7 +286,7 @@ mod tests {
         linker.goroutine_started(1, 0x100, 0x1);
         serve_on_goroutine(&mut linker, 6, 0x100);
         let reused = linker.parent(1, goroutine(0x100), false).unwrap();
-        assert_eq!(linker.answered(conn(6), 0).msg_id, reused);
+        assert_eq!(linker.answered(conn(6), 0).msg_id, reused.msg_id);
         // 0x110 was started by the earlier 0x100, whose request (conn 5) is still unanswered
         // but no longer reachable through the reused `g`.
         assert_eq!(linker.parent(1, goroutine(0x110), false), None);
@@ -284,11 +308,13 @@ mod tests {
     #[test]
     fn threads_link_to_their_own_request() {
         let mut linker = Linker::default();
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         for (fd, tid) in [(5, 50), (6, 60)] {
             linker.serving(Serving {
                 conn: conn(fd),
                 serial: 0,
                 worker: thread(tid),
+                traceparent: (tid == 60).then(|| traceparent.to_owned()),
             });
         }
         assert_eq!(
@@ -296,7 +322,12 @@ mod tests {
             None,
             "not thread per request"
         );
-        let parent_of_60 = linker.parent(1, thread(60), true).unwrap();
+        let parent = linker.parent(1, thread(60), true).unwrap();
+        assert_eq!(
+            Some(parent.span.trace_id),
+            TraceParent::parse(traceparent).map(|header| header.trace_id)
+        );
+        let parent_of_60 = parent.msg_id;
         assert_eq!(linker.attach_error(50, error("on 50")), None);
         let first = linker.answered(conn(5), 0);
         let second = linker.answered(conn(6), 0);
@@ -317,6 +348,7 @@ mod tests {
                 conn: conn(5),
                 serial,
                 worker: thread(50),
+                traceparent: None,
             });
         }
         assert_eq!(linker.parent(1, thread(50), true), None);

@@ -14,13 +14,14 @@ pub mod payload;
 pub mod profile;
 pub mod protocols;
 pub mod redact;
+pub mod trace;
 
 use std::collections::HashMap;
 
 use app_errors::{CapturedError, Piece, StderrCollector};
 use connections::{ConnectionTracker, FailedCall, TrackedExchange, TrackerOutput, TrackerStats};
 use events::{ConnId, DataEvent, Event, Role, Source, Worker};
-use link::{Answered, Linker};
+use link::{Answered, Linker, Parent};
 use payload::{Links, Payload, PayloadSettings};
 use profile::{ProcessProfile, Profiles};
 use protocols::{
@@ -197,15 +198,10 @@ impl Pipeline {
 
     /// The request `worker` works for: by goroutine (Go), or by thread where the runtime
     /// serves one request per thread.
-    fn parent(
-        &mut self,
-        tgid: u32,
-        worker: Worker,
-        thread_per_request: bool,
-    ) -> Option<uuid::Uuid> {
-        let parent_id = self.linker.parent(tgid, worker, thread_per_request);
-        self.link_stats.outgoing_with_parent += u64::from(parent_id.is_some());
-        parent_id
+    fn parent(&mut self, tgid: u32, worker: Worker, thread_per_request: bool) -> Option<Parent> {
+        let parent = self.linker.parent(tgid, worker, thread_per_request);
+        self.link_stats.outgoing_with_parent += u64::from(parent.is_some());
+        parent
     }
 
     /// A failed call is an error of the request being served, and, when its request was
@@ -262,8 +258,10 @@ impl Pipeline {
         links: Links,
         output: &mut PipelineOutput,
     ) {
+        let parent_span = links.parent.map(|parent| parent.span);
         let mut payload = payload::build(exchange, profile, links, &self.settings);
         self.redactor.apply(&mut payload);
+        payload.span = payload.span_context(exchange.role, parent_span);
         output.payloads.push(payload);
         output.origins.push(origin);
         *self
@@ -345,7 +343,11 @@ impl Pipeline {
             disable: output.disable,
             unreadable_tls: output.unreadable_tls,
         };
-        for serving in output.serving {
+        for mut serving in output.serving {
+            // Its payload will not show a redacted traceparent, so neither may its children.
+            if self.redactor.redacts_header(trace::TRACEPARENT) {
+                serving.traceparent = None;
+            }
             self.linker.serving(serving);
         }
         for exchange in output.exchanges {

@@ -1,6 +1,6 @@
 //! Exchange -> the APIToolkit request message (the contract is docs/payload.md).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use serde::{Deserialize, Serialize};
@@ -10,11 +10,13 @@ use super::{
     app_errors::CapturedError,
     connections::TrackedExchange,
     events::Role,
+    link::Parent,
     profile::{ProcessProfile, SdkType},
     protocols::{
         content,
         message::{Body, Message, StartLine},
     },
+    trace::{ParentSpan, SpanContext, TRACEPARENT, TraceParent},
 };
 
 /// The backend's ATError; every key is required.
@@ -56,6 +58,30 @@ pub struct Payload {
     pub service_version: Option<String>,
     pub tags: Vec<String>,
     pub errors: Vec<AtError>,
+    /// Not part of the message: the span this payload becomes (OTLP export).
+    #[serde(skip)]
+    pub span: SpanContext,
+    /// Not part of the message: the service that served or made the request (its Kubernetes
+    /// workload, else its command name); empty when unknown.
+    #[serde(skip)]
+    pub service_name: Arc<str>,
+}
+
+impl Payload {
+    /// The span this payload becomes. It reads the payload's (redacted) headers: a redacted
+    /// `traceparent` names no trace.
+    pub fn span_context(&self, role: Role, parent: Option<ParentSpan>) -> SpanContext {
+        let traceparent = self
+            .request_headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(TRACEPARENT))
+            .and_then(|(_, values)| values.first())
+            .and_then(|value| TraceParent::parse(value));
+        match role {
+            Role::Client => SpanContext::outgoing(self.msg_id, traceparent, parent),
+            _ => SpanContext::incoming(self.msg_id, traceparent),
+        }
+    }
 }
 
 /// Settings every payload shares.
@@ -74,7 +100,7 @@ pub struct PayloadSettings {
 #[derive(Debug)]
 pub struct Links {
     pub msg_id: Uuid,
-    pub parent_id: Option<Uuid>,
+    pub parent: Option<Parent>,
     pub errors: Vec<CapturedError>,
 }
 
@@ -82,16 +108,16 @@ impl Links {
     pub fn incoming(msg_id: Uuid, errors: Vec<CapturedError>) -> Self {
         Self {
             msg_id,
-            parent_id: None,
+            parent: None,
             errors,
         }
     }
 
     /// An outgoing request gets its own id, as the Go SDK gives it.
-    pub fn outgoing(parent_id: Option<Uuid>) -> Self {
+    pub fn outgoing(parent: Option<Parent>) -> Self {
         Self {
             msg_id: Uuid::new_v4(),
-            parent_id,
+            parent,
             errors: Vec::new(),
         }
     }
@@ -258,7 +284,7 @@ pub fn build(
         sdk_type,
         project_id: settings.project_id,
         msg_id: links.msg_id,
-        parent_id: links.parent_id,
+        parent_id: links.parent.map(|parent| parent.msg_id),
         referer: request.header("referer").unwrap_or_default().to_owned(),
         service_version: settings.service_version.clone(),
         tags,
@@ -267,6 +293,8 @@ pub fn build(
             .into_iter()
             .map(|error| at_error(error, settings))
             .collect(),
+        span: SpanContext::default(),
+        service_name: profile.service_name.clone(),
     }
 }
 

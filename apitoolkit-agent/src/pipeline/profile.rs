@@ -63,6 +63,8 @@ pub struct ProcessProfile {
     pub thread_per_request: bool,
     /// Added to every payload of the process (its pod, namespace, container and node).
     pub tags: Arc<[String]>,
+    /// The service it is: its Kubernetes workload, else its command name; empty when unknown.
+    pub service_name: Arc<str>,
 }
 
 impl ProcessProfile {
@@ -72,6 +74,7 @@ impl ProcessProfile {
             sdk_type,
             thread_per_request,
             tags: Arc::default(),
+            service_name: Arc::default(),
         }
     }
 

@@ -135,6 +135,11 @@ impl Redactor {
         })
     }
 
+    /// Whether header `name`'s values are replaced by the marker.
+    pub fn redacts_header(&self, name: &str) -> bool {
+        self.headers.contains(&name.to_ascii_lowercase())
+    }
+
     pub fn apply(&self, payload: &mut Payload) {
         if !self.headers.is_empty() {
             redact_headers(&mut payload.request_headers, &self.headers);

@@ -3,6 +3,8 @@
 //! slow or unreachable destination never grows the agent's memory.
 
 pub mod bootstrap;
+pub mod delivery;
+pub mod otlp;
 pub mod pubsub;
 pub mod stdout;
 
@@ -50,6 +52,7 @@ pub struct PayloadQueue {
     max_bytes: usize,
     pending: Mutex<Pending>,
     ready: Notify,
+    closed: Notify,
     dropped: AtomicU64,
 }
 
@@ -60,6 +63,7 @@ impl PayloadQueue {
             max_bytes,
             pending: Mutex::new(Pending::default()),
             ready: Notify::new(),
+            closed: Notify::new(),
             dropped: AtomicU64::new(0),
         })
     }
@@ -113,17 +117,44 @@ impl PayloadQueue {
     pub fn close(&self) {
         self.pending.lock().expect("queue lock").closed = true;
         self.ready.notify_one();
+        self.closed.notify_waiters();
     }
 
-    /// Up to `max` payloads, waiting for at least one; `None` once closed and empty.
-    pub async fn pop(&self, max: usize) -> Option<Vec<Payload>> {
+    pub fn is_closed(&self) -> bool {
+        self.pending.lock().expect("queue lock").closed
+    }
+
+    /// Returns once [`PayloadQueue::close`] was called.
+    pub async fn wait_closed(&self) {
+        loop {
+            // Made before the check, so a close in between still wakes it.
+            let notified = self.closed.notified();
+            if self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Up to `max` payloads and (beyond the first) `max_bytes` queued bytes, waiting for at
+    /// least one; `None` once closed and empty.
+    pub async fn pop(&self, max: usize, max_bytes: usize) -> Option<Vec<Payload>> {
         loop {
             {
                 let mut pending = self.pending.lock().expect("queue lock");
                 if !pending.payloads.is_empty() {
-                    let count = max.min(pending.payloads.len());
+                    let mut count = 0;
+                    let mut bytes = 0;
+                    for payload in pending.payloads.iter().take(max) {
+                        let size = queued_size(payload);
+                        if count > 0 && bytes + size > max_bytes {
+                            break;
+                        }
+                        count += 1;
+                        bytes += size;
+                    }
                     let batch: Vec<Payload> = pending.payloads.drain(..count).collect();
-                    pending.bytes -= batch.iter().map(queued_size).sum::<usize>();
+                    pending.bytes -= bytes;
                     return Some(batch);
                 }
                 if pending.closed {
@@ -138,6 +169,10 @@ impl PayloadQueue {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    pub fn queued_len(&self) -> usize {
+        self.pending.lock().expect("queue lock").payloads.len()
+    }
+
     pub fn queued_bytes(&self) -> usize {
         self.pending.lock().expect("queue lock").bytes
     }
@@ -147,7 +182,8 @@ impl PayloadQueue {
 mod tests {
     use super::*;
 
-    fn payload(path: &str) -> Payload {
+    /// The fixture payload, told apart by its `raw_url`.
+    pub(super) fn payload(path: &str) -> Payload {
         let mut payload: Payload =
             serde_json::from_str(include_str!("../../../tests/fixtures/payload.json")).unwrap();
         payload.raw_url = path.to_owned();
@@ -168,7 +204,7 @@ mod tests {
         let queue = PayloadQueue::new("test", one * 2);
         queue.push(["/1", "/2", "/3"].map(payload));
         assert_eq!(queue.dropped(), 1);
-        assert_eq!(paths(queue.pop(10).await), vec!["/2", "/3"]);
+        assert_eq!(paths(queue.pop(10, usize::MAX).await), vec!["/2", "/3"]);
         assert_eq!(queue.queued_bytes(), 0);
     }
 
@@ -176,11 +212,23 @@ mod tests {
     async fn requeued_payloads_come_back_first_and_close_drains() {
         let queue = PayloadQueue::new("test", 1 << 20);
         queue.push(["/1", "/2", "/3"].map(payload));
-        let first = queue.pop(2).await.unwrap();
+        let first = queue.pop(2, usize::MAX).await.unwrap();
         queue.requeue(first);
         queue.close();
-        assert_eq!(paths(queue.pop(10).await), vec!["/1", "/2", "/3"]);
-        assert!(queue.pop(10).await.is_none());
+        assert_eq!(
+            paths(queue.pop(10, usize::MAX).await),
+            vec!["/1", "/2", "/3"]
+        );
+        assert!(queue.pop(10, usize::MAX).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn batches_stop_at_the_byte_bound_but_take_at_least_one() {
+        let one = queued_size(&payload("/0"));
+        let queue = PayloadQueue::new("test", 1 << 20);
+        queue.push(["/1", "/2", "/3"].map(payload));
+        assert_eq!(paths(queue.pop(10, one * 2).await), vec!["/1", "/2"]);
+        assert_eq!(paths(queue.pop(10, 1).await), vec!["/3"]);
     }
 
     #[tokio::test]
@@ -191,6 +239,6 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
             producer.push([payload("/late")]);
         });
-        assert_eq!(paths(queue.pop(10).await), vec!["/late"]);
+        assert_eq!(paths(queue.pop(10, usize::MAX).await), vec!["/late"]);
     }
 }

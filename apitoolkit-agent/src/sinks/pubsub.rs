@@ -1,6 +1,6 @@
 //! Publishes payloads to the APIToolkit Pub/Sub topic: one message per payload, its data the
-//! payload's JSON. Batching is the client library's (count, bytes, delay); delivery failures
-//! put the payloads back in the bounded queue and publishing resumes with backoff.
+//! payload's JSON. The client library batches (count, bytes, delay); the shared delivery loop
+//! puts what failed back in the bounded queue and retries with backoff.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -11,13 +11,14 @@ use google_cloud_gax::{
 use google_cloud_pubsub::{client::Publisher, model::Message};
 use uuid::Uuid;
 
-use super::PayloadQueue;
-use super::bootstrap::{self, BootstrapError, ClientMetadata};
+use super::{
+    PayloadQueue,
+    bootstrap::{self, BootstrapError, ClientMetadata},
+    delivery::{self, DeliveryStats, Failure, FailureReason, Transport, back_off},
+};
 use crate::pipeline::payload::Payload;
 
 const BATCH: usize = 1000;
-/// Longest pause between publish attempts while Pub/Sub is unreachable.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long the client library itself retries one batch; after that the payloads return to
 /// the queue, where the bound (not the library's buffer) decides what is kept.
 const LIBRARY_RETRY_LIMIT: Duration = Duration::from_secs(10);
@@ -109,19 +110,6 @@ impl DestinationConfig {
     }
 }
 
-/// Waits `delay`, then doubles it up to `MAX_BACKOFF` for the next wait.
-async fn back_off(delay: &mut Duration) {
-    tokio::time::sleep(*delay).await;
-    *delay = (*delay * 2).min(MAX_BACKOFF);
-}
-
-/// Counts for the final summary.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct PublishStats {
-    pub published: u64,
-    pub failed_attempts: u64,
-}
-
 async fn connect(
     config: &DestinationConfig,
     destination: &Destination,
@@ -150,37 +138,58 @@ async fn connect(
     Ok(builder.build().await?)
 }
 
-/// Publishes one batch; returns the payloads that were not delivered and the last error.
-async fn publish(
-    publisher: &Publisher,
-    batch: Vec<Payload>,
-    stats: &mut PublishStats,
-) -> (Vec<Payload>, Option<String>) {
-    let futures: Vec<_> = batch
-        .iter()
-        .map(|payload| {
-            let data = serde_json::to_vec(payload).expect("payloads serialize");
-            // Never the payload itself: logs go to journald, readable beyond the API's users.
-            tracing::debug!(msg_id = %payload.msg_id, bytes = data.len(), "publishing");
-            publisher.publish(Message::new().set_data(data))
-        })
-        .collect();
-    let mut undelivered = Vec::new();
-    let mut last_error = None;
-    for (payload, future) in batch.into_iter().zip(futures) {
-        match future.await {
-            Ok(message_id) => {
-                stats.published += 1;
-                metrics::counter!("apitoolkit_agent_published_payloads_total").increment(1);
-                tracing::debug!(%message_id, msg_id = %payload.msg_id, "published");
-            }
-            Err(error) => {
-                last_error = Some(error.to_string());
-                undelivered.push(payload);
+/// One message per payload, its data the payload's JSON.
+struct PubsubTransport {
+    publisher: Publisher,
+    topic_path: String,
+    /// Set when the destination was resolved after capture started: payloads carry the
+    /// project id resolved before capture, which was none then.
+    late_project_id: Option<Uuid>,
+}
+
+impl Transport for PubsubTransport {
+    fn destination(&self) -> &str {
+        &self.topic_path
+    }
+
+    async fn send(&mut self, mut batch: Vec<Payload>) -> Result<(), Failure> {
+        if let Some(project_id) = self.late_project_id {
+            for payload in &mut batch {
+                payload.project_id = project_id;
             }
         }
+        let futures: Vec<_> = batch
+            .iter()
+            .map(|payload| {
+                let data = serde_json::to_vec(payload).expect("payloads serialize");
+                // Never the payload itself: logs go to journald, readable beyond the API's users.
+                tracing::debug!(msg_id = %payload.msg_id, bytes = data.len(), "publishing");
+                self.publisher.publish(Message::new().set_data(data))
+            })
+            .collect();
+        let mut undelivered = Vec::new();
+        let mut last_error = None;
+        for (payload, future) in batch.into_iter().zip(futures) {
+            match future.await {
+                Ok(message_id) => {
+                    tracing::debug!(%message_id, msg_id = %payload.msg_id, "published");
+                }
+                Err(error) => {
+                    last_error = Some(error.to_string());
+                    undelivered.push(payload);
+                }
+            }
+        }
+        match last_error {
+            None => Ok(()),
+            Some(error) => Err(Failure {
+                undelivered,
+                // The library retried what it could; credentials it cannot use fail earlier.
+                reason: FailureReason::Unreachable,
+                error,
+            }),
+        }
     }
-    (undelivered, last_error)
 }
 
 /// Publishes until the queue is closed and drained. `destination` is the start-up result:
@@ -189,11 +198,8 @@ pub async fn run(
     queue: Arc<PayloadQueue>,
     config: DestinationConfig,
     destination: Option<Destination>,
-) -> PublishStats {
-    let mut stats = PublishStats::default();
+) -> DeliveryStats {
     let mut backoff = Duration::from_secs(1);
-    // Payloads carry the project id resolved before capture; when that failed, the sink
-    // stamps the one it resolves later.
     let resolved_late = destination.is_none();
     let destination = match destination {
         Some(destination) => destination,
@@ -217,37 +223,14 @@ pub async fn run(
             }
         }
     };
-    backoff = Duration::from_secs(1);
-    let mut failing = false;
-    while let Some(mut batch) = queue.pop(BATCH).await {
-        if resolved_late {
-            for payload in &mut batch {
-                payload.project_id = destination.project_id;
-            }
-        }
-        let (undelivered, last_error) = publish(&publisher, batch, &mut stats).await;
-        match last_error {
-            None => {
-                if failing {
-                    tracing::info!(topic = %destination.topic_path, "publishing to Pub/Sub again");
-                    failing = false;
-                }
-                backoff = Duration::from_secs(1);
-            }
-            Some(error) => {
-                stats.failed_attempts += 1;
-                metrics::counter!("apitoolkit_agent_publish_failures_total").increment(1);
-                if !failing {
-                    tracing::warn!(%error, topic = %destination.topic_path, undelivered = undelivered.len(),
-                        "publishing failed; payloads stay queued and are retried");
-                    failing = true;
-                }
-                queue.requeue(undelivered);
-                back_off(&mut backoff).await;
-            }
-        }
-    }
-    publisher.flush().await;
+    let mut transport = PubsubTransport {
+        publisher,
+        topic_path: destination.topic_path,
+        late_project_id: resolved_late.then_some(destination.project_id),
+    };
+    // The client library bounds its own requests' bytes.
+    let stats = delivery::run(queue, &mut transport, BATCH, usize::MAX).await;
+    transport.publisher.flush().await;
     stats
 }
 

@@ -13,7 +13,7 @@ pub async fn run(queue: Arc<PayloadQueue>) -> io::Result<u64> {
     let mut stdout = tokio::io::stdout();
     let mut written = 0;
     let mut lines = Vec::new();
-    while let Some(batch) = queue.pop(BATCH).await {
+    while let Some(batch) = queue.pop(BATCH, usize::MAX).await {
         lines.clear();
         for payload in &batch {
             serde_json::to_writer(&mut lines, payload)?;

@@ -82,12 +82,35 @@ struct Pod {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct PodMetadata {
     name: String,
     namespace: String,
     uid: String,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    owner_references: Vec<OwnerReference>,
+}
+
+#[derive(Deserialize)]
+struct OwnerReference {
+    kind: String,
+    name: String,
+}
+
+/// The workload a pod belongs to: a Deployment's name is its ReplicaSet's without the
+/// pod-template hash; a StatefulSet, DaemonSet or Job names itself; a bare pod is its own.
+fn workload_name(pod_name: &str, owners: &[OwnerReference]) -> String {
+    match owners.first() {
+        Some(owner) if owner.kind == "ReplicaSet" => owner
+            .name
+            .rsplit_once('-')
+            .map_or(owner.name.as_str(), |(deployment, _)| deployment)
+            .to_owned(),
+        Some(owner) => owner.name.clone(),
+        None => pod_name.to_owned(),
+    }
 }
 
 #[derive(Default, Deserialize)]
@@ -116,6 +139,8 @@ struct ContainerStatus {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodInfo {
     pub name: String,
+    /// Its Deployment, StatefulSet, DaemonSet or Job (the pod's own name when it has none).
+    pub workload: String,
     pub namespace: String,
     pub node: String,
     pub labels: BTreeMap<String, String>,
@@ -146,6 +171,7 @@ impl PodIndex {
                     })
                     .collect();
                 let info = PodInfo {
+                    workload: workload_name(&pod.metadata.name, &pod.metadata.owner_references),
                     name: pod.metadata.name,
                     namespace: pod.metadata.namespace,
                     node: pod.spec.node_name,
@@ -304,7 +330,8 @@ mod tests {
         format!(
             r#"{{"kind":"PodList","items":[{{
                 "metadata":{{"name":"shop-7d9f","namespace":"prod","uid":"{UID}",
-                             "labels":{{"app":"shop","tier":"web"}}}},
+                             "labels":{{"app":"shop","tier":"web"}},
+                             "ownerReferences":[{{"kind":"ReplicaSet","name":"shop-5d8f7c9b4"}}]}},
                 "spec":{{"nodeName":"node-a"}},
                 "status":{{"containerStatuses":[
                     {{"name":"web","containerID":"containerd://{CONTAINER}"}},
@@ -347,6 +374,7 @@ mod tests {
             ]
         );
         let info = index.pod(&pod).unwrap();
+        assert_eq!(info.workload, "shop");
         let selector = |namespaces: &[&str], labels: &[(&str, &str)]| PodSelector {
             namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
             labels: labels

@@ -231,12 +231,20 @@ pub struct Profiler {
 impl Profiler {
     pub fn profile(&self, tgid: u32) -> ProcessProfile {
         let detected = detect(tgid);
-        let tags = kubernetes::pod_of_process(tgid)
-            .and_then(|pod| self.pods.read().ok().map(|index| index.tags(&pod)))
-            .unwrap_or_default();
+        let pod = kubernetes::pod_of_process(tgid).and_then(|pod| {
+            let index = self.pods.read().ok()?;
+            Some((index.tags(&pod), index.pod(&pod)?.workload.clone()))
+        });
+        let (tags, workload) = pod.unwrap_or_default();
+        let service_name = if workload.is_empty() {
+            name(tgid)
+        } else {
+            workload
+        };
         let profile = ProcessProfile {
             sdk_type: self.forced_sdk_type.unwrap_or(detected.sdk_type),
             tags: tags.into(),
+            service_name: service_name.into(),
             ..detected
         };
         tracing::info!(

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 
-use super::{PUBSUB_PROJECT, TOPIC, pubsub::Emulator};
+use super::{Context, PUBSUB_PROJECT, TOPIC};
 use crate::{agent_binary, services::ChildGuard};
 
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -25,6 +25,8 @@ const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 pub(super) enum Sink {
     Stdout,
     PubSub,
+    /// OTLP/gRPC to the test suite's receiver.
+    Otlp,
 }
 
 /// The agent, watching one process; its payloads are counted, not stored (gigabytes at
@@ -42,7 +44,7 @@ pub(super) struct Agent {
 pub(super) struct AgentCost {
     pub(super) cpu_seconds: f64,
     pub(super) peak_rss_mib: f64,
-    /// Payloads written to stdout, or acknowledged by Pub/Sub.
+    /// Payloads written to stdout, or acknowledged by Pub/Sub or the OTLP receiver.
     pub(super) payloads: u64,
     pub(super) ringbuf_full: u64,
     pub(super) sink_dropped: u64,
@@ -50,13 +52,19 @@ pub(super) struct AgentCost {
 
 impl Agent {
     /// Starts the agent and returns once its probes are attached.
-    pub(super) fn start(watched_pid: u32, sink: Sink, emulator: &Emulator) -> anyhow::Result<Self> {
+    pub(super) fn start(watched_pid: u32, sink: Sink, context: &Context) -> anyhow::Result<Self> {
         let mut command = Command::new(agent_binary());
         command.args(["--pid", &watched_pid.to_string()]);
-        if sink == Sink::PubSub {
-            command
-                .args(["--pubsub-project", PUBSUB_PROJECT, "--topic", TOPIC])
-                .env("PUBSUB_EMULATOR_HOST", &emulator.host);
+        match sink {
+            Sink::Stdout => {}
+            Sink::PubSub => {
+                command
+                    .args(["--pubsub-project", PUBSUB_PROJECT, "--topic", TOPIC])
+                    .env("PUBSUB_EMULATOR_HOST", &context.emulator.host);
+            }
+            Sink::Otlp => {
+                command.args(["--otlp-endpoint", &context.otlp_receiver.endpoint]);
+            }
         }
         let mut child = command
             .stdout(Stdio::piped())
@@ -187,7 +195,8 @@ impl Agent {
         let summary = line("capture stopped")?;
         let payloads = match sink {
             Sink::Stdout => stdout_payloads,
-            Sink::PubSub => log_field(line("Pub/Sub sink stopped")?, "published")?,
+            Sink::PubSub => log_field(line("sink stopped sink=\"pubsub\"")?, "delivered")?,
+            Sink::Otlp => log_field(line("sink stopped sink=\"otlp\"")?, "delivered")?,
         };
         Ok((
             result,

@@ -4,7 +4,8 @@
 //!   the agent writing to stdout, and with the agent publishing to the Pub/Sub emulator;
 //! - a Flask app under gunicorn the same way, plus the same app instrumented with the
 //!   apitoolkit-flask SDK publishing to the emulator (what Flask users run today);
-//! - nginx at fixed rates (hey) with and without the agent;
+//! - nginx at fixed rates (hey) with and without the agent; at 5000 req/s also publishing to
+//!   Pub/Sub and exporting OTLP spans to the test suite's receiver;
 //! - a Go net/http HTTPS server (crypto/tls probed in the executable) at saturation and at a
 //!   fixed rate;
 //! - per run, the CPU the service's own threads spend per request (schedstat);
@@ -18,6 +19,7 @@ mod flask;
 mod go;
 mod load;
 mod nginx;
+mod otlp;
 mod pubsub;
 mod service;
 mod writes;
@@ -143,7 +145,7 @@ impl Scenario {
         row("requests completed / failed", &|run| {
             Some(format!("{} / {}", run.load.requests, run.load.errors))
         });
-        row("payloads (stdout / published)", &|run| {
+        row("payloads (stdout / delivered)", &|run| {
             Some(run.agent.as_ref()?.payloads.to_string())
         });
         row("capture ratio", &|run| {
@@ -212,9 +214,10 @@ fn with_and_without_agent(
         let label = match sink {
             Sink::Stdout => "agent → stdout",
             Sink::PubSub => "agent → Pub/Sub",
+            Sink::Otlp => "agent → OTLP",
         };
         eprintln!("bench: {title}: {label}");
-        let agent = Agent::start(pid, sink, &context.emulator)?;
+        let agent = Agent::start(pid, sink, context)?;
         let ((load, service_cpu_ns), cost) =
             agent.measure(context.ticks_per_second, || service::cpu_during(pid, load))?;
         runs.push(Run {
@@ -229,6 +232,7 @@ fn with_and_without_agent(
 
 struct Context {
     emulator: Emulator,
+    otlp_receiver: otlp::Receiver,
     ticks_per_second: f64,
 }
 
@@ -298,6 +302,7 @@ pub fn run() -> anyhow::Result<()> {
     fs::create_dir_all(bench_dir())?;
     let context = Context {
         emulator: Emulator::start()?,
+        otlp_receiver: otlp::Receiver::start()?,
         ticks_per_second: clock_ticks_per_second()?,
     };
     let mut scenarios = nginx::nginx_scenarios(&context)?;

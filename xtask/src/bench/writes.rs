@@ -63,7 +63,7 @@ pub(super) fn unwatched_write_ns(context: &Context) -> anyhow::Result<(f64, f64)
         child: Command::new("sleep").arg("600").spawn()?,
         signal: "TERM",
     };
-    let agent = Agent::start(sleeper.pid(), Sink::Stdout, &context.emulator)?;
+    let agent = Agent::start(sleeper.pid(), Sink::Stdout, context)?;
     let with = write_ns()?;
     let (status, log, _) = agent.shut_down()?;
     if !status.success() {

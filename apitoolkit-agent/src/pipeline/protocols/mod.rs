@@ -44,14 +44,22 @@ pub enum Anomaly {
     Malformed(MessageKind, Malformed),
 }
 
+/// A request read completely, before its response: what linking needs of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestRead {
+    pub serial: u64,
+    /// Its `traceparent` header, as sent.
+    pub traceparent: Option<String>,
+}
+
 /// What the bytes pushed into one connection's reassembly produced.
 #[derive(Default, Debug, PartialEq, Eq)]
 pub struct Reassembled {
     pub exchanges: Vec<Exchange>,
     pub anomalies: Vec<Anomaly>,
-    /// Serials of requests read completely and now awaiting their response; the exchange that
-    /// answers one carries the same serial.
-    pub requests_read: Vec<u64>,
+    /// Requests read completely and now awaiting their response; the exchange that answers
+    /// one carries the same serial.
+    pub requests_read: Vec<RequestRead>,
     /// Requests still awaiting a response when the connection closed.
     pub unanswered: Vec<Message>,
 }

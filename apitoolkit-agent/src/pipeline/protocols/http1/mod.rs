@@ -11,9 +11,10 @@ use bytes::BytesMut;
 use parser::{MessageParser, Polled};
 
 use super::{
-    Anomaly, Exchange, Reassembled,
+    Anomaly, Exchange, Reassembled, RequestRead,
     message::{Message, MessageKind},
 };
+use crate::pipeline::trace::TRACEPARENT;
 
 /// Requests waiting for a response on one connection; beyond this the oldest is dropped (a
 /// client that pipelines this deep, or a response stream we cannot see).
@@ -221,8 +222,11 @@ impl HttpConnection {
         }
         let serial = self.next_serial;
         self.next_serial += 1;
+        output.requests_read.push(RequestRead {
+            serial,
+            traceparent: request.header(TRACEPARENT).map(str::to_owned),
+        });
         self.pending.push_back((serial, request));
-        output.requests_read.push(serial);
     }
 
     fn on_response(&mut self, response: Message, output: &mut Reassembled) {
@@ -333,7 +337,12 @@ mod tests {
         assert_eq!(upload.request.body.bytes.len(), 8_000);
         assert_eq!(upload.response.body.bytes, b"missing");
         assert_eq!(output.exchanges[1].response.body.bytes, b"next");
-        assert_eq!(output.requests_read, vec![0, 1]);
+        let serials: Vec<u64> = output
+            .requests_read
+            .iter()
+            .map(|read| read.serial)
+            .collect();
+        assert_eq!(serials, vec![0, 1]);
         assert!(output.anomalies.is_empty(), "{:?}", output.anomalies);
     }
 
