@@ -131,7 +131,7 @@ fn destination_config(args: &CaptureArgs) -> DestinationConfig {
 }
 
 /// The OTLP destination: the endpoint, the headers with the API key as `x-api-key`, and what
-/// every span's resource says about this host.
+/// every span's resource says about this host (the API key too, as `at-project-key`).
 fn otlp_config(args: &CaptureArgs) -> anyhow::Result<OtlpConfig> {
     let endpoint = args.otlp_endpoint.clone().context(
         "--output otlp needs --otlp-endpoint URL (e.g. http://localhost:4317 for a local \
@@ -156,6 +156,7 @@ fn otlp_config(args: &CaptureArgs) -> anyhow::Result<OtlpConfig> {
             service_name: args.service_name.clone(),
             service_version: args.service_version.clone(),
             host_name,
+            project_key: args.api_key.clone(),
         },
     })
 }

@@ -24,6 +24,9 @@ pub struct ResourceSettings {
     pub service_name: Option<String>,
     pub service_version: Option<String>,
     pub host_name: String,
+    /// The API key as the `at-project-key` resource attribute: how Monoscope's collector names
+    /// the project (its documented `OTEL_RESOURCE_ATTRIBUTES=at-project-key=...`).
+    pub project_key: Option<String>,
 }
 
 /// `k8s.*` tags the agent adds (`k8s.pod:name`) and their OpenTelemetry resource names.
@@ -228,6 +231,9 @@ fn resource(service_name: &str, k8s_tags: &[&str], settings: &ResourceSettings) 
         attributes.push(attribute("service.version", string(version)));
     }
     attributes.push(attribute("host.name", string(&settings.host_name)));
+    if let Some(key) = &settings.project_key {
+        attributes.push(attribute("at-project-key", string(key)));
+    }
     for tag in k8s_tags {
         for (prefix, key) in K8S_TAGS {
             if let Some(value) = tag.strip_prefix(prefix) {
@@ -454,6 +460,7 @@ mod tests {
             service_name: None,
             service_version: Some("1.2".into()),
             host_name: "host-a".into(),
+            project_key: Some("key-1".into()),
         };
         let request = export_request(&[web.clone(), other, web], &settings);
         assert_eq!(request.resource_spans.len(), 2);
@@ -478,6 +485,7 @@ mod tests {
         assert!(web_resource.contains(&("k8s.namespace.name".into(), "prod".into())));
         assert!(web_resource.contains(&("service.version".into(), "1.2".into())));
         assert!(web_resource.contains(&("host.name".into(), "host-a".into())));
+        assert!(web_resource.contains(&("at-project-key".into(), "key-1".into())));
         assert_eq!(request.resource_spans[0].scope_spans[0].spans.len(), 2);
         assert!(attributes(1).contains(&("service.name".into(), "node".into())));
 
