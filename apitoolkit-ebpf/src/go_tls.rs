@@ -111,18 +111,21 @@ fn goroutine(registers: &Registers, tgid: u32) -> GoObject {
 }
 
 /// The thread, and the goroutine the bytes are moved for: a net/http client connection's read
-/// and write loops move them for the goroutine whose round trip is in progress there.
+/// and write loops move them for the goroutine whose round trip is in progress there, and for
+/// none (0) when that is unknown: the loop's own ancestry names whichever call dialed.
 #[inline(always)]
 fn mover(pid_tgid: u64, running: GoObject) -> Mover {
     // SAFETY: copied at once; plain integers, valid for any bytes.
-    let connection = unsafe { GO_CONN_LOOPS.get(&running) }.copied();
-    let caller = connection.and_then(|connection| {
+    let goroutine = match unsafe { GO_CONN_LOOPS.get(&running) }.copied() {
         // SAFETY: as above.
-        unsafe { GO_ROUND_TRIPS.get(&GoObject::new(connection, running.tgid)) }.copied()
-    });
+        Some(connection) => unsafe { GO_ROUND_TRIPS.get(&GoObject::new(connection, running.tgid)) }
+            .copied()
+            .unwrap_or(0),
+        None => running.address,
+    };
     Mover {
         tid: pid_tgid as u32,
-        goroutine: caller.unwrap_or(running.address),
+        goroutine,
     }
 }
 
@@ -300,14 +303,14 @@ pub fn go_runqput_call(ctx: ProbeContext) -> u32 {
     let Some((pid_tgid, tgid)) = current_target() else {
         return 0;
     };
+    let goroutine = registers(&ctx).rbx;
+    // Go reuses `g`s of goroutines that ended: whatever loop an earlier one ran is over.
+    let _ = GO_CONN_LOOPS.remove(&GoObject::new(goroutine, tgid));
     // SAFETY: copied at once; a u64 is valid for any bytes.
     let Some(parent) = unsafe { GO_NEWPROC_CALLERS.get(&pid_tgid) }.copied() else {
         return 0;
     };
     let _ = GO_NEWPROC_CALLERS.remove(&pid_tgid);
-    let goroutine = registers(&ctx).rbx;
-    // Go reuses `g`s of goroutines that ended: whatever loop an earlier one ran is over.
-    let _ = GO_CONN_LOOPS.remove(&GoObject::new(goroutine, tgid));
     let record = GoroutineRecord {
         kind: RecordKind::GoroutineCreated as u32,
         tgid,

@@ -131,7 +131,8 @@ fn destination_config(args: &CaptureArgs) -> DestinationConfig {
 }
 
 /// The OTLP destination: the endpoint, the headers with the API key as `x-api-key`, and what
-/// every span's resource says about this host (the API key too, as `at-project-key`).
+/// every span's resource says about this host (and, for APIToolkit's own collector, the API
+/// key as `at-project-key`).
 fn otlp_config(args: &CaptureArgs) -> anyhow::Result<OtlpConfig> {
     let endpoint = args.otlp_endpoint.clone().context(
         "--output otlp needs --otlp-endpoint URL (e.g. http://localhost:4317 for a local \
@@ -149,15 +150,28 @@ fn otlp_config(args: &CaptureArgs) -> anyhow::Result<OtlpConfig> {
         .map(|name| name.trim().to_owned())
         .unwrap_or_default();
     Ok(OtlpConfig {
-        endpoint,
         protocol: args.otlp_protocol,
         headers,
         resource: ResourceSettings {
             service_name: args.service_name.clone(),
             service_version: args.service_version.clone(),
             host_name,
-            project_key: args.api_key.clone(),
+            project_key: args
+                .api_key
+                .clone()
+                .filter(|_| monoscope_collector(&endpoint)),
         },
+        endpoint,
+    })
+}
+
+/// Whether OTLP goes to APIToolkit/Monoscope itself: only then does the API key become a
+/// resource attribute, which other backends would store and show.
+fn monoscope_collector(endpoint: &reqwest::Url) -> bool {
+    endpoint.host_str().is_some_and(|host| {
+        ["apitoolkit.io", "monoscope.tech"]
+            .iter()
+            .any(|domain| host == *domain || host.ends_with(&format!(".{domain}")))
     })
 }
 
@@ -479,4 +493,19 @@ pub async fn run(args: CaptureArgs) -> anyhow::Result<()> {
         StopReason::TargetsExited => tracing::info!(payloads = written, "no watched process left"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_key_joins_the_resource_only_for_apitoolkit_s_own_collector() {
+        let collector = |url: &str| monoscope_collector(&reqwest::Url::parse(url).unwrap());
+        assert!(collector("http://otelcol.apitoolkit.io:4317"));
+        assert!(collector("https://otel.monoscope.tech"));
+        assert!(!collector("http://localhost:4317"));
+        assert!(!collector("https://apitoolkit.io.example.com:4318"));
+        assert!(!collector("https://notapitoolkit.io"));
+    }
 }

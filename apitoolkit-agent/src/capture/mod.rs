@@ -23,7 +23,7 @@ use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         TracePoint, UProbe,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
 
@@ -140,6 +140,8 @@ pub struct Probes {
     ebpf: Ebpf,
     /// The SSL uprobe programs passed the verifier and can be attached.
     tls_loaded: bool,
+    /// So did the Go programs (loaded apart: a verifier refusing them costs OpenSSL nothing).
+    go_loaded: bool,
 }
 
 impl Probes {
@@ -170,14 +172,29 @@ impl Probes {
                     .map_err(|error| missing(format!("tracepoint {category}:{event}"), error))?;
             }
         }
-        let tls_loaded = match load_tls_programs(&mut ebpf) {
+        let ssl_programs = SSL_PROGRAMS
+            .iter()
+            .map(|(_, program)| *program)
+            .chain([SSL_CALL_RETURN]);
+        let tls_loaded = match load_uprobes(&mut ebpf, ssl_programs) {
             Ok(()) => true,
             Err(error) => {
                 tracing::warn!(%error, "TLS uprobes cannot be loaded: HTTPS is not captured");
                 false
             }
         };
-        Ok(Self { ebpf, tls_loaded })
+        let go_loaded = match load_uprobes(&mut ebpf, GO_PROGRAMS) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "Go uprobes cannot be loaded: Go's crypto/tls is not captured");
+                false
+            }
+        };
+        Ok(Self {
+            ebpf,
+            tls_loaded,
+            go_loaded,
+        })
     }
 
     /// The SSL uprobe programs loaded, so TLS libraries can be probed.
@@ -218,7 +235,7 @@ impl Probes {
     /// goroutine creation and net/http client round trips where the plan has them. Each gets
     /// the executable's struct layout as its cookie.
     pub fn attach_go(&mut self, path: &Path, plan: &GoTlsPlan) -> Result<(), ProbeError> {
-        if !self.tls_loaded {
+        if !self.go_loaded {
             return Err(ProbeError::TlsUnavailable);
         }
         let mut sites = vec![(GO_TLS_WRITE_ENTER, go::TLS_WRITE, plan.write_entry, 0)];
@@ -251,12 +268,23 @@ impl Probes {
                 sites.push((GO_CONN_LOOP_ENTER, go::WRITE_LOOP, write_loop, 0));
             }
         }
+        // All or none: a `Read` probed at its entry but not at every `ret` would lose bytes
+        // without a gap.
+        let mut attached = Vec::new();
         for (program, function, offset, receiver_slot) in sites {
             let point = UProbeAttachPoint {
                 location: UProbeAttachLocation::AbsoluteOffset(offset),
                 cookie: Some(plan.layout.cookie(receiver_slot)),
             };
-            self.attach_uprobe(program, function, point, path)?;
+            match self.attach_uprobe(program, function, point, path) {
+                Ok(link) => attached.push((program, link)),
+                Err(error) => {
+                    for (program, link) in attached {
+                        let _ = self.uprobe(program).detach(link);
+                    }
+                    return Err(error);
+                }
+            }
         }
         Ok(())
     }
@@ -269,10 +297,9 @@ impl Probes {
         function: &'static str,
         point: impl Into<UProbeAttachPoint<'a>>,
         path: &Path,
-    ) -> Result<(), ProbeError> {
+    ) -> Result<UProbeLinkId, ProbeError> {
         self.uprobe(program)
             .attach(point, path, UProbeScope::AllProcesses)
-            .map(drop)
             .map_err(|source| ProbeError::Uprobe {
                 program,
                 function,
@@ -449,12 +476,10 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, program: &str) -> &'a mut UProbe {
         .expect("program is a uprobe")
 }
 
-fn load_tls_programs(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
-    let programs = SSL_PROGRAMS
-        .iter()
-        .map(|(_, program)| *program)
-        .chain([SSL_CALL_RETURN])
-        .chain(GO_PROGRAMS);
+fn load_uprobes(
+    ebpf: &mut Ebpf,
+    programs: impl IntoIterator<Item = &'static str>,
+) -> Result<(), ProbeError> {
     for program in programs {
         uprobe(ebpf, program)
             .load()

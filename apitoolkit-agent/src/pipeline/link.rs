@@ -39,6 +39,8 @@ struct Goroutine {
 /// An incoming request read and not yet answered.
 struct Unanswered {
     msg_id: Uuid,
+    /// When its reading completed, on the linker's clock.
+    read_at: u64,
     span: ParentSpan,
     tid: u32,
     goroutine: Option<Goroutine>,
@@ -52,7 +54,7 @@ pub struct Parent {
     pub span: ParentSpan,
 }
 
-/// How a `g` was last started: its incarnation and who started it.
+/// How a `g` was last started: its incarnation (the linker's clock then) and who started it.
 struct Started {
     incarnation: u64,
     parent: Option<Goroutine>,
@@ -71,7 +73,8 @@ impl Unanswered {
 pub struct Linker {
     unanswered: HashMap<(ConnId, u64), Unanswered>,
     started: HashMap<(u32, u64), Started>,
-    incarnations: u64,
+    /// Counts requests read and goroutines started, in event order.
+    clock: u64,
 }
 
 /// What an answered incoming request brings to its payload.
@@ -85,11 +88,13 @@ impl Linker {
     pub fn serving(&mut self, serving: Serving) {
         let goroutine = self.goroutine(serving.conn.tgid, serving.worker);
         let msg_id = Uuid::new_v4();
+        self.clock += 1;
         let traceparent = serving.traceparent.as_deref().and_then(TraceParent::parse);
         self.unanswered.insert(
             (serving.conn, serving.serial),
             Unanswered {
                 msg_id,
+                read_at: self.clock,
                 span: ParentSpan::incoming(msg_id, traceparent),
                 tid: serving.worker.tid,
                 goroutine,
@@ -122,25 +127,33 @@ impl Linker {
                 goroutine: parent,
             },
         );
-        self.incarnations += 1;
+        self.clock += 1;
         let started = Started {
-            incarnation: self.incarnations,
+            incarnation: self.clock,
             parent,
         };
         self.started.insert((tgid, g), started);
     }
 
-    /// The request the goroutine `worker` names works for: the one request served by it or by
-    /// its nearest ancestor that serves one.
+    /// The request the goroutine `worker` names works for: the one request served by it, or by
+    /// its nearest ancestor that serves any. An ancestor's request counts only if it was read
+    /// before the descendant on the way down was started: a keep-alive connection's goroutine
+    /// serves one request after another, and a goroutine started for an earlier one does not
+    /// work for the one served now.
     fn goroutine_parent(&self, tgid: u32, worker: Worker) -> Option<Parent> {
         let mut goroutine = self.goroutine(tgid, worker)?;
+        let mut child_started = u64::MAX;
         for _ in 0..MAX_GOROUTINE_DEPTH {
-            let mut serving = self
+            let serving: Vec<&Unanswered> = self
                 .unanswered
                 .values()
-                .filter(|request| request.goroutine == Some(goroutine));
-            if let Some(only) = serving.next() {
-                return serving.next().is_none().then_some(only.parent());
+                .filter(|request| request.goroutine == Some(goroutine))
+                .collect();
+            if !serving.is_empty() {
+                return match serving[..] {
+                    [only] if only.read_at < child_started => Some(only.parent()),
+                    _ => None,
+                };
             }
             let started = self.started.get(&(tgid, goroutine.g))?;
             if started.incarnation != goroutine.incarnation {
@@ -157,6 +170,7 @@ impl Linker {
             if parent_now != parent {
                 return None; // the parent's `g` was started again: its request is over
             }
+            child_started = started.incarnation;
             goroutine = parent;
         }
         None
@@ -274,6 +288,33 @@ mod tests {
         assert_eq!(linker.parent(1, goroutine(0x999), false), None);
         assert_eq!(linker.answered(conn(5), 0).msg_id, first.msg_id);
         assert_eq!(linker.parent(1, goroutine(0x111), false), None, "answered");
+    }
+
+    #[test]
+    fn a_goroutine_started_for_an_earlier_request_on_a_connection_links_to_none_later() {
+        let mut linker = Linker::default();
+        // The connection goroutine 0x100 serves R1, whose handler starts 0x110 (fire and
+        // forget); R1 is answered, and 0x100 reads R2 on the same connection.
+        linker.serving(Serving {
+            conn: conn(5),
+            serial: 0,
+            worker: goroutine(0x100),
+            traceparent: None,
+        });
+        linker.goroutine_started(1, 0x110, 0x100);
+        let first = linker.parent(1, goroutine(0x110), false).unwrap();
+        assert_eq!(linker.answered(conn(5), 0).msg_id, first.msg_id);
+        linker.serving(Serving {
+            conn: conn(5),
+            serial: 1,
+            worker: goroutine(0x100),
+            traceparent: None,
+        });
+        assert_eq!(linker.parent(1, goroutine(0x110), false), None, "not R2's");
+        // A goroutine R2's handler starts links to R2.
+        linker.goroutine_started(1, 0x120, 0x100);
+        let second = linker.parent(1, goroutine(0x120), false).unwrap();
+        assert_eq!(linker.answered(conn(5), 1).msg_id, second.msg_id);
     }
 
     #[test]

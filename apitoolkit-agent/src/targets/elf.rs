@@ -50,7 +50,9 @@ impl ElfFile {
             .sections()
             .find(|section| section.name().is_ok_and(|found| found.ends_with(name)))?;
         let (start, size) = section.file_range()?;
-        let bytes = self.map.get(start as usize..(start + size) as usize)?;
+        let bytes = self
+            .map
+            .get(start as usize..start.checked_add(size)? as usize)?;
         Some((section.address(), bytes))
     }
 
@@ -67,7 +69,7 @@ impl ElfFile {
                 return None;
             }
             self.map
-                .get((start + skip) as usize..(start + end) as usize)
+                .get(start.checked_add(skip)? as usize..start.checked_add(end)? as usize)
         })
     }
 
@@ -77,6 +79,12 @@ impl ElfFile {
             .symbols()
             .find(|symbol| symbol.name() == Ok(name))
             .map(|symbol| symbol.address())
+    }
+
+    /// Whether a system linker linked the file (it has the C runtime's `.init` section, which
+    /// Go's own linker never writes): code of its own may then precede Go's text.
+    pub fn externally_linked(&self) -> bool {
+        self.parsed().section_by_name(".init").is_some()
     }
 
     /// The virtual address of the executable section `.text`.

@@ -217,13 +217,17 @@ pub fn function_ranges<'n>(elf: &ElfFile, names: &[&'n str]) -> Option<Vec<(&'n 
     let (text_start, names_at, functab_at) = match format {
         TableFormat::Go116 => (0, header(2)?, header(6)?),
         // Go 1.26+ writes 0 there (the runtime takes `runtime.text`), and so may an external
-        // linker's PIE; the `.text` start is `runtime.text` unless C code precedes it, which
-        // the decoding of the probed functions in [`plan`] would then refuse.
+        // linker's PIE; the `.text` start is `runtime.text` only when Go's own linker laid it
+        // out (a system linker may put C code first), else the table is not read.
         TableFormat::Go118 => {
             let start = word(table, 8 + 2 * size, size).filter(|start| *start != 0);
             let start = start
                 .or_else(|| elf.symbol_address("runtime.text"))
-                .or_else(|| elf.text_address())?;
+                .or_else(|| {
+                    (!elf.externally_linked())
+                        .then(|| elf.text_address())
+                        .flatten()
+                })?;
             (start, header(3)?, header(7)?)
         }
     };
@@ -499,6 +503,7 @@ mod tests {
             ElfFile::open(&go_build("server-stripped", &["-ldflags=-s -w"], None)).unwrap();
         let pie = ElfFile::open(&go_build("server-pie", &["-buildmode=pie"], None)).unwrap();
         assert_eq!(stripped.symbol_address(TLS_READ), None, "stripped");
+        assert!(!stripped.externally_linked(), "Go's own linker");
 
         let plans: Vec<GoTlsPlan> = [&plain, &stripped, &pie]
             .into_iter()
@@ -536,6 +541,7 @@ mod tests {
         assert_eq!(links.client, None);
         let rust = ElfFile::open(Path::new("/proc/self/exe")).unwrap();
         assert_eq!(plan(&rust), Err(GoTlsRefusal::NoVersion));
+        assert!(rust.externally_linked(), "cc's crti.o brings .init");
     }
 
     #[test]

@@ -221,13 +221,13 @@ fn writes_stack(
         let start = memory.displacement() as i64;
         let end = start + memory.memory_size().size() as i64;
         let slot = slot.start as i64..slot.end as i64;
+        // An indexed write off RSP could reach anywhere in the frame: count it as the slot.
         memory.base() == Register::RSP
             && !matches!(
                 memory.access(),
                 OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess
             )
-            && start < slot.end
-            && slot.start < end
+            && (memory.index() != Register::None || (start < slot.end && slot.start < end))
     })
 }
 

@@ -144,13 +144,14 @@ fn http_client(config: &OtlpConfig) -> Result<Client, OtlpError> {
     })
 }
 
-/// How a gRPC status counts: OTLP says which codes are worth retrying.
+/// How a gRPC status counts: OTLP says which codes are worth retrying. RESOURCE_EXHAUSTED is
+/// retryable only with the server's RetryInfo; collectors also answer it for a message over
+/// their size limit, which no retry fixes, so it is refused (dropped and counted).
 fn grpc_failure(status: &tonic::Status) -> FailureReason {
     match status.code() {
         Code::Unauthenticated | Code::PermissionDenied => FailureReason::Rejected,
         Code::Cancelled
         | Code::DeadlineExceeded
-        | Code::ResourceExhausted
         | Code::Aborted
         | Code::OutOfRange
         | Code::Unavailable
