@@ -28,7 +28,7 @@ use crate::{
     emit::Mover,
     maps::{
         EVENTS, GO_CONN_LOOPS, GO_NEWPROC_CALLERS, GO_ROUND_TRIPS, GO_TLS_READS, LAST_SOCKET_FD,
-        count,
+        count, wakeup_flag,
     },
     process::current_target,
     tls::emit_plaintext,
@@ -319,7 +319,10 @@ pub fn go_runqput_call(ctx: ProbeContext) -> u32 {
         goroutine,
         parent,
     };
-    if EVENTS.output::<GoroutineRecord>(&record, 0).is_err() {
+    if EVENTS
+        .output::<GoroutineRecord>(&record, wakeup_flag())
+        .is_err()
+    {
         count(Counter::RingbufFull);
     }
     0

@@ -14,7 +14,7 @@ use crate::{
     connections::read_sockaddr,
     maps::{
         CGROUP_TARGETS, EVENTS, EXE_TARGETS, LAST_SOCKET_FD, PORT_TARGETS, TARGETS, TLS_CALLS,
-        config, count,
+        config, count, wakeup_flag,
     },
     syscalls::arg,
 };
@@ -85,7 +85,10 @@ fn select_now(tgid: u32) {
         // SAFETY: the helper takes no arguments.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
     };
-    if EVENTS.output::<ProcessRecord>(&record, 0).is_err() {
+    if EVENTS
+        .output::<ProcessRecord>(&record, wakeup_flag())
+        .is_err()
+    {
         count(Counter::RingbufFull);
     }
 }
@@ -141,7 +144,10 @@ pub fn process_exit(_ctx: TracePointContext) -> u32 {
             // SAFETY: the helper takes no arguments.
             timestamp_ns: unsafe { bpf_ktime_get_ns() },
         };
-        if EVENTS.output::<ProcessRecord>(&record, 0).is_err() {
+        if EVENTS
+            .output::<ProcessRecord>(&record, wakeup_flag())
+            .is_err()
+        {
             count(Counter::RingbufFull);
         }
     }

@@ -26,7 +26,7 @@ use tokio::{
 use uuid::Uuid;
 
 use crate::{
-    capture::Probes,
+    capture::{Probes, RingWakeups},
     config::{CaptureArgs, Outputs},
     observability::{self, Heartbeat},
     pipeline::{
@@ -239,9 +239,10 @@ async fn start_sinks(args: &CaptureArgs) -> anyhow::Result<(Sinks, Option<Uuid>)
         queues.push(queue.clone());
         queue
     };
-    let stdout = outputs
-        .stdout
-        .then(|| tokio::spawn(sinks::stdout::run(queue("stdout"))));
+    let stdout = outputs.stdout.then(|| {
+        let (queue, runtime) = (queue("stdout"), tokio::runtime::Handle::current());
+        tokio::task::spawn_blocking(move || sinks::stdout::run(queue, &runtime))
+    });
     let mut remote = Vec::new();
     if outputs.pubsub {
         let queue = queue("pubsub");
@@ -396,8 +397,10 @@ fn capture(
             "--record-raw: the recording holds the traffic unredacted (credentials, cookies, bodies)"
         );
     }
+    let ring = probes.take_ring_buffer()?;
     let mut capture = CaptureLoop {
-        ring: probes.take_ring_buffer()?,
+        wakeups: RingWakeups::new(&ring).context("watching the ring buffer's wake-ups")?,
+        ring,
         pipeline,
         profiler: Profiler {
             forced_sdk_type: args.sdk_type,

@@ -6,7 +6,7 @@ pub mod preflight;
 use std::{
     ffi::CString,
     io,
-    os::fd::{AsRawFd, RawFd},
+    os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
     path::Path,
 };
 
@@ -375,9 +375,11 @@ impl Probes {
     pub fn remove_targets(&mut self, pids: &[u32]) -> Result<(), ProbeError> {
         let mut targets: HashMap<_, u32, u8> = self.map(maps::TARGETS)?;
         for pid in pids {
+            // The process may have exited meanwhile, and the kernel removed it already.
             match targets.remove(pid) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(error) => return Err(in_map(maps::TARGETS)(error)),
+                Err(MapError::SyscallError(error))
+                    if error.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                result => result.map_err(in_map(maps::TARGETS))?,
             }
         }
         Ok(())
@@ -488,27 +490,53 @@ fn load_uprobes(
     Ok(())
 }
 
-/// Waits until the ring buffer has data or `timeout_ms` passes.
-pub fn wait_readable(ring: &RingBuf<MapData>, timeout_ms: i32) -> io::Result<bool> {
-    let fd: RawFd = ring.as_raw_fd();
-    let mut poll_fd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let ready = unsafe { libc::poll(&mut poll_fd, 1, timeout_ms) };
-    match ready {
-        -1 => {
+/// The kernel's wake-ups of the ring buffer, watched edge-triggered: records already in the
+/// ring do not end a wait, so they accumulate between drains until the kernel wakes the agent
+/// (it does so only once the ring is filling) or the timeout passes.
+pub struct RingWakeups {
+    epoll: OwnedFd,
+}
+
+impl RingWakeups {
+    pub fn new(ring: &RingBuf<MapData>) -> io::Result<Self> {
+        // SAFETY: epoll_create1 takes no pointers; a non-negative result is a new fd we own.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epoll < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `epoll` was just created and is owned by nothing else.
+        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
+        let mut interest = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+            u64: 0,
+        };
+        // SAFETY: both fds are open for the call and `interest` is a valid epoll_event.
+        let added = unsafe {
+            libc::epoll_ctl(
+                epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                ring.as_raw_fd(),
+                &mut interest,
+            )
+        };
+        if added != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { epoll })
+    }
+
+    /// Waits for a wake-up or `timeout_ms`; a signal ends the wait early.
+    pub fn wait(&self, timeout_ms: i32) -> io::Result<()> {
+        let mut ready = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: room for exactly one event, valid for the duration of the call.
+        let result = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), &mut ready, 1, timeout_ms) };
+        if result < 0 {
             let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(error)
+            if error.kind() != io::ErrorKind::Interrupted {
+                return Err(error);
             }
         }
-        0 => Ok(false),
-        _ => Ok(true),
+        Ok(())
     }
 }
 

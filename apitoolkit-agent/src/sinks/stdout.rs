@@ -1,26 +1,31 @@
 //! NDJSON on standard output: one payload per line.
 
-use std::{io, sync::Arc};
+use std::{
+    io::{self, Write as _},
+    sync::Arc,
+};
 
-use tokio::io::AsyncWriteExt as _;
+use tokio::runtime::Handle;
 
 use super::PayloadQueue;
 
 const BATCH: usize = 1024;
 
-/// Writes payloads until the queue is closed and empty; returns how many were written.
-pub async fn run(queue: Arc<PayloadQueue>) -> io::Result<u64> {
-    let mut stdout = tokio::io::stdout();
+/// Writes payloads until the queue is closed and empty; returns how many were written. It runs
+/// on a thread of its own and writes with blocking calls: tokio's stdout would hand every
+/// write to its blocking pool, one more thread switch per batch.
+pub fn run(queue: Arc<PayloadQueue>, runtime: &Handle) -> io::Result<u64> {
+    let mut stdout = io::stdout().lock();
     let mut written = 0;
     let mut lines = Vec::new();
-    while let Some(batch) = queue.pop(BATCH, usize::MAX).await {
+    while let Some(batch) = runtime.block_on(queue.pop(BATCH, usize::MAX)) {
         lines.clear();
         for payload in &batch {
             serde_json::to_writer(&mut lines, payload)?;
             lines.push(b'\n');
         }
-        stdout.write_all(&lines).await?;
-        stdout.flush().await?;
+        stdout.write_all(&lines)?;
+        stdout.flush()?;
         written += batch.len() as u64;
     }
     Ok(written)

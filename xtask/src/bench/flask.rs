@@ -33,16 +33,20 @@ fn start_gunicorn(module: &str, port: u16, env: &[(&str, &str)]) -> anyhow::Resu
     Ok(gunicorn)
 }
 
+pub(super) fn title() -> String {
+    format!(
+        "Flask under gunicorn ({GUNICORN_WORKERS} sync workers), GET /item/1, {}",
+        Load::Saturation.describe()
+    )
+}
+
 /// The Flask app of the tests under gunicorn: bare, watched by the agent, and instrumented with
 /// the apitoolkit-flask SDK (the SDK publishes each request before answering it).
 pub(super) fn flask_scenario(context: &Context) -> anyhow::Result<Scenario> {
     let port = free_port()?;
     let url = format!("http://127.0.0.1:{port}/item/1");
     let load = || Load::Saturation.run(&url);
-    let title = format!(
-        "Flask under gunicorn ({GUNICORN_WORKERS} sync workers), GET /item/1, {}",
-        Load::Saturation.describe()
-    );
+    let title = title();
     let mut gunicorn = start_gunicorn("flask_app:app", port, &[])?;
     let mut scenario = with_and_without_agent(
         title.clone(),

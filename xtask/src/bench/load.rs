@@ -19,8 +19,10 @@ pub enum Load {
     Saturation,
     /// Saturation over HTTP/2, many streams per connection.
     Http2Saturation,
-    /// Requests per second.
+    /// Requests per second, over as many connections as hey needs at that rate.
     Rate(u32),
+    /// Requests per second over this many connections (most of them idle at any moment).
+    RateOverConnections(u32, u32),
 }
 
 #[derive(Default)]
@@ -44,6 +46,9 @@ impl Load {
                 format!("saturation (h2load -c{CONNECTIONS} -m{HTTP2_STREAMS} -D{SECONDS})")
             }
             Load::Rate(rate) => format!("{rate} req/s (hey, {SECONDS} s)"),
+            Load::RateOverConnections(rate, connections) => {
+                format!("{rate} req/s over {connections} connections (hey, {SECONDS} s)")
+            }
         }
     }
 
@@ -51,7 +56,8 @@ impl Load {
         match self {
             Load::Saturation => wrk(url),
             Load::Http2Saturation => h2load(url),
-            Load::Rate(rate) => hey(url, rate),
+            Load::Rate(rate) => hey(url, rate, rate.div_ceil(RATE_PER_CONNECTION)),
+            Load::RateOverConnections(rate, connections) => hey(url, rate, connections),
         }
     }
 }
@@ -122,15 +128,16 @@ fn parse_wrk(text: &str) -> anyhow::Result<LoadResult> {
     Ok(result)
 }
 
-fn hey(url: &str, rate: u32) -> anyhow::Result<LoadResult> {
-    let connections = rate.div_ceil(RATE_PER_CONNECTION);
+/// hey paces each connection (`-q` is per connection), so `rate` should be a multiple of
+/// `connections`.
+fn hey(url: &str, rate: u32, connections: u32) -> anyhow::Result<LoadResult> {
     let text = output(Command::new("hey").args([
         "-z",
         &format!("{SECONDS}s"),
         "-c",
         &connections.to_string(),
         "-q",
-        &RATE_PER_CONNECTION.to_string(),
+        &(rate / connections).max(1).to_string(),
         url,
     ]))?;
     parse_hey(&text)

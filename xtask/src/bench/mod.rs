@@ -34,17 +34,12 @@ use serde_json::{Value, json};
 
 use crate::{build_agent, setup, workspace_root};
 use agent::{Agent, AgentCost, Sink, clock_ticks_per_second};
-use load::LoadResult;
+use load::{Load, LoadResult};
 use pubsub::Emulator;
 
 const TOPIC: &str = "bench";
 /// The Pub/Sub project the metadata stub hands out (tests/apps/metadata_stub.py).
 const PUBSUB_PROJECT: &str = "apitoolkit-test";
-
-/// The targets the agent is held to.
-const TARGET_THROUGHPUT_RATIO: f64 = 0.97;
-const TARGET_CPU_US_PER_REQUEST: f64 = 15.0;
-const TARGET_RSS_MIB: f64 = 64.0;
 
 fn ensure_tools() -> anyhow::Result<()> {
     crate::setup::debian_programs(&[
@@ -236,60 +231,177 @@ struct Context {
     ticks_per_second: f64,
 }
 
-/// One line per target: the value measured and whether it is met.
-fn targets(scenarios: &[Scenario]) -> Vec<(String, String, bool)> {
-    let stdout_run = |title_start: &str| {
-        scenarios
-            .iter()
-            .find(|scenario| scenario.title.starts_with(title_start))
-            .and_then(|scenario| {
-                let run = scenario
-                    .runs
-                    .iter()
-                    .find(|run| run.label == "agent → stdout")?;
-                Some((scenario, run))
-            })
+/// One target of the agent's cost: what is measured, its value, and whether it is met.
+struct Target {
+    what: String,
+    value: String,
+    met: bool,
+}
+
+/// A measured value held to a bound; `None` when the scenario did not run.
+fn bounded(what: &str, value: Option<f64>, unit: &str, bound: Bound) -> Option<Target> {
+    let value = value?;
+    let (sign, met) = match bound {
+        Bound::AtMost(limit) => (format!("≤ {limit}"), value <= limit),
+        Bound::AtLeast(limit) => (format!("≥ {limit}"), value >= limit),
     };
-    let mut lines = Vec::new();
-    if let Some((scenario, run)) = stdout_run("nginx, 1 KiB, saturation") {
-        let ratio = scenario.throughput_ratio(run);
-        lines.push((
-            format!("throughput ratio ≥ {TARGET_THROUGHPUT_RATIO} (nginx 1 KiB, saturation)"),
-            format!("{ratio:.3}"),
-            ratio >= TARGET_THROUGHPUT_RATIO,
-        ));
-    }
-    for title in ["nginx, 1 KiB, saturation", "nginx, 1 KiB, 5000 req/s"] {
-        if let Some(cpu) = stdout_run(title).and_then(|(_, run)| run.cpu_us_per_payload()) {
-            lines.push((
-                format!("agent CPU ≤ {TARGET_CPU_US_PER_REQUEST} µs per request ({title})"),
-                format!("{cpu:.1} µs"),
-                cpu <= TARGET_CPU_US_PER_REQUEST,
-            ));
-        }
-    }
-    let peak_rss = scenarios
-        .iter()
-        .flat_map(|scenario| &scenario.runs)
-        .filter_map(|run| Some(run.agent.as_ref()?.peak_rss_mib))
-        .fold(0.0, f64::max);
-    lines.push((
-        format!("agent RSS ≤ {TARGET_RSS_MIB} MiB (highest of all runs)"),
-        format!("{peak_rss:.1} MiB"),
-        peak_rss <= TARGET_RSS_MIB,
-    ));
-    if let Some((_, run)) = stdout_run("nginx, 1 KiB, 5000 req/s")
-        && let Some(agent) = &run.agent
-    {
-        let complete = agent.payloads >= run.load.requests && agent.ringbuf_full == 0;
-        lines.push((
-            "100% capture at 5000 req/s".to_string(),
-            format!(
-                "{} payloads / {} requests",
-                agent.payloads, run.load.requests
+    Some(Target {
+        what: format!("{what} {sign}{unit}"),
+        value: format!("{value:.3}{unit}"),
+        met,
+    })
+}
+
+#[derive(Clone, Copy)]
+enum Bound {
+    AtMost(f64),
+    AtLeast(f64),
+}
+
+/// The targets of the cost issue (#16), measured in this run.
+fn targets(scenarios: &[Scenario], unwatched_write_ns: (f64, f64)) -> Vec<Target> {
+    use Bound::{AtLeast, AtMost};
+    let run = |title: &str, label: &str| {
+        let scenario = scenarios.iter().find(|scenario| scenario.title == title)?;
+        let run = scenario.runs.iter().find(|run| run.label == label)?;
+        Some((scenario, run))
+    };
+    let (stdout, pubsub) = ("agent → stdout", "agent → Pub/Sub");
+    let service_cpu_added = |title: &str| {
+        let (scenario, run) = run(title, stdout)?;
+        Some(run.service_cpu_us_per_request() - scenario.runs[0].service_cpu_us_per_request())
+    };
+    let agent_cpu = |title: &str, label: &str| run(title, label)?.1.cpu_us_per_payload();
+    let ratio = |title: &str, label: &str| {
+        let (scenario, run) = run(title, label)?;
+        Some(scenario.throughput_ratio(run))
+    };
+    let nginx = |label: &str, load: Load| nginx::title(label, load);
+    let service_rate = Load::Rate(nginx::SERVICE_CPU_RATE);
+    let (rate, connections) = nginx::MANY_CONNECTIONS;
+    let (kib, https) = ("1 KiB", "1 KiB HTTPS");
+    let flask = flask::title();
+    let mut lines: Vec<Target> = [
+        bounded(
+            &format!(
+                "service CPU added per plain 1 KiB request, nginx {}",
+                service_rate.describe()
             ),
-            complete,
-        ));
+            service_cpu_added(&nginx(kib, service_rate)),
+            " µs",
+            AtMost(1.0),
+        ),
+        bounded(
+            &format!(
+                "service CPU added per HTTPS 1 KiB request, nginx {}",
+                service_rate.describe()
+            ),
+            service_cpu_added(&nginx(https, service_rate)),
+            " µs",
+            AtMost(3.0),
+        ),
+        bounded(
+            "agent CPU per payload, nginx 5000 req/s → stdout",
+            agent_cpu(&nginx(kib, Load::Rate(5_000)), stdout),
+            " µs",
+            AtMost(4.0),
+        ),
+        bounded(
+            "agent CPU per payload, nginx 5000 req/s → Pub/Sub",
+            agent_cpu(&nginx(kib, Load::Rate(5_000)), pubsub),
+            " µs",
+            AtMost(6.0),
+        ),
+        bounded(
+            "agent CPU per payload, nginx 1000 req/s → stdout",
+            agent_cpu(&nginx(kib, Load::Rate(1_000)), stdout),
+            " µs",
+            AtMost(8.0),
+        ),
+        bounded(
+            "agent CPU per payload, nginx 1 KiB saturation → stdout",
+            agent_cpu(&nginx(kib, Load::Saturation), stdout),
+            " µs",
+            AtMost(3.0),
+        ),
+        bounded(
+            "write(2) added in an unwatched process",
+            Some(unwatched_write_ns.1 - unwatched_write_ns.0),
+            " ns",
+            AtMost(30.0),
+        ),
+        bounded(
+            "throughput ratio, nginx 1 KiB saturation → stdout",
+            ratio(&nginx(kib, Load::Saturation), stdout),
+            "",
+            AtLeast(0.80),
+        ),
+        bounded(
+            "throughput ratio, nginx 1 KiB saturation → Pub/Sub",
+            ratio(&nginx(kib, Load::Saturation), pubsub),
+            "",
+            AtLeast(0.70),
+        ),
+        bounded(
+            "throughput ratio, nginx 1 KiB HTTPS saturation → stdout",
+            ratio(&nginx(https, Load::Saturation), stdout),
+            "",
+            AtLeast(0.75),
+        ),
+        bounded(
+            "throughput ratio, Flask/gunicorn → stdout",
+            ratio(&flask, stdout),
+            "",
+            AtLeast(0.97),
+        ),
+        bounded(
+            "throughput ratio, Flask/gunicorn → Pub/Sub",
+            ratio(&flask, pubsub),
+            "",
+            AtLeast(0.95),
+        ),
+        bounded(
+            &format!("agent peak RSS, nginx {rate} req/s over {connections} connections"),
+            run(
+                &nginx(kib, Load::RateOverConnections(rate, connections)),
+                stdout,
+            )
+            .and_then(|(_, run)| Some(run.agent.as_ref()?.peak_rss_mib)),
+            " MiB",
+            AtMost(64.0),
+        ),
+        bounded(
+            "agent peak RSS, highest of the saturation runs",
+            scenarios
+                .iter()
+                .filter(|scenario| scenario.title.contains("saturation"))
+                .flat_map(|scenario| &scenario.runs)
+                .filter_map(|run| Some(run.agent.as_ref()?.peak_rss_mib))
+                .reduce(f64::max),
+            " MiB",
+            AtMost(96.0),
+        ),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    // Speed is never bought with capture: every request at a fixed rate becomes a payload.
+    for rate in nginx::FIXED_RATES {
+        let title = nginx(kib, Load::Rate(rate));
+        let Some(scenario) = scenarios.iter().find(|scenario| scenario.title == title) else {
+            continue;
+        };
+        for run in &scenario.runs[1..] {
+            let Some(agent) = &run.agent else { continue };
+            lines.push(Target {
+                what: format!("complete capture, nginx {rate} req/s, {}", run.label),
+                value: format!(
+                    "{} payloads / {} requests",
+                    agent.payloads, run.load.requests
+                ),
+                met: agent.payloads >= run.load.requests && agent.ringbuf_full == 0,
+            });
+        }
     }
     lines
 }
@@ -317,11 +429,11 @@ pub fn run() -> anyhow::Result<()> {
         "\nwrite(2) of 64 bytes in an unwatched process: {write_without_ns:.0} ns without the agent, \
          {write_with_ns:.0} ns with it"
     );
-    let targets = targets(&scenarios);
+    let targets = targets(&scenarios, (write_without_ns, write_with_ns));
     println!("\ntargets");
-    for (target, value, met) in &targets {
+    for Target { what, value, met } in &targets {
         let verdict = if *met { "met" } else { "NOT met" };
-        println!("  {target:<64} {value:>28}  {verdict}");
+        println!("  {what:<84} {value:>28}  {verdict}");
     }
 
     let report = json!({
@@ -330,8 +442,8 @@ pub fn run() -> anyhow::Result<()> {
         "scenarios": scenarios.iter().map(Scenario::to_json).collect::<Vec<_>>(),
         "unwatched_write_ns_without_agent": write_without_ns,
         "unwatched_write_ns_with_agent": write_with_ns,
-        "targets": targets.iter().map(|(target, value, met)| {
-            json!({"target": target, "value": value, "met": met})
+        "targets": targets.iter().map(|Target { what, value, met }| {
+            json!({"target": what, "value": value, "met": met})
         }).collect::<Vec<_>>(),
     });
     let json_path = bench_dir().join("capture.json");

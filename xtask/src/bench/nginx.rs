@@ -13,9 +13,18 @@ use super::{
 };
 use crate::services::{ChildGuard, free_port};
 
-const FIXED_RATES: [u32; 2] = [1_000, 5_000];
+pub(super) const FIXED_RATES: [u32; 2] = [1_000, 5_000];
 /// The fixed rate at which every sink is measured, not only stdout.
 const SINK_COMPARISON_RATE: u32 = 5_000;
+/// The fixed rate at which the service's own CPU per request is compared, plain and HTTPS.
+pub(super) const SERVICE_CPU_RATE: u32 = 4_000;
+/// The agent's memory with many open connections: this rate over this many connections.
+pub(super) const MANY_CONNECTIONS: (u32, u32) = (5_000, 1_000);
+
+/// A scenario's title: the body's label and the load.
+pub(super) fn title(body_label: &str, load: Load) -> String {
+    format!("nginx, {body_label}, {}", load.describe())
+}
 
 /// A response body nginx serves, under `/<path>`, over HTTP or HTTPS.
 struct Body {
@@ -86,7 +95,7 @@ fn start_nginx(ports: Ports) -> anyhow::Result<ChildGuard> {
     let (cert, key) = self_signed_certificate(&prefix)?;
     let config = format!(
         "daemon off;\nmaster_process on;\nworker_processes 1;\npid {pid};\nerror_log {log} warn;\n\
-         events {{ worker_connections 1024; }}\n\
+         worker_rlimit_nofile 8192;\nevents {{ worker_connections 4096; }}\n\
          http {{\n  access_log off;\n  sendfile off;\n  keepalive_requests 1000000;\n  \
          default_type application/octet-stream;\n  \
          server {{ listen 127.0.0.1:{http}; root {root}; }}\n  \
@@ -136,7 +145,7 @@ pub(super) fn nginx_scenarios(context: &Context) -> anyhow::Result<Vec<Scenario>
     ] {
         let url = ports.url(body);
         scenarios.push(with_and_without_agent(
-            format!("nginx, {}, {}", body.label, Load::Saturation.describe()),
+            title(body.label, Load::Saturation),
             pid,
             sinks,
             context,
@@ -145,17 +154,32 @@ pub(super) fn nginx_scenarios(context: &Context) -> anyhow::Result<Vec<Scenario>
     }
     let url = format!("https://127.0.0.1:{}/{}", ports.http2, KIB_HTTP2.path);
     scenarios.push(with_and_without_agent(
-        format!(
-            "nginx, {}, {}",
-            KIB_HTTP2.label,
-            Load::Http2Saturation.describe()
-        ),
+        title(KIB_HTTP2.label, Load::Http2Saturation),
         pid,
         &[Sink::Stdout],
         context,
         &|| Load::Http2Saturation.run(&url),
     )?);
+    for body in [&KIB, &KIB_HTTPS] {
+        let (load, url) = (Load::Rate(SERVICE_CPU_RATE), ports.url(body));
+        scenarios.push(with_and_without_agent(
+            title(body.label, load),
+            pid,
+            &[Sink::Stdout],
+            context,
+            &|| load.run(&url),
+        )?);
+    }
     let url = ports.url(&KIB);
+    let (rate, connections) = MANY_CONNECTIONS;
+    let load = Load::RateOverConnections(rate, connections);
+    scenarios.push(with_and_without_agent(
+        title(KIB.label, load),
+        pid,
+        &[Sink::Stdout],
+        context,
+        &|| load.run(&url),
+    )?);
     for rate in FIXED_RATES {
         let load = Load::Rate(rate);
         // The sinks' own cost shows where the agent's CPU per payload is held to its target.
@@ -165,7 +189,7 @@ pub(super) fn nginx_scenarios(context: &Context) -> anyhow::Result<Vec<Scenario>
             &[Sink::Stdout]
         };
         scenarios.push(with_and_without_agent(
-            format!("nginx, 1 KiB, {}", load.describe()),
+            title(KIB.label, load),
             pid,
             sinks,
             context,
