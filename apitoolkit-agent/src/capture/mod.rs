@@ -23,7 +23,7 @@ use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         TracePoint, UProbe,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
     },
 };
 
@@ -217,18 +217,18 @@ impl Probes {
         if !self.tls_loaded {
             return Err(ProbeError::TlsUnavailable);
         }
-        for &(function, offset) in functions {
+        let sites = functions.iter().flat_map(|&(function, offset)| {
             let entry = SSL_PROGRAMS
                 .iter()
                 .find(|(name, _)| *name == function)
                 .map(|(_, program)| *program)
                 .expect("offsets are only looked up for SSL_PROGRAMS");
-            for program in [entry, SSL_CALL_RETURN] {
+            [entry, SSL_CALL_RETURN].map(|program| {
                 let location = UProbeAttachLocation::AbsoluteOffset(offset);
-                self.attach_uprobe(program, function, location, path)?;
-            }
-        }
-        Ok(())
+                (program, function, location.into())
+            })
+        });
+        self.attach_all_or_none(sites.collect(), path)
     }
 
     /// Attaches the Go programs to the executable at `path` where `plan` says: crypto/tls, and
@@ -268,43 +268,48 @@ impl Probes {
                 sites.push((GO_CONN_LOOP_ENTER, go::WRITE_LOOP, write_loop, 0));
             }
         }
-        // All or none: a `Read` probed at its entry but not at every `ret` would lose bytes
-        // without a gap.
+        let sites = sites
+            .into_iter()
+            .map(|(program, function, offset, receiver_slot)| {
+                let point = UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(offset),
+                    cookie: Some(plan.layout.cookie(receiver_slot)),
+                };
+                (program, function, point)
+            })
+            .collect();
+        self.attach_all_or_none(sites, path)
+    }
+
+    /// Attaches each `(program, function, point)` to the file at `path`, for every process (the
+    /// programs filter on the target set, so one attachment serves all processes that share
+    /// the file). All or none: an entry probed without its return, or a `Read` at its entry but
+    /// not at every `ret`, would lose bytes without a gap.
+    fn attach_all_or_none(
+        &mut self,
+        sites: Vec<(&'static str, &'static str, UProbeAttachPoint<'_>)>,
+        path: &Path,
+    ) -> Result<(), ProbeError> {
         let mut attached = Vec::new();
-        for (program, function, offset, receiver_slot) in sites {
-            let point = UProbeAttachPoint {
-                location: UProbeAttachLocation::AbsoluteOffset(offset),
-                cookie: Some(plan.layout.cookie(receiver_slot)),
-            };
-            match self.attach_uprobe(program, function, point, path) {
+        for (program, function, point) in sites {
+            match self
+                .uprobe(program)
+                .attach(point, path, UProbeScope::AllProcesses)
+            {
                 Ok(link) => attached.push((program, link)),
-                Err(error) => {
+                Err(source) => {
                     for (program, link) in attached {
                         let _ = self.uprobe(program).detach(link);
                     }
-                    return Err(error);
+                    return Err(ProbeError::Uprobe {
+                        program,
+                        function,
+                        source,
+                    });
                 }
             }
         }
         Ok(())
-    }
-
-    /// Attaches `program` at `point` of the file at `path`, for every process: the programs
-    /// filter on the target set, so one attachment serves all processes that share the file.
-    fn attach_uprobe<'a>(
-        &mut self,
-        program: &'static str,
-        function: &'static str,
-        point: impl Into<UProbeAttachPoint<'a>>,
-        path: &Path,
-    ) -> Result<UProbeLinkId, ProbeError> {
-        self.uprobe(program)
-            .attach(point, path, UProbeScope::AllProcesses)
-            .map_err(|source| ProbeError::Uprobe {
-                program,
-                function,
-                source,
-            })
     }
 
     /// The map `name` of the kernel object as the typed map `T`.

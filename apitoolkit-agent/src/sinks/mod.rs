@@ -41,7 +41,8 @@ fn queued_size(payload: &Payload) -> usize {
 
 #[derive(Default)]
 struct Pending {
-    payloads: VecDeque<Payload>,
+    /// Each payload with its [`queued_size`], computed once.
+    payloads: VecDeque<(usize, Payload)>,
     bytes: usize,
     closed: bool,
 }
@@ -76,8 +77,9 @@ impl PayloadQueue {
     pub fn push(&self, batch: impl IntoIterator<Item = Payload>) {
         let mut pending = self.pending.lock().expect("queue lock");
         for payload in batch {
-            pending.bytes += queued_size(&payload);
-            pending.payloads.push_back(payload);
+            let size = queued_size(&payload);
+            pending.bytes += size;
+            pending.payloads.push_back((size, payload));
         }
         self.evict_oldest(&mut pending);
         drop(pending);
@@ -88,8 +90,9 @@ impl PayloadQueue {
     pub fn requeue(&self, batch: Vec<Payload>) {
         let mut pending = self.pending.lock().expect("queue lock");
         for payload in batch.into_iter().rev() {
-            pending.bytes += queued_size(&payload);
-            pending.payloads.push_front(payload);
+            let size = queued_size(&payload);
+            pending.bytes += size;
+            pending.payloads.push_front((size, payload));
         }
         self.evict_oldest(&mut pending);
     }
@@ -97,10 +100,10 @@ impl PayloadQueue {
     fn evict_oldest(&self, pending: &mut Pending) {
         let mut dropped = 0;
         while pending.bytes > self.max_bytes {
-            let Some(oldest) = pending.payloads.pop_front() else {
+            let Some((size, _)) = pending.payloads.pop_front() else {
                 break;
             };
-            pending.bytes -= queued_size(&oldest);
+            pending.bytes -= size;
             dropped += 1;
         }
         if dropped > 0 {
@@ -145,15 +148,18 @@ impl PayloadQueue {
                 if !pending.payloads.is_empty() {
                     let mut count = 0;
                     let mut bytes = 0;
-                    for payload in pending.payloads.iter().take(max) {
-                        let size = queued_size(payload);
+                    for &(size, _) in pending.payloads.iter().take(max) {
                         if count > 0 && bytes + size > max_bytes {
                             break;
                         }
                         count += 1;
                         bytes += size;
                     }
-                    let batch: Vec<Payload> = pending.payloads.drain(..count).collect();
+                    let batch: Vec<Payload> = pending
+                        .payloads
+                        .drain(..count)
+                        .map(|(_, payload)| payload)
+                        .collect();
                     pending.bytes -= bytes;
                     return Some(batch);
                 }

@@ -19,6 +19,10 @@ use super::{
 use crate::pipeline::payload::Payload;
 
 const BATCH: usize = 1000;
+/// Bytes of payloads taken from the queue at once: what is being published is held on top of
+/// the queue's bound, so it stays a fraction of it (1000 payloads of 64 KiB bodies would be
+/// ~130 MiB).
+const BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// How long the client library itself retries one batch; after that the payloads return to
 /// the queue, where the bound (not the library's buffer) decides what is kept.
 const LIBRARY_RETRY_LIMIT: Duration = Duration::from_secs(10);
@@ -228,8 +232,7 @@ pub async fn run(
         topic_path: destination.topic_path,
         late_project_id: resolved_late.then_some(destination.project_id),
     };
-    // The client library bounds its own requests' bytes.
-    let stats = delivery::run(queue, &mut transport, BATCH, usize::MAX).await;
+    let stats = delivery::run(queue, &mut transport, BATCH, BATCH_BYTES).await;
     transport.publisher.flush().await;
     stats
 }
