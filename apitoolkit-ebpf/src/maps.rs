@@ -44,9 +44,10 @@ pub(crate) static CONNECTIONS: LruHashMap<u64, ConnState> = LruHashMap::with_max
 #[map]
 pub(crate) static DISABLED: LruHashMap<u64, Disabled> = LruHashMap::with_max_entries(16384, 0);
 
-/// LRU so threads killed inside a syscall (no exit event) cannot fill it up.
+/// One slot per watched thread, written in place (not LRU: its list locks cost more than the
+/// whole lookup); a thread's slot is freed when it exits.
 #[map]
-pub(crate) static IN_FLIGHT: LruHashMap<u64, InFlightCall> = LruHashMap::with_max_entries(16384, 0);
+pub(crate) static IN_FLIGHT: HashMap<u64, InFlightCall> = HashMap::with_max_entries(16384, 0);
 
 /// A data record is assembled here: it is too big for the 512-byte stack.
 #[map]
@@ -94,9 +95,10 @@ pub(crate) static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_ent
 pub(crate) static SSL_CONNS: LruHashMap<SslKey, SslConn> = LruHashMap::with_max_entries(65536, 0);
 
 /// The last connection fd each thread moved bytes on: the fallback for TLS stacks that do
-/// socket I/O outside the SSL call (node feeds OpenSSL from memory buffers).
+/// socket I/O outside the SSL call (node feeds OpenSSL from memory buffers). Written in place
+/// like `IN_FLIGHT`, and freed when the thread exits.
 #[map]
-pub(crate) static LAST_SOCKET_FD: LruHashMap<u64, i32> = LruHashMap::with_max_entries(16384, 0);
+pub(crate) static LAST_SOCKET_FD: HashMap<u64, i32> = HashMap::with_max_entries(16384, 0);
 
 /// Go crypto/tls reads in progress, by goroutine: LRU, since a goroutine that panics inside
 /// `Read` never reaches a `ret`.

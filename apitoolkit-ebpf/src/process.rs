@@ -13,8 +13,8 @@ use aya_ebpf::{
 use crate::{
     connections::read_sockaddr,
     maps::{
-        CGROUP_TARGETS, EVENTS, EXE_TARGETS, LAST_SOCKET_FD, PORT_TARGETS, TARGETS, TLS_CALLS,
-        config, count, wakeup_flag,
+        CGROUP_TARGETS, EVENTS, EXE_TARGETS, IN_FLIGHT, LAST_SOCKET_FD, PORT_TARGETS, TARGETS,
+        TLS_CALLS, config, count, wakeup_flag,
     },
     syscalls::arg,
 };
@@ -129,12 +129,16 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn process_exit(_ctx: TracePointContext) -> u32 {
+    // Per-thread slots go with their thread, even one that is no target any more (they are not
+    // LRU maps).
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let _ = IN_FLIGHT.remove(&pid_tgid);
+    let _ = LAST_SOCKET_FD.remove(&pid_tgid);
     let Some((pid_tgid, tgid)) = current_target() else {
         return 0;
     };
     // A thread that dies inside an SSL call never returns from it.
     let _ = TLS_CALLS.remove(&pid_tgid);
-    let _ = LAST_SOCKET_FD.remove(&pid_tgid);
     let tid = pid_tgid as u32;
     let _ = TARGETS.remove(&tid);
     if tid == tgid {

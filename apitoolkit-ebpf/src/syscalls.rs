@@ -53,7 +53,10 @@ pub(crate) struct InFlightCall {
     /// The syscall only works on sockets (recv*/send*), so an unknown fd is a connection that
     /// predates the agent. read/write may be file I/O: userspace registers older sockets for them.
     pub(crate) socket_only: u8,
-    pub(crate) _pad: [u8; 2],
+    /// 1 between the entry and the exit; the thread's slot stays in the map, empty, in between
+    /// calls (see [`stash`]).
+    pub(crate) pending: u8,
+    pub(crate) _pad: u8,
 }
 
 #[inline(always)]
@@ -71,6 +74,10 @@ fn ret(ctx: &TracePointContext) -> i64 {
     unsafe { ctx.read_at::<i64>(SYSCALL_RET) }.unwrap_or(-1)
 }
 
+/// Records the call in the thread's slot of `IN_FLIGHT`, written in place: a hash-map update
+/// or delete per syscall costs ~0.5 µs on a VM (the LRU map's list locks even more), a
+/// lookup a fraction of that. A slot is only created on a thread's first call, and freed
+/// when the thread exits (`process::process_exit`).
 #[inline(always)]
 fn stash(
     pid_tgid: u64,
@@ -86,23 +93,42 @@ fn stash(
         fd: fd as i32,
         kind,
         socket_only: socket_only as u8,
-        _pad: [0; 2],
+        pending: 1,
+        _pad: 0,
     };
-    if IN_FLIGHT.insert(&pid_tgid, &call, 0).is_err() {
+    if let Some(slot) = IN_FLIGHT.get_ptr_mut(&pid_tgid) {
+        // SAFETY: a live element of `IN_FLIGHT` keyed by this thread: only this thread's
+        // programs touch it, and they do not run concurrently with this one.
+        unsafe { *slot = call };
+    } else if IN_FLIGHT.insert(&pid_tgid, &call, 0).is_err() {
         count(Counter::InflightTableFull);
+    }
+}
+
+/// Sets the thread's `LAST_SOCKET_FD`, in place when it has one (see [`stash`]).
+#[inline(always)]
+fn remember_socket(pid_tgid: u64, fd: i32) {
+    if let Some(last) = LAST_SOCKET_FD.get_ptr_mut(&pid_tgid) {
+        // SAFETY: a live element keyed by this thread; only its programs write it, one at a time.
+        unsafe { *last = fd };
+    } else {
+        let _ = LAST_SOCKET_FD.insert(&pid_tgid, &fd, 0);
     }
 }
 
 #[inline(always)]
 fn take_call(pid_tgid: u64) -> Option<InFlightCall> {
-    // SAFETY: copied at once. Only these programs write `IN_FLIGHT` (never userspace), always
-    // whole `InFlightCall`s, so even an entry the LRU recycles meanwhile holds our values and
-    // its one-byte `CallKind` a valid discriminant.
-    let call = unsafe { IN_FLIGHT.get(&pid_tgid) }.copied();
-    if call.is_some() {
-        let _ = IN_FLIGHT.remove(&pid_tgid);
+    let slot = IN_FLIGHT.get_ptr_mut(&pid_tgid)?;
+    // SAFETY: a live element of `IN_FLIGHT` keyed by this thread, which only this thread's
+    // programs write (never userspace), always whole `InFlightCall`s, so its one-byte
+    // `CallKind` is a valid discriminant.
+    let call = unsafe { *slot };
+    if call.pending == 0 {
+        return None;
     }
-    call
+    // SAFETY: as above.
+    unsafe { (*slot).pending = 0 };
+    Some(call)
 }
 
 #[inline(always)]
@@ -157,7 +183,7 @@ fn on_accept_or_connect_exit(ctx: &TracePointContext) -> u32 {
         return 0;
     }
     if open_conn(tgid, fd, role, remote).is_some() {
-        let _ = LAST_SOCKET_FD.insert(&pid_tgid, &fd, 0);
+        remember_socket(pid_tgid, fd);
     }
     0
 }
@@ -194,7 +220,7 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction) -> u32 {
         return 0;
     };
     // TLS libraries with their own buffers (node) read and write the socket outside SSL calls.
-    let _ = LAST_SOCKET_FD.insert(&pid_tgid, &call.fd, 0);
+    remember_socket(pid_tgid, call.fd);
     emit_on_connection(
         // SAFETY: a live `CONNECTIONS` element (memory stays valid while the program runs),
         // `ConnState` is plain integers. Another thread of the process on another CPU may

@@ -204,7 +204,8 @@ pub(crate) fn emit_plaintext(
             CallKind::SizeOnly
         },
         socket_only: 0,
-        _pad: [0; 2],
+        pending: 0,
+        _pad: 0,
     };
     emit_on_connection(
         // SAFETY: a live `CONNECTIONS` element (memory stays valid while the program runs),
