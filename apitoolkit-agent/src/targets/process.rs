@@ -247,13 +247,15 @@ impl Profiler {
         } else {
             workload
         };
+        let sdk_type = self.forced_sdk_type.unwrap_or(detected.sdk_type);
+        let scanned = super::routes::scan_process(tgid, sdk_type, &cmdline(tgid));
         let profile = ProcessProfile {
-            sdk_type: self.forced_sdk_type.unwrap_or(detected.sdk_type),
+            sdk_type,
             tags: tags.into(),
             service_name: service_name.into(),
             routes: Routes {
                 configured: self.configured_routes.clone(),
-                ..detected.routes
+                scanned: Arc::new(scanned),
             },
             ..detected
         };
