@@ -21,8 +21,13 @@ const MAX_MODULES: usize = 400;
 const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
 /// The entry points of a Python process: `(directory the module path starts from, module
-/// name)`, from `app.py`, `module:app` (gunicorn, uvicorn), `--app module` and `FLASK_APP`.
+/// name)`, from `app.py`, `module:app` (gunicorn, uvicorn; under `--app-dir`/`--chdir` when
+/// given), `--app module` and `FLASK_APP`.
 fn python_entries(args: &[String], flask_app: Option<&str>, cwd: &Path) -> Vec<(PathBuf, String)> {
+    let app_dir = args
+        .windows(2)
+        .find(|pair| pair[0] == "--app-dir" || pair[0] == "--chdir")
+        .map_or_else(|| cwd.to_path_buf(), |pair| cwd.join(&pair[1]));
     let mut entries = Vec::new();
     let mut previous = "";
     let module_of = |target: &str| {
@@ -48,7 +53,7 @@ fn python_entries(args: &[String], flask_app: Option<&str>, cwd: &Path) -> Vec<(
             entries.push((directory, name));
         } else if previous == "--app" || arg.contains(':') && !arg.starts_with('-') {
             if let Some(module) = module_of(arg) {
-                entries.push((cwd.to_path_buf(), module));
+                entries.push((app_dir.clone(), module));
             }
         } else if let Some(target) = arg.strip_prefix("--app=")
             && let Some(module) = module_of(target)
