@@ -2,7 +2,10 @@
 //! command line names, resolved against its working directory, and the application modules
 //! they import, all through `/proc/<pid>/root` so a container's files are read.
 
+pub mod javascript;
+mod mounts;
 pub mod python;
+mod syntax;
 
 use std::{
     collections::HashSet,
@@ -66,6 +69,59 @@ fn python_entries(args: &[String], flask_app: Option<&str>, cwd: &Path) -> Vec<(
         entries.push((cwd.to_path_buf(), module));
     }
     entries
+}
+
+/// The application's JavaScript files: the scripts the command line names and the files they
+/// require or import, relative to the first script's directory.
+fn javascript_modules(root: &Path, args: &[String], cwd: &Path) -> Vec<javascript::Module> {
+    let scripts: Vec<PathBuf> = args
+        .iter()
+        .skip(1)
+        .filter(|arg| {
+            [".js", ".cjs", ".mjs"]
+                .iter()
+                .any(|suffix| arg.ends_with(suffix))
+        })
+        .map(|arg| cwd.join(arg))
+        .collect();
+    let Some(base) = scripts.first().and_then(|script| script.parent()) else {
+        return Vec::new();
+    };
+    let base = root.join(base.strip_prefix("/").unwrap_or(base));
+    let read = |name: &str| {
+        let file = base.join(name);
+        let metadata = fs::metadata(&file).ok()?;
+        if !metadata.is_file() || metadata.len() > MAX_FILE_BYTES {
+            return None;
+        }
+        Some(String::from_utf8_lossy(&fs::read(&file).ok()?).into_owned())
+    };
+    let exists = |name: &str| base.join(name).is_file();
+    let mut pending: Vec<String> = scripts
+        .iter()
+        .filter_map(|script| Some(script.file_name()?.to_string_lossy().into_owned()))
+        .collect();
+    let mut seen: HashSet<String> = pending.iter().cloned().collect();
+    let mut modules = Vec::new();
+    while let Some(name) = pending.pop() {
+        if modules.len() >= MAX_MODULES {
+            tracing::warn!(limit = MAX_MODULES, "route scan stopped: too many modules");
+            break;
+        }
+        let Some(source) = read(&name) else {
+            continue;
+        };
+        let module = javascript::Module { name, source };
+        for specifier in javascript::imported_specifiers(&module) {
+            if let Some(file) = javascript::resolve_specifier(&module.name, &specifier, &exists)
+                && seen.insert(file.clone())
+            {
+                pending.push(file);
+            }
+        }
+        modules.push(module);
+    }
+    modules
 }
 
 /// Reads a module's file under `root` (the process's root) and `base`, if it is there.
@@ -132,17 +188,23 @@ fn environment_variable(pid: u32, key: &str) -> Option<String> {
 /// an empty table for the others. Declarations that cannot be resolved statically are logged
 /// once, here.
 pub fn scan_process(pid: u32, sdk_type: SdkType, args: &[String]) -> RouteTable {
-    if !matches!(sdk_type, SdkType::PythonFlask | SdkType::PythonFastApi) {
-        return RouteTable::default();
-    }
     let root = PathBuf::from(format!("/proc/{pid}/root"));
     let Ok(cwd) = fs::read_link(format!("/proc/{pid}/cwd")) else {
         return RouteTable::default();
     };
-    let flask_app = environment_variable(pid, "FLASK_APP");
-    let entries = python_entries(args, flask_app.as_deref(), &cwd);
-    let modules = python_modules(&root, &entries);
-    let scanned = python::scan(&modules);
+    let (modules, scanned) = match sdk_type {
+        SdkType::PythonFlask | SdkType::PythonFastApi => {
+            let flask_app = environment_variable(pid, "FLASK_APP");
+            let entries = python_entries(args, flask_app.as_deref(), &cwd);
+            let modules = python_modules(&root, &entries);
+            (modules.len(), python::scan(&modules))
+        }
+        SdkType::JsExpress => {
+            let modules = javascript_modules(&root, args, &cwd);
+            (modules.len(), javascript::scan(&modules))
+        }
+        _ => return RouteTable::default(),
+    };
     let mut templates = Vec::new();
     for text in &scanned.templates {
         match Template::parse(text) {
@@ -159,7 +221,7 @@ pub fn scan_process(pid: u32, sdk_type: SdkType, args: &[String]) -> RouteTable 
     }
     tracing::info!(
         pid,
-        modules = modules.len(),
+        modules,
         templates = templates.len(),
         "route templates read from the application source"
     );

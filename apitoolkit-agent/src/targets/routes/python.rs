@@ -9,19 +9,12 @@
 //! declaration is a call with literal arguments, which tokens show exactly, and no full Python
 //! grammar is needed for it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
-/// A Python token, as far as route declarations need: names, string literals (their value;
-/// none for an f-string) and single punctuation characters. Numbers and other operators are
-/// `Other`.
-#[derive(Clone, Debug, PartialEq)]
-enum Token {
-    Name(String),
-    Str(Option<String>),
-    Punct(char),
-    Newline,
-    Other,
-}
+use super::{
+    mounts::{self, Declarations, Framework, Object, Scanned},
+    syntax::{Arg, Call, Token, calls},
+};
 
 /// The value of a string literal body without its quotes; `None` for an f-string.
 fn literal_value(prefix: &str, body: &str) -> Option<String> {
@@ -168,146 +161,6 @@ fn string_at(source: &str, at: usize, prefix: &str) -> (Token, usize) {
     (Token::Str(None), end.min(source.len()))
 }
 
-/// An argument of a call.
-#[derive(Clone, Debug, PartialEq)]
-enum Arg {
-    /// A string literal (adjacent literals joined).
-    Literal(String),
-    /// A name or dotted name (`users.bp`).
-    Reference(Vec<String>),
-    /// Anything computed.
-    Computed,
-}
-
-struct Call {
-    /// The dotted callee (`app.get`, `Blueprint`).
-    callee: Vec<String>,
-    positional: Vec<Arg>,
-    keywords: HashMap<String, Arg>,
-    /// The name the call's value is bound to (`bp = Blueprint(...)`).
-    assigned_to: Option<String>,
-}
-
-impl Call {
-    fn arg(&self, position: usize, keyword: &str) -> Option<&Arg> {
-        self.positional
-            .get(position)
-            .or_else(|| self.keywords.get(keyword))
-    }
-}
-
-fn arg_value(tokens: &[Token]) -> Arg {
-    if !tokens.is_empty() && tokens.iter().all(|token| matches!(token, Token::Str(_))) {
-        let mut joined = String::new();
-        for token in tokens {
-            match token {
-                Token::Str(Some(value)) => joined.push_str(value),
-                _ => return Arg::Computed,
-            }
-        }
-        return Arg::Literal(joined);
-    }
-    let mut path = Vec::new();
-    for (index, token) in tokens.iter().enumerate() {
-        match token {
-            Token::Name(name) if index % 2 == 0 => path.push(name.clone()),
-            Token::Punct('.') if index % 2 == 1 => {}
-            _ => return Arg::Computed,
-        }
-    }
-    if path.is_empty() || tokens.len().is_multiple_of(2) {
-        return Arg::Computed;
-    }
-    Arg::Reference(path)
-}
-
-/// The call whose `(` is at `open`: its arguments and the index after its `)`.
-fn call_args(tokens: &[Token], open: usize) -> (Vec<Arg>, HashMap<String, Arg>, usize) {
-    let mut positional = Vec::new();
-    let mut keywords = HashMap::new();
-    let mut depth = 0;
-    let mut current: Vec<Token> = Vec::new();
-    let mut index = open;
-    let mut finish = |current: &mut Vec<Token>| {
-        if current.is_empty() {
-            return;
-        }
-        match current.as_slice() {
-            [Token::Name(keyword), Token::Punct('='), value @ ..] => {
-                keywords.insert(keyword.clone(), arg_value(value));
-            }
-            value => positional.push(arg_value(value)),
-        }
-        current.clear();
-    };
-    while index < tokens.len() {
-        let token = &tokens[index];
-        match token {
-            Token::Punct('(' | '[' | '{') => {
-                depth += 1;
-                if depth > 1 {
-                    current.push(token.clone());
-                }
-            }
-            Token::Punct(')' | ']' | '}') => {
-                depth -= 1;
-                if depth == 0 {
-                    finish(&mut current);
-                    return (positional, keywords, index + 1);
-                }
-                current.push(token.clone());
-            }
-            Token::Punct(',') if depth == 1 => finish(&mut current),
-            _ => current.push(token.clone()),
-        }
-        index += 1;
-    }
-    finish(&mut current);
-    (positional, keywords, index)
-}
-
-/// Every call in the source, with the name it is assigned to when it is the whole right-hand
-/// side of `name = ...`.
-fn calls(tokens: &[Token]) -> Vec<Call> {
-    let mut found = Vec::new();
-    let mut index = 0;
-    while index < tokens.len() {
-        let Token::Name(first) = &tokens[index] else {
-            index += 1;
-            continue;
-        };
-        let start = index;
-        let mut callee = vec![first.clone()];
-        index += 1;
-        while let (Some(Token::Punct('.')), Some(Token::Name(next))) =
-            (tokens.get(index), tokens.get(index + 1))
-        {
-            callee.push(next.clone());
-            index += 2;
-        }
-        if tokens.get(index) != Some(&Token::Punct('(')) {
-            continue;
-        }
-        let (positional, keywords, _) = call_args(tokens, index);
-        let assigned_to = match (start.checked_sub(2).map(|at| &tokens[at..start]), start) {
-            (Some([Token::Name(name), Token::Punct('=')]), _) => {
-                let before = start.checked_sub(3).map(|at| &tokens[at]);
-                matches!(before, None | Some(Token::Newline)).then(|| name.clone())
-            }
-            _ => None,
-        };
-        found.push(Call {
-            callee,
-            positional,
-            keywords,
-            assigned_to,
-        });
-        // Step inside the parentheses too: calls nest (`app.include_router(make_router())`).
-        index += 1;
-    }
-    found
-}
-
 /// `import` statements: local name -> (module, name in it; none for the module itself).
 fn imports(tokens: &[Token], package: &str) -> HashMap<String, (String, Option<String>)> {
     let mut bound = HashMap::new();
@@ -421,33 +274,6 @@ pub fn imported_modules(module: &Module) -> Vec<String> {
     names
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Framework {
-    Flask,
-    FastApi,
-}
-
-/// An application or router object: `(module, variable)`.
-type Object = (String, String);
-
-#[derive(Default)]
-struct Declarations {
-    /// Apps and routers, with the framework and the prefix given at construction.
-    objects: HashMap<Object, (Framework, String, bool)>,
-    /// Templates declared on each object.
-    routes: Vec<(Object, String)>,
-    /// `parent.register_blueprint(child, url_prefix=)` / `include_router(child, prefix=)`.
-    mounts: Vec<(Object, Object, Option<String>)>,
-    unresolved: Vec<String>,
-}
-
-/// What the scan found: the full templates, and declarations it could not resolve.
-#[derive(Debug, Default, PartialEq)]
-pub struct Scanned {
-    pub templates: Vec<String>,
-    pub unresolved: Vec<String>,
-}
-
 const ROUTE_METHODS: [&str; 11] = [
     "route",
     "get",
@@ -511,9 +337,10 @@ fn declarations(modules: &[Module]) -> Declarations {
             let last = call.callee.last().expect("callees are not empty").as_str();
             let constructed = match last {
                 "Flask" => Some((Framework::Flask, None, true)),
-                "Blueprint" => Some((Framework::Flask, call.arg(3, "url_prefix"), false)),
+                "Blueprint" => Some((Framework::Flask, call.arg(5, "url_prefix"), false)),
                 "FastAPI" | "Starlette" => Some((Framework::FastApi, None, true)),
-                "APIRouter" => Some((Framework::FastApi, call.arg(0, "prefix"), false)),
+                // Keyword-only in FastAPI.
+                "APIRouter" => Some((Framework::FastApi, call.keywords.get("prefix"), false)),
                 _ => None,
             };
             if let Some((framework, prefix, is_app)) = constructed {
@@ -587,109 +414,9 @@ fn declarations(modules: &[Module]) -> Declarations {
     found
 }
 
-/// Flask joins a blueprint's prefix and a rule with exactly one `/`.
-fn flask_join(prefix: &str, rule: &str) -> String {
-    if prefix.is_empty() {
-        return rule.to_owned();
-    }
-    if rule.is_empty() {
-        return prefix.to_owned();
-    }
-    format!(
-        "{}/{}",
-        prefix.trim_end_matches('/'),
-        rule.trim_start_matches('/')
-    )
-}
-
-/// The full templates of the application in `modules`: each route under the prefixes of the
-/// routers and blueprints that mount it, from the application objects down.
+/// The full templates of the application in `modules`.
 pub fn scan(modules: &[Module]) -> Scanned {
-    let mut found = declarations(modules);
-    let mut templates = Vec::new();
-    // (object, prefix so far), from every application object; objects are never revisited
-    // on one path, so mount cycles end.
-    let mut pending: Vec<(Object, String, Vec<Object>)> = found
-        .objects
-        .iter()
-        .filter(|(_, (_, _, is_app))| *is_app)
-        .map(|(object, _)| (object.clone(), String::new(), vec![object.clone()]))
-        .collect();
-    let mut reached: HashSet<Object> = HashSet::new();
-    while let Some((object, prefix, path)) = pending.pop() {
-        reached.insert(object.clone());
-        let Some((framework, _, _)) = found.objects.get(&object).cloned() else {
-            continue;
-        };
-        for (owner, template) in &found.routes {
-            if *owner == object {
-                templates.push(match framework {
-                    Framework::Flask => flask_join(&prefix, template),
-                    Framework::FastApi => format!("{prefix}{template}"),
-                });
-            }
-        }
-        for (parent, child, mount_prefix) in &found.mounts {
-            if *parent != object || path.contains(child) {
-                continue;
-            }
-            let Some((_, own_prefix, _)) = found.objects.get(child) else {
-                found.unresolved.push(format!(
-                    "{}: {} mounts {}.{}, which is not an application's router",
-                    parent.0, parent.1, child.0, child.1
-                ));
-                continue;
-            };
-            let child_prefix = match framework {
-                // Flask: the registration's url_prefix replaces the blueprint's own.
-                Framework::Flask => flask_join(
-                    &prefix,
-                    mount_prefix.as_deref().unwrap_or(own_prefix.as_str()),
-                ),
-                // FastAPI: include_router's prefix, then the router's own.
-                Framework::FastApi => format!(
-                    "{prefix}{}{own_prefix}",
-                    mount_prefix.as_deref().unwrap_or_default()
-                ),
-            };
-            let mut child_path = path.clone();
-            child_path.push(child.clone());
-            pending.push((child.clone(), child_prefix, child_path));
-        }
-    }
-    // A router nobody mounts in the source is mounted at run time (a loop, a factory):
-    // its routes under its own prefix are the best guess, and it is reported.
-    for (object, (framework, own_prefix, _)) in &found.objects {
-        if reached.contains(object) {
-            continue;
-        }
-        let mut declared = found
-            .routes
-            .iter()
-            .filter(|(owner, _)| owner == object)
-            .peekable();
-        if declared.peek().is_none() {
-            continue;
-        }
-        found.unresolved.push(format!(
-            "{}: {} is never mounted in the source; its routes are taken under its own prefix",
-            object.0, object.1
-        ));
-        for (_, template) in declared {
-            templates.push(match framework {
-                Framework::Flask => flask_join(own_prefix, template),
-                Framework::FastApi => format!("{own_prefix}{template}"),
-            });
-        }
-    }
-    templates.sort();
-    templates.dedup();
-    found.unresolved.sort();
-    found.unresolved.dedup();
-    Scanned {
-        templates,
-        unresolved: found.unresolved,
-    }
+    mounts::templates(declarations(modules))
 }
 
 #[cfg(test)]
@@ -781,7 +508,7 @@ def file(account_id, name):
 from fastapi import FastAPI
 from .routers import items, users as user_routes
 
-app = FastAPI(title="shop")
+app: FastAPI = FastAPI(title="shop")
 app.include_router(items.router, prefix="/api")
 app.include_router(user_routes.router)
 
