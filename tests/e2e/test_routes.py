@@ -106,3 +106,19 @@ def test_a_bad_routes_file_stops_the_agent_at_start_up(tmp_path, node_server):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert f"--routes {bad}" in result.stderr and "paths" in result.stderr, result.stderr
+
+
+def test_express_router_mounted_from_another_file(agent_factory):
+    app = APPS / "routes_express"
+    port = free_port()
+    server = Server(["node", "server.js"], port, cwd=app)
+    try:
+        agent = agent_factory([server.pid])
+        drive(agent, server.base, [
+            (("GET", "/api/users/me"), ("/api/users/me", {})),
+            (("GET", "/api/users/u-9"), ("/api/users/:id", {"id": "u-9"})),
+            (("GET", "/api/orders/12"), ("/api/orders/:id(\\d+)", {"id": "12"})),
+            (("GET", "/health"), ("/health", {})),
+        ])
+    finally:
+        server.stop()
