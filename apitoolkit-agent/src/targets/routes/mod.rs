@@ -2,6 +2,7 @@
 //! command line names, resolved against its working directory, and the application modules
 //! they import, all through `/proc/<pid>/root` so a container's files are read.
 
+pub mod django;
 pub mod javascript;
 mod mounts;
 pub mod python;
@@ -17,6 +18,7 @@ use crate::pipeline::{
     profile::SdkType,
     routes::{RouteTable, Template},
 };
+use mounts::Scanned;
 use python::Module;
 
 /// Bounds on what one scan reads, so a huge tree cannot stall profiling.
@@ -175,6 +177,49 @@ fn python_modules(root: &Path, entries: &[(PathBuf, String)]) -> Vec<Module> {
     modules
 }
 
+/// A Django project's urlconfs, the root first: `ROOT_URLCONF` of the settings module (from
+/// the environment, else the default `manage.py` or `wsgi.py` sets), then what it includes.
+fn django_modules(
+    root: &Path,
+    entries: &[(PathBuf, String)],
+    settings: Option<String>,
+) -> Vec<Module> {
+    let bases: Vec<&Path> = entries.iter().map(|(base, _)| base.as_path()).collect();
+    let read = |name: &str| bases.iter().find_map(|base| read_module(root, base, name));
+    let settings = settings.or_else(|| {
+        entries
+            .iter()
+            .filter_map(|(_, name)| read(name))
+            .find_map(|module| django::default_settings_module(&module))
+    });
+    let Some(root_urlconf) = settings
+        .and_then(|settings| read(&settings))
+        .and_then(|settings| django::assigned_string(&settings, "ROOT_URLCONF"))
+    else {
+        return Vec::new();
+    };
+    let mut pending = vec![root_urlconf.clone()];
+    let mut seen: HashSet<String> = pending.iter().cloned().collect();
+    let mut modules = Vec::new();
+    while let Some(name) = pending.pop() {
+        if modules.len() >= MAX_MODULES {
+            break;
+        }
+        let Some(module) = read(&name) else {
+            continue;
+        };
+        for included in django::included_modules(&module) {
+            if seen.insert(included.clone()) {
+                pending.push(included);
+            }
+        }
+        modules.push(module);
+    }
+    // The root first, whatever order the includes were read in.
+    modules.sort_by_key(|module| module.name != root_urlconf);
+    modules
+}
+
 fn environment_variable(pid: u32, key: &str) -> Option<String> {
     let environ = fs::read(format!("/proc/{pid}/environ")).ok()?;
     environ.split(|byte| *byte == 0).find_map(|entry| {
@@ -199,6 +244,15 @@ pub fn scan_process(pid: u32, sdk_type: SdkType, args: &[String]) -> RouteTable 
             let modules = python_modules(&root, &entries);
             (modules.len(), python::scan(&modules))
         }
+        SdkType::PythonDjango => {
+            let entries = python_entries(args, None, &cwd);
+            let settings = environment_variable(pid, "DJANGO_SETTINGS_MODULE");
+            let modules = django_modules(&root, &entries, settings);
+            let root_urlconf = modules.first().map(|module| module.name.clone());
+            let scanned = root_urlconf
+                .map_or_else(Scanned::default, |urlconf| django::scan(&modules, &urlconf));
+            (modules.len(), scanned)
+        }
         SdkType::JsExpress => {
             let modules = javascript_modules(&root, args, &cwd);
             (modules.len(), javascript::scan(&modules))
@@ -206,8 +260,14 @@ pub fn scan_process(pid: u32, sdk_type: SdkType, args: &[String]) -> RouteTable 
         _ => return RouteTable::default(),
     };
     let mut templates = Vec::new();
-    for text in &scanned.templates {
-        match Template::parse(text) {
+    let parsed = (scanned.templates.iter().map(|text| Template::parse(text))).chain(
+        scanned
+            .regex_templates
+            .iter()
+            .map(|text| Template::regex(text)),
+    );
+    for template in parsed {
+        match template {
             Ok(template) => templates.push(template),
             Err(error) => tracing::warn!(pid, %error, "route template skipped"),
         }

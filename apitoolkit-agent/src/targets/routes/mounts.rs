@@ -32,6 +32,8 @@ pub struct Declarations {
 #[derive(Debug, Default, PartialEq)]
 pub struct Scanned {
     pub templates: Vec<String>,
+    /// Regular expressions (Django `re_path()`), reported as written.
+    pub regex_templates: Vec<String>,
     pub unresolved: Vec<String>,
 }
 
@@ -139,6 +141,7 @@ pub fn templates(mut found: Declarations) -> Scanned {
     found.unresolved.dedup();
     Scanned {
         templates,
+        regex_templates: Vec::new(),
         unresolved: found.unresolved,
     }
 }

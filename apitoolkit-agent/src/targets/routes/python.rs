@@ -46,7 +46,7 @@ fn literal_value(prefix: &str, body: &str) -> Option<String> {
     Some(value)
 }
 
-fn tokenize(source: &str) -> Vec<Token> {
+pub(super) fn tokenize(source: &str) -> Vec<Token> {
     let bytes = source.as_bytes();
     let mut tokens = Vec::new();
     let mut depth = 0usize;
@@ -162,7 +162,10 @@ fn string_at(source: &str, at: usize, prefix: &str) -> (Token, usize) {
 }
 
 /// `import` statements: local name -> (module, name in it; none for the module itself).
-fn imports(tokens: &[Token], package: &str) -> HashMap<String, (String, Option<String>)> {
+pub(super) fn imports(
+    tokens: &[Token],
+    package: &str,
+) -> HashMap<String, (String, Option<String>)> {
     let mut bound = HashMap::new();
     let lines = tokens.split(|token| *token == Token::Newline);
     for line in lines {
@@ -248,7 +251,7 @@ pub struct Module {
 }
 
 impl Module {
-    fn package(&self) -> &str {
+    pub(super) fn package(&self) -> &str {
         if self.is_package {
             &self.name
         } else {
@@ -289,7 +292,7 @@ const ROUTE_METHODS: [&str; 11] = [
 ];
 
 /// Resolves a name used in `module` to the object it denotes.
-fn resolve(
+pub(super) fn resolve(
     reference: &[String],
     module: &str,
     imports: &HashMap<String, (String, Option<String>)>,

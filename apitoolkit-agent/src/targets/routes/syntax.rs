@@ -33,6 +33,8 @@ pub(super) struct Call {
     pub keywords: HashMap<String, Arg>,
     /// The name the call's value is bound to (`bp = Blueprint(...)`).
     pub assigned_to: Option<String>,
+    /// Where it is in the token stream, callee to `)`: calls inside it lie within.
+    pub tokens: std::ops::Range<usize>,
 }
 
 impl Call {
@@ -156,13 +158,14 @@ pub(super) fn calls(tokens: &[Token]) -> Vec<Call> {
         if tokens.get(index) != Some(&Token::Punct('(')) {
             continue;
         }
-        let (positional, keywords, _) = call_args(tokens, index);
+        let (positional, keywords, end) = call_args(tokens, index);
         let assigned_to = assigned_name(&tokens[..start]);
         found.push(Call {
             callee,
             positional,
             keywords,
             assigned_to,
+            tokens: start..end,
         });
         // Step inside the parentheses too: calls nest (`app.include_router(make_router())`).
         index += 1;
