@@ -122,3 +122,21 @@ def test_express_router_mounted_from_another_file(agent_factory):
         ])
     finally:
         server.stop()
+
+
+def test_django_include_prefixes_and_converters(agent_factory):
+    port = free_port()
+    server = Server([sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"], port,
+                    cwd=APPS / "routes_django")
+    try:
+        agent = agent_factory([server.pid])
+        # The Django SDK reports request.resolver_match.route (no leading slash) and its kwargs.
+        drive(agent, server.base, [
+            (("GET", "/api/blog/articles/7/"), ("api/blog/articles/<int:pk>/", {"pk": 7})),
+            (("GET", "/api/blog/articles/latest/"), ("api/blog/articles/latest/", {})),
+            (("GET", "/api/blog/articles/hello-world/"), ("api/blog/articles/<slug:slug>/", {"slug": "hello-world"})),
+            (("GET", "/api/blog/archive/2024/"), ("api/blog/archive/(?P<year>[0-9]{4})/$", {"year": "2024"})),
+            (("GET", "/health/"), ("health/", {})),
+        ])
+    finally:
+        server.stop()

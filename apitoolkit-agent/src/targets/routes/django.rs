@@ -139,7 +139,7 @@ fn join(prefix: &str, route: &str, is_regex: bool) -> String {
 pub fn scan(modules: &[Module], root_urlconf: &str) -> Scanned {
     let mut scanned = Scanned::default();
     // (module, the tokens whose patterns apply (an inline include), prefix, whether the prefix
-    // has path() and re_path() routes, depth)
+    // has path() converters and re_path() routes, depth)
     type Scope = (
         String,
         Option<std::ops::Range<usize>>,
@@ -186,7 +186,8 @@ pub fn scan(modules: &[Module], root_urlconf: &str) -> Scanned {
             }
             let joined = join(&prefix, &pattern.route, pattern.is_regex);
             let kinds = (
-                has_path || (!pattern.is_regex && !pattern.route.is_empty()),
+                // A path() route without converters is literal text, in a regex as well.
+                has_path || (!pattern.is_regex && pattern.route.contains('<')),
                 has_regex || pattern.is_regex,
             );
             match &pattern.includes {
@@ -267,6 +268,7 @@ urlpatterns = [
     path("health/", views.health),
     path("api/blog/", include("blog.urls")),
     path("api/shop/", include(shop_urls)),
+    path("api/<int:version>/", include("legacy.urls")),
     path("api/v2/", include([
         path("users/<int:pk>/", views.user),
         path("users/me/", views.me),
@@ -289,7 +291,7 @@ urlpatterns = [
         );
         assert_eq!(
             included_modules(&root),
-            vec!["blog.urls", "shop.urls", "legacy.urls"]
+            vec!["blog.urls", "shop.urls", "legacy.urls", "legacy.urls"]
         );
         let scanned = scan(&[root, blog, shop, legacy], "mysite.urls");
         assert_eq!(
@@ -307,6 +309,28 @@ urlpatterns = [
             scanned.regex_templates,
             vec!["^legacy/archive/(?P<year>[0-9]{4})/$"]
         );
-        assert!(scanned.unresolved.is_empty(), "{:?}", scanned.unresolved);
+        assert_eq!(
+            scanned.unresolved,
+            vec![
+                "legacy.urls: api/<int:version>/archive/(?P<year>[0-9]{4})/$ mixes path() and re_path() routes"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_regex_under_a_literal_path_prefix_is_a_regex() {
+        let root = module(
+            "mysite.urls",
+            "urlpatterns = [path('api/blog/', include('blog.urls'))]\n",
+        );
+        let blog = module(
+            "blog.urls",
+            "urlpatterns = [re_path(r'^archive/(?P<year>[0-9]{4})/$', v)]\n",
+        );
+        let scanned = scan(&[root, blog], "mysite.urls");
+        assert_eq!(
+            scanned.regex_templates,
+            vec!["api/blog/archive/(?P<year>[0-9]{4})/$"]
+        );
     }
 }
