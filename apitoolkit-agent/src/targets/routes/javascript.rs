@@ -284,7 +284,9 @@ fn declarations(modules: &[Module]) -> Declarations {
                 continue;
             };
             let owner = object(owner);
-            if ROUTE_METHODS.contains(&last) {
+            // `app.get('env')` reads a setting: a route has a handler after its path.
+            let has_handler = last == "route" || call.positional.len() >= 2;
+            if ROUTE_METHODS.contains(&last) && has_handler {
                 match call.positional.first() {
                     Some(Arg::Literal(path)) => found.routes.push((owner, path.clone())),
                     // `map.get(key)`: not a route; a route's path is a string.
@@ -367,6 +369,7 @@ app.use('/v2', require('./routes/orders'));
 app.get("/health", (req, res) => res.json({ ok: /a\/b/.test(req.path) }));
 app.route('/book').get(handler).post(handler);
 app.listen(process.env.PORT);
+if (app.get('env') === 'development') app.set('x', 1);
 "#,
         );
         let users = module(
