@@ -310,6 +310,12 @@ pub struct CaptureArgs {
     )]
     pub max_buffered_bytes: usize,
 
+    /// Route templates for `url_path` and `path_params`: one template a line, a JSON or YAML
+    /// list, or an OpenAPI 3 document (JSON or YAML). They take precedence over the routes
+    /// read from the watched applications' source.
+    #[arg(long, value_name = "FILE", env = "APITOOLKIT_ROUTES")]
+    pub routes: Option<PathBuf>,
+
     /// Override the detected framework (a backend sdk_type name such as PythonFlask).
     #[arg(long, env = "APITOOLKIT_SDK_TYPE")]
     pub sdk_type: Option<SdkType>,

@@ -14,7 +14,7 @@ use std::{
 
 use crate::{
     capture::KernelLosses,
-    pipeline::{LinkStats, connections::TrackerStats},
+    pipeline::{LinkStats, RouteStats, connections::TrackerStats},
     sinks::PayloadQueue,
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -69,6 +69,7 @@ pub struct CaptureTotals {
 pub struct Snapshot<'a> {
     pub tracker: &'a TrackerStats,
     pub links: &'a LinkStats,
+    pub routes: &'a RouteStats,
     pub losses: KernelLosses,
     pub totals: &'a CaptureTotals,
     pub sinks: &'a [Arc<PayloadQueue>],
@@ -98,6 +99,7 @@ macro_rules! counters {
             failed_calls: "apitoolkit_agent_failed_calls_total" = $snapshot.links.failed_calls;
             errors_attached: "apitoolkit_agent_errors_attached_total" = $snapshot.links.errors_attached;
             errors_unattached: "apitoolkit_agent_errors_unattached_total" = $snapshot.links.errors_unattached;
+            unmatched_paths: "apitoolkit_agent_unmatched_paths_total" = $snapshot.routes.unmatched;
             tls_connections: "apitoolkit_agent_tls_connections_total" = $snapshot.tracker.tls_connections;
             unreadable_tls_connections: "apitoolkit_agent_unreadable_tls_connections_total" = $snapshot.tracker.unreadable_tls_connections;
             headers_incomplete: "apitoolkit_agent_headers_incomplete_total" = $snapshot.tracker.headers_incomplete;
@@ -395,6 +397,7 @@ mod tests {
         let snapshot = Snapshot {
             tracker: &tracker,
             links: &links,
+            routes: &RouteStats { unmatched: 27 },
             losses,
             totals: &totals,
             sinks: &[],
@@ -414,7 +417,7 @@ mod tests {
             .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
             .collect();
         exported.sort_unstable();
-        assert_eq!(exported, (1..=26).collect::<Vec<u64>>());
+        assert_eq!(exported, (1..=27).collect::<Vec<u64>>());
 
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
         let writer = {
@@ -435,7 +438,7 @@ mod tests {
             .filter_map(|(_, value)| value.parse().ok())
             .collect();
         logged.sort_unstable();
-        assert_eq!(logged, (1..=26).collect::<Vec<u64>>());
+        assert_eq!(logged, (1..=27).collect::<Vec<u64>>());
         assert!(line.contains("not_http_connections=9 ") && line.contains("errors_unattached=15 "));
     }
 
@@ -447,6 +450,7 @@ mod tests {
             let snapshot = Snapshot {
                 tracker,
                 links: &links,
+                routes: &RouteStats::default(),
                 losses: losses.clone(),
                 totals: &totals,
                 sinks: &[],

@@ -45,10 +45,9 @@ fn settings() -> PayloadSettings {
 fn pipeline(sdk_type: SdkType, redactor: Redactor) -> Pipeline {
     // As a pod in Kubernetes would be tagged.
     let profile = ProcessProfile {
-        sdk_type,
-        thread_per_request: true,
         tags: vec!["k8s.pod:shop-1".to_owned()].into(),
         service_name: "shop".into(),
+        ..ProcessProfile::new(sdk_type, true)
     };
     let scope = CaptureScope {
         outgoing: true,

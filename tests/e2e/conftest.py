@@ -93,12 +93,12 @@ def wait_for_items(items: list, lock: threading.Lock, count: int, timeout: float
 
 
 class Server:
-    def __init__(self, argv, port: int, env=None, scheme="http"):
+    def __init__(self, argv, port: int, env=None, scheme="http", cwd=APPS):
         self.port = port
         self.base = f"{scheme}://127.0.0.1:{port}"
         self.process = subprocess.Popen(
             argv,
-            cwd=APPS,
+            cwd=cwd,
             env={**os.environ, "PORT": str(port), **(env or {})},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

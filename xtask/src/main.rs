@@ -93,6 +93,7 @@ fn test(pytest_args: &[String]) -> anyhow::Result<()> {
     setup::toolchain()?;
     setup::python_packages()?;
     setup::test_programs()?;
+    setup::node_packages()?;
     // Default members only: the eBPF crate builds for the BPF target, never for the host.
     run(Command::new("cargo")
         .current_dir(workspace_root())
@@ -112,7 +113,8 @@ fn main() -> anyhow::Result<()> {
             setup::toolchain()?;
             setup::cargo_fuzz()?;
             setup::python_packages()?;
-            setup::test_programs()
+            setup::test_programs()?;
+            setup::node_packages()
         }
         Task::Build { release } => build_agent(release),
         Task::Demo => demo::run(),

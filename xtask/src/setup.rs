@@ -99,8 +99,9 @@ fn pip_install(requirements: &str, modules: &str, what: &str) -> anyhow::Result<
 
 /// Programs the end-to-end tests run, with the Debian packages that provide them (the Go
 /// toolchain builds the Go test servers).
-const TEST_PROGRAMS: [(&str, &str); 4] = [
+const TEST_PROGRAMS: [(&str, &str); 5] = [
     ("go", "golang-go"),
+    ("npm", "npm"),
     ("nginx", "nginx"),
     ("curl", "curl"),
     ("openssl", "openssl"),
@@ -138,9 +139,23 @@ pub fn test_programs() -> anyhow::Result<()> {
 pub fn python_packages() -> anyhow::Result<()> {
     pip_install(
         "tests/requirements.txt",
-        "flask, gunicorn, pytest, requests, grpc, opentelemetry.proto, hypercorn, kubernetes_validate",
+        "flask, gunicorn, pytest, requests, grpc, opentelemetry.proto, hypercorn, kubernetes_validate, fastapi, uvicorn, django",
         "Python test packages",
     )
+}
+
+/// npm packages of the end-to-end test apps (Express), installed next to the app that uses
+/// them, unless there already.
+pub fn node_packages() -> anyhow::Result<()> {
+    let app = workspace_root().join("tests/apps/routes_express");
+    if app.join("node_modules/express").is_dir() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing npm packages of tests/apps/routes_express");
+    run(Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund", "--no-package-lock"])
+        .current_dir(&app))
+    .context("installing the Express test app's npm packages")
 }
 
 /// The apitoolkit-flask SDK the benchmark compares the agent with.

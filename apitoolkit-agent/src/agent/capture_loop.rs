@@ -157,6 +157,7 @@ impl CaptureLoop {
         Ok(Snapshot {
             tracker: self.pipeline.stats(),
             links: self.pipeline.link_stats(),
+            routes: self.pipeline.route_stats(),
             losses: probes.losses()?,
             totals: &self.totals,
             sinks: &self.sinks,

@@ -30,7 +30,11 @@ use crate::{
     config::{CaptureArgs, Outputs},
     observability::{self, Heartbeat},
     pipeline::{
-        CaptureScope, Pipeline, payload::PayloadSettings, profile::Profiles, redact::Redactor,
+        CaptureScope, Pipeline,
+        payload::PayloadSettings,
+        profile::Profiles,
+        redact::Redactor,
+        routes::{self, RouteTable},
     },
     sinks::{
         self, PayloadQueue,
@@ -90,6 +94,19 @@ fn redactor(args: &CaptureArgs) -> anyhow::Result<Redactor> {
         &args.redact_request_body,
         &args.redact_response_body,
     )?)
+}
+
+/// The `--routes` file's templates; none without the flag.
+fn configured_routes(args: &CaptureArgs) -> anyhow::Result<Arc<RouteTable>> {
+    let Some(path) = &args.routes else {
+        return Ok(Arc::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--routes {}: cannot read it", path.display()))?;
+    let table =
+        routes::parse_routes_file(&text).with_context(|| format!("--routes {}", path.display()))?;
+    tracing::info!(file = %path.display(), templates = table.len(), "route templates loaded");
+    Ok(Arc::new(table))
 }
 
 fn capture_scope(args: &CaptureArgs) -> CaptureScope {
@@ -404,6 +421,7 @@ fn capture(
         pipeline,
         profiler: Profiler {
             forced_sdk_type: args.sdk_type,
+            configured_routes: configured_routes(args)?,
             pods,
         },
         discovery: Discovery::new(selector),

@@ -257,7 +257,8 @@ pub fn replay(file: &Path, args: &CaptureArgs, mut out: impl Write) -> anyhow::R
         File::open(file).with_context(|| format!("opening recording {}", file.display()))?,
     );
     // The recorded processes are gone: nothing to read from /proc.
-    let profile = ProcessProfile::new(args.sdk_type.unwrap_or(SdkType::SDKUnknown), true);
+    let mut profile = ProcessProfile::new(args.sdk_type.unwrap_or(SdkType::SDKUnknown), true);
+    profile.routes.configured = super::configured_routes(args)?;
     let mut pipeline = Pipeline::new(
         super::payload_settings(args),
         super::capture_scope(args),

@@ -14,6 +14,7 @@ pub mod payload;
 pub mod profile;
 pub mod protocols;
 pub mod redact;
+pub mod routes;
 pub mod trace;
 
 use std::collections::HashMap;
@@ -22,7 +23,7 @@ use app_errors::{CapturedError, Piece, StderrCollector};
 use connections::{ConnectionTracker, FailedCall, TrackedExchange, TrackerOutput, TrackerStats};
 use events::{ConnId, DataEvent, Event, Role, Source, Worker};
 use link::{Answered, Linker, Parent};
-use payload::{Links, Payload, PayloadSettings};
+use payload::{Links, Payload, PayloadSettings, RouteLookup};
 use profile::{ProcessProfile, Profiles};
 use protocols::{
     Exchange,
@@ -47,6 +48,13 @@ pub struct LinkStats {
     pub errors_attached: u64,
     /// Errors printed by a thread that was serving no single request.
     pub errors_unattached: u64,
+}
+
+/// How request paths resolved to route templates.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteStats {
+    /// Incoming requests of a process with route templates that matched none of them.
+    pub unmatched: u64,
 }
 
 /// Where a payload came from: enough to write its exchange back as events (a redacted
@@ -110,6 +118,7 @@ pub struct Pipeline {
     linker: Linker,
     stderr: StderrCollector,
     link_stats: LinkStats,
+    route_stats: RouteStats,
     profiles: Profiles,
     /// Payloads per live process, for the agent's metrics.
     payloads_by_process: HashMap<u32, u64>,
@@ -133,6 +142,7 @@ impl Pipeline {
             linker: Linker::default(),
             stderr: StderrCollector::default(),
             link_stats: LinkStats::default(),
+            route_stats: RouteStats::default(),
             profiles,
             payloads_by_process: HashMap::new(),
         }
@@ -155,6 +165,10 @@ impl Pipeline {
 
     pub fn link_stats(&self) -> &LinkStats {
         &self.link_stats
+    }
+
+    pub fn route_stats(&self) -> &RouteStats {
+        &self.route_stats
     }
 
     /// Payloads emitted so far for each live watched process.
@@ -260,6 +274,7 @@ impl Pipeline {
     ) {
         let parent_span = links.parent.map(|parent| parent.span);
         let mut payload = payload::build(exchange, profile, links, &self.settings);
+        self.route_stats.unmatched += u64::from(payload.route == RouteLookup::Unmatched);
         self.redactor.apply(&mut payload);
         payload.span = payload.span_context(exchange.role, parent_span);
         output.payloads.push(payload);

@@ -65,6 +65,21 @@ pub struct Payload {
     /// workload, else its command name); empty when unknown.
     #[serde(skip)]
     pub service_name: Arc<str>,
+    /// Not part of the message: whether `url_path` is a route template.
+    #[serde(skip)]
+    pub route: RouteLookup,
+}
+
+/// How a payload's `url_path` was found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RouteLookup {
+    /// Not looked up: an outgoing request, or a process with no route templates.
+    #[default]
+    NotLooked,
+    /// The path matched a template.
+    Matched,
+    /// No template matched: `url_path` is the request path.
+    Unmatched,
 }
 
 impl Payload {
@@ -256,6 +271,14 @@ pub fn build(
         },
         &mut tags,
     );
+    let (url_path, path_params, route) = match tracked.role {
+        Role::Client => (path, serde_json::Map::new(), RouteLookup::NotLooked),
+        _ if profile.routes.is_empty() => (path, serde_json::Map::new(), RouteLookup::NotLooked),
+        _ => match profile.routes.resolve(&path) {
+            Some(found) => (found.url_path, found.path_params, RouteLookup::Matched),
+            None => (path, serde_json::Map::new(), RouteLookup::Unmatched),
+        },
+    };
     if tracked.exchange.headers_incomplete {
         tags.push(TAG_HEADERS_INCOMPLETE.to_owned());
     }
@@ -271,8 +294,8 @@ pub fn build(
             .unwrap_or_default()
             .to_owned(),
         raw_url: target.clone(),
-        url_path: path,
-        path_params: serde_json::Map::new(),
+        url_path,
+        path_params,
         query_params: query_params(query),
         request_headers: header_map(request),
         response_headers: header_map(response),
@@ -295,6 +318,7 @@ pub fn build(
             .collect(),
         span: SpanContext::default(),
         service_name: profile.service_name.clone(),
+        route,
     }
 }
 
@@ -427,6 +451,49 @@ mod tests {
         assert_eq!(json["parent_id"], serde_json::Value::Null);
         assert_eq!(json["path_params"], serde_json::json!({}));
         assert!(json.get("service_version").is_none());
+    }
+
+    #[test]
+    fn incoming_paths_resolve_to_their_route_template() {
+        use crate::pipeline::routes::{RouteTable, Template};
+        let mut profile = ProcessProfile::new(SdkType::PythonFlask, true);
+        profile.routes.scanned = Arc::new(RouteTable::new(vec![
+            Template::parse("/accounts/<int:account_id>").unwrap(),
+        ]));
+        let get = |target: &str, role: Role| {
+            let request = message(
+                StartLine::Request {
+                    method: "GET".into(),
+                    target: target.into(),
+                },
+                &[],
+                b"",
+                (0, 1),
+            );
+            let response = message(StartLine::Response { status: 200 }, &[], b"", (2, 3));
+            let mut tracked = exchange(request, response);
+            tracked.role = role;
+            let links = match role {
+                Role::Client => Links::outgoing(None),
+                _ => Links::incoming(Uuid::new_v4(), Vec::new()),
+            };
+            build(&tracked, &profile, links, &settings())
+        };
+        let matched = get("/accounts/7?full=1", Role::Server);
+        assert_eq!(matched.url_path, "/accounts/<int:account_id>");
+        assert_eq!(matched.raw_url, "/accounts/7?full=1");
+        assert_eq!(
+            serde_json::Value::Object(matched.path_params.clone()),
+            serde_json::json!({"account_id": 7})
+        );
+        assert_eq!(matched.route, RouteLookup::Matched);
+        let unmatched = get("/health", Role::Server);
+        assert_eq!(unmatched.url_path, "/health");
+        assert!(unmatched.path_params.is_empty());
+        assert_eq!(unmatched.route, RouteLookup::Unmatched);
+        let outgoing = get("/accounts/7", Role::Client);
+        assert_eq!(outgoing.url_path, "/accounts/7", "another service's path");
+        assert_eq!(outgoing.route, RouteLookup::NotLooked);
     }
 
     #[test]

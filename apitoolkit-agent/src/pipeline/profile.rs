@@ -6,6 +6,8 @@ use std::{collections::HashMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
+use super::routes::Routes;
+
 /// The backend's `sdk_type` enum; serialized as the variant name, which must match exactly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SdkType {
@@ -65,6 +67,8 @@ pub struct ProcessProfile {
     pub tags: Arc<[String]>,
     /// The service it is: its Kubernetes workload, else its command name; empty when unknown.
     pub service_name: Arc<str>,
+    /// Its route templates, which turn request paths into `url_path` and `path_params`.
+    pub routes: Routes,
 }
 
 impl ProcessProfile {
@@ -75,6 +79,7 @@ impl ProcessProfile {
             thread_per_request,
             tags: Arc::default(),
             service_name: Arc::default(),
+            routes: Routes::default(),
         }
     }
 

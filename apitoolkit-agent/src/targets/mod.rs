@@ -8,6 +8,7 @@ pub mod go;
 pub mod kubernetes;
 pub mod probe_site;
 pub mod process;
+pub mod routes;
 pub mod select;
 pub mod sockets;
 pub mod tls;

@@ -5,11 +5,15 @@ use std::{
     fs,
     io::Read,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use super::elf::ElfFile;
 use super::kubernetes::{self, SharedPods};
-use crate::pipeline::profile::{ProcessProfile, SdkType};
+use crate::pipeline::{
+    profile::{ProcessProfile, SdkType},
+    routes::{RouteTable, Routes},
+};
 
 /// The process runs: it has a /proc entry and is neither a zombie (exited, not yet reaped by
 /// its parent) nor dead.
@@ -225,6 +229,8 @@ fn detect(pid: u32) -> ProcessProfile {
 /// `--sdk-type` overrides the detected framework.
 pub struct Profiler {
     pub forced_sdk_type: Option<SdkType>,
+    /// The `--routes` templates, for every process.
+    pub configured_routes: Arc<RouteTable>,
     pub pods: SharedPods,
 }
 
@@ -241,10 +247,16 @@ impl Profiler {
         } else {
             workload
         };
+        let sdk_type = self.forced_sdk_type.unwrap_or(detected.sdk_type);
+        let scanned = super::routes::scan_process(tgid, sdk_type, &cmdline(tgid));
         let profile = ProcessProfile {
-            sdk_type: self.forced_sdk_type.unwrap_or(detected.sdk_type),
+            sdk_type,
             tags: tags.into(),
             service_name: service_name.into(),
+            routes: Routes {
+                configured: self.configured_routes.clone(),
+                scanned: Arc::new(scanned),
+            },
             ..detected
         };
         tracing::info!(
