@@ -328,7 +328,10 @@ pub struct GoroutineRecord {
 /// Names of the kernel object's maps: userspace finds each map by the name of its `#[map]`
 /// static, so both sides spell it once, here.
 pub mod maps {
-    /// Selected processes (and their threads) by id.
+    /// Selected processes (and their threads) by id: a byte per id below `pid_max`, eight to
+    /// an element, written by userspace through a memory mapping.
+    pub const WATCHED: &str = "WATCHED";
+    /// Selected ids beyond [`WATCHED`].
     pub const TARGETS: &str = "TARGETS";
     /// Selected cgroups (v2 ids).
     pub const CGROUP_TARGETS: &str = "CGROUP_TARGETS";

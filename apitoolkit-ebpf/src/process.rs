@@ -13,8 +13,8 @@ use aya_ebpf::{
 use crate::{
     connections::read_sockaddr,
     maps::{
-        CGROUP_TARGETS, EVENTS, EXE_TARGETS, IN_FLIGHT, LAST_SOCKET_FD, PORT_TARGETS, TARGETS,
-        TLS_CALLS, config, count, wakeup_flag,
+        CGROUP_TARGETS, EVENTS, EXE_TARGETS, IN_FLIGHT, LAST_SOCKET_FD, PORT_TARGETS, TLS_CALLS,
+        config, count, is_watched, set_watched, wakeup_flag,
     },
     syscalls::arg,
 };
@@ -24,8 +24,7 @@ use crate::{
 pub(crate) fn current_target() -> Option<(u64, u32)> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    // SAFETY: only the presence of the entry is used; its value is never read.
-    let selected = unsafe { TARGETS.get(&tgid) }.is_some() || selected_by_config(tgid);
+    let selected = is_watched(tgid) || selected_by_config(tgid);
     selected.then_some((pid_tgid, tgid))
 }
 
@@ -51,14 +50,13 @@ fn selected_by_config(tgid: u32) -> bool {
 #[tracepoint]
 pub fn process_fork(ctx: TracePointContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: only the presence of the entry is used; its value is never read.
-    if unsafe { TARGETS.get(&tgid) }.is_none() {
+    if !is_watched(tgid) {
         return 0;
     }
     // SAFETY: offset 20 is `child_pid` in events/sched/sched_process_fork/format; the read goes
     // through bpf_probe_read_kernel, which fails instead of faulting, and any i32 is valid.
     if let Ok(child) = unsafe { ctx.read_at::<i32>(20) } {
-        let _ = TARGETS.insert(&(child as u32), &1, 0);
+        set_watched(child as u32, true);
     }
     0
 }
@@ -67,8 +65,7 @@ pub fn process_fork(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn unselected_process() -> Option<u32> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: only the presence of the entry is used; its value is never read.
-    let selected = unsafe { TARGETS.get(&tgid) }.is_some() || selected_by_config(tgid);
+    let selected = is_watched(tgid) || selected_by_config(tgid);
     (!selected && tgid != config(ConfigKey::AgentTgid)).then_some(tgid)
 }
 
@@ -76,7 +73,7 @@ fn unselected_process() -> Option<u32> {
 /// follow through the fork hook) and tells userspace, which confirms it from /proc.
 #[inline(always)]
 fn select_now(tgid: u32) {
-    if TARGETS.insert(&tgid, &1, 0).is_err() {
+    if !set_watched(tgid, true) {
         return;
     }
     let record = ProcessRecord {
@@ -140,7 +137,7 @@ pub fn process_exit(_ctx: TracePointContext) -> u32 {
     // A thread that dies inside an SSL call never returns from it.
     let _ = TLS_CALLS.remove(&pid_tgid);
     let tid = pid_tgid as u32;
-    let _ = TARGETS.remove(&tid);
+    set_watched(tid, false);
     if tid == tgid {
         let record = ProcessRecord {
             kind: RecordKind::ProcessExit as u32,

@@ -2,6 +2,7 @@
 //! the target set, disabled connections, the event ring buffer and the loss counters.
 
 pub mod preflight;
+mod watched;
 
 use std::{
     ffi::CString,
@@ -31,6 +32,7 @@ use crate::{
     pipeline::events::{ConnId, Source},
     targets::go::{self, GoTlsPlan, ReadSites},
 };
+use watched::WatchedFlags;
 
 /// The kernel object, built by build.rs.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/apitoolkit"));
@@ -138,6 +140,7 @@ pub struct KernelLosses {
 
 pub struct Probes {
     ebpf: Ebpf,
+    watched: WatchedFlags,
     /// The SSL uprobe programs passed the verifier and can be attached.
     tls_loaded: bool,
     /// So did the Go programs (loaded apart: a verifier refusing them costs OpenSSL nothing).
@@ -152,11 +155,18 @@ impl Probes {
         ensure_tracefs()?;
         // No kernel BTF: the programs read no kernel structs (no CO-RE relocations), and parsing
         // vmlinux's 5 MiB of BTF would cost the agent tens of MiB of memory at every start.
+        let watched_entries = watched::entries(watched::capacity());
         let mut ebpf = EbpfLoader::new()
             .btf(None)
             .map_max_entries(maps::EVENTS, ring_buffer_bytes)
+            .map_max_entries(maps::WATCHED, watched_entries)
             .load(KERNEL_OBJECT)
             .map_err(|error| missing("BPF maps and programs (bpf syscall, ring buffer)", error))?;
+        let watched = match ebpf.map(maps::WATCHED) {
+            Some(aya::maps::Map::Array(data)) => WatchedFlags::map(data.fd(), watched_entries)
+                .map_err(|error| missing("a memory-mapped BPF array (Linux 5.5)", error))?,
+            _ => unreachable!("WATCHED is an array of the kernel object"),
+        };
         for (program, category, events) in TRACEPOINTS {
             let tracepoint: &mut TracePoint = ebpf
                 .program_mut(program)
@@ -192,6 +202,7 @@ impl Probes {
         };
         Ok(Self {
             ebpf,
+            watched,
             tls_loaded,
             go_loaded,
         })
@@ -378,10 +389,13 @@ impl Probes {
 
     /// Stops capturing processes the kernel selected that /proc did not confirm.
     pub fn remove_targets(&mut self, pids: &[u32]) -> Result<(), ProbeError> {
-        let mut targets: HashMap<_, u32, u8> = self.map(maps::TARGETS)?;
-        for pid in pids {
+        for &pid in pids {
+            if self.watched.set(pid, false) {
+                continue;
+            }
+            let mut targets: HashMap<_, u32, u8> = self.map(maps::TARGETS)?;
             // The process may have exited meanwhile, and the kernel removed it already.
-            match targets.remove(pid) {
+            match targets.remove(&pid) {
                 Err(MapError::SyscallError(error))
                     if error.io_error.raw_os_error() == Some(libc::ENOENT) => {}
                 result => result.map_err(in_map(maps::TARGETS))?,
@@ -391,9 +405,11 @@ impl Probes {
     }
 
     pub fn add_targets(&mut self, pids: &[u32]) -> Result<(), ProbeError> {
-        let mut targets: HashMap<_, u32, u8> = self.map(maps::TARGETS)?;
-        for pid in pids {
-            targets.insert(pid, 1, 0).map_err(in_map(maps::TARGETS))?;
+        for &pid in pids {
+            if !self.watched.set(pid, true) {
+                let mut targets: HashMap<_, u32, u8> = self.map(maps::TARGETS)?;
+                targets.insert(pid, 1, 0).map_err(in_map(maps::TARGETS))?;
+            }
         }
         Ok(())
     }
@@ -572,6 +588,7 @@ mod tests {
             maps::CGROUP_TARGETS,
             maps::PORT_TARGETS,
             maps::EXE_TARGETS,
+            maps::WATCHED,
             maps::TARGETS,
             maps::CONNECTIONS,
             maps::DISABLED,
