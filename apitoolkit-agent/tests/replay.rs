@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use apitoolkit_agent::agent::recording::RedactedEvents;
 use apitoolkit_agent::pipeline::{
     CaptureScope, Pipeline,
-    events::Event,
-    payload::{HeaderMap, Payload, PayloadSettings},
+    events::{ConnId, DataEvent, Direction, Event, Role, Source},
+    payload::{BodyKind, HeaderMap, Payload, PayloadSettings},
     profile::{ProcessProfile, Profiles, SdkType},
     redact::{REDACTED, Redactor, TAG_REQUEST_BODY_WITHHELD},
     trace::SpanKind,
@@ -447,4 +447,105 @@ fn recorded_h2c_session_yields_one_payload_per_stream() {
     // One byte per event changes nothing: frames split anywhere reassemble the same.
     let split = one_byte_per_event(fixture_events("node_h2c_session.ndjson"));
     assert_eq!(summary(&replay(split)), summary(&payloads));
+}
+
+/// One exchange served on a fresh connection, as the kernel would report it.
+fn served(fd: i32, request: &[u8], response: &[u8], at: u64) -> Vec<Event> {
+    let conn = ConnId {
+        tgid: 40,
+        fd,
+        generation: 1,
+    };
+    let data = |direction, bytes: &[u8], timestamp_ns| {
+        Event::Data(DataEvent {
+            conn,
+            tid: 41,
+            goroutine: 0,
+            timestamp_ns,
+            direction,
+            source: Source::Syscall,
+            position: 0,
+            skipped_len: 0,
+            data: Bytes::copy_from_slice(bytes),
+        })
+    };
+    vec![
+        Event::Open {
+            conn,
+            timestamp_ns: at,
+            role: Role::Server,
+            remote: None,
+            midstream: false,
+        },
+        data(Direction::Ingress, request, at + 1_000),
+        data(Direction::Egress, response, at + 2_000),
+        Event::Close {
+            conn,
+            timestamp_ns: at + 3_000,
+            bytes_sent: response.len() as u64,
+            bytes_received: request.len() as u64,
+            tls_bytes_sent: 0,
+            tls_bytes_received: 0,
+        },
+    ]
+}
+
+/// A url-encoded login and a multipart upload, each answered in plain text.
+fn form_session() -> Vec<Event> {
+    let login = "POST /login HTTP/1.1\r\nHost: shop\r\n\
+Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 34\r\n\r\n\
+user=bob&password=hunter2&remember";
+    let multipart = "--b0undary\r\nContent-Disposition: form-data; name=\"password\"\r\n\r\nhunter2\r\n\
+--b0undary\r\nContent-Disposition: form-data; name=\"doc\"; filename=\"a.pdf\"\r\n\
+Content-Type: application/pdf\r\n\r\n%PDF-1.7 hunter2\r\n--b0undary--\r\n";
+    let upload = format!(
+        "POST /upload HTTP/1.1\r\nHost: shop\r\nContent-Type: multipart/form-data; boundary=b0undary\r\n\
+Content-Length: {}\r\n\r\n{multipart}",
+        multipart.len()
+    );
+    let text = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 16\r\n\r\npassword=hunter2";
+    let mut events = served(5, login.as_bytes(), text, 1_000_000);
+    events.extend(served(6, upload.as_bytes(), text, 2_000_000));
+    events
+}
+
+#[test]
+fn form_bodies_are_redacted_as_json_and_a_text_body_is_sent_as_it_is() {
+    let rules = || Redactor::new(&[], &["$.password".into()], &["$.password".into()]).unwrap();
+    let live = replay_with(form_session(), rules());
+    assert_eq!(live.len(), 2);
+    let json = |body: &str| serde_json::from_slice::<serde_json::Value>(&decoded(body)).unwrap();
+    assert_eq!(
+        json(&live[0].request_body),
+        serde_json::json!({"user": "bob", "password": REDACTED, "remember": ""})
+    );
+    assert_eq!(
+        json(&live[1].request_body),
+        serde_json::json!({
+            "password": REDACTED,
+            "doc": {"filename": "a.pdf", "content_type": "application/pdf", "size": 16}
+        })
+    );
+    for payload in &live {
+        assert_eq!(payload.request_body_kind, BodyKind::Form);
+        assert_eq!(decoded(&payload.response_body), b"password=hunter2");
+        assert!(payload.tags.iter().all(|tag| !tag.contains("withheld")));
+    }
+
+    // The redacted recording writes the forms as the JSON they became, and replays to them.
+    let recording = redacted_recording(form_session(), rules());
+    let written = String::from_utf8_lossy(&recorded_bytes(&recording)).into_owned();
+    assert_eq!(
+        written.matches("hunter2").count(),
+        2,
+        "only the text bodies"
+    );
+    let replayed = replay(recording);
+    for (live, replayed) in live.iter().zip(&replayed) {
+        assert_eq!(replayed.request_body, live.request_body);
+        assert_eq!(
+            replayed.request_headers["Content-Type"],
+            ["application/json"]
+        );
+    }
 }

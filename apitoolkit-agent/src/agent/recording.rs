@@ -18,7 +18,9 @@ use crate::{
     pipeline::{
         Origin, Pipeline, PipelineOutput,
         events::{ConnId, DataEvent, Direction, Event, Role, Source},
-        payload::{HeaderMap, Payload, TAG_REQUEST_BODY_ENCODED, TAG_RESPONSE_BODY_ENCODED},
+        payload::{
+            BodyKind, HeaderMap, Payload, TAG_REQUEST_BODY_ENCODED, TAG_RESPONSE_BODY_ENCODED,
+        },
         profile::{ProcessProfile, Profiles, SdkType},
         redact::{TAG_REQUEST_BODY_WITHHELD, TAG_RESPONSE_BODY_WITHHELD},
     },
@@ -78,7 +80,8 @@ impl Recorder {
 ///
 /// What a replay of it cannot reproduce: parent links (a request is written once answered,
 /// after the calls it made), original framing and content encodings (HTTP/2 exchanges come
-/// back as HTTP/1.1), and bytes of exchanges that never completed.
+/// back as HTTP/1.1), form bodies (written as the JSON the payload carries, with
+/// `Content-Type: application/json`), and bytes of exchanges that never completed.
 #[derive(Debug, Default)]
 pub struct RedactedEvents {
     /// Bytes written so far per connection and direction: the stream positions.
@@ -169,15 +172,24 @@ impl RedactedEvents {
     }
 }
 
-/// Headers of a payload as HTTP/1 header lines, framed for `body`: the body is written
-/// whole and (unless it could not be decoded) without its content encoding.
-fn head_lines(
-    headers: &HeaderMap,
-    body: &[u8],
+/// How a payload's body is written back.
+struct WrittenBody<'a> {
+    bytes: &'a [u8],
     withheld: bool,
     undecoded: bool,
-    head: &mut Vec<u8>,
-) {
+    /// A form the payload carries as JSON: it is written as JSON.
+    form_as_json: bool,
+}
+
+/// Headers of a payload as HTTP/1 header lines, framed for `body`: the body is written
+/// whole and (unless it could not be decoded) without its content encoding.
+fn head_lines(headers: &HeaderMap, body: WrittenBody<'_>, head: &mut Vec<u8>) {
+    let WrittenBody {
+        bytes: body,
+        withheld,
+        undecoded,
+        form_as_json,
+    } = body;
     let framing = |name: &str| name.eq_ignore_ascii_case("content-length");
     let chunked = headers
         .keys()
@@ -186,13 +198,17 @@ fn head_lines(
         let dropped = name.eq_ignore_ascii_case("transfer-encoding")
             || (name.eq_ignore_ascii_case("content-encoding") && !undecoded)
             // An empty body keeps its declared length (a response to HEAD), unless emptied.
-            || (framing(name) && (!body.is_empty() || withheld || chunked));
+            || (framing(name) && (!body.is_empty() || withheld || chunked))
+            || (form_as_json && name.eq_ignore_ascii_case("content-type"));
         if dropped {
             continue;
         }
         for value in values {
             head.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
         }
+    }
+    if form_as_json {
+        head.extend_from_slice(b"Content-Type: application/json\r\n");
     }
     if !body.is_empty() || withheld || chunked {
         head.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
@@ -225,9 +241,12 @@ fn request_bytes(payload: &Payload) -> Vec<u8> {
     .into_bytes();
     head_lines(
         &payload.request_headers,
-        &body,
-        has_tag(payload, TAG_REQUEST_BODY_WITHHELD),
-        has_tag(payload, TAG_REQUEST_BODY_ENCODED),
+        WrittenBody {
+            bytes: &body,
+            withheld: has_tag(payload, TAG_REQUEST_BODY_WITHHELD),
+            undecoded: has_tag(payload, TAG_REQUEST_BODY_ENCODED),
+            form_as_json: payload.request_body_kind == BodyKind::Form,
+        },
         &mut bytes,
     );
     bytes
@@ -243,9 +262,12 @@ fn response_bytes(payload: &Payload) -> Vec<u8> {
     .into_bytes();
     head_lines(
         &payload.response_headers,
-        &body,
-        has_tag(payload, TAG_RESPONSE_BODY_WITHHELD),
-        has_tag(payload, TAG_RESPONSE_BODY_ENCODED),
+        WrittenBody {
+            bytes: &body,
+            withheld: has_tag(payload, TAG_RESPONSE_BODY_WITHHELD),
+            undecoded: has_tag(payload, TAG_RESPONSE_BODY_ENCODED),
+            form_as_json: payload.response_body_kind == BodyKind::Form,
+        },
         &mut bytes,
     );
     bytes
