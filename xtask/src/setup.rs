@@ -138,7 +138,7 @@ pub fn test_programs() -> anyhow::Result<()> {
 pub fn python_packages() -> anyhow::Result<()> {
     pip_install(
         "tests/requirements.txt",
-        "flask, gunicorn, pytest, requests, grpc, opentelemetry.proto, hypercorn, kubernetes_validate",
+        "flask, gunicorn, pytest, requests, grpc, opentelemetry.proto, hypercorn, kubernetes_validate, fastapi, uvicorn",
         "Python test packages",
     )
 }

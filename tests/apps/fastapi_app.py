@@ -1,0 +1,33 @@
+"""A FastAPI app for uvicorn (`uvicorn fastapi_app:app --workers 2`), never instrumented."""
+import os
+import time
+
+import requests
+from fastapi import FastAPI
+
+app = FastAPI()
+
+
+@app.get("/hello")
+async def hello():
+    return {"greeting": "hello", "pid": os.getpid()}
+
+
+@app.get("/proxy")
+async def proxy(url: str):
+    # Blocking on purpose: the call is made by the event loop's own thread, the thread that read
+    # the request, so only the server's serving model (not the thread) can tell the agent that
+    # the thread serves many requests at once.
+    upstream = requests.get(url, timeout=10)
+    return {"upstream_status": upstream.status_code, "pid": os.getpid()}
+
+
+@app.get("/slow")
+async def slow(seconds: float = 0.3):
+    time.sleep(seconds)  # holds the loop: a request in flight when another route fails
+    return {"slept": seconds}
+
+
+@app.get("/boom")
+async def boom():
+    raise ValueError("fastapi boom on purpose")
