@@ -68,6 +68,19 @@ impl Recorder {
         Ok(())
     }
 
+    /// Records payloads the pipeline released outside an event (held 5xx payloads): a raw
+    /// recording already holds their events.
+    pub fn write_released(&mut self, output: &PipelineOutput) -> anyhow::Result<()> {
+        let Some(redacted) = &mut self.redacted else {
+            return Ok(());
+        };
+        for event in &redacted.released(output) {
+            serde_json::to_writer(&mut self.out, event)?;
+            self.out.write_all(b"\n")?;
+        }
+        Ok(())
+    }
+
     pub fn flush(&mut self) -> anyhow::Result<()> {
         self.out.flush().context("writing the recording")
     }
@@ -89,11 +102,17 @@ pub struct RedactedEvents {
 }
 
 impl RedactedEvents {
-    pub fn events(&mut self, event: Event, output: &PipelineOutput) -> Vec<Event> {
+    /// The exchanges of payloads released outside an event.
+    pub fn released(&mut self, output: &PipelineOutput) -> Vec<Event> {
         let mut events = Vec::new();
         for (origin, payload) in output.origins.iter().zip(&output.payloads) {
             self.exchange(origin, payload, &mut events);
         }
+        events
+    }
+
+    pub fn events(&mut self, event: Event, output: &PipelineOutput) -> Vec<Event> {
+        let mut events = self.released(output);
         match event {
             Event::Data(data) if data.source != Source::Stderr => {}
             Event::Close {
@@ -299,6 +318,11 @@ pub fn replay(file: &Path, args: &CaptureArgs, mut out: impl Write) -> anyhow::R
             out.write_all(b"\n")?;
             written += 1;
         }
+    }
+    for payload in pipeline.flush().payloads {
+        serde_json::to_writer(&mut out, &payload)?;
+        out.write_all(b"\n")?;
+        written += 1;
     }
     out.flush()?;
     tracing::info!(stats = ?pipeline.stats(), "replay finished");

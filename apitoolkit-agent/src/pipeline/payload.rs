@@ -287,7 +287,8 @@ fn rfc3339(unix_ns: i128) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
 }
 
-fn at_error(error: CapturedError, settings: &PayloadSettings) -> AtError {
+/// A captured error as the backend's ATError.
+pub fn at_error(error: CapturedError, settings: &PayloadSettings) -> AtError {
     AtError {
         when: rfc3339(error.timestamp_ns as i128 + settings.realtime_offset_ns),
         error_type: error.error_type,
