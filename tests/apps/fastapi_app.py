@@ -1,6 +1,6 @@
 """A FastAPI app for uvicorn (`uvicorn fastapi_app:app --workers 2`), never instrumented."""
+import asyncio
 import os
-import time
 
 import requests
 from fastapi import FastAPI
@@ -24,7 +24,7 @@ async def proxy(url: str):
 
 @app.get("/slow")
 async def slow(seconds: float = 0.3):
-    time.sleep(seconds)  # holds the loop: a request in flight when another route fails
+    await asyncio.sleep(seconds)  # in flight on the loop while another route fails
     return {"slept": seconds}
 
 

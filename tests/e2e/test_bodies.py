@@ -4,6 +4,7 @@ text body has no field a rule could cover and is sent, a JSON body cut at --max-
 withheld (Flask); FastAPI workers spawned by `uvicorn --workers 2` are FastAPI on an event loop."""
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,29 @@ def test_uvicorn_spawned_workers_are_fastapi_on_an_event_loop(uvicorn_workers, n
     assert all(p["parent_id"] is None for p in outgoing), "an event loop's thread serves no single request"
     for pid in workers:
         agent.wait_for_log("detected framework", f"pid={pid} ", "PythonFastApi", "thread_per_request=false")
+
+
+def test_a_fastapi_500_carries_the_traceback_uvicorn_prints_after_it(uvicorn_workers, agent_factory):
+    agent = agent_factory([uvicorn_workers.pid])
+    rounds = 4
+    for _ in range(rounds):
+        # /slow is in flight on a loop while /boom fails and uvicorn logs its traceback.
+        with ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(requests.get, f"{uvicorn_workers.base}/slow?seconds=0.4", timeout=10)
+            time.sleep(0.1)
+            boom = requests.get(f"{uvicorn_workers.base}/boom", timeout=10)
+            assert boom.status_code == 500 and slow.result().status_code == 200
+    payloads = agent.wait_for(2 * rounds)
+    booms = [p for p in payloads if p["url_path"] == "/boom"]
+    slows = [p for p in payloads if p["url_path"] == "/slow"]
+    assert len(booms) == len(slows) == rounds
+    for p in booms:
+        assert p["status_code"] == 500
+        [error] = p["errors"]
+        assert (error["error_type"], error["message"]) == ("ValueError", "fastapi boom on purpose")
+        assert "Traceback (most recent call last):" in error["stack_trace"]
+    assert all(p["errors"] == [] for p in slows)
+    agent.stop()
+    stats = agent.stats()
+    assert stats["held_5xx"] == stats["held_errors_attached"] == rounds
+    assert stats["held_released_without_error"] == 0
