@@ -1,6 +1,7 @@
 """A FastAPI app for uvicorn (`uvicorn fastapi_app:app --workers 2`), never instrumented."""
 import asyncio
 import os
+import time
 
 import requests
 from fastapi import FastAPI
@@ -14,10 +15,12 @@ async def hello():
 
 
 @app.get("/proxy")
-async def proxy(url: str):
+async def proxy(url: str, hold: float = 0.0):
     # Blocking on purpose: the call is made by the event loop's own thread, the thread that read
     # the request, so only the server's serving model (not the thread) can tell the agent that
-    # the thread serves many requests at once.
+    # the thread serves many requests at once. `hold` keeps this worker from accepting, so
+    # concurrent connections reach the other workers.
+    time.sleep(hold)
     upstream = requests.get(url, timeout=10)
     return {"upstream_status": upstream.status_code, "pid": os.getpid()}
 

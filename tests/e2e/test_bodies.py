@@ -102,13 +102,18 @@ def test_uvicorn_spawned_workers_are_fastapi_on_an_event_loop(uvicorn_workers, n
     agent = agent_factory([uvicorn_workers.pid])
     seen = set()
     calls = 0
-    while seen != workers and calls < 200:
-        # New connections spread over the workers; each also calls the upstream from the loop.
-        answer = requests.get(f"{uvicorn_workers.base}/proxy", params={"url": f"{node_server.base}/up/{calls}"},
-                              headers={"Connection": "close"}, timeout=10).json()
+
+    def call(i):
+        # Each call blocks its worker's loop for a while, so concurrent calls reach both workers.
+        answer = requests.get(f"{uvicorn_workers.base}/proxy",
+                              params={"url": f"{node_server.base}/up/{i}", "hold": "0.2"}, timeout=10).json()
         assert answer["upstream_status"] == 200
-        seen.add(answer["pid"])
-        calls += 1
+        return answer["pid"]
+
+    with ThreadPoolExecutor(4) as pool:
+        while seen != workers and calls < 40:
+            seen.update(pool.map(call, range(calls, calls + 4)))
+            calls += 4
     assert seen == workers
     payloads = agent.wait_for(2 * calls)
     incoming = [p for p in payloads if p["url_path"] == "/proxy"]

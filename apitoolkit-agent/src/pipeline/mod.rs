@@ -253,6 +253,9 @@ impl Pipeline {
 
     /// Releases the held payloads `due` selects (as they are: without an error).
     fn release(&mut self, due: impl Fn(&Held) -> bool) {
+        if self.held.is_empty() {
+            return;
+        }
         let (released, kept): (Vec<Held>, Vec<Held>) =
             std::mem::take(&mut self.held).into_iter().partition(due);
         self.held = kept;
