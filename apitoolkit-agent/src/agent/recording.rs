@@ -264,7 +264,7 @@ fn request_bytes(payload: &Payload) -> Vec<u8> {
             bytes: &body,
             withheld: has_tag(payload, TAG_REQUEST_BODY_WITHHELD),
             undecoded: has_tag(payload, TAG_REQUEST_BODY_ENCODED),
-            form_as_json: payload.request_body_kind == BodyKind::Form,
+            form_as_json: payload.request_body_kind == BodyKind::Form && !body.is_empty(),
         },
         &mut bytes,
     );
@@ -285,7 +285,7 @@ fn response_bytes(payload: &Payload) -> Vec<u8> {
             bytes: &body,
             withheld: has_tag(payload, TAG_RESPONSE_BODY_WITHHELD),
             undecoded: has_tag(payload, TAG_RESPONSE_BODY_ENCODED),
-            form_as_json: payload.response_body_kind == BodyKind::Form,
+            form_as_json: payload.response_body_kind == BodyKind::Form && !body.is_empty(),
         },
         &mut bytes,
     );
