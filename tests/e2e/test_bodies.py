@@ -150,3 +150,18 @@ def test_a_fastapi_500_carries_the_traceback_uvicorn_prints_after_it(uvicorn_wor
     stats = agent.stats()
     assert stats["held_5xx"] == stats["held_errors_attached"] == rounds
     assert stats["held_released_without_error"] == 0
+
+
+def test_hypercorn_serves_fastapi_from_a_spawned_worker(agent_factory):
+    """hypercorn always runs the app in a worker started by multiprocessing spawn."""
+    port = free_port()
+    server = Server([sys.executable, "-m", "hypercorn", "fastapi_app:app", "--bind", f"127.0.0.1:{port}"], port)
+    try:
+        agent = agent_factory([server.pid])
+        answer = requests.get(f"{server.base}/hello", timeout=10).json()
+        assert answer["pid"] != server.pid
+        [payload] = agent.wait_for(1)
+    finally:
+        server.stop()
+    assert (payload["url_path"], payload["sdk_type"]) == ("/hello", "PythonFastApi")
+    agent.wait_for_log("detected framework", f"pid={answer['pid']} ", "PythonFastApi", "thread_per_request=false")
