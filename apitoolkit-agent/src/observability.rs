@@ -100,6 +100,9 @@ macro_rules! counters {
             errors_attached: "apitoolkit_agent_errors_attached_total" = $snapshot.links.errors_attached;
             errors_unattached: "apitoolkit_agent_errors_unattached_total" = $snapshot.links.errors_unattached;
             unmatched_paths: "apitoolkit_agent_unmatched_paths_total" = $snapshot.routes.unmatched;
+            held_5xx: "apitoolkit_agent_held_5xx_total" {"outcome" => "held"} = $snapshot.links.held_5xx;
+            held_errors_attached: "apitoolkit_agent_held_5xx_total" {"outcome" => "error_attached"} = $snapshot.links.held_errors_attached;
+            held_released_without_error: "apitoolkit_agent_held_5xx_total" {"outcome" => "released_without_error"} = $snapshot.links.held_released_without_error;
             tls_connections: "apitoolkit_agent_tls_connections_total" = $snapshot.tracker.tls_connections;
             unreadable_tls_connections: "apitoolkit_agent_unreadable_tls_connections_total" = $snapshot.tracker.unreadable_tls_connections;
             headers_incomplete: "apitoolkit_agent_headers_incomplete_total" = $snapshot.tracker.headers_incomplete;
@@ -375,6 +378,9 @@ mod tests {
             failed_calls: 13,
             errors_attached: 14,
             errors_unattached: 15,
+            held_5xx: 27,
+            held_errors_attached: 28,
+            held_released_without_error: 29,
         };
         let losses = KernelLosses {
             ringbuf_full: 16,
@@ -397,7 +403,7 @@ mod tests {
         let snapshot = Snapshot {
             tracker: &tracker,
             links: &links,
-            routes: &RouteStats { unmatched: 27 },
+            routes: &RouteStats { unmatched: 30 },
             losses,
             totals: &totals,
             sinks: &[],
@@ -417,7 +423,7 @@ mod tests {
             .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
             .collect();
         exported.sort_unstable();
-        assert_eq!(exported, (1..=27).collect::<Vec<u64>>());
+        assert_eq!(exported, (1..=30).collect::<Vec<u64>>());
 
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
         let writer = {
@@ -438,7 +444,7 @@ mod tests {
             .filter_map(|(_, value)| value.parse().ok())
             .collect();
         logged.sort_unstable();
-        assert_eq!(logged, (1..=27).collect::<Vec<u64>>());
+        assert_eq!(logged, (1..=30).collect::<Vec<u64>>());
         assert!(line.contains("not_http_connections=9 ") && line.contains("errors_unattached=15 "));
     }
 

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use apitoolkit_agent::agent::recording::RedactedEvents;
 use apitoolkit_agent::pipeline::{
-    CaptureScope, Pipeline,
-    events::Event,
-    payload::{HeaderMap, Payload, PayloadSettings},
+    CaptureScope, ERROR_HOLD_NS, Pipeline,
+    events::{ConnId, DataEvent, Direction, Event, Role, Source},
+    payload::{BodyKind, HeaderMap, Payload, PayloadSettings},
     profile::{ProcessProfile, Profiles, SdkType},
     redact::{REDACTED, Redactor, TAG_REQUEST_BODY_WITHHELD},
     trace::SpanKind,
@@ -56,12 +56,12 @@ fn pipeline(sdk_type: SdkType, redactor: Redactor) -> Pipeline {
     Pipeline::new(settings(), scope, redactor, Profiles::Everyone(profile))
 }
 
+/// Every payload of the events, as `apitoolkit-agent replay` gives them (held ones at the end).
 fn replay_with(events: Vec<Event>, redactor: Redactor) -> Vec<Payload> {
     let mut pipeline = pipeline(SdkType::PythonFlask, redactor);
-    events
-        .into_iter()
-        .flat_map(|event| pipeline.feed(event).payloads)
-        .collect()
+    let mut payloads = feed_all(&mut pipeline, events);
+    payloads.extend(pipeline.flush().payloads);
+    payloads
 }
 
 fn replay(events: Vec<Event>) -> Vec<Payload> {
@@ -71,10 +71,8 @@ fn replay(events: Vec<Event>) -> Vec<Payload> {
 /// Replays a fixture, returning its payloads and the pipeline (for its counters).
 fn replay_fixture(name: &str, sdk_type: SdkType) -> (Vec<Payload>, Pipeline) {
     let mut pipeline = pipeline(sdk_type, Redactor::default());
-    let payloads = fixture_events(name)
-        .into_iter()
-        .flat_map(|event| pipeline.feed(event).payloads)
-        .collect();
+    let mut payloads = feed_all(&mut pipeline, fixture_events(name));
+    payloads.extend(pipeline.flush().payloads);
     (payloads, pipeline)
 }
 
@@ -304,13 +302,15 @@ fn recorded_outgoing_calls_and_errors_link_to_their_requests() {
 fn redacted_recording(events: Vec<Event>, redactor: Redactor) -> Vec<Event> {
     let mut pipeline = pipeline(SdkType::PythonFlask, redactor);
     let mut recording = RedactedEvents::default();
-    events
+    let mut recorded: Vec<Event> = events
         .into_iter()
         .flat_map(|event| {
             let output = pipeline.feed(event.clone());
             recording.events(event, &output)
         })
-        .collect()
+        .collect();
+    recorded.extend(recording.released(&pipeline.flush()));
+    recorded
 }
 
 fn recorded_bytes(events: &[Event]) -> Vec<u8> {
@@ -446,4 +446,291 @@ fn recorded_h2c_session_yields_one_payload_per_stream() {
     // One byte per event changes nothing: frames split anywhere reassemble the same.
     let split = one_byte_per_event(fixture_events("node_h2c_session.ndjson"));
     assert_eq!(summary(&replay(split)), summary(&payloads));
+}
+
+const SERVER_TGID: u32 = 40;
+const LOOP_TID: u32 = 41;
+
+fn server_conn(fd: i32) -> ConnId {
+    ConnId {
+        tgid: SERVER_TGID,
+        fd,
+        generation: 1,
+    }
+}
+
+fn opened(fd: i32, at: u64) -> Event {
+    Event::Open {
+        conn: server_conn(fd),
+        timestamp_ns: at,
+        role: Role::Server,
+        remote: None,
+        midstream: false,
+    }
+}
+
+/// Bytes at the start of a direction of a connection (or of stderr, fd 2), by the loop thread.
+fn moved(fd: i32, direction: Direction, bytes: &[u8], at: u64) -> Event {
+    Event::Data(DataEvent {
+        conn: server_conn(fd),
+        tid: LOOP_TID,
+        goroutine: 0,
+        timestamp_ns: at,
+        direction,
+        source: if fd == 2 {
+            Source::Stderr
+        } else {
+            Source::Syscall
+        },
+        position: 0,
+        skipped_len: 0,
+        data: Bytes::copy_from_slice(bytes),
+    })
+}
+
+/// One exchange served on a fresh connection, as the kernel would report it.
+fn served(fd: i32, request: &[u8], response: &[u8], at: u64) -> Vec<Event> {
+    vec![
+        opened(fd, at),
+        moved(fd, Direction::Ingress, request, at + 1_000),
+        moved(fd, Direction::Egress, response, at + 2_000),
+        Event::Close {
+            conn: server_conn(fd),
+            timestamp_ns: at + 3_000,
+            bytes_sent: response.len() as u64,
+            bytes_received: request.len() as u64,
+            tls_bytes_sent: 0,
+            tls_bytes_received: 0,
+        },
+    ]
+}
+
+/// A url-encoded login and a multipart upload, each answered in plain text.
+fn form_session() -> Vec<Event> {
+    let login = "POST /login HTTP/1.1\r\nHost: shop\r\n\
+Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 34\r\n\r\n\
+user=bob&password=hunter2&remember";
+    let multipart = "--b0undary\r\nContent-Disposition: form-data; name=\"password\"\r\n\r\nhunter2\r\n\
+--b0undary\r\nContent-Disposition: form-data; name=\"doc\"; filename=\"a.pdf\"\r\n\
+Content-Type: application/pdf\r\n\r\n%PDF-1.7 hunter2\r\n--b0undary--\r\n";
+    let upload = format!(
+        "POST /upload HTTP/1.1\r\nHost: shop\r\nContent-Type: multipart/form-data; boundary=b0undary\r\n\
+Content-Length: {}\r\n\r\n{multipart}",
+        multipart.len()
+    );
+    let text = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 16\r\n\r\npassword=hunter2";
+    let mut events = served(5, login.as_bytes(), text, 1_000_000);
+    events.extend(served(6, upload.as_bytes(), text, 2_000_000));
+    events
+}
+
+#[test]
+fn form_bodies_are_redacted_as_json_and_a_text_body_is_sent_as_it_is() {
+    let rules = || Redactor::new(&[], &["$.password".into()], &["$.password".into()]).unwrap();
+    let live = replay_with(form_session(), rules());
+    assert_eq!(live.len(), 2);
+    let json = |body: &str| serde_json::from_slice::<serde_json::Value>(&decoded(body)).unwrap();
+    assert_eq!(
+        json(&live[0].request_body),
+        serde_json::json!({"user": "bob", "password": REDACTED, "remember": ""})
+    );
+    assert_eq!(
+        json(&live[1].request_body),
+        serde_json::json!({
+            "password": REDACTED,
+            "doc": {"filename": "a.pdf", "content_type": "application/pdf", "size": 16}
+        })
+    );
+    for payload in &live {
+        assert_eq!(payload.request_body_kind, BodyKind::Form);
+        assert_eq!(decoded(&payload.response_body), b"password=hunter2");
+        assert!(payload.tags.iter().all(|tag| !tag.contains("withheld")));
+    }
+
+    // The redacted recording writes the forms as the JSON they became, and replays to them.
+    let recording = redacted_recording(form_session(), rules());
+    let written = String::from_utf8_lossy(&recorded_bytes(&recording)).into_owned();
+    assert_eq!(
+        written.matches("hunter2").count(),
+        2,
+        "only the text bodies"
+    );
+    let replayed = replay(recording);
+    for (live, replayed) in live.iter().zip(&replayed) {
+        assert_eq!(replayed.request_body, live.request_body);
+        assert_eq!(
+            replayed.request_headers["Content-Type"],
+            ["application/json"]
+        );
+    }
+}
+
+/// uvicorn serving FastAPI: one event-loop thread answers a failing route with a 500, then
+/// logs the traceback a few milliseconds later.
+fn event_loop_pipeline() -> Pipeline {
+    let scope = CaptureScope {
+        outgoing: true,
+        errors: true,
+    };
+    let profile = ProcessProfile::new(SdkType::PythonFastApi, false);
+    Pipeline::new(
+        settings(),
+        scope,
+        Redactor::default(),
+        Profiles::Everyone(profile),
+    )
+}
+
+const GET_BOOM: &[u8] = b"GET /boom HTTP/1.1\r\nHost: api\r\n\r\n";
+const GET_SLOW: &[u8] = b"GET /slow HTTP/1.1\r\nHost: api\r\n\r\n";
+const SERVER_ERROR: &[u8] =
+    b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\ncontent-length: 21\r\n\r\nInternal Server Error";
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+const ASGI_TRACEBACK: &str = "ERROR:    Exception in ASGI application
+Traceback (most recent call last):
+  File \"/srv/fastapi_app.py\", line 33, in boom
+    raise ValueError(\"fastapi boom on purpose\")
+ValueError: fastapi boom on purpose
+";
+const MS: u64 = 1_000_000;
+
+fn traceback(at: u64) -> Event {
+    moved(2, Direction::Egress, ASGI_TRACEBACK.as_bytes(), at)
+}
+
+fn feed_all(pipeline: &mut Pipeline, events: Vec<Event>) -> Vec<Payload> {
+    events
+        .into_iter()
+        .flat_map(|event| pipeline.feed(event).payloads)
+        .collect()
+}
+
+#[test]
+fn a_traceback_printed_after_a_500_joins_it_and_not_the_request_in_flight() {
+    let mut pipeline = event_loop_pipeline();
+    let start = 1_000 * MS;
+    // /slow is read and in flight on the loop; /boom is answered 500; the traceback follows.
+    let mut events = vec![
+        opened(7, start),
+        moved(7, Direction::Ingress, GET_SLOW, start + MS),
+    ];
+    events.extend(served(8, GET_BOOM, SERVER_ERROR, start + 2 * MS));
+    let before_traceback = feed_all(&mut pipeline, events);
+    assert!(
+        before_traceback.is_empty(),
+        "the 500 waits for its traceback"
+    );
+    assert_eq!(
+        pipeline.next_release_ns(),
+        Some(start + 2 * MS + 2_000 + ERROR_HOLD_NS)
+    );
+    let with_traceback = feed_all(&mut pipeline, vec![traceback(start + 7 * MS)]);
+    let slow = feed_all(
+        &mut pipeline,
+        vec![moved(7, Direction::Egress, OK, start + 9 * MS)],
+    );
+
+    let [boom] = &with_traceback[..] else {
+        panic!("{with_traceback:?}")
+    };
+    assert_eq!(boom.status_code, 500);
+    assert_eq!(boom.errors.len(), 1);
+    assert_eq!(
+        (
+            boom.errors[0].error_type.as_str(),
+            boom.errors[0].message.as_str()
+        ),
+        ("ValueError", "fastapi boom on purpose")
+    );
+    let [slow] = &slow[..] else {
+        panic!("{slow:?}")
+    };
+    assert_eq!((slow.url_path.as_str(), slow.errors.len()), ("/slow", 0));
+    let stats = pipeline.link_stats();
+    assert_eq!(
+        (
+            stats.held_5xx,
+            stats.held_errors_attached,
+            stats.held_released_without_error
+        ),
+        (1, 1, 0)
+    );
+    assert_eq!(pipeline.next_release_ns(), None);
+}
+
+#[test]
+fn a_held_500_is_released_on_time_without_an_error_it_cannot_be_sure_of() {
+    let mut pipeline = event_loop_pipeline();
+    let start = 1_000 * MS;
+    // Two 500s wait at once: the traceback is neither's.
+    let mut events = served(8, GET_BOOM, SERVER_ERROR, start);
+    events.extend(served(9, GET_BOOM, SERVER_ERROR, start + MS));
+    events.push(traceback(start + 5 * MS));
+    assert!(feed_all(&mut pipeline, events).is_empty());
+    assert!(
+        pipeline.tick(start + ERROR_HOLD_NS).payloads.is_empty(),
+        "not due yet"
+    );
+    let released = pipeline.tick(start + MS + ERROR_HOLD_NS + 3_000).payloads;
+    assert_eq!(released.len(), 2);
+    assert!(
+        released
+            .iter()
+            .all(|p| p.status_code == 500 && p.errors.is_empty())
+    );
+
+    // Any later event ends a wait that is over: a traceback after it joins nothing.
+    let late = start + 100 * MS;
+    assert!(feed_all(&mut pipeline, served(10, GET_BOOM, SERVER_ERROR, late)).is_empty());
+    let released = feed_all(
+        &mut pipeline,
+        vec![opened(11, late + ERROR_HOLD_NS + 3_000)],
+    );
+    assert_eq!(released.len(), 1);
+    assert!(released[0].errors.is_empty());
+    assert!(feed_all(&mut pipeline, vec![traceback(late + ERROR_HOLD_NS + 4_000)]).is_empty());
+
+    // A process that ends, or a shutdown, releases what waits.
+    assert!(
+        feed_all(
+            &mut pipeline,
+            served(12, GET_BOOM, SERVER_ERROR, late + 200 * MS)
+        )
+        .is_empty()
+    );
+    assert_eq!(pipeline.flush().payloads.len(), 1);
+    let stats = pipeline.link_stats();
+    assert_eq!(
+        (
+            stats.held_5xx,
+            stats.held_errors_attached,
+            stats.held_released_without_error
+        ),
+        (4, 0, 4)
+    );
+    assert_eq!(stats.errors_unattached, 2);
+}
+
+#[test]
+fn where_a_thread_serves_one_request_its_traceback_still_joins_it_first() {
+    // gunicorn sync: the worker prints the traceback while serving, then answers 500.
+    let mut pipeline = pipeline(SdkType::PythonFlask, Redactor::default());
+    let start = 1_000 * MS;
+    let mut events = vec![
+        opened(8, start),
+        moved(8, Direction::Ingress, GET_BOOM, start + MS),
+        traceback(start + 2 * MS),
+        moved(8, Direction::Egress, SERVER_ERROR, start + 3 * MS),
+    ];
+    events.extend(served(9, GET_BOOM, SERVER_ERROR, start + 4 * MS));
+    let payloads = feed_all(&mut pipeline, events);
+    let [boom] = &payloads[..] else {
+        panic!("{payloads:?}")
+    };
+    assert_eq!(boom.errors.len(), 1, "not held: it has its error");
+    // The second 500 had none and waits; a traceback the serving thread prints outside any
+    // request then joins the one 500 waiting.
+    let payloads = feed_all(&mut pipeline, vec![traceback(start + 6 * MS)]);
+    assert_eq!(payloads.len(), 1);
+    assert_eq!(payloads[0].errors.len(), 1);
 }

@@ -11,7 +11,7 @@
 #![no_main]
 
 use apitoolkit_agent::pipeline::{
-    payload::{HeaderMap, Payload, TAG_REQUEST_BODY_TRUNCATED},
+    payload::{BodyKind, HeaderMap, Payload, TAG_REQUEST_BODY_TRUNCATED},
     redact::{REDACTED, Redactor},
 };
 use arbitrary::Arbitrary;
@@ -174,6 +174,7 @@ fuzz_target!(|input: Input| {
         bytes.push(b'}');
     }
     payload.request_body = BASE64.encode(&bytes);
+    payload.request_body_kind = BodyKind::Json;
     if input.truncated {
         payload.tags.push(TAG_REQUEST_BODY_TRUNCATED.to_owned());
     }

@@ -30,6 +30,12 @@ def form():
     return jsonify(fields=request.form.to_dict(flat=False))
 
 
+@app.get("/text")
+def text():
+    """Plain text that reads like a form: no JSONPath rule has a field to cover in it."""
+    return Response(f"password={request.args.get('password', '')}\n", mimetype="text/plain")
+
+
 @app.post("/upload")
 def upload():
     data = request.get_data()

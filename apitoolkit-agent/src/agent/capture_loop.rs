@@ -23,7 +23,7 @@ use crate::{
     allocator,
     capture::{Probes, RingWakeups},
     observability::{self, CaptureTotals, Heartbeat, LossReport, Snapshot},
-    pipeline::{Pipeline, events::Event, payload::Payload},
+    pipeline::{Pipeline, PipelineOutput, events::Event, payload::Payload},
     sinks::PayloadQueue,
     targets::process::{self, Profiler},
 };
@@ -79,6 +79,27 @@ impl CaptureLoop {
         }
         self.outbox.extend(output.payloads);
         Ok(())
+    }
+
+    /// Payloads the pipeline released outside an event (held 5xx whose wait ended, all of them
+    /// at shutdown), on to the recording and the sinks.
+    fn deliver_released(&mut self, output: PipelineOutput) -> anyhow::Result<()> {
+        if output.payloads.is_empty() {
+            return Ok(());
+        }
+        if let Some(recorder) = &mut self.recorder {
+            recorder.write_released(&output)?;
+        }
+        self.outbox.extend(output.payloads);
+        self.send_outbox();
+        Ok(())
+    }
+
+    /// Drains the ring buffer and releases every held payload: nothing waits past shutdown.
+    fn drain_all(&mut self, probes: &mut Probes) -> anyhow::Result<()> {
+        self.drain(probes)?;
+        let output = self.pipeline.flush();
+        self.deliver_released(output)
     }
 
     /// Ring-buffer records, decoded into owned events (ring items borrow the ring buffer).
@@ -172,13 +193,25 @@ impl CaptureLoop {
         let mut last_tick = Instant::now();
         loop {
             if stop.load(Ordering::Relaxed) {
-                self.drain(probes)?;
+                self.drain_all(probes)?;
                 return Ok(StopReason::Signal);
             }
+            let wait_ms = self
+                .pipeline
+                .next_release_ns()
+                .map_or(DRAIN_INTERVAL_MS, |due| {
+                    let now = super::clock_ns(libc::CLOCK_MONOTONIC) as u64;
+                    (due.saturating_sub(now) / 1_000_000).clamp(1, DRAIN_INTERVAL_MS as u64) as i32
+                });
             self.wakeups
-                .wait(DRAIN_INTERVAL_MS)
+                .wait(wait_ms)
                 .context("waiting for the ring buffer")?;
+            // Every event the kernel stamped before this moment is in the ring buffer now, so
+            // once it is drained, held payloads due before it have missed their traceback.
+            let before_drain = super::clock_ns(libc::CLOCK_MONOTONIC) as u64;
             self.drain(probes)?;
+            let released = self.pipeline.tick(before_drain);
+            self.deliver_released(released)?;
             if last_tick.elapsed() > Duration::from_secs(1) {
                 last_tick = Instant::now();
                 self.heartbeat.beat();
@@ -189,7 +222,7 @@ impl CaptureLoop {
                 observability::report_losses(&mut losses, &snapshot);
                 self.losses = losses;
                 if self.discovery.targets_exited() {
-                    self.drain(probes)?;
+                    self.drain_all(probes)?;
                     return Ok(StopReason::TargetsExited);
                 }
                 let discovered = self.discover(probes)?;

@@ -18,7 +18,9 @@ use crate::{
     pipeline::{
         Origin, Pipeline, PipelineOutput,
         events::{ConnId, DataEvent, Direction, Event, Role, Source},
-        payload::{HeaderMap, Payload, TAG_REQUEST_BODY_ENCODED, TAG_RESPONSE_BODY_ENCODED},
+        payload::{
+            BodyKind, HeaderMap, Payload, TAG_REQUEST_BODY_ENCODED, TAG_RESPONSE_BODY_ENCODED,
+        },
         profile::{ProcessProfile, Profiles, SdkType},
         redact::{TAG_REQUEST_BODY_WITHHELD, TAG_RESPONSE_BODY_WITHHELD},
     },
@@ -66,6 +68,19 @@ impl Recorder {
         Ok(())
     }
 
+    /// Records payloads the pipeline released outside an event (held 5xx payloads): a raw
+    /// recording already holds their events.
+    pub fn write_released(&mut self, output: &PipelineOutput) -> anyhow::Result<()> {
+        let Some(redacted) = &mut self.redacted else {
+            return Ok(());
+        };
+        for event in &redacted.released(output) {
+            serde_json::to_writer(&mut self.out, event)?;
+            self.out.write_all(b"\n")?;
+        }
+        Ok(())
+    }
+
     pub fn flush(&mut self) -> anyhow::Result<()> {
         self.out.flush().context("writing the recording")
     }
@@ -78,7 +93,8 @@ impl Recorder {
 ///
 /// What a replay of it cannot reproduce: parent links (a request is written once answered,
 /// after the calls it made), original framing and content encodings (HTTP/2 exchanges come
-/// back as HTTP/1.1), and bytes of exchanges that never completed.
+/// back as HTTP/1.1), form bodies (written as the JSON the payload carries, with
+/// `Content-Type: application/json`), and bytes of exchanges that never completed.
 #[derive(Debug, Default)]
 pub struct RedactedEvents {
     /// Bytes written so far per connection and direction: the stream positions.
@@ -86,11 +102,17 @@ pub struct RedactedEvents {
 }
 
 impl RedactedEvents {
-    pub fn events(&mut self, event: Event, output: &PipelineOutput) -> Vec<Event> {
+    /// The exchanges of payloads released outside an event.
+    pub fn released(&mut self, output: &PipelineOutput) -> Vec<Event> {
         let mut events = Vec::new();
         for (origin, payload) in output.origins.iter().zip(&output.payloads) {
             self.exchange(origin, payload, &mut events);
         }
+        events
+    }
+
+    pub fn events(&mut self, event: Event, output: &PipelineOutput) -> Vec<Event> {
+        let mut events = self.released(output);
         match event {
             Event::Data(data) if data.source != Source::Stderr => {}
             Event::Close {
@@ -169,15 +191,24 @@ impl RedactedEvents {
     }
 }
 
-/// Headers of a payload as HTTP/1 header lines, framed for `body`: the body is written
-/// whole and (unless it could not be decoded) without its content encoding.
-fn head_lines(
-    headers: &HeaderMap,
-    body: &[u8],
+/// How a payload's body is written back.
+struct WrittenBody<'a> {
+    bytes: &'a [u8],
     withheld: bool,
     undecoded: bool,
-    head: &mut Vec<u8>,
-) {
+    /// A form the payload carries as JSON: it is written as JSON.
+    form_as_json: bool,
+}
+
+/// Headers of a payload as HTTP/1 header lines, framed for `body`: the body is written
+/// whole and (unless it could not be decoded) without its content encoding.
+fn head_lines(headers: &HeaderMap, body: WrittenBody<'_>, head: &mut Vec<u8>) {
+    let WrittenBody {
+        bytes: body,
+        withheld,
+        undecoded,
+        form_as_json,
+    } = body;
     let framing = |name: &str| name.eq_ignore_ascii_case("content-length");
     let chunked = headers
         .keys()
@@ -186,13 +217,17 @@ fn head_lines(
         let dropped = name.eq_ignore_ascii_case("transfer-encoding")
             || (name.eq_ignore_ascii_case("content-encoding") && !undecoded)
             // An empty body keeps its declared length (a response to HEAD), unless emptied.
-            || (framing(name) && (!body.is_empty() || withheld || chunked));
+            || (framing(name) && (!body.is_empty() || withheld || chunked))
+            || (form_as_json && name.eq_ignore_ascii_case("content-type"));
         if dropped {
             continue;
         }
         for value in values {
             head.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
         }
+    }
+    if form_as_json {
+        head.extend_from_slice(b"Content-Type: application/json\r\n");
     }
     if !body.is_empty() || withheld || chunked {
         head.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
@@ -225,9 +260,12 @@ fn request_bytes(payload: &Payload) -> Vec<u8> {
     .into_bytes();
     head_lines(
         &payload.request_headers,
-        &body,
-        has_tag(payload, TAG_REQUEST_BODY_WITHHELD),
-        has_tag(payload, TAG_REQUEST_BODY_ENCODED),
+        WrittenBody {
+            bytes: &body,
+            withheld: has_tag(payload, TAG_REQUEST_BODY_WITHHELD),
+            undecoded: has_tag(payload, TAG_REQUEST_BODY_ENCODED),
+            form_as_json: payload.request_body_kind == BodyKind::Form && !body.is_empty(),
+        },
         &mut bytes,
     );
     bytes
@@ -243,9 +281,12 @@ fn response_bytes(payload: &Payload) -> Vec<u8> {
     .into_bytes();
     head_lines(
         &payload.response_headers,
-        &body,
-        has_tag(payload, TAG_RESPONSE_BODY_WITHHELD),
-        has_tag(payload, TAG_RESPONSE_BODY_ENCODED),
+        WrittenBody {
+            bytes: &body,
+            withheld: has_tag(payload, TAG_RESPONSE_BODY_WITHHELD),
+            undecoded: has_tag(payload, TAG_RESPONSE_BODY_ENCODED),
+            form_as_json: payload.response_body_kind == BodyKind::Form && !body.is_empty(),
+        },
         &mut bytes,
     );
     bytes
@@ -278,6 +319,11 @@ pub fn replay(file: &Path, args: &CaptureArgs, mut out: impl Write) -> anyhow::R
             out.write_all(b"\n")?;
             written += 1;
         }
+    }
+    for payload in pipeline.flush().payloads {
+        serde_json::to_writer(&mut out, &payload)?;
+        out.write_all(b"\n")?;
+        written += 1;
     }
     out.flush()?;
     tracing::info!(stats = ?pipeline.stats(), "replay finished");

@@ -48,6 +48,24 @@ pub struct LinkStats {
     pub errors_attached: u64,
     /// Errors printed by a thread that was serving no single request.
     pub errors_unattached: u64,
+    /// 5xx payloads without errors held for a traceback printed after the response.
+    pub held_5xx: u64,
+    /// Held 5xx payloads that got their traceback.
+    pub held_errors_attached: u64,
+    /// Held 5xx payloads released when their wait ended, without an error.
+    pub held_released_without_error: u64,
+}
+
+/// How long a 5xx payload without errors waits for the traceback of its error: asyncio servers
+/// answer first and print it after (uvicorn ~5 ms later, when no request is in flight).
+pub const ERROR_HOLD_NS: u64 = 30_000_000;
+
+/// A payload waiting for the traceback that may follow it.
+struct Held {
+    tgid: u32,
+    payload: Payload,
+    origin: Origin,
+    release_at_ns: u64,
 }
 
 /// How request paths resolved to route templates.
@@ -122,6 +140,10 @@ pub struct Pipeline {
     profiles: Profiles,
     /// Payloads per live process, for the agent's metrics.
     payloads_by_process: HashMap<u32, u64>,
+    /// 5xx payloads waiting for a traceback, in release order.
+    held: Vec<Held>,
+    /// Held payloads released while tracking an event, emitted with its output.
+    released: Vec<Held>,
 }
 
 impl Pipeline {
@@ -145,6 +167,8 @@ impl Pipeline {
             route_stats: RouteStats::default(),
             profiles,
             payloads_by_process: HashMap::new(),
+            held: Vec::new(),
+            released: Vec::new(),
         }
     }
 
@@ -196,18 +220,91 @@ impl Pipeline {
         // A traceback cut before its error line names nothing to attach.
         self.link_stats.errors_unattached += collected.cut;
         for error in collected.errors {
-            match self.linker.attach_error(data.tid, error) {
-                None => self.link_stats.errors_attached += 1,
-                Some(error) => {
-                    self.link_stats.errors_unattached += 1;
-                    tracing::debug!(
-                        tid = data.tid,
-                        error_type = error.error_type,
-                        "error printed outside a request"
-                    );
-                }
+            if self.attach_printed_error(data.conn.tgid, data.tid, error) {
+                self.link_stats.errors_attached += 1;
+            } else {
+                self.link_stats.errors_unattached += 1;
             }
         }
+    }
+
+    /// Attaches an error thread `tid` printed to the request it belongs to; false when that
+    /// is not known for sure. On an event loop, a traceback that follows a held 5xx is that
+    /// 5xx's (the server answered, then printed), and with two 5xx held it is neither's. Where
+    /// a thread serves one request at a time, the thread's own request comes first.
+    fn attach_printed_error(&mut self, tgid: u32, tid: u32, error: CapturedError) -> bool {
+        let waiting = self.held.iter().filter(|held| held.tgid == tgid).count();
+        let event_loop = !self.profiles.get(tgid).thread_per_request;
+        if event_loop && waiting > 0 {
+            return waiting == 1 && self.attach_to_held(tgid, error);
+        }
+        match self.linker.attach_error(tid, error) {
+            None => true,
+            Some(error) => {
+                tracing::debug!(
+                    tid,
+                    error_type = error.error_type,
+                    "error printed outside a request"
+                );
+                waiting == 1 && self.attach_to_held(tgid, error)
+            }
+        }
+    }
+
+    /// Adds the error to the one payload process `tgid` holds, and releases it.
+    fn attach_to_held(&mut self, tgid: u32, error: CapturedError) -> bool {
+        let Some(index) = self.held.iter().position(|held| held.tgid == tgid) else {
+            return false;
+        };
+        let mut held = self.held.remove(index);
+        held.payload
+            .errors
+            .push(payload::at_error(error, &self.settings));
+        self.link_stats.held_errors_attached += 1;
+        self.released.push(held);
+        true
+    }
+
+    /// Releases the held payloads `due` selects (as they are: without an error).
+    fn release(&mut self, due: impl Fn(&Held) -> bool) {
+        if self.held.is_empty() {
+            return;
+        }
+        let (released, kept): (Vec<Held>, Vec<Held>) =
+            std::mem::take(&mut self.held).into_iter().partition(due);
+        self.held = kept;
+        self.link_stats.held_released_without_error += released.len() as u64;
+        self.released.extend(released);
+    }
+
+    fn emit_released(&mut self, output: &mut PipelineOutput) {
+        for held in self.released.drain(..) {
+            output.payloads.push(held.payload);
+            output.origins.push(held.origin);
+        }
+    }
+
+    /// Releases held payloads whose wait ended before `now_ns` (CLOCK_MONOTONIC, as kernel
+    /// timestamps): the capture loop calls it with a time taken before its last drain of the
+    /// ring buffer, so every event up to then was seen.
+    pub fn tick(&mut self, now_ns: u64) -> PipelineOutput {
+        self.release(|held| held.release_at_ns < now_ns);
+        let mut output = PipelineOutput::default();
+        self.emit_released(&mut output);
+        output
+    }
+
+    /// When the next held payload is due, if any.
+    pub fn next_release_ns(&self) -> Option<u64> {
+        self.held.iter().map(|held| held.release_at_ns).min()
+    }
+
+    /// Releases every held payload (shutdown, the end of a replay).
+    pub fn flush(&mut self) -> PipelineOutput {
+        self.release(|_| true);
+        let mut output = PipelineOutput::default();
+        self.emit_released(&mut output);
+        output
     }
 
     /// The request `worker` works for: by goroutine (Go), or by thread where the runtime
@@ -277,12 +374,28 @@ impl Pipeline {
         self.route_stats.unmatched += u64::from(payload.route == RouteLookup::Unmatched);
         self.redactor.apply(&mut payload);
         payload.span = payload.span_context(exchange.role, parent_span);
-        output.payloads.push(payload);
-        output.origins.push(origin);
         *self
             .payloads_by_process
             .entry(exchange.conn.tgid)
             .or_default() += 1;
+        let answered_at = origin.response_ns.map(|(_, last)| last);
+        if let Some(answered_at) = answered_at
+            && self.scope.errors
+            && exchange.role != Role::Client
+            && payload.status_code >= 500
+            && payload.errors.is_empty()
+        {
+            self.link_stats.held_5xx += 1;
+            self.held.push(Held {
+                tgid: exchange.conn.tgid,
+                payload,
+                origin,
+                release_at_ns: answered_at + ERROR_HOLD_NS,
+            });
+            return;
+        }
+        output.payloads.push(payload);
+        output.origins.push(origin);
     }
 
     fn links(&mut self, exchange: &TrackedExchange, thread_per_request: bool) -> Links {
@@ -313,6 +426,9 @@ impl Pipeline {
     /// Stage one of an event: connection tracking and reassembly. Payloads come from
     /// [`Pipeline::emit`] once the processes in [`Tracked::unprofiled`] have profiles.
     pub fn track(&mut self, event: Event) -> Tracked {
+        // A held payload whose wait ended before this event missed its traceback.
+        let now_ns = event.timestamp_ns();
+        self.release(|held| held.release_at_ns < now_ns);
         let ended = match &event {
             Event::Data(data) if data.source == Source::Stderr => {
                 self.on_stderr(data);
@@ -358,6 +474,7 @@ impl Pipeline {
             disable: output.disable,
             unreadable_tls: output.unreadable_tls,
         };
+        self.emit_released(&mut pipeline_output);
         for mut serving in output.serving {
             // Its payload will not show a redacted traceparent, so neither may its children.
             if self.redactor.redacts_header(trace::TRACEPARENT) {
@@ -383,6 +500,8 @@ impl Pipeline {
         match ended {
             Some(Ended::Connection(conn)) => self.linker.forget_connection(conn),
             Some(Ended::Process(tgid)) => {
+                self.release(|held| held.tgid == tgid);
+                self.emit_released(&mut pipeline_output);
                 self.linker.forget_process(tgid);
                 self.stderr.forget_process(tgid);
                 self.profiles.forget(tgid);

@@ -13,7 +13,8 @@ use super::{
     link::Parent,
     profile::{ProcessProfile, SdkType},
     protocols::{
-        content,
+        content::{self, MediaType},
+        form::{self, FormShape},
         message::{Body, Message, StartLine},
     },
     trace::{ParentSpan, SpanContext, TRACEPARENT, TraceParent},
@@ -58,6 +59,11 @@ pub struct Payload {
     pub service_version: Option<String>,
     pub tags: Vec<String>,
     pub errors: Vec<AtError>,
+    /// Not part of the message: what the bodies are, for redaction.
+    #[serde(skip)]
+    pub request_body_kind: BodyKind,
+    #[serde(skip)]
+    pub response_body_kind: BodyKind,
     /// Not part of the message: the span this payload becomes (OTLP export).
     #[serde(skip)]
     pub span: SpanContext,
@@ -97,6 +103,23 @@ impl Payload {
             _ => SpanContext::incoming(self.msg_id, traceparent),
         }
     }
+}
+
+/// What a body in a payload is, from its Content-Type: what redaction can do with it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BodyKind {
+    /// Declared JSON.
+    Json,
+    /// A form, sent as the JSON object of its fields.
+    Form,
+    /// A form that could not be read (a multipart body without a boundary or malformed, a
+    /// content encoding left undone), sent as captured.
+    UnreadForm,
+    /// Any other declared type (text, HTML, XML, images …).
+    Other,
+    /// No Content-Type.
+    #[default]
+    Undeclared,
 }
 
 /// Settings every payload shares.
@@ -173,37 +196,102 @@ struct BodyTags {
     undecoded: &'static str,
 }
 
-/// Decodes the content encoding and base64-encodes the body, tagging what is not whole.
+/// A body as the payload carries it: base64 of its bytes, and what it is.
+struct EncodedBody {
+    base64: String,
+    kind: BodyKind,
+}
+
+/// How repeated form fields look in the JSON object, as the framework's own SDK sends them.
+fn form_shape(sdk_type: SdkType) -> FormShape {
+    match sdk_type {
+        SdkType::PythonDjango => FormShape::ValueLists,
+        _ => FormShape::FirstValue,
+    }
+}
+
+fn json_bytes(fields: serde_json::Map<String, serde_json::Value>) -> Vec<u8> {
+    serde_json::to_vec(&fields).expect("a JSON object serializes")
+}
+
+/// A form's bytes turned into the JSON object of its fields, or `None` (with the reason
+/// logged) when they cannot be read as the form they declare. `partial`: the bytes are not the
+/// whole body, so a multipart body stops early and keeps its whole parts.
+fn form_json(media: &MediaType, bytes: &[u8], partial: bool, shape: FormShape) -> Option<Vec<u8>> {
+    match media {
+        MediaType::UrlEncodedForm => Some(json_bytes(form::url_encoded(bytes, shape))),
+        MediaType::MultipartForm {
+            boundary: Some(boundary),
+        } => {
+            let form = form::multipart(bytes, boundary, shape);
+            match form.error {
+                Some(error) if !partial => {
+                    tracing::debug!(%error, "multipart body sent as captured");
+                    None
+                }
+                _ => Some(json_bytes(form.fields)),
+            }
+        }
+        _ => {
+            tracing::debug!("multipart body without a boundary sent as captured");
+            None
+        }
+    }
+}
+
+/// Decodes the content encoding, turns a form into the JSON object of its fields, and
+/// base64-encodes the body, tagging what is not whole.
 fn encode_body(
     message: &Message,
     body: &Body,
     max_bytes: usize,
+    form_shape: FormShape,
     tags: &BodyTags,
     out_tags: &mut Vec<String>,
-) -> String {
-    let mut truncated = body.truncated;
-    let decoded = match content::decode(message.header("content-encoding"), &body.bytes, max_bytes)
-    {
-        Ok(decoded) => decoded,
+) -> EncodedBody {
+    let decoded = content::decode(message.header("content-encoding"), &body.bytes, max_bytes);
+    let (bytes, truncated, undecoded) = match &decoded {
+        Ok(Some(decoded)) => (
+            &decoded.bytes[..],
+            body.truncated || decoded.truncated,
+            false,
+        ),
+        Ok(None) => (&body.bytes[..], body.truncated, false),
         Err(error) => {
             tracing::debug!(%error, "body left encoded");
             out_tags.push(tags.undecoded.to_owned());
-            None
+            (&body.bytes[..], body.truncated, true)
         }
     };
-    if let Some(decoded) = &decoded {
-        truncated |= decoded.truncated;
-    }
-    let bytes = decoded
-        .as_ref()
-        .map_or(&body.bytes[..], |decoded| &decoded.bytes[..]);
     if truncated {
         out_tags.push(tags.truncated.to_owned());
     }
     if body.incomplete {
         out_tags.push(tags.incomplete.to_owned());
     }
-    BASE64.encode(bytes)
+    let media = content::media_type(message.header("content-type"));
+    let (kind, form) = match media {
+        MediaType::Json => (BodyKind::Json, None),
+        MediaType::Other => (BodyKind::Other, None),
+        MediaType::Undeclared => (BodyKind::Undeclared, None),
+        // An empty form is no body, as an empty JSON body is.
+        MediaType::UrlEncodedForm | MediaType::MultipartForm { .. } if bytes.is_empty() => {
+            (BodyKind::Form, None)
+        }
+        MediaType::UrlEncodedForm | MediaType::MultipartForm { .. } if undecoded => {
+            (BodyKind::UnreadForm, None)
+        }
+        MediaType::UrlEncodedForm | MediaType::MultipartForm { .. } => {
+            match form_json(&media, bytes, truncated || body.incomplete, form_shape) {
+                Some(json) => (BodyKind::Form, Some(json)),
+                None => (BodyKind::UnreadForm, None),
+            }
+        }
+    };
+    EncodedBody {
+        base64: BASE64.encode(form.as_deref().unwrap_or(bytes)),
+        kind,
+    }
 }
 
 fn rfc3339(unix_ns: i128) -> String {
@@ -214,7 +302,8 @@ fn rfc3339(unix_ns: i128) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
 }
 
-fn at_error(error: CapturedError, settings: &PayloadSettings) -> AtError {
+/// A captured error as the backend's ATError.
+pub fn at_error(error: CapturedError, settings: &PayloadSettings) -> AtError {
     AtError {
         when: rfc3339(error.timestamp_ns as i128 + settings.realtime_offset_ns),
         error_type: error.error_type,
@@ -249,10 +338,12 @@ pub fn build(
         None => (target.clone(), ""),
     };
     let mut tags = settings.tags.clone();
+    let form_shape = form_shape(sdk_type);
     let request_body = encode_body(
         request,
         &request.body,
         settings.max_body_bytes,
+        form_shape,
         &BodyTags {
             truncated: TAG_REQUEST_BODY_TRUNCATED,
             incomplete: TAG_REQUEST_BODY_INCOMPLETE,
@@ -264,6 +355,7 @@ pub fn build(
         response,
         &response.body,
         settings.max_body_bytes,
+        form_shape,
         &BodyTags {
             truncated: TAG_RESPONSE_BODY_TRUNCATED,
             incomplete: TAG_RESPONSE_BODY_INCOMPLETE,
@@ -299,8 +391,8 @@ pub fn build(
         query_params: query_params(query),
         request_headers: header_map(request),
         response_headers: header_map(response),
-        request_body,
-        response_body,
+        request_body: request_body.base64,
+        response_body: response_body.base64,
         proto_major: request.version.major,
         proto_minor: request.version.minor,
         status_code: response.status().unwrap_or_default(),
@@ -316,6 +408,8 @@ pub fn build(
             .into_iter()
             .map(|error| at_error(error, settings))
             .collect(),
+        request_body_kind: request_body.kind,
+        response_body_kind: response_body.kind,
         span: SpanContext::default(),
         service_name: profile.service_name.clone(),
         route,
@@ -536,6 +630,118 @@ mod tests {
                 .tags
                 .contains(&TAG_RESPONSE_BODY_TRUNCATED.to_owned())
         );
+    }
+
+    fn post(headers: &[(&str, &str)], body: &[u8]) -> Message {
+        message(
+            StartLine::Request {
+                method: "POST".into(),
+                target: "/login".into(),
+            },
+            headers,
+            body,
+            (0, 1),
+        )
+    }
+
+    fn ok() -> Message {
+        message(StartLine::Response { status: 200 }, &[], b"", (2, 3))
+    }
+
+    fn built(request: Message, sdk_type: SdkType) -> Payload {
+        build(
+            &exchange(request, ok()),
+            &ProcessProfile::new(sdk_type, true),
+            Links::incoming(Uuid::new_v4(), Vec::new()),
+            &settings(),
+        )
+    }
+
+    fn body_json(body: &str) -> serde_json::Value {
+        serde_json::from_slice(&BASE64.decode(body).unwrap()).unwrap()
+    }
+
+    const FORM: (&str, &str) = ("Content-Type", "application/x-www-form-urlencoded");
+
+    #[test]
+    fn a_url_encoded_form_is_sent_as_the_json_object_of_its_fields() {
+        let body = b"user=bob&password=hunter2&tag=a&tag=b";
+        let flask = built(post(&[FORM], body), SdkType::PythonFlask);
+        assert_eq!(flask.request_body_kind, BodyKind::Form);
+        assert_eq!(
+            body_json(&flask.request_body),
+            serde_json::json!({"user": "bob", "password": "hunter2", "tag": "a"})
+        );
+        let django = built(post(&[FORM], body), SdkType::PythonDjango);
+        assert_eq!(
+            body_json(&django.request_body),
+            serde_json::json!({"user": ["bob"], "password": ["hunter2"], "tag": ["a", "b"]})
+        );
+        let empty = built(post(&[FORM], b""), SdkType::PythonFlask);
+        assert_eq!(empty.request_body, "");
+    }
+
+    #[test]
+    fn a_multipart_form_sends_text_fields_and_summarises_files() {
+        let body = b"--XyZ\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\nQ3\r\n\
+--XyZ\r\nContent-Disposition: form-data; name=\"report\"; filename=\"q3.csv\"\r\n\
+Content-Type: text/csv\r\n\r\na,b\n1,2\n\r\n--XyZ--\r\n";
+        let content_type = ("Content-Type", "multipart/form-data; boundary=XyZ");
+        let payload = built(post(&[content_type], body), SdkType::PythonFlask);
+        assert_eq!(payload.request_body_kind, BodyKind::Form);
+        assert_eq!(
+            body_json(&payload.request_body),
+            serde_json::json!({
+                "title": "Q3",
+                "report": {"filename": "q3.csv", "content_type": "text/csv", "size": 8}
+            })
+        );
+
+        // Cut inside the file: the whole parts before it are kept, and the body tagged.
+        let mut cut = post(&[content_type], &body[..body.len() - 20]);
+        cut.body.truncated = true;
+        let payload = built(cut, SdkType::PythonFlask);
+        assert_eq!(payload.request_body_kind, BodyKind::Form);
+        assert_eq!(
+            body_json(&payload.request_body),
+            serde_json::json!({"title": "Q3"})
+        );
+        assert!(
+            payload
+                .tags
+                .contains(&TAG_REQUEST_BODY_TRUNCATED.to_owned())
+        );
+    }
+
+    #[test]
+    fn a_form_that_cannot_be_read_is_sent_as_captured_and_marked_unread() {
+        let unreadable = [
+            // No boundary.
+            post(&[("Content-Type", "multipart/form-data")], b"--a\r\n"),
+            // Whole but malformed: its boundary never appears.
+            post(
+                &[("Content-Type", "multipart/form-data; boundary=zz")],
+                b"password=hunter2",
+            ),
+            // A content encoding the agent cannot undo.
+            post(&[FORM, ("Content-Encoding", "br")], b"password=hunter2"),
+        ];
+        for request in unreadable {
+            let raw = BASE64.encode(&request.body.bytes);
+            let payload = built(request, SdkType::PythonFlask);
+            assert_eq!(payload.request_body_kind, BodyKind::UnreadForm);
+            assert_eq!(payload.request_body, raw);
+        }
+        let text = built(
+            post(&[("content-type", "text/plain")], b"hi"),
+            SdkType::PythonFlask,
+        );
+        assert_eq!(text.request_body_kind, BodyKind::Other);
+        let json = built(
+            post(&[("Content-Type", "application/json")], b"{}"),
+            SdkType::PythonFlask,
+        );
+        assert_eq!(json.request_body_kind, BodyKind::Json);
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! Client-side redaction, applied to every payload before anything leaves the agent: header
-//! values by name (case-insensitive) and JSON body values by JSONPath. Fails closed: a body
-//! that has rules but cannot be parsed as JSON is withheld, never sent as captured.
+//! values by name (case-insensitive) and JSON body values by JSONPath. JSON bodies, forms
+//! (sent as the JSON object of their fields) and bodies with no declared type that look like
+//! JSON have fields a rule can cover; other declared types (text, HTML, XML, images) have
+//! none and are sent as they are, as the SDKs send them. Fails closed: a body with fields that
+//! has rules but cannot be parsed as JSON, or is not whole, is withheld, never sent as
+//! captured.
 
 use std::collections::HashSet;
 
@@ -9,7 +13,7 @@ use serde_json::Value;
 use serde_json_path::JsonPath;
 
 use super::payload::{
-    HeaderMap, Payload, TAG_REQUEST_BODY_INCOMPLETE, TAG_REQUEST_BODY_TRUNCATED,
+    BodyKind, HeaderMap, Payload, TAG_REQUEST_BODY_INCOMPLETE, TAG_REQUEST_BODY_TRUNCATED,
     TAG_RESPONSE_BODY_INCOMPLETE, TAG_RESPONSE_BODY_TRUNCATED,
 };
 
@@ -82,19 +86,29 @@ fn redact_headers(headers: &mut HeaderMap, names: &HashSet<String>) {
     }
 }
 
+/// A body with no declared type is taken for JSON when it starts like a JSON object or array.
+fn looks_like_json(bytes: &[u8]) -> bool {
+    matches!(
+        bytes.iter().find(|byte| !byte.is_ascii_whitespace()),
+        Some(b'{' | b'[')
+    )
+}
+
 impl BodyRules {
-    /// Redacts a base64 body in place; withholds it when it cannot be redacted reliably.
-    fn apply(&self, body: &mut String, tags: &mut Vec<String>) {
-        if self.paths.is_empty() || body.is_empty() {
+    /// Redacts a base64 body in place; withholds it when it has fields and cannot be redacted
+    /// reliably.
+    fn apply(&self, body: &mut String, kind: BodyKind, tags: &mut Vec<String>) {
+        if self.paths.is_empty() || body.is_empty() || kind == BodyKind::Other {
+            return;
+        }
+        let bytes = BASE64.decode(body.as_bytes()).ok();
+        if kind == BodyKind::Undeclared && !bytes.as_deref().is_some_and(looks_like_json) {
             return;
         }
         let partial = tags
             .iter()
             .any(|tag| self.partial_tags.contains(&tag.as_str()));
-        let parsed = BASE64
-            .decode(body.as_bytes())
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok());
+        let parsed = bytes.and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok());
         match parsed {
             Some(mut value) if !partial => {
                 if redact_value(&mut value, &self.paths) {
@@ -145,10 +159,16 @@ impl Redactor {
             redact_headers(&mut payload.request_headers, &self.headers);
             redact_headers(&mut payload.response_headers, &self.headers);
         }
-        self.request_body
-            .apply(&mut payload.request_body, &mut payload.tags);
-        self.response_body
-            .apply(&mut payload.response_body, &mut payload.tags);
+        self.request_body.apply(
+            &mut payload.request_body,
+            payload.request_body_kind,
+            &mut payload.tags,
+        );
+        self.response_body.apply(
+            &mut payload.response_body,
+            payload.response_body_kind,
+            &mut payload.tags,
+        );
     }
 }
 
@@ -235,10 +255,12 @@ mod tests {
     }
 
     #[test]
-    fn unparsable_or_partial_bodies_with_rules_are_withheld() {
+    fn unparsable_or_partial_bodies_with_fields_and_rules_are_withheld() {
         let redactor =
             Redactor::new(&[], &strings(&["$.password"]), &strings(&["$..token"])).unwrap();
-        let mut payload = payload(&json!({"password": "x"}), b"token=abc; not json");
+        let mut payload = payload(&json!({"password": "x"}), b"{\"token\": \"abc\"");
+        payload.request_body_kind = BodyKind::Json;
+        payload.response_body_kind = BodyKind::Json;
         payload.tags.push(TAG_REQUEST_BODY_TRUNCATED.to_owned());
         redactor.apply(&mut payload);
         assert_eq!(payload.request_body, "");
@@ -248,6 +270,68 @@ mod tests {
             payload
                 .tags
                 .contains(&TAG_RESPONSE_BODY_WITHHELD.to_owned())
+        );
+    }
+
+    /// (kind, body, partial) -> whether a body under rules is sent (redacted or as it is).
+    fn sent_under_rules(kind: BodyKind, body: &[u8], partial: bool) -> Option<Vec<u8>> {
+        let redactor = Redactor::new(&[], &[], &strings(&["$.password"])).unwrap();
+        let mut payload = payload(&json!({}), body);
+        payload.response_body_kind = kind;
+        if partial {
+            payload.tags.push(TAG_RESPONSE_BODY_INCOMPLETE.to_owned());
+        }
+        redactor.apply(&mut payload);
+        let withheld = payload
+            .tags
+            .contains(&TAG_RESPONSE_BODY_WITHHELD.to_owned());
+        assert_eq!(withheld, payload.response_body.is_empty());
+        (!withheld).then(|| BASE64.decode(&payload.response_body).unwrap())
+    }
+
+    #[test]
+    fn a_body_is_redacted_withheld_or_sent_by_what_it_declares() {
+        use BodyKind::*;
+        let secret = br#"{"user": "bob", "password": "hunter2"}"#;
+        let redacted = br#"{"user":"bob","password":"[CLIENT_REDACTED]"}"#.to_vec();
+        // Fields a rule can cover: JSON, forms turned into JSON, JSON-looking undeclared bodies.
+        for kind in [Json, Form, Undeclared] {
+            assert_eq!(
+                sent_under_rules(kind, secret, false),
+                Some(redacted.clone()),
+                "{kind:?}"
+            );
+            assert_eq!(sent_under_rules(kind, secret, true), None, "{kind:?} cut");
+        }
+        for broken in [&b"{\"password\": \"hunt"[..], b"  [1, 2", b"not json"] {
+            assert_eq!(sent_under_rules(Json, broken, false), None);
+        }
+        assert_eq!(
+            sent_under_rules(Undeclared, b"\n {\"password\": ", false),
+            None
+        );
+        assert_eq!(
+            sent_under_rules(UnreadForm, b"password=hunter2", false),
+            None
+        );
+        // No field a JSONPath could name: sent as it is, even cut.
+        let opaque: [&[u8]; 4] = [
+            b"password=hunter2 in plain text",
+            b"<html><body>password</body></html>",
+            b"<?xml version=\"1.0\"?><password>x</password>",
+            &[0x89, b'P', b'N', b'G', 0, 0xff],
+        ];
+        for body in opaque {
+            assert_eq!(sent_under_rules(Other, body, true), Some(body.to_vec()));
+        }
+        assert_eq!(
+            sent_under_rules(Other, secret, false),
+            Some(secret.to_vec()),
+            "a JSON-looking body declared text/plain is text"
+        );
+        assert_eq!(
+            sent_under_rules(Undeclared, b"plain words", true),
+            Some(b"plain words".to_vec())
         );
     }
 

@@ -138,30 +138,82 @@ fn named_sources(pid: u32, args: &[String]) -> Vec<PathBuf> {
     sources
 }
 
-fn python_framework(pid: u32, args: &[String]) -> SdkType {
-    let joined = args.join(" ").to_ascii_lowercase();
-    let mut haystack = joined.into_bytes();
-    for source in named_sources(pid, args) {
-        haystack.extend(read_prefix(&source, 256 * 1024).to_ascii_lowercase());
+/// The lowercased text of files, at most 256 KiB of each, for cheap content sniffing.
+fn sources_text(sources: &[PathBuf]) -> Vec<u8> {
+    let mut text = Vec::new();
+    for source in sources {
+        text.extend(read_prefix(source, 256 * 1024).to_ascii_lowercase());
     }
-    if contains(&haystack, b"fastapi") || contains(&haystack, b"uvicorn") {
+    text
+}
+
+/// A worker started by Python's `multiprocessing` spawn or forkserver (`uvicorn --workers N`,
+/// hypercorn): its command line is `python -c "from multiprocessing.spawn import spawn_main;
+/// …" --multiprocessing-fork` and names nothing of the server it runs.
+fn spawned_by_multiprocessing(args: &[String]) -> bool {
+    args.iter().any(|arg| {
+        arg == "--multiprocessing-fork"
+            || arg.contains("multiprocessing.spawn")
+            || arg.contains("multiprocessing.forkserver")
+    })
+}
+
+/// Words of a command line or application source that mean requests run on an event loop
+/// (ASGI servers, gunicorn's async worker classes, green threads) rather than one per thread.
+const PYTHON_EVENT_LOOPS: [&[u8]; 7] = [
+    b"uvicorn",
+    b"hypercorn",
+    b"daphne",
+    b"gevent",
+    b"eventlet",
+    b"asyncio",
+    b"asgi",
+];
+
+/// Compiled modules of event-loop servers, seen in /proc/<pid>/maps (which lists only shared
+/// objects, never `.py` files).
+const EVENT_LOOP_MODULES: [&str; 3] = ["/uvloop/", "/gevent/", "/httptools/"];
+
+/// The framework and serving model of a Python process, from what /proc shows: `text` is the
+/// lowercased command line that started the server (for a `multiprocessing` worker, its
+/// parent's) and the application sources it names; `maps` is the process's
+/// /proc/<pid>/maps.
+fn python_profile(server_args: &[String], text: &[u8], maps: &str) -> ProcessProfile {
+    let server = server_args
+        .iter()
+        .take(3)
+        .map(|arg| file_name(arg).to_ascii_lowercase())
+        .find(|name| ["uvicorn", "hypercorn", "daphne"].contains(&name.as_str()));
+    // FastAPI needs pydantic, whose core is compiled: mapped even when the app module is not
+    // found.
+    let pydantic = maps.contains("/pydantic_core/");
+    let sdk_type = if contains(text, b"fastapi") || contains(text, b"starlette") {
         SdkType::PythonFastApi
-    } else if contains(&haystack, b"django") || contains(&haystack, b"manage.py") {
+    } else if contains(text, b"django") || contains(text, b"manage.py") {
         SdkType::PythonDjango
-    } else if contains(&haystack, b"pyramid") {
+    } else if contains(text, b"pyramid") {
         SdkType::PythonPyramid
-    } else if contains(&haystack, b"flask") {
+    } else if contains(text, b"flask") {
         SdkType::PythonFlask
     } else {
-        SdkType::SDKUnknown
-    }
+        match server.as_deref() {
+            Some("uvicorn") => SdkType::PythonFastApi,
+            Some("daphne") => SdkType::PythonDjango, // Django Channels' server
+            _ if pydantic => SdkType::PythonFastApi,
+            _ => SdkType::SDKUnknown,
+        }
+    };
+    let event_loop = sdk_type == SdkType::PythonFastApi
+        || server.is_some()
+        || PYTHON_EVENT_LOOPS.iter().any(|word| contains(text, word))
+        || EVENT_LOOP_MODULES
+            .iter()
+            .any(|module| maps.contains(module));
+    ProcessProfile::new(sdk_type, !event_loop)
 }
 
 fn node_framework(pid: u32, args: &[String]) -> SdkType {
-    let mut haystack = Vec::new();
-    for source in named_sources(pid, args) {
-        haystack.extend(read_prefix(&source, 256 * 1024));
-    }
+    let haystack = sources_text(&named_sources(pid, args));
     if contains(&haystack, b"@nestjs") {
         SdkType::JsNest
     } else if contains(&haystack, b"fastify") {
@@ -186,8 +238,15 @@ fn go_framework(exe: &Path) -> SdkType {
     }
 }
 
-/// Python servers that run requests on an event loop rather than one per thread.
-const PYTHON_EVENT_LOOPS: [&str; 5] = ["uvicorn", "hypercorn", "gevent", "eventlet", "asyncio"];
+/// The process that names the application: a worker started by `multiprocessing` spawn runs
+/// `python -c "from multiprocessing.spawn import spawn_main; …"`, so its parent's: pid and
+/// command line.
+fn server_process(pid: u32, args: Vec<String>) -> (u32, Vec<String>) {
+    spawned_by_multiprocessing(&args)
+        .then(|| parent_pid(pid).map(|parent| (parent, cmdline(parent))))
+        .flatten()
+        .unwrap_or((pid, args))
+}
 
 /// What /proc says of the process's runtime and framework.
 fn detect(pid: u32) -> ProcessProfile {
@@ -208,12 +267,11 @@ fn detect(pid: u32) -> ProcessProfile {
         ]
         .contains(&first_arg.as_str());
     if is_python {
-        let sdk_type = python_framework(pid, &args);
-        let event_loop = sdk_type == SdkType::PythonFastApi
-            || args
-                .iter()
-                .any(|arg| PYTHON_EVENT_LOOPS.iter().any(|name| arg.contains(name)));
-        return ProcessProfile::new(sdk_type, !event_loop);
+        let (server_pid, server_args) = server_process(pid, args);
+        let mut text = server_args.join(" ").to_ascii_lowercase().into_bytes();
+        text.extend(sources_text(&named_sources(server_pid, &server_args)));
+        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        return python_profile(&server_args, &text, &maps);
     }
     if exe_name == "node" || exe_name == "nodejs" || exe_name == "bun" {
         return ProcessProfile::new(node_framework(pid, &args), false);
@@ -248,7 +306,8 @@ impl Profiler {
             workload
         };
         let sdk_type = self.forced_sdk_type.unwrap_or(detected.sdk_type);
-        let scanned = super::routes::scan_process(tgid, sdk_type, &cmdline(tgid));
+        let (server_pid, server_args) = server_process(tgid, cmdline(tgid));
+        let scanned = super::routes::scan_process(server_pid, sdk_type, &server_args);
         let profile = ProcessProfile {
             sdk_type,
             tags: tags.into(),
@@ -273,6 +332,138 @@ impl Profiler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split(' ').map(str::to_owned).collect()
+    }
+
+    /// The Python detection on a server command line, its application source and maps.
+    fn python(server: &str, source: &str, maps: &str) -> (SdkType, bool) {
+        let server_args = args(server);
+        let mut text = server.to_ascii_lowercase().into_bytes();
+        text.extend(source.to_ascii_lowercase().bytes());
+        let profile = python_profile(&server_args, &text, maps);
+        (profile.sdk_type, profile.thread_per_request)
+    }
+
+    const FASTAPI_APP: &str = "from fastapi import FastAPI\napp = FastAPI()\n";
+    const DJANGO_ASGI: &str = "import os\nfrom django.core.asgi import get_asgi_application\n\
+application = get_asgi_application()\n";
+    const FLASK_APP: &str = "from flask import Flask\napp = Flask(__name__)\n";
+    const UVLOOP_MAPS: &str = "7f0c1000-7f0c2000 r-xp 00000000 08:01 1234 \
+/usr/lib/python3/dist-packages/uvloop/loop.cpython-311-x86_64-linux-gnu.so\n";
+
+    #[test]
+    fn a_multiprocessing_worker_is_recognised_by_its_command_line() {
+        let worker = args(
+            "/usr/bin/python3 -c from multiprocessing.spawn import spawn_main; \
+spawn_main(tracker_fd=5, pipe_handle=7) --multiprocessing-fork",
+        );
+        assert!(spawned_by_multiprocessing(&worker));
+        assert!(spawned_by_multiprocessing(&args(
+            "python3 -c from multiprocessing.forkserver import main; main(4, 5, [], **{})"
+        )));
+        assert!(!spawned_by_multiprocessing(&args(
+            "/usr/bin/python3 -m uvicorn app:app --workers 2"
+        )));
+    }
+
+    #[test]
+    fn asgi_servers_are_event_loops_and_name_the_framework_of_their_app() {
+        use SdkType::*;
+        // uvicorn --workers 2: the worker is judged by its parent's command line and app.
+        assert_eq!(
+            python(
+                "/usr/bin/python3 /usr/local/bin/uvicorn app:app --workers 2",
+                FASTAPI_APP,
+                UVLOOP_MAPS
+            ),
+            (PythonFastApi, false)
+        );
+        assert_eq!(
+            python(
+                "/usr/bin/python3 -m hypercorn shop.main:app --bind 0.0.0.0:8000",
+                "from starlette.applications import Starlette\n",
+                ""
+            ),
+            (PythonFastApi, false)
+        );
+        assert_eq!(
+            python(
+                "/usr/bin/python3 -m uvicorn mysite.asgi:application",
+                DJANGO_ASGI,
+                ""
+            ),
+            (PythonDjango, false)
+        );
+        assert_eq!(
+            python(
+                "/usr/local/bin/daphne mysite.asgi:application",
+                DJANGO_ASGI,
+                ""
+            ),
+            (PythonDjango, false)
+        );
+        assert_eq!(
+            python(
+                "/usr/local/bin/daphne -b 0.0.0.0 project.routing:app",
+                "",
+                ""
+            ),
+            (PythonDjango, false),
+            "daphne is Django Channels' server"
+        );
+        // The app module was not found: FastAPI's compiled pydantic core gives it away.
+        assert_eq!(
+            python(
+                "python3 run.py",
+                "",
+                "7f00-7f01 r-xp 0 08:01 9 /srv/venv/lib/python3.12/site-packages/pydantic_core/_pydantic_core.cpython-312-x86_64-linux-gnu.so\n"
+            ),
+            (PythonFastApi, false)
+        );
+        assert_eq!(
+            python(
+                "/usr/bin/python3 -m hypercorn asgi_app:app",
+                "async def app(scope, receive, send):",
+                ""
+            ),
+            (SDKUnknown, false)
+        );
+    }
+
+    #[test]
+    fn wsgi_servers_serve_a_request_per_thread_unless_their_workers_are_green() {
+        use SdkType::*;
+        assert_eq!(
+            python(
+                "/usr/bin/python3 -m gunicorn --workers 2 flask_app:app",
+                FLASK_APP,
+                ""
+            ),
+            (PythonFlask, true)
+        );
+        assert_eq!(
+            python(
+                "/usr/bin/python3 manage.py runserver",
+                "os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'mysite.settings')",
+                ""
+            ),
+            (PythonDjango, true)
+        );
+        assert_eq!(
+            python(
+                "/usr/bin/python3 -m gunicorn -k gevent flask_app:app",
+                FLASK_APP,
+                ""
+            ),
+            (PythonFlask, false)
+        );
+        assert_eq!(
+            python("/usr/bin/python3 worker.py", "print('hi')", ""),
+            (SDKUnknown, true)
+        );
+    }
 
     #[test]
     fn a_zombie_does_not_exist() {

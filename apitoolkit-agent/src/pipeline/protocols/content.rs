@@ -1,4 +1,5 @@
-//! Content-Encoding decoding of captured bodies (gzip, deflate).
+//! What a captured body is: its Content-Type (JSON, a form, something else) and its
+//! Content-Encoding undone (gzip, deflate).
 
 use std::io::Read;
 
@@ -10,6 +11,42 @@ pub enum ContentError {
     Unsupported(String),
     #[error("corrupt {0} body")]
     Corrupt(&'static str),
+}
+
+/// What a Content-Type header declares, as far as the payload cares.
+#[derive(Debug, PartialEq, Eq)]
+pub enum MediaType {
+    /// `application/json`, `…+json`, or any type naming JSON (`application/x-ndjson`).
+    Json,
+    UrlEncodedForm,
+    /// `multipart/form-data`; `None` when it names no boundary.
+    MultipartForm {
+        boundary: Option<String>,
+    },
+    /// Any other declared type (text, HTML, XML, images …).
+    Other,
+    /// No Content-Type, or one that does not parse.
+    Undeclared,
+}
+
+/// Classifies a Content-Type header value (case-insensitive, parameters allowed).
+pub fn media_type(content_type: Option<&str>) -> MediaType {
+    let Some(mime) = content_type.and_then(|value| value.trim().parse::<mime::Mime>().ok()) else {
+        return MediaType::Undeclared;
+    };
+    if mime.subtype().as_str().contains("json") || mime.suffix() == Some(mime::JSON) {
+        MediaType::Json
+    } else if mime.essence_str() == mime::APPLICATION_WWW_FORM_URLENCODED.essence_str() {
+        MediaType::UrlEncodedForm
+    } else if mime.essence_str() == mime::MULTIPART_FORM_DATA.essence_str() {
+        MediaType::MultipartForm {
+            boundary: mime
+                .get_param(mime::BOUNDARY)
+                .map(|boundary| boundary.as_str().to_owned()),
+        }
+    } else {
+        MediaType::Other
+    }
 }
 
 /// The decoded body and whether the decoded form was cut at `max_bytes`.
@@ -82,6 +119,43 @@ mod tests {
     };
 
     use super::*;
+
+    #[test]
+    fn media_types_are_classified_by_essence_and_parameters() {
+        for json in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/problem+json",
+            "application/x-ndjson",
+            "text/json",
+        ] {
+            assert_eq!(media_type(Some(json)), MediaType::Json, "{json}");
+        }
+        assert_eq!(
+            media_type(Some("application/x-www-form-urlencoded; charset=UTF-8")),
+            MediaType::UrlEncodedForm
+        );
+        assert_eq!(
+            media_type(Some("multipart/form-data; boundary=\"a b;c\"")),
+            MediaType::MultipartForm {
+                boundary: Some("a b;c".into())
+            }
+        );
+        assert_eq!(
+            media_type(Some("multipart/form-data")),
+            MediaType::MultipartForm { boundary: None }
+        );
+        for other in [
+            "text/plain",
+            "text/html; charset=utf-8",
+            "application/xml",
+            "image/png",
+        ] {
+            assert_eq!(media_type(Some(other)), MediaType::Other, "{other}");
+        }
+        assert_eq!(media_type(None), MediaType::Undeclared);
+        assert_eq!(media_type(Some("not a type")), MediaType::Undeclared);
+    }
 
     #[test]
     fn gzip_and_deflate_round_trip() {

@@ -3,6 +3,7 @@
 //! opens with the HTTP/2 preface (prior knowledge, or TLS with ALPN h2) or upgrades to h2c.
 
 pub mod content;
+pub mod form;
 pub mod http1;
 pub mod http2;
 pub mod message;
