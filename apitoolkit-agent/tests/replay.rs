@@ -728,8 +728,14 @@ fn where_a_thread_serves_one_request_its_traceback_still_joins_it_first() {
         panic!("{payloads:?}")
     };
     assert_eq!(boom.errors.len(), 1, "not held: it has its error");
-    // The second 500 had none and waits; a traceback the serving thread prints outside any
-    // request then joins the one 500 waiting.
+    // The second 500 had none and waits. Another thread's traceback (a scheduler's) is not
+    // its: it stays held.
+    let mut elsewhere = traceback(start + 5 * MS);
+    if let Event::Data(data) = &mut elsewhere {
+        data.tid = LOOP_TID + 1;
+    }
+    assert!(feed_all(&mut pipeline, vec![elsewhere]).is_empty());
+    // A traceback the serving thread prints outside any request joins it.
     let payloads = feed_all(&mut pipeline, vec![traceback(start + 6 * MS)]);
     assert_eq!(payloads.len(), 1);
     assert_eq!(payloads[0].errors.len(), 1);

@@ -8,7 +8,7 @@ use apitoolkit_common::{
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user};
 
 use crate::{
-    maps::{CONNECTIONS, EVENTS, count, wakeup_flag},
+    maps::{CONNECTIONS, count, publish},
     syscalls::InFlightCall,
 };
 
@@ -80,7 +80,7 @@ pub(crate) fn emit_conn(
         tls_bytes_sent: state.tls_bytes_sent,
         tls_bytes_received: state.tls_bytes_received,
     };
-    if EVENTS.output::<ConnRecord>(&record, wakeup_flag()).is_err() {
+    if !publish(&record) {
         count(Counter::RingbufFull);
     }
 }

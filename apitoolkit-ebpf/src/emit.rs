@@ -9,7 +9,7 @@ use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_user, generated};
 use core::ffi::c_void;
 
 use crate::{
-    maps::{DISABLED, EMIT_STATE, EVENTS, SCRATCH, count, wakeup_flag},
+    maps::{DISABLED, EMIT_STATE, SCRATCH, count, publish},
     syscalls::{CallKind, InFlightCall},
 };
 
@@ -148,7 +148,7 @@ fn emit_chunk(state: &mut EmitState) -> i64 {
     // initialized: the header has no implicit padding and map memory starts zeroed.
     let bytes =
         unsafe { core::slice::from_raw_parts((record as *const DataRecord).cast::<u8>(), size) };
-    if EVENTS.output::<[u8]>(bytes, wakeup_flag()).is_err() {
+    if !publish(bytes) {
         count(Counter::RingbufFull);
     }
     state.done += len;
@@ -253,7 +253,7 @@ pub(crate) fn emit_skipped(skipped: &Skipped, direction: Direction, source: Sour
         source: source as u8,
         _pad: [0; 2],
     };
-    if EVENTS.output::<DataHeader>(&marker, wakeup_flag()).is_err() {
+    if !publish(&marker) {
         count(Counter::RingbufFull);
     }
 }

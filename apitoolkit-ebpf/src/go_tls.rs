@@ -27,8 +27,8 @@ use aya_ebpf::{
 use crate::{
     emit::Mover,
     maps::{
-        EVENTS, GO_CONN_LOOPS, GO_NEWPROC_CALLERS, GO_ROUND_TRIPS, GO_TLS_READS, LAST_SOCKET_FD,
-        count, wakeup_flag,
+        GO_CONN_LOOPS, GO_NEWPROC_CALLERS, GO_ROUND_TRIPS, GO_TLS_READS, LAST_SOCKET_FD, count,
+        publish,
     },
     process::current_target,
     tls::emit_plaintext,
@@ -319,10 +319,7 @@ pub fn go_runqput_call(ctx: ProbeContext) -> u32 {
         goroutine,
         parent,
     };
-    if EVENTS
-        .output::<GoroutineRecord>(&record, wakeup_flag())
-        .is_err()
-    {
+    if !publish(&record) {
         count(Counter::RingbufFull);
     }
     0

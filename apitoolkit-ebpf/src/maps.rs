@@ -107,17 +107,25 @@ pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COU
 #[map]
 pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
 
-/// The submit flag for a record of [`EVENTS`]: userspace is woken only once this share of the
-/// ring is filled, and otherwise drains on its own timer (`capture_loop::DRAIN_INTERVAL`). A
-/// wake-up per record would cost the agent a context switch per request at low rates.
+/// Submits `record` to [`EVENTS`]; false if the ring buffer is full.
+///
+/// Userspace is woken only when this record carries the ring past a sixteenth of its size, and
+/// otherwise drains it on its own timer (`capture_loop::DRAIN_INTERVAL_MS`): a wake-up per
+/// record would cost a context switch per request at low rates, and one per record past the
+/// mark an interrupt each at high rates. Two producers racing past the mark can both miss it,
+/// so past half of the ring every record wakes.
 #[inline(always)]
-pub(crate) fn wakeup_flag() -> u64 {
+pub(crate) fn publish<T: ?Sized>(record: &T) -> bool {
     let filled = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    if filled >= EVENTS.query(BPF_RB_RING_SIZE as u64) / RING_SHARE_THAT_WAKES {
-        BPF_RB_FORCE_WAKEUP as u64
+    let size = EVENTS.query(BPF_RB_RING_SIZE as u64);
+    let mark = size / RING_SHARE_THAT_WAKES;
+    let crosses = filled < mark && filled + core::mem::size_of_val(record) as u64 >= mark;
+    let flag = if crosses || filled >= size / 2 {
+        BPF_RB_FORCE_WAKEUP
     } else {
-        BPF_RB_NO_WAKEUP as u64
-    }
+        BPF_RB_NO_WAKEUP
+    };
+    EVENTS.output::<T>(record, flag as u64).is_ok()
 }
 
 /// One sixteenth: 512 KiB of the default 8 MiB ring, ~100 ms of 1 KiB requests at 5k req/s.

@@ -13,8 +13,8 @@ use aya_ebpf::{
 use crate::{
     connections::read_sockaddr,
     maps::{
-        CGROUP_TARGETS, EVENTS, EXE_TARGETS, IN_FLIGHT, LAST_SOCKET_FD, PORT_TARGETS, TLS_CALLS,
-        config, count, is_watched, set_watched, wakeup_flag,
+        CGROUP_TARGETS, EXE_TARGETS, IN_FLIGHT, LAST_SOCKET_FD, PORT_TARGETS, TLS_CALLS, config,
+        count, is_watched, publish, set_watched,
     },
     syscalls::arg,
 };
@@ -82,10 +82,7 @@ fn select_now(tgid: u32) {
         // SAFETY: the helper takes no arguments.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
     };
-    if EVENTS
-        .output::<ProcessRecord>(&record, wakeup_flag())
-        .is_err()
-    {
+    if !publish(&record) {
         count(Counter::RingbufFull);
     }
 }
@@ -145,10 +142,7 @@ pub fn process_exit(_ctx: TracePointContext) -> u32 {
             // SAFETY: the helper takes no arguments.
             timestamp_ns: unsafe { bpf_ktime_get_ns() },
         };
-        if EVENTS
-            .output::<ProcessRecord>(&record, wakeup_flag())
-            .is_err()
-        {
+        if !publish(&record) {
             count(Counter::RingbufFull);
         }
     }

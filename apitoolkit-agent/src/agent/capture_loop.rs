@@ -29,7 +29,7 @@ use crate::{
 };
 
 /// The kernel wakes the agent only when a sixteenth of the ring buffer is filled
-/// (`apitoolkit-ebpf` `wakeup_flag`); below that, records wait for this timer. One wake-up
+/// (`apitoolkit-ebpf` `maps::publish`); below that, records wait for this timer. One wake-up
 /// thus drains a batch of exchanges at any rate (~50 at 1k req/s) for at most this much
 /// latency, instead of a context switch per request when traffic is light.
 const DRAIN_INTERVAL_MS: i32 = 50;

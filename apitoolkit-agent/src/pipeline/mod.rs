@@ -63,6 +63,9 @@ pub const ERROR_HOLD_NS: u64 = 30_000_000;
 /// A payload waiting for the traceback that may follow it.
 struct Held {
     tgid: u32,
+    /// The thread that answered: where a thread serves one request at a time, only its own
+    /// traceback is this payload's.
+    tid: u32,
     payload: Payload,
     origin: Origin,
     release_at_ns: u64,
@@ -231,12 +234,13 @@ impl Pipeline {
     /// Attaches an error thread `tid` printed to the request it belongs to; false when that
     /// is not known for sure. On an event loop, a traceback that follows a held 5xx is that
     /// 5xx's (the server answered, then printed), and with two 5xx held it is neither's. Where
-    /// a thread serves one request at a time, the thread's own request comes first.
+    /// a thread serves one request at a time, the thread's own request comes first, then the
+    /// 5xx it answered last, never another thread's.
     fn attach_printed_error(&mut self, tgid: u32, tid: u32, error: CapturedError) -> bool {
         let waiting = self.held.iter().filter(|held| held.tgid == tgid).count();
         let event_loop = !self.profiles.get(tgid).thread_per_request;
         if event_loop && waiting > 0 {
-            return waiting == 1 && self.attach_to_held(tgid, error);
+            return waiting == 1 && self.attach_to_held(|held| held.tgid == tgid, error);
         }
         match self.linker.attach_error(tid, error) {
             None => true,
@@ -246,14 +250,16 @@ impl Pipeline {
                     error_type = error.error_type,
                     "error printed outside a request"
                 );
-                waiting == 1 && self.attach_to_held(tgid, error)
+                let own = |held: &Held| held.tgid == tgid && held.tid == tid;
+                self.held.iter().filter(|held| own(held)).count() == 1
+                    && self.attach_to_held(own, error)
             }
         }
     }
 
-    /// Adds the error to the one payload process `tgid` holds, and releases it.
-    fn attach_to_held(&mut self, tgid: u32, error: CapturedError) -> bool {
-        let Some(index) = self.held.iter().position(|held| held.tgid == tgid) else {
+    /// Adds the error to the held payload `which` selects, and releases it.
+    fn attach_to_held(&mut self, which: impl Fn(&Held) -> bool, error: CapturedError) -> bool {
+        let Some(index) = self.held.iter().position(which) else {
             return false;
         };
         let mut held = self.held.remove(index);
@@ -388,6 +394,7 @@ impl Pipeline {
             self.link_stats.held_5xx += 1;
             self.held.push(Held {
                 tgid: exchange.conn.tgid,
+                tid: exchange.worker.tid,
                 payload,
                 origin,
                 release_at_ns: answered_at + ERROR_HOLD_NS,

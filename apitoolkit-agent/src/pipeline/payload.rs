@@ -117,6 +117,10 @@ pub enum BodyKind {
     UnreadForm,
     /// Any other declared type (text, HTML, XML, images …).
     Other,
+    /// A Content-Type that does not parse.
+    Unparsed,
+    /// A content encoding the agent could not undo: the body is sent as captured.
+    Undecoded,
     /// No Content-Type.
     #[default]
     Undeclared,
@@ -271,15 +275,17 @@ fn encode_body(
     }
     let media = content::media_type(message.header("content-type"));
     let (kind, form) = match media {
+        _ if undecoded && !bytes.is_empty() => (BodyKind::Undecoded, None),
         MediaType::Json => (BodyKind::Json, None),
         MediaType::Other => (BodyKind::Other, None),
+        MediaType::Unparsed => (BodyKind::Unparsed, None),
         MediaType::Undeclared => (BodyKind::Undeclared, None),
+        // JSON sent with a form's type (`curl -d '{…}'`) would become one key holding the whole
+        // text, out of every rule's reach: it stays JSON.
+        MediaType::UrlEncodedForm if content::looks_like_json(bytes) => (BodyKind::Json, None),
         // An empty form is no body, as an empty JSON body is.
         MediaType::UrlEncodedForm | MediaType::MultipartForm { .. } if bytes.is_empty() => {
             (BodyKind::Form, None)
-        }
-        MediaType::UrlEncodedForm | MediaType::MultipartForm { .. } if undecoded => {
-            (BodyKind::UnreadForm, None)
         }
         MediaType::UrlEncodedForm | MediaType::MultipartForm { .. } => {
             match form_json(&media, bytes, truncated || body.incomplete, form_shape) {
@@ -723,8 +729,6 @@ Content-Type: text/csv\r\n\r\na,b\n1,2\n\r\n--XyZ--\r\n";
                 &[("Content-Type", "multipart/form-data; boundary=zz")],
                 b"password=hunter2",
             ),
-            // A content encoding the agent cannot undo.
-            post(&[FORM, ("Content-Encoding", "br")], b"password=hunter2"),
         ];
         for request in unreadable {
             let raw = BASE64.encode(&request.body.bytes);
@@ -732,11 +736,20 @@ Content-Type: text/csv\r\n\r\na,b\n1,2\n\r\n--XyZ--\r\n";
             assert_eq!(payload.request_body_kind, BodyKind::UnreadForm);
             assert_eq!(payload.request_body, raw);
         }
-        let text = built(
-            post(&[("content-type", "text/plain")], b"hi"),
-            SdkType::PythonFlask,
+        let kind = |headers: &[(&str, &str)], body: &[u8]| {
+            built(post(headers, body), SdkType::PythonFlask).request_body_kind
+        };
+        // A content encoding the agent cannot undo: nothing is known of the bytes.
+        let compressed = [FORM, ("Content-Encoding", "br")];
+        assert_eq!(kind(&compressed, b"password=hunter2"), BodyKind::Undecoded);
+        // `curl -d '{…}'` declares a form: the body stays JSON, not one key holding the text.
+        assert_eq!(kind(&[FORM], br#" {"password":"x"}"#), BodyKind::Json);
+        let unparsable = ("Content-Type", "application/x-www-form-urlencoded;charset");
+        assert_eq!(kind(&[unparsable], b"password=x"), BodyKind::Unparsed);
+        assert_eq!(
+            kind(&[("content-type", "text/plain")], b"hi"),
+            BodyKind::Other
         );
-        assert_eq!(text.request_body_kind, BodyKind::Other);
         let json = built(
             post(&[("Content-Type", "application/json")], b"{}"),
             SdkType::PythonFlask,

@@ -1,10 +1,11 @@
 //! Client-side redaction, applied to every payload before anything leaves the agent: header
 //! values by name (case-insensitive) and JSON body values by JSONPath. JSON bodies, forms
-//! (sent as the JSON object of their fields) and bodies with no declared type that look like
-//! JSON have fields a rule can cover; other declared types (text, HTML, XML, images) have
-//! none and are sent as they are, as the SDKs send them. Fails closed: a body with fields that
-//! has rules but cannot be parsed as JSON, or is not whole, is withheld, never sent as
-//! captured.
+//! (sent as the JSON object of their fields) and bodies of another or no declared type that
+//! look like JSON have fields a rule can cover; the rest of other declared types (text, HTML,
+//! XML, images) have none and are sent as they are, as the SDKs send them. Fails closed: a
+//! body with fields that has rules but cannot be parsed as JSON, or is not whole, is withheld,
+//! never sent as captured; so is one whose Content-Type does not parse, whose encoding could
+//! not be undone, or whose headers were partly lost (its type may be among them).
 
 use std::collections::HashSet;
 
@@ -12,9 +13,12 @@ use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use serde_json::Value;
 use serde_json_path::JsonPath;
 
-use super::payload::{
-    BodyKind, HeaderMap, Payload, TAG_REQUEST_BODY_INCOMPLETE, TAG_REQUEST_BODY_TRUNCATED,
-    TAG_RESPONSE_BODY_INCOMPLETE, TAG_RESPONSE_BODY_TRUNCATED,
+use super::{
+    payload::{
+        BodyKind, HeaderMap, Payload, TAG_HEADERS_INCOMPLETE, TAG_REQUEST_BODY_INCOMPLETE,
+        TAG_REQUEST_BODY_TRUNCATED, TAG_RESPONSE_BODY_INCOMPLETE, TAG_RESPONSE_BODY_TRUNCATED,
+    },
+    protocols::content::looks_like_json,
 };
 
 /// What replaces a redacted value (the SDKs' marker, which the backend recognises).
@@ -86,29 +90,31 @@ fn redact_headers(headers: &mut HeaderMap, names: &HashSet<String>) {
     }
 }
 
-/// A body with no declared type is taken for JSON when it starts like a JSON object or array.
-fn looks_like_json(bytes: &[u8]) -> bool {
-    matches!(
-        bytes.iter().find(|byte| !byte.is_ascii_whitespace()),
-        Some(b'{' | b'[')
-    )
-}
-
 impl BodyRules {
     /// Redacts a base64 body in place; withholds it when it has fields and cannot be redacted
     /// reliably.
     fn apply(&self, body: &mut String, kind: BodyKind, tags: &mut Vec<String>) {
-        if self.paths.is_empty() || body.is_empty() || kind == BodyKind::Other {
+        if self.paths.is_empty() || body.is_empty() {
             return;
         }
         let bytes = BASE64.decode(body.as_bytes()).ok();
-        if kind == BodyKind::Undeclared && !bytes.as_deref().is_some_and(looks_like_json) {
+        let headers_lost = tags.iter().any(|tag| tag == TAG_HEADERS_INCOMPLETE);
+        let has_fields = match kind {
+            BodyKind::Other | BodyKind::Undeclared => {
+                headers_lost || bytes.as_deref().is_some_and(looks_like_json)
+            }
+            _ => true,
+        };
+        if !has_fields {
             return;
         }
         let partial = tags
             .iter()
             .any(|tag| self.partial_tags.contains(&tag.as_str()));
-        let parsed = bytes.and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok());
+        let parsed = match kind {
+            BodyKind::UnreadForm | BodyKind::Unparsed | BodyKind::Undecoded => None,
+            _ => bytes.and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok()),
+        };
         match parsed {
             Some(mut value) if !partial => {
                 if redact_value(&mut value, &self.paths) {
@@ -294,8 +300,9 @@ mod tests {
         use BodyKind::*;
         let secret = br#"{"user": "bob", "password": "hunter2"}"#;
         let redacted = br#"{"user":"bob","password":"[CLIENT_REDACTED]"}"#.to_vec();
-        // Fields a rule can cover: JSON, forms turned into JSON, JSON-looking undeclared bodies.
-        for kind in [Json, Form, Undeclared] {
+        // Fields a rule can cover: JSON, forms turned into JSON, JSON-looking bodies of another
+        // or no declared type (browsers send fetch() JSON as text/plain).
+        for kind in [Json, Form, Undeclared, Other] {
             assert_eq!(
                 sent_under_rules(kind, secret, false),
                 Some(redacted.clone()),
@@ -310,10 +317,11 @@ mod tests {
             sent_under_rules(Undeclared, b"\n {\"password\": ", false),
             None
         );
-        assert_eq!(
-            sent_under_rules(UnreadForm, b"password=hunter2", false),
-            None
-        );
+        // Nothing can be assumed of a form that was not read, a Content-Type that does not
+        // parse (the service may read a form), or an encoding left undone (compressed JSON).
+        for kind in [UnreadForm, Unparsed, Undecoded] {
+            assert_eq!(sent_under_rules(kind, b"password=hunter2", false), None);
+        }
         // No field a JSONPath could name: sent as it is, even cut.
         let opaque: [&[u8]; 4] = [
             b"password=hunter2 in plain text",
@@ -325,14 +333,31 @@ mod tests {
             assert_eq!(sent_under_rules(Other, body, true), Some(body.to_vec()));
         }
         assert_eq!(
-            sent_under_rules(Other, secret, false),
-            Some(secret.to_vec()),
-            "a JSON-looking body declared text/plain is text"
-        );
-        assert_eq!(
             sent_under_rules(Undeclared, b"plain words", true),
             Some(b"plain words".to_vec())
         );
+    }
+
+    /// HTTP/2 headers lost to a gap may have held the Content-Type or Content-Encoding: a
+    /// body that does not parse as JSON is withheld whatever type is left.
+    #[test]
+    fn a_body_whose_headers_were_partly_lost_must_parse_as_json() {
+        let redactor = Redactor::new(&[], &[], &strings(&["$.password"])).unwrap();
+        for (body, sent) in [
+            (&b"password=hunter2"[..], false),
+            (br#"{"password": "hunter2"}"#, true),
+        ] {
+            let mut payload = payload(&json!({}), body);
+            payload.response_body_kind = BodyKind::Undeclared;
+            payload.tags.push(TAG_HEADERS_INCOMPLETE.to_owned());
+            redactor.apply(&mut payload);
+            assert_eq!(!payload.response_body.is_empty(), sent);
+            assert!(
+                !String::from_utf8(BASE64.decode(&payload.response_body).unwrap())
+                    .unwrap()
+                    .contains("hunter2")
+            );
+        }
     }
 
     #[test]

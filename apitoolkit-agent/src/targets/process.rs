@@ -307,7 +307,17 @@ impl Profiler {
         };
         let sdk_type = self.forced_sdk_type.unwrap_or(detected.sdk_type);
         let (server_pid, server_args) = server_process(tgid, cmdline(tgid));
-        let scanned = super::routes::scan_process(server_pid, sdk_type, &server_args);
+        // The scan reads the application's own source: whatever it meets there must not stop
+        // capture (a panic would end the capture thread).
+        let scan = || super::routes::scan_process(server_pid, sdk_type, &server_args);
+        let scanned =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(scan)).unwrap_or_else(|_| {
+                tracing::error!(
+                    pid = tgid,
+                    "route scan failed: its paths are sent as they are"
+                );
+                RouteTable::default()
+            });
         let profile = ProcessProfile {
             sdk_type,
             tags: tags.into(),

@@ -4,15 +4,18 @@
 //!   the agent writing to stdout, and with the agent publishing to the Pub/Sub emulator;
 //! - a Flask app under gunicorn the same way, plus the same app instrumented with the
 //!   apitoolkit-flask SDK publishing to the emulator (what Flask users run today);
-//! - nginx at fixed rates (hey) with and without the agent; at 5000 req/s also publishing to
-//!   Pub/Sub and exporting OTLP spans to the test suite's receiver;
+//! - nginx at fixed rates (hey) with and without the agent: plain and HTTPS at 4000 req/s for
+//!   the service's own CPU per request; 1000 and 5000 req/s, at 5000 also publishing to
+//!   Pub/Sub and exporting OTLP spans to the test suite's receiver; 5000 req/s over 1000
+//!   connections for the agent's memory;
 //! - a Go net/http HTTPS server (crypto/tls probed in the executable) at saturation and at a
 //!   fixed rate;
 //! - per run, the CPU the service's own threads spend per request (schedstat);
 //! - the cost of write(2) in a process the agent does not watch.
 //!
-//! Prints one table per scenario and which targets were met, and writes everything to
-//! target/bench/capture.json. Numbers are reported, not asserted: only setup failures fail.
+//! Prints one table per scenario and each target of the cost issue as met / NOT met, and
+//! writes everything to target/bench/capture.json. Numbers are reported, not asserted: only
+//! setup failures fail.
 
 mod agent;
 mod flask;

@@ -25,14 +25,29 @@ pub enum MediaType {
     },
     /// Any other declared type (text, HTML, XML, images …).
     Other,
-    /// No Content-Type, or one that does not parse.
+    /// A Content-Type that does not parse: the service may still read it as a form (Werkzeug
+    /// is lenient), so nothing can be assumed about the body.
+    Unparsed,
+    /// No Content-Type.
     Undeclared,
+}
+
+/// Whether a body starts like a JSON object or array (after white space): one with no type,
+/// or another declared type (browsers send `fetch()` JSON as `text/plain`), is taken for JSON.
+pub fn looks_like_json(bytes: &[u8]) -> bool {
+    matches!(
+        bytes.iter().find(|byte| !byte.is_ascii_whitespace()),
+        Some(b'{' | b'[')
+    )
 }
 
 /// Classifies a Content-Type header value (case-insensitive, parameters allowed).
 pub fn media_type(content_type: Option<&str>) -> MediaType {
-    let Some(mime) = content_type.and_then(|value| value.trim().parse::<mime::Mime>().ok()) else {
+    let Some(content_type) = content_type else {
         return MediaType::Undeclared;
+    };
+    let Ok(mime) = content_type.trim().parse::<mime::Mime>() else {
+        return MediaType::Unparsed;
     };
     if mime.subtype().as_str().contains("json") || mime.suffix() == Some(mime::JSON) {
         MediaType::Json
@@ -154,7 +169,7 @@ mod tests {
             assert_eq!(media_type(Some(other)), MediaType::Other, "{other}");
         }
         assert_eq!(media_type(None), MediaType::Undeclared);
-        assert_eq!(media_type(Some("not a type")), MediaType::Undeclared);
+        assert_eq!(media_type(Some("not a type")), MediaType::Unparsed);
     }
 
     #[test]

@@ -26,6 +26,11 @@ fn tokenize(source: &str) -> Vec<Token> {
     let mut depth = 0usize;
     let mut at = 0;
     while at < bytes.len() {
+        // Other text is read a byte at a time, which can stop inside a multi-byte character.
+        if !source.is_char_boundary(at) {
+            at += 1;
+            continue;
+        }
         let c = bytes[at];
         let rest = &source[at..];
         if rest.starts_with("//") {
@@ -352,6 +357,14 @@ mod tests {
             name: name.into(),
             source: source.into(),
         }
+    }
+
+    /// Non-ASCII identifiers, a non-breaking space, text in a regular expression literal.
+    #[test]
+    fn non_ascii_text_anywhere_is_read_without_panicking() {
+        let source = "const express = require('express');\nconst app = express();\nconst café = 1;\u{a0}// ‘note’\nconst re = /é\\é/;\napp.get('/menü/:id', (req, res) => res.send('ça'));\nconst cut = 'é\\";
+        let scanned = scan(&[module("server.js", source)]);
+        assert_eq!(scanned.templates, ["/menü/:id"]);
     }
 
     #[test]

@@ -90,91 +90,92 @@ fn javascript_modules(root: &Path, args: &[String], cwd: &Path) -> Vec<javascrip
         return Vec::new();
     };
     let base = root.join(base.strip_prefix("/").unwrap_or(base));
-    let read = |name: &str| {
-        let file = base.join(name);
-        let metadata = fs::metadata(&file).ok()?;
-        if !metadata.is_file() || metadata.len() > MAX_FILE_BYTES {
-            return None;
-        }
-        Some(String::from_utf8_lossy(&fs::read(&file).ok()?).into_owned())
-    };
     let exists = |name: &str| base.join(name).is_file();
-    let mut pending: Vec<String> = scripts
+    let scripts = scripts
         .iter()
         .filter_map(|script| Some(script.file_name()?.to_string_lossy().into_owned()))
         .collect();
-    let mut seen: HashSet<String> = pending.iter().cloned().collect();
+    walk_modules(scripts, |name| {
+        let module = javascript::Module {
+            name: name.to_owned(),
+            source: read_source(&base.join(name))?,
+        };
+        let imported = javascript::imported_specifiers(&module)
+            .iter()
+            .filter_map(|specifier| javascript::resolve_specifier(&module.name, specifier, &exists))
+            .collect();
+        Some((module, imported))
+    })
+}
+
+/// The modules reachable from `entries`, breadth first through what each imports, at most
+/// [`MAX_MODULES`]: `visit` reads a module by name and names those it imports.
+fn walk_modules<M>(
+    entries: Vec<String>,
+    mut visit: impl FnMut(&str) -> Option<(M, Vec<String>)>,
+) -> Vec<M> {
+    let mut seen: HashSet<String> = entries.iter().cloned().collect();
+    let mut pending = entries;
     let mut modules = Vec::new();
     while let Some(name) = pending.pop() {
         if modules.len() >= MAX_MODULES {
             tracing::warn!(limit = MAX_MODULES, "route scan stopped: too many modules");
             break;
         }
-        let Some(source) = read(&name) else {
+        let Some((module, imported)) = visit(&name) else {
             continue;
         };
-        let module = javascript::Module { name, source };
-        for specifier in javascript::imported_specifiers(&module) {
-            if let Some(file) = javascript::resolve_specifier(&module.name, &specifier, &exists)
-                && seen.insert(file.clone())
-            {
-                pending.push(file);
-            }
-        }
+        pending.extend(
+            imported
+                .into_iter()
+                .filter(|name| seen.insert(name.clone())),
+        );
         modules.push(module);
     }
     modules
+}
+
+/// A source file's text, if it is a regular file of at most [`MAX_FILE_BYTES`].
+fn read_source(file: &Path) -> Option<String> {
+    let metadata = fs::metadata(file).ok()?;
+    if !metadata.is_file() || metadata.len() > MAX_FILE_BYTES {
+        return None;
+    }
+    Some(String::from_utf8_lossy(&fs::read(file).ok()?).into_owned())
 }
 
 /// Reads a module's file under `root` (the process's root) and `base`, if it is there.
 fn read_module(root: &Path, base: &Path, name: &str) -> Option<Module> {
     let relative = name.replace('.', "/");
     let base = root.join(base.strip_prefix("/").unwrap_or(base));
-    for (file, is_package) in [
+    [
         (base.join(format!("{relative}.py")), false),
         (base.join(&relative).join("__init__.py"), true),
-    ] {
-        let Ok(metadata) = fs::metadata(&file) else {
-            continue;
-        };
-        if !metadata.is_file() || metadata.len() > MAX_FILE_BYTES {
-            continue;
-        }
-        let source = fs::read(&file).ok()?;
-        return Some(Module {
+    ]
+    .into_iter()
+    .find_map(|(file, is_package)| {
+        Some(Module {
             name: name.to_owned(),
             is_package,
-            source: String::from_utf8_lossy(&source).into_owned(),
-        });
-    }
-    None
+            source: read_source(&file)?,
+        })
+    })
 }
 
 /// The application's modules: the entries and what they import from the same directories
 /// (libraries live elsewhere and are not read).
 fn python_modules(root: &Path, entries: &[(PathBuf, String)]) -> Vec<Module> {
     let bases: Vec<&Path> = entries.iter().map(|(base, _)| base.as_path()).collect();
-    let mut pending: Vec<String> = entries.iter().map(|(_, name)| name.clone()).collect();
-    let mut seen: HashSet<String> = pending.iter().cloned().collect();
-    let mut modules = Vec::new();
-    while let Some(name) = pending.pop() {
-        if modules.len() >= MAX_MODULES {
-            tracing::warn!(limit = MAX_MODULES, "route scan stopped: too many modules");
-            break;
-        }
-        let Some(module) = bases.iter().find_map(|base| read_module(root, base, &name)) else {
-            continue;
-        };
+    let names = entries.iter().map(|(_, name)| name.clone()).collect();
+    walk_modules(names, |name| {
+        let module = bases
+            .iter()
+            .find_map(|base| read_module(root, base, name))?;
         // `a.b.c` needs its packages `a` and `a.b` too (their __init__ may register routes).
         let parents = name.match_indices('.').map(|(at, _)| name[..at].to_owned());
-        for imported in python::imported_modules(&module).into_iter().chain(parents) {
-            if seen.insert(imported.clone()) {
-                pending.push(imported);
-            }
-        }
-        modules.push(module);
-    }
-    modules
+        let imported = python::imported_modules(&module).into_iter().chain(parents);
+        Some((module, imported.collect()))
+    })
 }
 
 /// A Django project's urlconfs, the root first: `ROOT_URLCONF` of the settings module (from

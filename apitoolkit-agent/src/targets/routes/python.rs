@@ -52,6 +52,11 @@ pub(super) fn tokenize(source: &str) -> Vec<Token> {
     let mut depth = 0usize;
     let mut at = 0;
     while at < bytes.len() {
+        // A backslash escape or a cut string can end inside a multi-byte character.
+        if !source.is_char_boundary(at) {
+            at += 1;
+            continue;
+        }
         let c = bytes[at];
         match c {
             b'#' => {
@@ -149,7 +154,7 @@ fn string_at(source: &str, at: usize, prefix: &str) -> (Token, usize) {
             end += 2;
             continue;
         }
-        if source[end..].starts_with(quote) {
+        if bytes[end..].starts_with(quote.as_bytes()) {
             let value = literal_value(prefix, &source[body_start..end]);
             return (Token::Str(value), end + quote.len());
         }
@@ -432,6 +437,15 @@ mod tests {
             is_package: false,
             source: source.into(),
         }
+    }
+
+    /// Application text is rarely ASCII only: accents, typographic quotes and dashes in
+    /// docstrings, escapes of multi-byte characters, a cut string at the end of the file.
+    #[test]
+    fn non_ascii_text_anywhere_is_read_without_panicking() {
+        let source = "# café — ‘menu’\nfrom flask import Flask\napp = Flask(__name__)\n\n@app.get(\"/caf\\é/<int:n>\")\ndef menu(n):\n    \"\"\"Returns the user’s menu — cached.\"\"\"\n    return {\"msg\": \"café\\é\", 'x': '\\“'}\n\n@app.route('/menü')\ndef menü():\n    return 'ok'\nunterminated = \"é\\é";
+        let scanned = scan(&[module("app", source)]);
+        assert_eq!(scanned.templates, ["/caf\\é/<int:n>", "/menü"]);
     }
 
     #[test]
