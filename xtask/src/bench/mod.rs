@@ -241,18 +241,26 @@ struct Target {
     met: bool,
 }
 
-/// A measured value held to a bound; `None` when the scenario did not run.
-fn bounded(what: &str, value: Option<f64>, unit: &str, bound: Bound) -> Option<Target> {
-    let value = value?;
+/// A measured value held to a bound; NOT met when it was not measured (its scenario did not
+/// run, or is named differently).
+fn bounded(what: &str, value: Option<f64>, unit: &str, bound: Bound) -> Target {
     let (sign, met) = match bound {
-        Bound::AtMost(limit) => (format!("≤ {limit}"), value <= limit),
-        Bound::AtLeast(limit) => (format!("≥ {limit}"), value >= limit),
+        Bound::AtMost(limit) => (
+            format!("≤ {limit}"),
+            value.is_some_and(|value| value <= limit),
+        ),
+        Bound::AtLeast(limit) => (
+            format!("≥ {limit}"),
+            value.is_some_and(|value| value >= limit),
+        ),
     };
-    Some(Target {
+    Target {
         what: format!("{what} {sign}{unit}"),
-        value: format!("{value:.3}{unit}"),
+        value: value.map_or("not measured".to_owned(), |value| {
+            format!("{value:.3}{unit}")
+        }),
         met,
-    })
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -385,9 +393,7 @@ fn targets(scenarios: &[Scenario], unwatched_write_ns: (f64, f64)) -> Vec<Target
             AtMost(96.0),
         ),
     ]
-    .into_iter()
-    .flatten()
-    .collect();
+    .into();
     // Speed is never bought with capture: every request at a fixed rate becomes a payload.
     for rate in nginx::FIXED_RATES {
         let title = nginx(kib, Load::Rate(rate));
