@@ -47,7 +47,9 @@ def test_api_key_bootstrap_publishes_redacted_payloads(flask_server, agent_facto
     requests.post(f"{flask_server.base}/echo", json=sent,
                   headers={"Authorization": f"Bearer {secret}", "X-Api-Key": secret, "X-Other": "visible"})
     requests.get(f"{flask_server.base}/hello?name=alice")
-    requests.post(f"{flask_server.base}/upload", data=b"not json " + secret.encode())
+    # Declared JSON that does not parse: under body rules it is withheld, never sent as captured.
+    requests.post(f"{flask_server.base}/upload", data=b"not json " + secret.encode(),
+                  headers={"Content-Type": "application/json"})
 
     messages = pubsub_emulator.pull(subscription, expected=3)
     assert len(messages) == 3
