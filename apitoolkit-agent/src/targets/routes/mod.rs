@@ -108,7 +108,7 @@ fn javascript_modules(root: &Path, args: &[String], cwd: &Path) -> Vec<javascrip
     })
 }
 
-/// The modules reachable from `entries`, breadth first through what each imports, at most
+/// The modules reachable from `entries`, depth first through what each imports, at most
 /// [`MAX_MODULES`]: `visit` reads a module by name and names those it imports.
 fn walk_modules<M>(
     entries: Vec<String>,
