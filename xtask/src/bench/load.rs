@@ -1,5 +1,5 @@
-//! Load generators: wrk at saturation, hey at a fixed rate, h2load for HTTP/2 at saturation.
-//! All on keep-alive connections.
+//! Load generators: wrk at saturation and, paced, at a fixed rate; hey at a fixed rate over many
+//! connections; h2load for HTTP/2 at saturation. All on keep-alive connections.
 
 use std::process::Command;
 
@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail};
 pub const SECONDS: u32 = 8;
 /// Connections wrk keeps busy at saturation.
 pub const CONNECTIONS: u32 = 8;
-/// hey paces each connection; a fixed rate uses as many connections as it needs at this rate.
+/// A fixed rate is paced per connection: it uses as many connections as it needs at this rate.
 const RATE_PER_CONNECTION: u32 = 100;
 
 /// Streams h2load keeps in flight per connection.
@@ -19,7 +19,7 @@ pub enum Load {
     Saturation,
     /// Saturation over HTTP/2, many streams per connection.
     Http2Saturation,
-    /// Requests per second, over as many connections as hey needs at that rate.
+    /// About this many requests per second, over as many connections as the pacing needs.
     Rate(u32),
     /// Requests per second over this many connections (most of them idle at any moment).
     RateOverConnections(u32, u32),
@@ -45,7 +45,7 @@ impl Load {
             Load::Http2Saturation => {
                 format!("saturation (h2load -c{CONNECTIONS} -m{HTTP2_STREAMS} -D{SECONDS})")
             }
-            Load::Rate(rate) => format!("{rate} req/s (hey, {SECONDS} s)"),
+            Load::Rate(rate) => format!("{rate} req/s (paced wrk, {SECONDS} s)"),
             Load::RateOverConnections(rate, connections) => {
                 format!("{rate} req/s over {connections} connections (hey, {SECONDS} s)")
             }
@@ -56,7 +56,7 @@ impl Load {
         match self {
             Load::Saturation => wrk(url),
             Load::Http2Saturation => h2load(url),
-            Load::Rate(rate) => hey(url, rate, rate.div_ceil(RATE_PER_CONNECTION)),
+            Load::Rate(rate) => paced_wrk(url, rate, rate.div_ceil(RATE_PER_CONNECTION)),
             Load::RateOverConnections(rate, connections) => hey(url, rate, connections),
         }
     }
@@ -99,6 +99,37 @@ fn wrk(url: &str) -> anyhow::Result<LoadResult> {
         "--latency",
         url,
     ]))?;
+    parse_wrk(&text)
+}
+
+/// wrk keeping `connections` open, each pausing after every response for a random 0 to 2x the
+/// mean pause that makes `rate` together (less the response times, a few percent). hey paces
+/// too, but over TLS its client closes and redials thousands of connections a run (dials
+/// racing the idle pool), so the service's CPU per request measured handshakes. Random pauses
+/// keep the connections out of lockstep, which would queue them in bursts.
+fn paced_wrk(url: &str, rate: u32, connections: u32) -> anyhow::Result<LoadResult> {
+    let mean_pause_ms = 1000 * connections / rate.max(1);
+    let script = super::bench_dir().join(format!("pace-{mean_pause_ms}ms.lua"));
+    std::fs::write(
+        &script,
+        format!(
+            "function delay()\n  return math.random(0, {})\nend\n",
+            2 * mean_pause_ms
+        ),
+    )
+    .with_context(|| format!("writing {}", script.display()))?;
+    let text = output(
+        Command::new("wrk")
+            .args([
+                "-t1",
+                &format!("-c{connections}"),
+                &format!("-d{SECONDS}s"),
+                "--latency",
+                "-s",
+            ])
+            .arg(&script)
+            .arg(url),
+    )?;
     parse_wrk(&text)
 }
 

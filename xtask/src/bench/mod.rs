@@ -4,7 +4,7 @@
 //!   the agent writing to stdout, and with the agent publishing to the Pub/Sub emulator;
 //! - a Flask app under gunicorn the same way, plus the same app instrumented with the
 //!   apitoolkit-flask SDK publishing to the emulator (what Flask users run today);
-//! - nginx at fixed rates (hey) with and without the agent: plain and HTTPS at 4000 req/s for
+//! - nginx at fixed rates (paced wrk) with and without the agent: plain and HTTPS at 4000 req/s for
 //!   the service's own CPU per request; 1000 and 5000 req/s, at 5000 also publishing to
 //!   Pub/Sub and exporting OTLP spans to the test suite's receiver; 5000 req/s over 1000
 //!   connections for the agent's memory;
@@ -446,7 +446,7 @@ pub fn run() -> anyhow::Result<()> {
     }
 
     let report = json!({
-        "load": {"tool_saturation": "wrk", "tool_fixed_rate": "hey", "seconds": load::SECONDS,
+        "load": {"tool_saturation": "wrk", "tool_fixed_rate": "wrk with a pacing script", "tool_many_connections": "hey", "seconds": load::SECONDS,
                  "connections": load::CONNECTIONS},
         "scenarios": scenarios.iter().map(Scenario::to_json).collect::<Vec<_>>(),
         "unwatched_write_ns_without_agent": write_without_ns,
