@@ -137,9 +137,11 @@ const RING_SHARE_THAT_WAKES: u64 = 16;
 #[map]
 pub(crate) static EMIT_STATE: PerCpuArray<EmitState> = PerCpuArray::with_max_entries(1, 0);
 
-/// The SSL call in progress on each thread.
+/// The SSL call in progress on each thread: one slot per thread, written in place like
+/// `IN_FLIGHT` (an LRU insert and delete per SSL call cost more than the rest of the probe), and
+/// freed when the thread exits.
 #[map]
-pub(crate) static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(16384, 0);
+pub(crate) static TLS_CALLS: HashMap<u64, TlsCall> = HashMap::with_max_entries(16384, 0);
 
 /// Kept after the call returns: an SSL_read served from OpenSSL's buffer makes no syscall.
 #[map]
@@ -169,6 +171,21 @@ pub(crate) static GO_ROUND_TRIPS: LruHashMap<GoObject, u64> =
 /// net/http read and write loop goroutines to their connection (`*persistConn`).
 #[map]
 pub(crate) static GO_CONN_LOOPS: LruHashMap<GoObject, u64> = LruHashMap::with_max_entries(32768, 0);
+
+/// Writes `value` into `key`'s slot of a per-thread map, in place when the slot exists (an
+/// update or delete per call costs several lookups' worth); false if the map is full.
+#[inline(always)]
+pub(crate) fn write_slot<V: Copy>(map: &HashMap<u64, V>, key: u64, value: V) -> bool {
+    match map.get_ptr_mut(&key) {
+        Some(slot) => {
+            // SAFETY: a live element keyed by the current thread: only that thread's programs
+            // write it, and they do not run concurrently with each other.
+            unsafe { *slot = value };
+            true
+        }
+        None => map.insert(&key, &value, 0).is_ok(),
+    }
+}
 
 /// Counts one event that could not be delivered.
 #[inline(always)]

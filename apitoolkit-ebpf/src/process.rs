@@ -128,11 +128,10 @@ pub fn process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let _ = IN_FLIGHT.remove(&pid_tgid);
     let _ = LAST_SOCKET_FD.remove(&pid_tgid);
+    let _ = TLS_CALLS.remove(&pid_tgid);
     let Some((pid_tgid, tgid)) = current_target() else {
         return 0;
     };
-    // A thread that dies inside an SSL call never returns from it.
-    let _ = TLS_CALLS.remove(&pid_tgid);
     let tid = pid_tgid as u32;
     set_watched(tid, false);
     if tid == tgid {

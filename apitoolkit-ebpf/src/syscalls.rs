@@ -15,8 +15,9 @@ use aya_ebpf::{
 use crate::{
     connections::{connection_of, emit_conn, is_ip, open_conn, read_sockaddr, report_broken},
     emit::{Mover, Skipped, emit_data, emit_on_connection, emit_skipped},
-    maps::{CONNECTIONS, EVENTS, IN_FLIGHT, LAST_SOCKET_FD, TLS_CALLS, config, count},
+    maps::{CONNECTIONS, EVENTS, IN_FLIGHT, LAST_SOCKET_FD, config, count, write_slot},
     process::current_target,
+    tls::in_tls_call,
 };
 
 /// Offsets in the syscall tracepoint records (see events/syscalls/*/format): arguments are
@@ -96,11 +97,7 @@ fn stash(
         pending: 1,
         _pad: 0,
     };
-    if let Some(slot) = IN_FLIGHT.get_ptr_mut(&pid_tgid) {
-        // SAFETY: a live element of `IN_FLIGHT` keyed by this thread: only this thread's
-        // programs touch it, and they do not run concurrently with this one.
-        unsafe { *slot = call };
-    } else if IN_FLIGHT.insert(&pid_tgid, &call, 0).is_err() {
+    if !write_slot(&IN_FLIGHT, pid_tgid, call) {
         count(Counter::InflightTableFull);
     }
 }
@@ -108,12 +105,7 @@ fn stash(
 /// Sets the thread's `LAST_SOCKET_FD`, in place when it has one (see [`stash`]).
 #[inline(always)]
 fn remember_socket(pid_tgid: u64, fd: i32) {
-    if let Some(last) = LAST_SOCKET_FD.get_ptr_mut(&pid_tgid) {
-        // SAFETY: a live element keyed by this thread; only its programs write it, one at a time.
-        unsafe { *last = fd };
-    } else {
-        let _ = LAST_SOCKET_FD.insert(&pid_tgid, &fd, 0);
-    }
+    let _ = write_slot(&LAST_SOCKET_FD, pid_tgid, fd);
 }
 
 #[inline(always)]
@@ -201,7 +193,7 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction) -> u32 {
         report_broken(tgid, call.fd, -ret);
     }
     // Socket I/O inside an SSL call names the TLS connection; its bytes are ciphertext.
-    if let Some(tls) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
+    if let Some(tls) = in_tls_call(pid_tgid) {
         if connection_of(tgid, &call).is_some() {
             // SAFETY: a live element of `TLS_CALLS` keyed by this thread, which only this
             // thread's programs touch, and they do not run concurrently with this one.

@@ -10,7 +10,7 @@ use aya_ebpf::{
 
 use crate::{
     emit::{Mover, emit_on_connection},
-    maps::{CONNECTIONS, LAST_SOCKET_FD, SSL_CONNS, TLS_CALLS, count},
+    maps::{CONNECTIONS, LAST_SOCKET_FD, SSL_CONNS, TLS_CALLS, count, write_slot},
     process::current_target,
     syscalls::{CallKind, InFlightCall},
 };
@@ -28,7 +28,9 @@ pub(crate) struct TlsCall {
     /// A raw `Direction`.
     direction: u8,
     returns_length_via_ptr: u8,
-    _pad: [u8; 2],
+    /// 1 from the entry to the return; the thread's slot stays in the map, empty, in between.
+    pending: u8,
+    _pad: u8,
 }
 
 #[repr(C)]
@@ -70,33 +72,57 @@ fn enter_tls_call(ctx: &ProbeContext, direction: Direction, length_arg: Option<u
         fd: -1,
         direction: direction as u8,
         returns_length_via_ptr: length_arg.is_some() as u8,
-        _pad: [0; 2],
+        pending: 1,
+        _pad: 0,
     };
-    if TLS_CALLS.insert(&pid_tgid, &call, 0).is_err() {
+    if !write_slot(&TLS_CALLS, pid_tgid, call) {
         count(Counter::InflightTableFull);
     }
     0
 }
 
-/// The fd of the connection an SSL call used: the syscall inside it, else what this SSL object
-/// was mapped to by such a syscall, else the thread's last connection.
+/// The thread's SSL call in progress, for the socket syscalls inside it to name its fd.
 #[inline(always)]
-fn tls_fd(pid_tgid: u64, tgid: u32, call: &TlsCall) -> Option<i32> {
+pub(crate) fn in_tls_call(pid_tgid: u64) -> Option<*mut TlsCall> {
+    let slot = TLS_CALLS.get_ptr_mut(&pid_tgid)?;
+    // SAFETY: a live element keyed by this thread, which only this thread's programs write,
+    // one at a time; `pending` is a plain byte.
+    (unsafe { (*slot).pending } != 0).then_some(slot)
+}
+
+/// Records which connection an SSL object is on, unless the map already says so: an LRU update
+/// per call costs more than the lookup.
+#[inline(always)]
+fn remember_ssl_conn(key: &SslKey, known: Option<SslConn>, conn: SslConn) {
+    if known.is_none_or(|known| known.fd != conn.fd || known.nested != conn.nested) {
+        let _ = SSL_CONNS.insert(key, &conn, 0);
+    }
+}
+
+/// The fd of the connection an SSL call used: the syscall inside it, else what this SSL object
+/// was mapped to by such a syscall, else the thread's last connection. A call that moved no
+/// bytes only records what its syscall named (the next call may be served from OpenSSL's
+/// buffer without one).
+#[inline(always)]
+fn tls_fd(pid_tgid: u64, tgid: u32, call: &TlsCall, moved_bytes: bool) -> Option<i32> {
     let key = SslKey {
         ssl: call.ssl,
         tgid,
         _pad: 0,
     };
+    // SAFETY: copied at once; `SslConn` is plain integers, valid for any bytes.
+    let known = unsafe { SSL_CONNS.get(&key) }.copied();
     if call.fd >= 0 {
         let nested = SslConn {
             fd: call.fd,
             nested: 1,
         };
-        let _ = SSL_CONNS.insert(&key, &nested, 0);
+        remember_ssl_conn(&key, known, nested);
         return Some(call.fd);
     }
-    // SAFETY: copied at once; `SslConn` is plain integers, valid for any bytes.
-    let known = unsafe { SSL_CONNS.get(&key) }.copied();
+    if !moved_bytes {
+        return None;
+    }
     if let Some(known) = known {
         // Reads of memory-fed TLS stacks follow the socket read on the same thread, so the
         // last fd is fresher than an earlier guess; writes keep the SSL object's connection.
@@ -110,7 +136,7 @@ fn tls_fd(pid_tgid: u64, tgid: u32, call: &TlsCall) -> Option<i32> {
             fd: last,
             nested: 0,
         };
-        let _ = SSL_CONNS.insert(&key, &guess, 0);
+        remember_ssl_conn(&key, known, guess);
         return Some(last);
     }
     known.map(|known| known.fd)
@@ -147,14 +173,16 @@ fn exit_tls_call(ctx: &RetProbeContext) -> u32 {
     let Some((pid_tgid, tgid)) = current_target() else {
         return 0;
     };
-    // SAFETY: copied at once. Only these programs write `TLS_CALLS` (never userspace), and the
-    // entry is keyed by this thread; `TlsCall` is plain integers, valid for any bytes.
-    let Some(call) = unsafe { TLS_CALLS.get(&pid_tgid) }.copied() else {
+    let Some(slot) = in_tls_call(pid_tgid) else {
         return 0;
     };
-    let _ = TLS_CALLS.remove(&pid_tgid);
+    // SAFETY: as in `in_tls_call`; only these programs write `TLS_CALLS` (never userspace),
+    // always whole `TlsCall`s of plain integers.
+    let call = unsafe { *slot };
+    // SAFETY: as above.
+    unsafe { (*slot).pending = 0 };
     let total = tls_call_length(ctx, &call);
-    let fd = tls_fd(pid_tgid, tgid, &call);
+    let fd = tls_fd(pid_tgid, tgid, &call, total != 0);
     if total == 0 {
         return 0;
     }
