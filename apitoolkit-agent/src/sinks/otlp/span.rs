@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 
-use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
     common::v1::{AnyValue, ArrayValue, InstrumentationScope, KeyValue, any_value::Value},
@@ -159,11 +158,11 @@ pub fn span(payload: &Payload) -> Span {
         attribute("http.request.path_params", json(&payload.path_params)),
         attribute(
             "http.request.body",
-            string(BASE64.encode(&payload.request_body)),
+            string(base64_simd::STANDARD.encode_to_string(&payload.request_body)),
         ),
         attribute(
             "http.response.body",
-            string(BASE64.encode(&payload.response_body)),
+            string(base64_simd::STANDARD.encode_to_string(&payload.response_body)),
         ),
         attribute(
             "apitoolkit.sdk_type",
@@ -383,7 +382,9 @@ mod tests {
         assert_eq!(query, serde_json::to_value(&payload.query_params).unwrap());
         assert_eq!(text(&span, "http.request.path_params"), "{}");
         assert_eq!(
-            BASE64.decode(text(&span, "http.request.body")).unwrap(),
+            base64_simd::STANDARD
+                .decode_to_vec(text(&span, "http.request.body"))
+                .unwrap(),
             payload.request_body
         );
         assert_eq!(text(&span, "http.response.body"), "e30=");
