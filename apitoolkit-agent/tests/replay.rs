@@ -13,7 +13,6 @@ use apitoolkit_agent::pipeline::{
     redact::{REDACTED, Redactor, TAG_REQUEST_BODY_WITHHELD},
     trace::SpanKind,
 };
-use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use bytes::Bytes;
 use uuid::Uuid;
 
@@ -83,10 +82,6 @@ fn summary(payloads: &[Payload]) -> Vec<(&str, &str, u16)> {
         .collect()
 }
 
-fn decoded(field: &str) -> Vec<u8> {
-    BASE64.decode(field).unwrap()
-}
-
 #[test]
 fn recorded_session_yields_one_payload_per_request() {
     let payloads = replay(recorded_events());
@@ -107,13 +102,21 @@ fn recorded_session_yields_one_payload_per_request() {
     assert_eq!(get.url_path, "/hello");
     assert_eq!(get.host, "127.0.0.1:5079");
     assert_eq!(get.referer, "http://example.com/p");
-    assert_eq!(get.query_params["tag"], vec!["a", "b"]);
-    assert_eq!(get.request_headers["Connection"], vec!["keep-alive"]);
     assert_eq!(
-        get.response_headers["Content-Type"],
+        get.query_params.values("tag").collect::<Vec<_>>(),
+        vec!["a", "b"]
+    );
+    assert_eq!(
+        get.request_headers.values("Connection").collect::<Vec<_>>(),
+        vec!["keep-alive"]
+    );
+    assert_eq!(
+        get.response_headers
+            .values("Content-Type")
+            .collect::<Vec<_>>(),
         vec!["application/json"]
     );
-    let body: serde_json::Value = serde_json::from_slice(&decoded(&get.response_body)).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&get.response_body).unwrap();
     assert_eq!(body["args"]["name"], serde_json::json!(["bob"]));
     assert_eq!(get.sdk_type, SdkType::PythonFlask);
     assert_eq!(get.service_version.as_deref(), Some("2.1.0"));
@@ -126,18 +129,20 @@ fn recorded_session_yields_one_payload_per_request() {
     );
 
     assert_eq!(
-        decoded(&payloads[1].request_body),
+        payloads[1].request_body,
         br#"{"user": "bob", "password": "hunter2"}"#
     );
-    assert_eq!(decoded(&payloads[2].request_body), b"{\"part\": 1}\ntail");
+    assert_eq!(payloads[2].request_body, b"{\"part\": 1}\ntail");
     assert_eq!(
-        payloads[2].request_headers["Transfer-Encoding"],
+        payloads[2]
+            .request_headers
+            .values("Transfer-Encoding")
+            .collect::<Vec<_>>(),
         vec!["chunked"]
     );
     assert!(payloads[3].response_body.is_empty(), "HEAD has no body");
     for (index, payload) in payloads[4..].iter().enumerate() {
-        let body: serde_json::Value =
-            serde_json::from_slice(&decoded(&payload.response_body)).unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&payload.response_body).unwrap();
         assert_eq!(body["item"], index, "pipelined responses pair in order");
     }
     let ids: std::collections::HashSet<Uuid> = payloads.iter().map(|p| p.msg_id).collect();
@@ -148,8 +153,7 @@ fn recorded_session_yields_one_payload_per_request() {
 fn redaction_rules_apply_to_the_replayed_session() {
     let redactor = Redactor::new(&["user-agent".into()], &["$.password".into()], &[]).unwrap();
     let payloads = replay_with(recorded_events(), redactor);
-    let login: serde_json::Value =
-        serde_json::from_slice(&decoded(&payloads[1].request_body)).unwrap();
+    let login: serde_json::Value = serde_json::from_slice(&payloads[1].request_body).unwrap();
     assert_eq!(
         login,
         serde_json::json!({"user": "bob", "password": REDACTED})
@@ -158,10 +162,10 @@ fn redaction_rules_apply_to_the_replayed_session() {
     assert!(
         payloads[..4]
             .iter()
-            .all(|p| p.request_headers["User-Agent"] == vec![REDACTED])
+            .all(|p| p.request_headers.values("User-Agent").collect::<Vec<_>>() == vec![REDACTED])
     );
     // The chunked upload is not JSON: with request-body rules it is withheld, not sent.
-    assert_eq!(payloads[2].request_body, "");
+    assert!(payloads[2].request_body.is_empty());
     assert!(
         payloads[2]
             .tags
@@ -228,12 +232,17 @@ fn recorded_node_https_session_yields_the_plaintext_exchanges() {
         ]
     );
     assert_eq!(payloads[0].host, "127.0.0.1:5443");
-    assert_eq!(payloads[0].request_headers["X-Request-Tag"], vec!["t1"]);
-    assert_eq!(decoded(&payloads[1].request_body), br#"{"name": "bob"}"#);
+    assert_eq!(
+        payloads[0]
+            .request_headers
+            .values("X-Request-Tag")
+            .collect::<Vec<_>>(),
+        vec!["t1"]
+    );
+    assert_eq!(payloads[1].request_body, br#"{"name": "bob"}"#);
     let big = "x".repeat(40000);
-    assert_eq!(decoded(&payloads[2].request_body), big.as_bytes());
-    let response: serde_json::Value =
-        serde_json::from_slice(&decoded(&payloads[2].response_body)).unwrap();
+    assert_eq!(payloads[2].request_body, big.as_bytes());
+    let response: serde_json::Value = serde_json::from_slice(&payloads[2].response_body).unwrap();
     assert_eq!(response["received"], big);
     let stats = pipeline.stats();
     assert_eq!(stats.tls_connections, 1);
@@ -277,11 +286,10 @@ fn recorded_outgoing_calls_and_errors_link_to_their_requests() {
             "{}",
             parent.raw_url
         );
-        let proxied: serde_json::Value =
-            serde_json::from_slice(&decoded(&parent.response_body)).unwrap();
+        let proxied: serde_json::Value = serde_json::from_slice(&parent.response_body).unwrap();
         assert_eq!(
             proxied["upstream_body"].as_str().unwrap().as_bytes(),
-            decoded(&call.response_body)
+            call.response_body
         );
     }
     let boom = incoming.iter().find(|p| p.url_path == "/boom").unwrap();
@@ -348,10 +356,12 @@ fn a_redacted_recording_holds_no_redacted_value_and_replays_to_the_same_payloads
     let replayed = replay(recording);
     assert_eq!(summary(&replayed), summary(&live));
     let framing = ["content-length", "transfer-encoding"];
-    let without_framing = |headers: &HeaderMap| -> HeaderMap {
-        let mut headers = headers.clone();
-        headers.retain(|name, _| !framing.contains(&name.to_ascii_lowercase().as_str()));
+    let without_framing = |headers: &HeaderMap| -> Vec<(String, Vec<String>)> {
         headers
+            .groups()
+            .filter(|(name, _)| !framing.contains(&name.to_ascii_lowercase().as_str()))
+            .map(|(name, values)| (name.to_owned(), values.map(str::to_owned).collect()))
+            .collect()
     };
     for (live, replayed) in live.iter().zip(&replayed) {
         assert_eq!(
@@ -369,8 +379,7 @@ fn a_redacted_recording_holds_no_redacted_value_and_replays_to_the_same_payloads
             (live.timestamp.as_str(), live.duration)
         );
     }
-    let login: serde_json::Value =
-        serde_json::from_slice(&decoded(&replayed[1].request_body)).unwrap();
+    let login: serde_json::Value = serde_json::from_slice(&replayed[1].request_body).unwrap();
     assert_eq!(login["password"], REDACTED);
     assert_eq!(
         replayed[3].response_headers, live[3].response_headers,
@@ -425,17 +434,21 @@ fn recorded_h2c_session_yields_one_payload_per_stream() {
         assert!(
             payload
                 .request_headers
-                .keys()
-                .all(|name| !name.starts_with(':'))
+                .groups()
+                .all(|(name, _)| !name.starts_with(':'))
         );
     }
-    assert_eq!(payloads[0].request_headers["x-request-tag"], vec!["t1"]);
+    assert_eq!(
+        payloads[0]
+            .request_headers
+            .values("x-request-tag")
+            .collect::<Vec<_>>(),
+        vec!["t1"]
+    );
     for (n, payload) in payloads[1..4].iter().enumerate() {
-        let sent: serde_json::Value =
-            serde_json::from_slice(&decoded(&payload.request_body)).unwrap();
+        let sent: serde_json::Value = serde_json::from_slice(&payload.request_body).unwrap();
         assert_eq!(sent["stream"], n);
-        let answer: serde_json::Value =
-            serde_json::from_slice(&decoded(&payload.response_body)).unwrap();
+        let answer: serde_json::Value = serde_json::from_slice(&payload.response_body).unwrap();
         let received: serde_json::Value =
             serde_json::from_str(answer["received"].as_str().unwrap()).unwrap();
         assert_eq!(received, sent);
@@ -529,7 +542,7 @@ fn form_bodies_are_redacted_as_json_and_a_text_body_is_sent_as_it_is() {
     let rules = || Redactor::new(&[], &["$.password".into()], &["$.password".into()]).unwrap();
     let live = replay_with(form_session(), rules());
     assert_eq!(live.len(), 2);
-    let json = |body: &str| serde_json::from_slice::<serde_json::Value>(&decoded(body)).unwrap();
+    let json = |body: &[u8]| serde_json::from_slice::<serde_json::Value>(body).unwrap();
     assert_eq!(
         json(&live[0].request_body),
         serde_json::json!({"user": "bob", "password": REDACTED, "remember": ""})
@@ -543,7 +556,7 @@ fn form_bodies_are_redacted_as_json_and_a_text_body_is_sent_as_it_is() {
     );
     for payload in &live {
         assert_eq!(payload.request_body_kind, BodyKind::Form);
-        assert_eq!(decoded(&payload.response_body), b"password=hunter2");
+        assert_eq!(payload.response_body, b"password=hunter2");
         assert!(payload.tags.iter().all(|tag| !tag.contains("withheld")));
     }
 
@@ -559,7 +572,10 @@ fn form_bodies_are_redacted_as_json_and_a_text_body_is_sent_as_it_is() {
     for (live, replayed) in live.iter().zip(&replayed) {
         assert_eq!(replayed.request_body, live.request_body);
         assert_eq!(
-            replayed.request_headers["Content-Type"],
+            replayed
+                .request_headers
+                .values("Content-Type")
+                .collect::<Vec<_>>(),
             ["application/json"]
         );
     }

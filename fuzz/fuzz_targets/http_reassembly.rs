@@ -6,7 +6,7 @@
 //! - nothing panics, whatever the bytes, the chunking, the gaps or the close;
 //! - each exchange is a request paired with a response, bodies within the limit, HTTP/1
 //!   exchanges in serial order, HTTP/2 ones never two of a stream; every exchange builds a
-//!   payload;
+//!   payload written as valid JSON;
 //! - a stream that reassembles cleanly in one piece gives the same exchanges in any chunking.
 #![no_main]
 
@@ -114,13 +114,15 @@ fn check(exchanges: &[Exchange]) {
             exchange: exchange.clone(),
         };
         let built = payload::build(
-            &tracked,
+            tracked,
             &ProcessProfile::new(SdkType::PythonFlask, true),
             Links::incoming(uuid::Uuid::nil(), Vec::new()),
             &settings,
         );
         assert_eq!(built.method, exchange.request.method().unwrap_or_default());
-        serde_json::to_vec(&built).expect("every payload serializes");
+        let mut json = Vec::new();
+        payload::write_json(&built, &mut json);
+        serde_json::from_slice::<serde_json::Value>(&json).expect("every payload is JSON");
     }
 }
 

@@ -4,13 +4,12 @@
 use std::{
     collections::HashMap,
     fs::{File, OpenOptions},
-    io::{BufRead, BufReader, BufWriter, Write},
+    io::{self, BufRead, BufReader, BufWriter, Write},
     os::unix::fs::OpenOptionsExt as _,
     path::Path,
 };
 
 use anyhow::Context as _;
-use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use bytes::Bytes;
 
 use crate::{
@@ -20,6 +19,7 @@ use crate::{
         events::{ConnId, DataEvent, Direction, Event, Role, Source},
         payload::{
             BodyKind, HeaderMap, Payload, TAG_REQUEST_BODY_ENCODED, TAG_RESPONSE_BODY_ENCODED,
+            write_json,
         },
         profile::{ProcessProfile, Profiles, SdkType},
         redact::{TAG_REQUEST_BODY_WITHHELD, TAG_RESPONSE_BODY_WITHHELD},
@@ -211,9 +211,9 @@ fn head_lines(headers: &HeaderMap, body: WrittenBody<'_>, head: &mut Vec<u8>) {
     } = body;
     let framing = |name: &str| name.eq_ignore_ascii_case("content-length");
     let chunked = headers
-        .keys()
-        .any(|name| name.eq_ignore_ascii_case("transfer-encoding"));
-    for (name, values) in headers {
+        .groups()
+        .any(|(name, _)| name.eq_ignore_ascii_case("transfer-encoding"));
+    for (name, values) in headers.groups() {
         let dropped = name.eq_ignore_ascii_case("transfer-encoding")
             || (name.eq_ignore_ascii_case("content-encoding") && !undecoded)
             // An empty body keeps its declared length (a response to HEAD), unless emptied.
@@ -250,7 +250,7 @@ fn has_tag(payload: &Payload, tag: &str) -> bool {
 }
 
 fn request_bytes(payload: &Payload) -> Vec<u8> {
-    let body = BASE64.decode(&payload.request_body).unwrap_or_default();
+    let body = &payload.request_body;
     let mut bytes = format!(
         "{} {} HTTP/1.{}\r\n",
         payload.method,
@@ -261,7 +261,7 @@ fn request_bytes(payload: &Payload) -> Vec<u8> {
     head_lines(
         &payload.request_headers,
         WrittenBody {
-            bytes: &body,
+            bytes: body,
             withheld: has_tag(payload, TAG_REQUEST_BODY_WITHHELD),
             undecoded: has_tag(payload, TAG_REQUEST_BODY_ENCODED),
             form_as_json: payload.request_body_kind == BodyKind::Form && !body.is_empty(),
@@ -272,7 +272,7 @@ fn request_bytes(payload: &Payload) -> Vec<u8> {
 }
 
 fn response_bytes(payload: &Payload) -> Vec<u8> {
-    let body = BASE64.decode(&payload.response_body).unwrap_or_default();
+    let body = &payload.response_body;
     let mut bytes = format!(
         "HTTP/1.{} {} \r\n",
         http1_minor(payload),
@@ -282,7 +282,7 @@ fn response_bytes(payload: &Payload) -> Vec<u8> {
     head_lines(
         &payload.response_headers,
         WrittenBody {
-            bytes: &body,
+            bytes: body,
             withheld: has_tag(payload, TAG_RESPONSE_BODY_WITHHELD),
             undecoded: has_tag(payload, TAG_RESPONSE_BODY_ENCODED),
             form_as_json: payload.response_body_kind == BodyKind::Form && !body.is_empty(),
@@ -290,6 +290,14 @@ fn response_bytes(payload: &Payload) -> Vec<u8> {
         &mut bytes,
     );
     bytes
+}
+
+/// `payload` as one NDJSON line, made in `json`.
+fn write_line(payload: &Payload, json: &mut Vec<u8>, out: &mut impl Write) -> io::Result<()> {
+    json.clear();
+    write_json(payload, json);
+    json.push(b'\n');
+    out.write_all(json)
 }
 
 /// Replays a recording through the pipeline, writing payloads as NDJSON to `out`.
@@ -307,6 +315,7 @@ pub fn replay(file: &Path, args: &CaptureArgs, mut out: impl Write) -> anyhow::R
         Profiles::Everyone(profile),
     );
     let mut written = 0;
+    let mut json = Vec::new();
     for (index, line) in reader.lines().enumerate() {
         let line = line.with_context(|| format!("reading {}", file.display()))?;
         if line.trim().is_empty() {
@@ -315,14 +324,12 @@ pub fn replay(file: &Path, args: &CaptureArgs, mut out: impl Write) -> anyhow::R
         let event: Event = serde_json::from_str(&line)
             .with_context(|| format!("{}:{}: not a recorded event", file.display(), index + 1))?;
         for payload in pipeline.feed(event).payloads {
-            serde_json::to_writer(&mut out, &payload)?;
-            out.write_all(b"\n")?;
+            write_line(&payload, &mut json, &mut out)?;
             written += 1;
         }
     }
     for payload in pipeline.flush().payloads {
-        serde_json::to_writer(&mut out, &payload)?;
-        out.write_all(b"\n")?;
+        write_line(&payload, &mut json, &mut out)?;
         written += 1;
     }
     out.flush()?;

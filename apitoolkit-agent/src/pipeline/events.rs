@@ -5,7 +5,6 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use apitoolkit_common::{self as abi, RecordKind};
-use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -269,15 +268,18 @@ mod payload_bytes {
     pub fn serialize<S: Serializer>(data: &Bytes, serializer: S) -> Result<S::Ok, S::Error> {
         match std::str::from_utf8(data) {
             Ok(text) if !text.starts_with(BASE64_PREFIX) => serializer.serialize_str(text),
-            _ => serializer.serialize_str(&format!("{BASE64_PREFIX}{}", BASE64.encode(data))),
+            _ => serializer.serialize_str(&format!(
+                "{BASE64_PREFIX}{}",
+                base64_simd::STANDARD.encode_to_string(data)
+            )),
         }
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Bytes, D::Error> {
         let text = String::deserialize(deserializer)?;
         match text.strip_prefix(BASE64_PREFIX) {
-            Some(encoded) => BASE64
-                .decode(encoded)
+            Some(encoded) => base64_simd::STANDARD
+                .decode_to_vec(encoded)
                 .map(Bytes::from)
                 .map_err(serde::de::Error::custom),
             None => Ok(Bytes::from(text)),

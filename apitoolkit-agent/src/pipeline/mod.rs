@@ -363,38 +363,36 @@ impl Pipeline {
             request_ns,
             ..Origin::of(&exchange)
         };
-        self.emit_payload(&exchange, origin, &profile, links, output);
+        self.emit_payload(exchange, origin, &profile, links, output);
     }
 
-    /// Builds and redacts one payload.
+    /// Builds and redacts one payload; the exchange's strings and bytes move into it.
     fn emit_payload(
         &mut self,
-        exchange: &TrackedExchange,
+        exchange: TrackedExchange,
         origin: Origin,
         profile: &ProcessProfile,
         links: Links,
         output: &mut PipelineOutput,
     ) {
+        let (role, conn, worker) = (exchange.role, exchange.conn, exchange.worker);
         let parent_span = links.parent.map(|parent| parent.span);
         let mut payload = payload::build(exchange, profile, links, &self.settings);
         self.route_stats.unmatched += u64::from(payload.route == RouteLookup::Unmatched);
         self.redactor.apply(&mut payload);
-        payload.span = payload.span_context(exchange.role, parent_span);
-        *self
-            .payloads_by_process
-            .entry(exchange.conn.tgid)
-            .or_default() += 1;
+        payload.span = payload.span_context(role, parent_span);
+        *self.payloads_by_process.entry(conn.tgid).or_default() += 1;
         let answered_at = origin.response_ns.map(|(_, last)| last);
         if let Some(answered_at) = answered_at
             && self.scope.errors
-            && exchange.role != Role::Client
+            && role != Role::Client
             && payload.status_code >= 500
             && payload.errors.is_empty()
         {
             self.link_stats.held_5xx += 1;
             self.held.push(Held {
-                tgid: exchange.conn.tgid,
-                tid: exchange.worker.tid,
+                tgid: conn.tgid,
+                tid: worker.tid,
                 payload,
                 origin,
                 release_at_ns: answered_at + ERROR_HOLD_NS,
@@ -499,7 +497,7 @@ impl Pipeline {
                 .errors
                 .extend(CapturedError::of_protocol(&exchange.exchange));
             let origin = Origin::of(&exchange);
-            self.emit_payload(&exchange, origin, &profile, links, &mut pipeline_output);
+            self.emit_payload(exchange, origin, &profile, links, &mut pipeline_output);
         }
         for call in output.failed_calls {
             self.on_failed_call(call, &mut pipeline_output);

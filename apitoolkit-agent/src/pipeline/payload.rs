@@ -2,7 +2,6 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -13,6 +12,7 @@ use super::{
     link::Parent,
     profile::{ProcessProfile, SdkType},
     protocols::{
+        Exchange,
         content::{self, MediaType},
         form::{self, FormShape},
         message::{Body, Message, StartLine},
@@ -31,9 +31,106 @@ pub struct AtError {
     pub stack_trace: String,
 }
 
-pub type HeaderMap = BTreeMap<String, Vec<String>>;
+/// Header fields or query parameters: (name, value) pairs ordered by name (bytewise, as a
+/// `BTreeMap` orders keys), values of one name in arrival order. Built by moving the captured
+/// strings in: no map nodes, no value lists. In JSON an object `{name: [values]}`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(from = "BTreeMap<String, Vec<String>>")]
+pub struct HeaderMap {
+    fields: Vec<(String, String)>,
+}
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+impl HeaderMap {
+    /// `fields` in any order; a stable sort keeps each name's values in arrival order.
+    pub fn from_fields(mut fields: Vec<(String, String)>) -> Self {
+        fields.sort_by(|(a, _), (b, _)| a.cmp(b));
+        Self { fields }
+    }
+
+    /// Each name once, in order, with its values.
+    pub fn groups(&self) -> impl Iterator<Item = (&str, impl Iterator<Item = &str> + Clone)> {
+        self.fields.chunk_by(|(a, _), (b, _)| a == b).map(|group| {
+            (
+                group[0].0.as_str(),
+                group.iter().map(|(_, value)| value.as_str()),
+            )
+        })
+    }
+
+    /// The values of `name` (exact spelling), in arrival order.
+    pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.fields
+            .iter()
+            .filter(move |(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// Replaces the values of every name `covered` accepts by the one value `marker`.
+    pub fn redact(&mut self, covered: impl Fn(&str) -> bool, marker: &str) {
+        let mut start = 0;
+        while start < self.fields.len() {
+            let name = &self.fields[start].0;
+            let end = start
+                + self.fields[start..]
+                    .iter()
+                    .take_while(|(key, _)| key == name)
+                    .count();
+            if covered(name) {
+                self.fields[start].1 = marker.to_owned();
+                self.fields.drain(start + 1..end);
+                start += 1;
+            } else {
+                start = end;
+            }
+        }
+    }
+
+    /// Heap bytes held (for the sink queues' byte bound).
+    pub fn heap_size(&self) -> usize {
+        self.fields.capacity() * std::mem::size_of::<(String, String)>()
+            + self
+                .fields
+                .iter()
+                .map(|(name, value)| name.capacity() + value.capacity())
+                .sum::<usize>()
+    }
+}
+
+impl FromIterator<(String, String)> for HeaderMap {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(fields: I) -> Self {
+        Self::from_fields(fields.into_iter().collect())
+    }
+}
+
+impl From<BTreeMap<String, Vec<String>>> for HeaderMap {
+    fn from(map: BTreeMap<String, Vec<String>>) -> Self {
+        map.into_iter()
+            .flat_map(|(name, values)| values.into_iter().map(move |value| (name.clone(), value)))
+            .collect()
+    }
+}
+
+impl Serialize for HeaderMap {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        /// One name's values, as a JSON array.
+        struct Values<I>(I);
+        impl<'a, I: Iterator<Item = &'a str> + Clone> Serialize for Values<I> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_seq(self.0.clone())
+            }
+        }
+        let mut map = serializer.serialize_map(None)?;
+        for (name, values) in self.groups() {
+            map.serialize_entry(name, &Values(values))?;
+        }
+        map.end()
+    }
+}
+
+/// One request message. Written as JSON by [`write_json`]; `Deserialize` reads the same JSON
+/// back (test fixtures).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct Payload {
     pub timestamp: String,
     pub duration: u64,
@@ -45,8 +142,11 @@ pub struct Payload {
     pub query_params: HeaderMap,
     pub request_headers: HeaderMap,
     pub response_headers: HeaderMap,
-    pub request_body: String,
-    pub response_body: String,
+    /// The bodies' bytes, base64 in JSON.
+    #[serde(deserialize_with = "base64_body")]
+    pub request_body: Vec<u8>,
+    #[serde(deserialize_with = "base64_body")]
+    pub response_body: Vec<u8>,
     pub proto_major: u8,
     pub proto_minor: u8,
     pub status_code: u16,
@@ -55,7 +155,6 @@ pub struct Payload {
     pub msg_id: Uuid,
     pub parent_id: Option<Uuid>,
     pub referer: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub service_version: Option<String>,
     pub tags: Vec<String>,
     pub errors: Vec<AtError>,
@@ -76,6 +175,94 @@ pub struct Payload {
     pub route: RouteLookup,
 }
 
+fn base64_body<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    base64_simd::STANDARD
+        .decode_to_vec(text)
+        .map_err(serde::de::Error::custom)
+}
+
+/// Appends `payload` as one JSON object (the contract's keys, in its order). Written by hand
+/// so bodies go from their bytes straight to base64 in `out`: base64 needs no escaping, and
+/// no intermediate string is made. Strings that can hold anything go through serde_json.
+pub fn write_json(payload: &Payload, out: &mut Vec<u8>) {
+    fn key(out: &mut Vec<u8>, name: &str) {
+        out.push(b'"');
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\":");
+    }
+    fn value(out: &mut Vec<u8>, value: &(impl Serialize + ?Sized)) {
+        serde_json::to_writer(&mut *out, value).expect("writing to a Vec cannot fail");
+        out.push(b',');
+    }
+    fn uuid(out: &mut Vec<u8>, id: &Uuid) {
+        let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+        out.push(b'"');
+        out.extend_from_slice(id.hyphenated().encode_lower(&mut text).as_bytes());
+        out.extend_from_slice(b"\",");
+    }
+    fn base64(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.push(b'"');
+        // SIMD (AVX2/SSSE3/NEON, picked at run time): bodies are most of the bytes written.
+        base64_simd::STANDARD.encode_append(bytes, out);
+        out.extend_from_slice(b"\",");
+    }
+    out.push(b'{');
+    key(out, "timestamp");
+    value(out, &payload.timestamp);
+    key(out, "duration");
+    value(out, &payload.duration);
+    key(out, "method");
+    value(out, &payload.method);
+    key(out, "host");
+    value(out, &payload.host);
+    key(out, "raw_url");
+    value(out, &payload.raw_url);
+    key(out, "url_path");
+    value(out, &payload.url_path);
+    key(out, "path_params");
+    value(out, &payload.path_params);
+    key(out, "query_params");
+    value(out, &payload.query_params);
+    key(out, "request_headers");
+    value(out, &payload.request_headers);
+    key(out, "response_headers");
+    value(out, &payload.response_headers);
+    key(out, "request_body");
+    base64(out, &payload.request_body);
+    key(out, "response_body");
+    base64(out, &payload.response_body);
+    key(out, "proto_major");
+    value(out, &payload.proto_major);
+    key(out, "proto_minor");
+    value(out, &payload.proto_minor);
+    key(out, "status_code");
+    value(out, &payload.status_code);
+    key(out, "sdk_type");
+    value(out, &payload.sdk_type);
+    key(out, "project_id");
+    uuid(out, &payload.project_id);
+    key(out, "msg_id");
+    uuid(out, &payload.msg_id);
+    key(out, "parent_id");
+    match &payload.parent_id {
+        Some(id) => uuid(out, id),
+        None => out.extend_from_slice(b"null,"),
+    }
+    key(out, "referer");
+    value(out, &payload.referer);
+    if let Some(version) = &payload.service_version {
+        key(out, "service_version");
+        value(out, version);
+    }
+    key(out, "tags");
+    value(out, &payload.tags);
+    key(out, "errors");
+    value(out, &payload.errors);
+    // The last value's comma closes the object instead.
+    *out.last_mut().expect("the object has keys") = b'}';
+}
+
 /// How a payload's `url_path` was found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RouteLookup {
@@ -94,10 +281,10 @@ impl Payload {
     pub fn span_context(&self, role: Role, parent: Option<ParentSpan>) -> SpanContext {
         let traceparent = self
             .request_headers
-            .iter()
+            .groups()
             .find(|(name, _)| name.eq_ignore_ascii_case(TRACEPARENT))
-            .and_then(|(_, values)| values.first())
-            .and_then(|value| TraceParent::parse(value));
+            .and_then(|(_, mut values)| values.next())
+            .and_then(TraceParent::parse);
         match role {
             Role::Client => SpanContext::outgoing(self.msg_id, traceparent, parent),
             _ => SpanContext::incoming(self.msg_id, traceparent),
@@ -176,22 +363,10 @@ pub const TAG_RESPONSE_BODY_ENCODED: &str = "apitoolkit.response_body_undecoded"
 /// saw are missing.
 pub const TAG_HEADERS_INCOMPLETE: &str = "apitoolkit.headers_incomplete";
 
-fn header_map(message: &Message) -> HeaderMap {
-    let mut map = HeaderMap::new();
-    for (name, value) in &message.headers {
-        map.entry(name.clone()).or_default().push(value.clone());
-    }
-    map
-}
-
 fn query_params(query: &str) -> HeaderMap {
-    let mut map = HeaderMap::new();
-    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-        map.entry(key.into_owned())
-            .or_default()
-            .push(value.into_owned());
-    }
-    map
+    form_urlencoded::parse(query.as_bytes())
+        .map(|(key, value)| (key.into_owned(), value.into_owned()))
+        .collect()
 }
 
 struct BodyTags {
@@ -200,9 +375,9 @@ struct BodyTags {
     undecoded: &'static str,
 }
 
-/// A body as the payload carries it: base64 of its bytes, and what it is.
-struct EncodedBody {
-    base64: String,
+/// A body as the payload carries it: its bytes, and what they are.
+struct PayloadBody {
+    bytes: Vec<u8>,
     kind: BodyKind,
 }
 
@@ -243,28 +418,24 @@ fn form_json(media: &MediaType, bytes: &[u8], partial: bool, shape: FormShape) -
     }
 }
 
-/// Decodes the content encoding, turns a form into the JSON object of its fields, and
-/// base64-encodes the body, tagging what is not whole.
-fn encode_body(
+/// Decodes the content encoding and turns a form into the JSON object of its fields, tagging
+/// what is not whole. A body left as captured is moved, not copied.
+fn payload_body(
     message: &Message,
-    body: &Body,
+    body: Body,
     max_bytes: usize,
     form_shape: FormShape,
     tags: &BodyTags,
     out_tags: &mut Vec<String>,
-) -> EncodedBody {
+) -> PayloadBody {
     let decoded = content::decode(message.header("content-encoding"), &body.bytes, max_bytes);
-    let (bytes, truncated, undecoded) = match &decoded {
-        Ok(Some(decoded)) => (
-            &decoded.bytes[..],
-            body.truncated || decoded.truncated,
-            false,
-        ),
-        Ok(None) => (&body.bytes[..], body.truncated, false),
+    let (bytes, truncated, undecoded) = match decoded {
+        Ok(Some(decoded)) => (decoded.bytes, body.truncated || decoded.truncated, false),
+        Ok(None) => (body.bytes, body.truncated, false),
         Err(error) => {
             tracing::debug!(%error, "body left encoded");
             out_tags.push(tags.undecoded.to_owned());
-            (&body.bytes[..], body.truncated, true)
+            (body.bytes, body.truncated, true)
         }
     };
     if truncated {
@@ -282,20 +453,20 @@ fn encode_body(
         MediaType::Undeclared => (BodyKind::Undeclared, None),
         // JSON sent with a form's type (`curl -d '{…}'`) would become one key holding the whole
         // text, out of every rule's reach: it stays JSON.
-        MediaType::UrlEncodedForm if content::looks_like_json(bytes) => (BodyKind::Json, None),
+        MediaType::UrlEncodedForm if content::looks_like_json(&bytes) => (BodyKind::Json, None),
         // An empty form is no body, as an empty JSON body is.
         MediaType::UrlEncodedForm | MediaType::MultipartForm { .. } if bytes.is_empty() => {
             (BodyKind::Form, None)
         }
         MediaType::UrlEncodedForm | MediaType::MultipartForm { .. } => {
-            match form_json(&media, bytes, truncated || body.incomplete, form_shape) {
+            match form_json(&media, &bytes, truncated || body.incomplete, form_shape) {
                 Some(json) => (BodyKind::Form, Some(json)),
                 None => (BodyKind::UnreadForm, None),
             }
         }
     };
-    EncodedBody {
-        base64: BASE64.encode(form.as_deref().unwrap_or(bytes)),
+    PayloadBody {
+        bytes: form.unwrap_or(bytes),
         kind,
     }
 }
@@ -320,11 +491,12 @@ pub fn at_error(error: CapturedError, settings: &PayloadSettings) -> AtError {
     }
 }
 
-/// The payload of one exchange. Its `sdk_type` is the process's framework, or its runtime's
-/// outgoing type for a request the process made; its tags are the agent's, then what the body
-/// encoding noticed, then the process's own (e.g. its pod).
+/// The payload of one exchange, made of its strings and bytes (moved, not copied). Its
+/// `sdk_type` is the process's framework, or its runtime's outgoing type for a request the
+/// process made; its tags are the agent's, then what the body encoding noticed, then the
+/// process's own (e.g. its pod).
 pub fn build(
-    tracked: &TrackedExchange,
+    tracked: TrackedExchange,
     profile: &ProcessProfile,
     links: Links,
     settings: &PayloadSettings,
@@ -333,21 +505,27 @@ pub fn build(
         Role::Client => profile.outgoing_sdk_type(),
         _ => profile.sdk_type,
     };
-    let request = &tracked.exchange.request;
-    let response = &tracked.exchange.response;
-    let (method, target) = match &request.start {
-        StartLine::Request { method, target } => (method.clone(), target.clone()),
-        StartLine::Response { .. } => unreachable!("requests carry a request line"),
-    };
+    let Exchange {
+        mut request,
+        mut response,
+        headers_incomplete,
+        ..
+    } = tracked.exchange;
+    let (method, target) =
+        match std::mem::replace(&mut request.start, StartLine::Response { status: 0 }) {
+            StartLine::Request { method, target } => (method, target),
+            StartLine::Response { .. } => unreachable!("requests carry a request line"),
+        };
     let (path, query) = match target.split_once('?') {
         Some((path, query)) => (path.to_owned(), query),
         None => (target.clone(), ""),
     };
     let mut tags = settings.tags.clone();
     let form_shape = form_shape(sdk_type);
-    let request_body = encode_body(
-        request,
-        &request.body,
+    let body = std::mem::take(&mut request.body);
+    let request_body = payload_body(
+        &request,
+        body,
         settings.max_body_bytes,
         form_shape,
         &BodyTags {
@@ -357,9 +535,10 @@ pub fn build(
         },
         &mut tags,
     );
-    let response_body = encode_body(
-        response,
-        &response.body,
+    let body = std::mem::take(&mut response.body);
+    let response_body = payload_body(
+        &response,
+        body,
         settings.max_body_bytes,
         form_shape,
         &BodyTags {
@@ -377,36 +556,36 @@ pub fn build(
             None => (path, serde_json::Map::new(), RouteLookup::Unmatched),
         },
     };
-    if tracked.exchange.headers_incomplete {
+    if headers_incomplete {
         tags.push(TAG_HEADERS_INCOMPLETE.to_owned());
     }
     tags.extend(profile.tags.iter().cloned());
+    let host = match request.authority.take() {
+        Some(authority) => authority,
+        None => request.header("host").unwrap_or_default().to_owned(),
+    };
+    let referer = request.header("referer").unwrap_or_default().to_owned();
     Payload {
         timestamp: rfc3339(response.last_byte_ns as i128 + settings.realtime_offset_ns),
         duration: response.last_byte_ns.saturating_sub(request.first_byte_ns),
         method,
-        host: request
-            .authority
-            .as_deref()
-            .or_else(|| request.header("host"))
-            .unwrap_or_default()
-            .to_owned(),
-        raw_url: target.clone(),
+        host,
+        query_params: query_params(query),
+        raw_url: target,
         url_path,
         path_params,
-        query_params: query_params(query),
-        request_headers: header_map(request),
-        response_headers: header_map(response),
-        request_body: request_body.base64,
-        response_body: response_body.base64,
+        request_headers: HeaderMap::from_fields(request.headers),
+        status_code: response.status().unwrap_or_default(),
+        response_headers: HeaderMap::from_fields(response.headers),
+        request_body: request_body.bytes,
+        response_body: response_body.bytes,
         proto_major: request.version.major,
         proto_minor: request.version.minor,
-        status_code: response.status().unwrap_or_default(),
         sdk_type,
         project_id: settings.project_id,
         msg_id: links.msg_id,
         parent_id: links.parent.map(|parent| parent.msg_id),
-        referer: request.header("referer").unwrap_or_default().to_owned(),
+        referer,
         service_version: settings.service_version.clone(),
         tags,
         errors: links
@@ -494,13 +673,19 @@ mod tests {
                 ("Host", "api.local:8080"),
                 ("X-Multi", "1"),
                 ("x-multi", "2"),
+                ("Accept", "a/b\"c"),
+                ("X-Multi", "3"),
             ],
             b"",
             (1_000, 2_000),
         );
         let response = message(
             StartLine::Response { status: 201 },
-            &[],
+            &[
+                ("Set-Cookie", "b=2"),
+                ("Content-Type", "application/json"),
+                ("Set-Cookie", "a=1"),
+            ],
             b"{}",
             (5_000, 9_000),
         );
@@ -514,7 +699,7 @@ mod tests {
         };
         let msg_id = Uuid::new_v4();
         let payload = build(
-            &exchange(request, response),
+            exchange(request, response),
             &ProcessProfile::new(SdkType::PythonFlask, true),
             Links::incoming(msg_id, vec![error]),
             &settings(),
@@ -538,19 +723,92 @@ mod tests {
         assert_eq!(payload.timestamp, "2025-11-24T16:00:00.000009+00:00");
         assert_eq!(payload.url_path, "/users/42");
         assert_eq!(payload.raw_url, "/users/42?page=2&tag=a&tag=b&q=a%20b");
-        assert_eq!(payload.query_params["tag"], vec!["a", "b"]);
-        assert_eq!(payload.query_params["q"], vec!["a b"]);
+        assert_eq!(
+            payload.query_params.values("tag").collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(
+            payload.query_params.values("q").collect::<Vec<_>>(),
+            ["a b"]
+        );
         assert_eq!(payload.host, "api.local:8080");
-        assert_eq!(payload.request_headers["X-Multi"], vec!["1"]);
+        assert_eq!(
+            payload
+                .request_headers
+                .values("X-Multi")
+                .collect::<Vec<_>>(),
+            ["1", "3"]
+        );
         assert_eq!(payload.status_code, 201);
-        assert_eq!(payload.response_body, "e30=");
+        assert_eq!(payload.response_body, b"{}");
         assert_eq!(payload.tags, vec!["team:api"]);
 
-        let json: serde_json::Value = serde_json::to_value(&payload).unwrap();
-        assert_eq!(json["sdk_type"], "PythonFlask");
-        assert_eq!(json["parent_id"], serde_json::Value::Null);
-        assert_eq!(json["path_params"], serde_json::json!({}));
-        assert!(json.get("service_version").is_none());
+        let mut written = Vec::new();
+        write_json(&payload, &mut written);
+        let json: serde_json::Value = serde_json::from_slice(&written).unwrap();
+        let expected = serde_json::json!({
+            "timestamp": "2025-11-24T16:00:00.000009+00:00",
+            "duration": 8_000,
+            "method": "GET",
+            "host": "api.local:8080",
+            "raw_url": "/users/42?page=2&tag=a&tag=b&q=a%20b",
+            "url_path": "/users/42",
+            "path_params": {},
+            "query_params": {"page": ["2"], "q": ["a b"], "tag": ["a", "b"]},
+            // Names as sent, sorted bytewise (uppercase first); each name's values in order.
+            "request_headers": {
+                "Accept": ["a/b\"c"],
+                "Host": ["api.local:8080"],
+                "X-Multi": ["1", "3"],
+                "x-multi": ["2"],
+            },
+            "response_headers": {
+                "Content-Type": ["application/json"],
+                "Set-Cookie": ["b=2", "a=1"],
+            },
+            "request_body": "",
+            "response_body": "e30=",
+            "proto_major": 1,
+            "proto_minor": 1,
+            "status_code": 201,
+            "sdk_type": "PythonFlask",
+            "project_id": "00000000-0000-0000-0000-000000000000",
+            "msg_id": msg_id.to_string(),
+            "parent_id": null,
+            "referer": "",
+            "tags": ["team:api"],
+            "errors": [{
+                "when": "2025-11-24T16:00:00.000008+00:00",
+                "error_type": "ValueError",
+                "message": "bad",
+                "root_error_type": "KeyError",
+                "root_error_message": "'id'",
+                "stack_trace": "Traceback (most recent call last):\nValueError: bad",
+            }],
+        });
+        assert_eq!(json, expected);
+        // Objects compare regardless of order: the order written is checked on its own.
+        let keys = |value: &serde_json::Value| -> Vec<String> {
+            value.as_object().unwrap().keys().cloned().collect()
+        };
+        assert_eq!(keys(&json), keys(&expected));
+        for map in ["query_params", "request_headers", "response_headers"] {
+            assert_eq!(keys(&json[map]), keys(&expected[map]), "{map}");
+        }
+        let read_back: Payload = serde_json::from_slice(&written).unwrap();
+        assert_eq!(read_back.request_headers, payload.request_headers);
+        assert_eq!(read_back.response_body, payload.response_body);
+
+        let mut versioned = payload.clone();
+        versioned.service_version = Some("1.2".into());
+        versioned.parent_id = Some(msg_id);
+        versioned.request_body = vec![0xff, 0, b'"'];
+        let mut written = Vec::new();
+        write_json(&versioned, &mut written);
+        let json: serde_json::Value = serde_json::from_slice(&written).unwrap();
+        assert_eq!(json["service_version"], "1.2");
+        assert_eq!(json["parent_id"], msg_id.to_string());
+        assert_eq!(json["request_body"], "/wAi");
     }
 
     #[test]
@@ -577,7 +835,7 @@ mod tests {
                 Role::Client => Links::outgoing(None),
                 _ => Links::incoming(Uuid::new_v4(), Vec::new()),
             };
-            build(&tracked, &profile, links, &settings())
+            build(tracked, &profile, links, &settings())
         };
         let matched = get("/accounts/7?full=1", Role::Server);
         assert_eq!(matched.url_path, "/accounts/<int:account_id>");
@@ -617,15 +875,12 @@ mod tests {
             (2, 3),
         );
         let payload = build(
-            &exchange(request, response),
+            exchange(request, response),
             &ProcessProfile::unknown(),
             Links::outgoing(None),
             &settings(),
         );
-        assert_eq!(
-            BASE64.decode(&payload.response_body).unwrap(),
-            b"{\"ok\":true}"
-        );
+        assert_eq!(payload.response_body, b"{\"ok\":true}");
         assert!(
             payload
                 .tags
@@ -656,15 +911,15 @@ mod tests {
 
     fn built(request: Message, sdk_type: SdkType) -> Payload {
         build(
-            &exchange(request, ok()),
+            exchange(request, ok()),
             &ProcessProfile::new(sdk_type, true),
             Links::incoming(Uuid::new_v4(), Vec::new()),
             &settings(),
         )
     }
 
-    fn body_json(body: &str) -> serde_json::Value {
-        serde_json::from_slice(&BASE64.decode(body).unwrap()).unwrap()
+    fn body_json(body: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(body).unwrap()
     }
 
     const FORM: (&str, &str) = ("Content-Type", "application/x-www-form-urlencoded");
@@ -684,7 +939,7 @@ mod tests {
             serde_json::json!({"user": ["bob"], "password": ["hunter2"], "tag": ["a", "b"]})
         );
         let empty = built(post(&[FORM], b""), SdkType::PythonFlask);
-        assert_eq!(empty.request_body, "");
+        assert!(empty.request_body.is_empty());
     }
 
     #[test]
@@ -731,7 +986,7 @@ Content-Type: text/csv\r\n\r\na,b\n1,2\n\r\n--XyZ--\r\n";
             ),
         ];
         for request in unreadable {
-            let raw = BASE64.encode(&request.body.bytes);
+            let raw = request.body.bytes.clone();
             let payload = built(request, SdkType::PythonFlask);
             assert_eq!(payload.request_body_kind, BodyKind::UnreadForm);
             assert_eq!(payload.request_body, raw);

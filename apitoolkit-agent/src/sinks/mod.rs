@@ -18,25 +18,22 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::pipeline::payload::{HeaderMap, Payload};
+use crate::pipeline::payload::Payload;
 
-/// Approximate heap size of a queued payload (strings plus per-entry overhead), so the byte
+/// Approximate memory of a queued payload: the struct, its largest heap parts (bodies, header
+/// and query fields, URL) by capacity, and a flat allowance for the small rest, so the byte
 /// bound tracks real memory rather than just the bodies.
 fn queued_size(payload: &Payload) -> usize {
-    let map = |map: &HeaderMap| -> usize {
-        map.iter()
-            .map(|(name, values)| {
-                64 + name.len() + values.iter().map(|v| 24 + v.len()).sum::<usize>()
-            })
-            .sum()
-    };
-    512 + 2 * payload.raw_url.len()
-        + payload.host.len()
-        + payload.request_body.len()
-        + payload.response_body.len()
-        + map(&payload.request_headers)
-        + map(&payload.response_headers)
-        + map(&payload.query_params)
+    std::mem::size_of::<Payload>()
+        + 256
+        + payload.raw_url.capacity()
+        + payload.url_path.capacity()
+        + payload.host.capacity()
+        + payload.request_body.capacity()
+        + payload.response_body.capacity()
+        + payload.request_headers.heap_size()
+        + payload.response_headers.heap_size()
+        + payload.query_params.heap_size()
 }
 
 #[derive(Default)]

@@ -16,7 +16,7 @@ use super::{
     bootstrap::{self, BootstrapError, ClientMetadata},
     delivery::{self, DeliveryStats, Failure, FailureReason, Transport, back_off},
 };
-use crate::pipeline::payload::Payload;
+use crate::pipeline::payload::{Payload, write_json};
 
 const BATCH: usize = 1000;
 /// Bytes of payloads taken from the queue at once: what is being published is held on top of
@@ -165,7 +165,8 @@ impl Transport for PubsubTransport {
         let futures: Vec<_> = batch
             .iter()
             .map(|payload| {
-                let data = serde_json::to_vec(payload).expect("payloads serialize");
+                let mut data = Vec::new();
+                write_json(payload, &mut data);
                 // Never the payload itself: logs go to journald, readable beyond the API's users.
                 tracing::debug!(msg_id = %payload.msg_id, bytes = data.len(), "publishing");
                 self.publisher.publish(Message::new().set_data(data))

@@ -8,6 +8,7 @@ use std::{
 use tokio::runtime::Handle;
 
 use super::PayloadQueue;
+use crate::pipeline::payload::write_json;
 
 const BATCH: usize = 1024;
 
@@ -21,7 +22,7 @@ pub fn run(queue: Arc<PayloadQueue>, runtime: &Handle) -> io::Result<u64> {
     while let Some(batch) = runtime.block_on(queue.pop(BATCH, usize::MAX)) {
         lines.clear();
         for payload in &batch {
-            serde_json::to_writer(&mut lines, payload)?;
+            write_json(payload, &mut lines);
             lines.push(b'\n');
         }
         stdout.write_all(&lines)?;
