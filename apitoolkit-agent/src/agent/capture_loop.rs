@@ -130,13 +130,15 @@ impl CaptureLoop {
         if self.outbox.is_empty() {
             return;
         }
-        let batch = std::mem::take(&mut self.outbox);
+        // Drained, not taken: the outbox keeps its capacity instead of growing again, copying
+        // every payload it holds, at each drain.
         if let Some((last, others)) = self.sinks.split_last() {
             for sink in others {
-                sink.push(batch.iter().cloned());
+                sink.push(self.outbox.iter().cloned());
             }
-            last.push(batch);
+            last.push(self.outbox.drain(..));
         }
+        self.outbox.clear();
     }
 
     fn drain(&mut self, probes: &mut Probes) -> anyhow::Result<()> {
