@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
+use bytes::BytesMut;
 
 use super::{
     StopReason,
@@ -35,6 +36,9 @@ use crate::{
 const DRAIN_INTERVAL_MS: i32 = 50;
 /// Records decoded per drain step before their events are handled.
 const DRAIN_BATCH: usize = 1024;
+/// Size of the allocations the captured bytes of a drain's records are copied into (many
+/// records per allocation; see `Event::decode`).
+const ARENA_BYTES: usize = 64 * 1024;
 
 pub struct CaptureLoop {
     pub ring: RingBuf<MapData>,
@@ -102,16 +106,16 @@ impl CaptureLoop {
         self.deliver_released(output)
     }
 
-    /// Ring-buffer records, decoded into owned events (ring items borrow the ring buffer).
-    fn next_events(&mut self) -> (Vec<Event>, usize) {
-        let mut events = Vec::with_capacity(DRAIN_BATCH);
+    /// Decodes ring-buffer records into owned `events` (ring items borrow the ring buffer);
+    /// returns how many records were read.
+    fn next_events(&mut self, events: &mut Vec<Event>, arena: &mut BytesMut) -> usize {
         let mut read = 0;
         while read < DRAIN_BATCH {
             let Some(item) = self.ring.next() else {
                 break;
             };
             read += 1;
-            match Event::decode(&item) {
+            match Event::decode(&item, arena) {
                 Ok(event) => events.push(event),
                 Err(error) => {
                     self.totals.decode_errors += 1;
@@ -119,26 +123,30 @@ impl CaptureLoop {
                 }
             }
         }
-        (events, read)
+        read
     }
 
     fn send_outbox(&mut self) {
         if self.outbox.is_empty() {
             return;
         }
-        let batch = std::mem::take(&mut self.outbox);
+        // Drained, not taken: the outbox keeps its capacity instead of growing again, copying
+        // every payload it holds, at each drain.
         if let Some((last, others)) = self.sinks.split_last() {
             for sink in others {
-                sink.push(batch.iter().cloned());
+                sink.push(self.outbox.iter().cloned());
             }
-            last.push(batch);
+            last.push(self.outbox.drain(..));
         }
+        self.outbox.clear();
     }
 
     fn drain(&mut self, probes: &mut Probes) -> anyhow::Result<()> {
+        let mut events = Vec::with_capacity(DRAIN_BATCH);
+        let mut arena = BytesMut::with_capacity(ARENA_BYTES);
         loop {
-            let (events, read) = self.next_events();
-            for event in events {
+            let read = self.next_events(&mut events, &mut arena);
+            for event in events.drain(..) {
                 self.handle(event, probes)?;
             }
             self.send_outbox();

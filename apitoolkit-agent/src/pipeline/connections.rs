@@ -139,7 +139,9 @@ struct Connection {
 pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 128 << 20;
 
 pub struct ConnectionTracker {
-    connections: HashMap<ConnId, Connection>,
+    /// Looked up for every record: hashed with foldhash, several times cheaper than SipHash
+    /// for these kernel-assigned keys.
+    connections: HashMap<ConnId, Connection, foldhash::fast::RandomState>,
     max_body_bytes: usize,
     /// Beyond this many bytes held for unfinished messages, the connections idle longest are
     /// evicted: whatever clients do, the agent's memory stays bounded.
@@ -150,6 +152,9 @@ pub struct ConnectionTracker {
     /// Processes already told about a connection that speaks neither HTTP/1 nor HTTP/2.
     not_http_reported: HashSet<u32>,
     stats: TrackerStats,
+    /// What reassembly of the current event produced; emptied by [`hand_on`] and kept, so
+    /// its vectors are not allocated again for every event.
+    reassembled: Reassembled,
 }
 
 fn infer_role(direction: Direction, data: &[u8]) -> Option<Role> {
@@ -219,13 +224,14 @@ impl Connection {
 impl ConnectionTracker {
     pub fn new(max_body_bytes: usize, max_buffered_bytes: usize) -> Self {
         Self {
-            connections: HashMap::new(),
+            connections: HashMap::default(),
             max_body_bytes,
             max_buffered_bytes,
             buffered_bytes: 0,
             eviction_logged_ns: None,
             not_http_reported: HashSet::new(),
             stats: TrackerStats::default(),
+            reassembled: Reassembled::default(),
         }
     }
 
@@ -266,7 +272,7 @@ impl ConnectionTracker {
             self.buffered_bytes -= connection.retained_bytes - retained;
             connection.retained_bytes = retained;
             evicted += 1;
-            hand_on(&mut self.stats, conn, connection, http_output, output);
+            hand_on(&mut self.stats, conn, connection, &mut http_output, output);
         }
         self.stats.evicted_connections += evicted;
         self.stats.evicted_bytes += freed as u64;
@@ -446,7 +452,7 @@ impl ConnectionTracker {
         }
         connection.http.close(&mut http_output);
         let unanswered = std::mem::take(&mut http_output.unanswered);
-        hand_on(&mut self.stats, conn, &connection, http_output, output);
+        hand_on(&mut self.stats, conn, &connection, &mut http_output, output);
         if connection.role == Role::Client {
             output
                 .failed_calls
@@ -467,6 +473,7 @@ impl ConnectionTracker {
         let conn = data.conn;
         let max_body_bytes = self.max_body_bytes;
         let stats = &mut self.stats;
+        let reassembled = &mut self.reassembled;
         // Data for a connection whose open record was lost (or that predates a recording).
         let connection = self
             .connections
@@ -480,7 +487,7 @@ impl ConnectionTracker {
             return;
         }
         let not_http_before = stats.not_http_connections;
-        connection.reassemble(&data, bytes, gap, stats, output);
+        connection.reassemble(&data, bytes, gap, reassembled, stats, output);
         if stats.not_http_connections > not_http_before && self.not_http_reported.insert(conn.tgid)
         {
             tracing::info!(
@@ -613,24 +620,23 @@ impl Connection {
         data: &DataEvent,
         bytes: &[u8],
         gap: u64,
+        http_output: &mut Reassembled,
         stats: &mut TrackerStats,
         output: &mut TrackerOutput,
     ) {
         let kind = message_kind(self.role, data.direction);
-        let mut http_output = Reassembled::default();
         if gap > 0 {
             stats.gaps += 1;
             stats.gap_bytes += gap;
-            self.http.gap(kind, gap, &mut http_output);
+            self.http.gap(kind, gap, http_output);
         }
-        self.http
-            .push(kind, bytes, data.timestamp_ns, &mut http_output);
+        self.http.push(kind, bytes, data.timestamp_ns, http_output);
         if data.skipped_len > 0 {
             stats.gaps += 1;
             stats.gap_bytes += data.skipped_len;
-            self.http.gap(kind, data.skipped_len, &mut http_output);
+            self.http.gap(kind, data.skipped_len, http_output);
         }
-        if self.http.is_not_http(&http_output) || self.http.is_upgraded() {
+        if self.http.is_not_http(http_output) || self.http.is_upgraded() {
             self.ignored = true;
             if !self.http.is_upgraded() {
                 stats.not_http_connections += 1;
@@ -642,26 +648,33 @@ impl Connection {
     }
 }
 
-/// Counts what reassembly noticed and hands on its exchanges and served requests.
+/// Counts what reassembly noticed and hands on its exchanges and served requests, leaving
+/// `http` empty (requests never answered are the caller's to take first).
 fn hand_on(
     stats: &mut TrackerStats,
     conn: ConnId,
     connection: &Connection,
-    http: Reassembled,
+    http: &mut Reassembled,
     output: &mut TrackerOutput,
 ) {
+    debug_assert!(
+        http.unanswered.is_empty(),
+        "unanswered requests are taken first"
+    );
     let (role, remote, worker) = (connection.role, connection.remote, connection.last_worker);
     if role == Role::Server {
         output
             .serving
-            .extend(http.requests_read.into_iter().map(|read| Serving {
+            .extend(http.requests_read.drain(..).map(|read| Serving {
                 conn,
                 serial: read.serial,
                 worker,
                 traceparent: read.traceparent,
             }));
+    } else {
+        http.requests_read.clear();
     }
-    for anomaly in http.anomalies {
+    for anomaly in http.anomalies.drain(..) {
         match anomaly {
             Anomaly::Desync => stats.desyncs += 1,
             Anomaly::Unpaired(MessageKind::Request) => stats.unpaired_requests += 1,
@@ -680,7 +693,7 @@ fn hand_on(
         .count() as u64;
     output
         .exchanges
-        .extend(http.exchanges.into_iter().map(|exchange| TrackedExchange {
+        .extend(http.exchanges.drain(..).map(|exchange| TrackedExchange {
             conn,
             role,
             remote,

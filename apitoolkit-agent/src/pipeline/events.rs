@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use apitoolkit_common::{self as abi, RecordKind};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -162,7 +162,7 @@ fn field<T: TryFrom<u8, Error = u8>>(field: &'static str, value: u8) -> Result<T
     T::try_from(value).map_err(|value| DecodeError::BadField { field, value })
 }
 
-fn decode_data(record: &[u8]) -> Result<Event, DecodeError> {
+fn decode_data(record: &[u8], arena: &mut BytesMut) -> Result<Event, DecodeError> {
     let header: abi::DataHeader = read_record(record)?;
     let start = size_of::<abi::DataHeader>();
     let end = start + header.captured_len as usize;
@@ -178,15 +178,21 @@ fn decode_data(record: &[u8]) -> Result<Event, DecodeError> {
         source: field("source", header.source)?,
         position: header.position,
         skipped_len: header.skipped_len,
-        data: Bytes::copy_from_slice(data),
+        data: {
+            arena.extend_from_slice(data);
+            arena.split().freeze()
+        },
     }))
 }
 
 impl Event {
-    pub fn decode(record: &[u8]) -> Result<Self, DecodeError> {
+    /// Decodes a ring-buffer record. Captured bytes are copied into `arena`: the events of
+    /// many records share one of its allocations (freed once all of them are dropped) instead
+    /// of allocating one each.
+    pub fn decode(record: &[u8], arena: &mut BytesMut) -> Result<Self, DecodeError> {
         let kind: u32 = read_record(record)?;
         match RecordKind::try_from(kind).map_err(DecodeError::UnknownKind)? {
-            RecordKind::Data => decode_data(record),
+            RecordKind::Data => decode_data(record, arena),
             RecordKind::ConnOpen => {
                 let record: abi::ConnRecord = read_record(record)?;
                 let role = Role::try_from(record.role).unwrap_or(Role::Unknown);
@@ -322,7 +328,7 @@ mod tests {
     #[test]
     fn decodes_a_data_record() {
         let bytes = record_bytes(&header(5), b"HTTP/");
-        let Event::Data(event) = Event::decode(&bytes).unwrap() else {
+        let Event::Data(event) = Event::decode(&bytes, &mut BytesMut::new()).unwrap() else {
             panic!("not a data event");
         };
         assert_eq!(event.conn.tgid, 42);
@@ -336,7 +342,7 @@ mod tests {
     fn rejects_a_record_shorter_than_its_captured_length() {
         let bytes = record_bytes(&header(50), b"HTTP/");
         assert!(matches!(
-            Event::decode(&bytes),
+            Event::decode(&bytes, &mut BytesMut::new()),
             Err(DecodeError::TooShort(_))
         ));
     }
@@ -344,7 +350,7 @@ mod tests {
     #[test]
     fn rejects_unknown_kinds() {
         assert_eq!(
-            Event::decode(&77u32.to_ne_bytes()),
+            Event::decode(&77u32.to_ne_bytes(), &mut BytesMut::new()),
             Err(DecodeError::UnknownKind(77))
         );
     }

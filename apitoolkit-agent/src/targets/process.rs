@@ -47,33 +47,72 @@ fn parent_pid(pid: u32) -> Option<u32> {
 }
 
 /// `roots` plus every live process descending from them (gunicorn forks workers before the
-/// agent starts; later forks are followed in the kernel).
+/// agent starts; later forks are followed in the kernel). Runs once a second: it reads the
+/// children lists of the processes it walks, so its cost follows the watched tree, not the
+/// number of processes on the host.
 pub fn with_descendants(roots: &[u32]) -> Vec<u32> {
-    let mut parents: Vec<(u32, u32)> = Vec::new();
-    if let Ok(entries) = fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            if let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|name| name.parse().ok())
-                && let Some(parent) = parent_pid(pid)
-            {
-                parents.push((pid, parent));
-            }
-        }
-    }
     let mut selected = roots.to_vec();
+    // Every process's parent, read only where the kernel keeps no children lists.
+    let mut parents: Option<Vec<(u32, u32)>> = None;
     let mut index = 0;
     while index < selected.len() {
         let parent = selected[index];
-        for (pid, _) in parents.iter().filter(|(_, p)| *p == parent) {
-            if !selected.contains(pid) {
-                selected.push(*pid);
+        let children = listed_children(parent).unwrap_or_else(|| {
+            parents
+                .get_or_insert_with(all_parents)
+                .iter()
+                .filter(|(_, of)| *of == parent)
+                .map(|(pid, _)| *pid)
+                .collect()
+        });
+        for child in children {
+            if !selected.contains(&child) {
+                selected.push(child);
             }
         }
         index += 1;
     }
     selected
+}
+
+/// The children of every thread of `pid` (`/proc/<pid>/task/<tid>/children`); `None` when
+/// the kernel keeps no such lists (built without `CONFIG_PROC_CHILDREN`).
+fn listed_children(pid: u32) -> Option<Vec<u32>> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        // Gone: no children to watch.
+        return Some(Vec::new());
+    };
+    let mut children = Vec::new();
+    for task in tasks.flatten() {
+        match fs::read_to_string(task.path().join("children")) {
+            Ok(list) => children.extend(
+                list.split_whitespace()
+                    .filter_map(|pid| pid.parse::<u32>().ok()),
+            ),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                // A thread that exited meanwhile, or a kernel without the lists.
+                if task.path().exists() {
+                    return None;
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    Some(children)
+}
+
+/// `(pid, parent)` of every process, from each /proc/<pid>/stat.
+fn all_parents() -> Vec<(u32, u32)> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse().ok()?;
+            Some((pid, parent_pid(pid)?))
+        })
+        .collect()
 }
 
 fn cmdline(pid: u32) -> Vec<String> {
@@ -495,5 +534,33 @@ spawn_main(tracker_fd=5, pipe_handle=7) --multiprocessing-fork",
         assert!(exists(me));
         assert_eq!(with_descendants(&[me])[0], me);
         assert!(parent_pid(me).is_some());
+    }
+
+    #[test]
+    fn a_child_and_its_child_are_descendants_from_the_lists_and_from_the_parent_scan() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & wait"])
+            .spawn()
+            .unwrap();
+        let shell = child.id();
+        let grandchild = (0..200)
+            .find_map(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                listed_children(shell).and_then(|children| children.first().copied())
+            })
+            .expect("the shell started its sleep");
+        let me = std::process::id();
+        let descendants = with_descendants(&[me]);
+        let scanned: Vec<u32> = all_parents()
+            .iter()
+            .filter(|(_, parent)| *parent == shell)
+            .map(|(pid, _)| *pid)
+            .collect();
+        let _ = std::process::Command::new("kill")
+            .arg(grandchild.to_string())
+            .status();
+        child.wait().unwrap();
+        assert!(descendants.contains(&shell) && descendants.contains(&grandchild));
+        assert_eq!(scanned, vec![grandchild]);
     }
 }

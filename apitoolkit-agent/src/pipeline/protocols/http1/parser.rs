@@ -10,6 +10,8 @@ use super::framing::{ChunkState, ChunkStep, Framing, MAX_HEAD_BYTES, chunk_bound
 use crate::pipeline::protocols::message::{Body, Message, MessageKind, StartLine, Version};
 
 const MAX_HEADERS: usize = 256;
+/// Headers a head is first parsed with room for.
+const USUAL_HEADERS: usize = 32;
 /// Longest token a resync scan must keep from a buffer it discards, so a message start split
 /// across two pushes is still found.
 const RESYNC_KEEP: usize = 16;
@@ -230,8 +232,8 @@ impl MessageParser {
                 framing: Framing::UntilClose,
                 detached: false,
             } => {
-                let pending = self.buffer.split();
-                message.body.append(&pending, self.max_body_bytes);
+                message.body.append(&self.buffer, self.max_body_bytes);
+                self.buffer.clear();
                 message.last_byte_ns = self.last_push_ns;
                 Some(message)
             }
@@ -307,17 +309,22 @@ impl MessageParser {
     /// Parses a head from the buffer. `Ok(None)` with the state still `Head` means more bytes are
     /// needed; with the state moved to `Body` it means the body follows.
     fn parse_head(&mut self, request_method: Option<&str>) -> Result<Option<Polled>, ParseError> {
-        let mut header_storage = vec![httparse::EMPTY_HEADER; 32];
+        // Most heads fit the storage on the stack; the rare larger one is parsed again with
+        // room for all the headers a head may have.
+        let mut usual_storage = [httparse::EMPTY_HEADER; USUAL_HEADERS];
+        let mut large_storage;
+        let mut header_storage: &mut [httparse::Header<'_>] = &mut usual_storage;
         loop {
             let parsed = match self.kind {
-                MessageKind::Request => parse_request_head(&self.buffer, &mut header_storage),
-                MessageKind::Response => parse_response_head(&self.buffer, &mut header_storage),
+                MessageKind::Request => parse_request_head(&self.buffer, header_storage),
+                MessageKind::Response => parse_response_head(&self.buffer, header_storage),
             };
             match parsed {
                 Err(ParseError::Head(httparse::Error::TooManyHeaders))
                     if header_storage.len() < MAX_HEADERS =>
                 {
-                    header_storage = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
+                    large_storage = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
+                    header_storage = &mut large_storage;
                 }
                 Err(error) => return Err(error),
                 Ok(None) if self.buffer.len() > MAX_HEAD_BYTES => {
@@ -402,14 +409,14 @@ impl MessageParser {
         loop {
             match framing {
                 Framing::UntilClose => {
-                    let data = self.buffer.split();
-                    message.body.append(&data, limit);
+                    message.body.append(&self.buffer, limit);
+                    self.buffer.clear();
                     return Ok(BodyProgress::NeedMore);
                 }
                 Framing::Length(remaining) | Framing::Chunked(ChunkState::Data(remaining)) => {
                     let take = (*remaining).min(self.buffer.len() as u64) as usize;
-                    let data = self.buffer.split_to(take);
-                    message.body.append(&data, limit);
+                    message.body.append(&self.buffer[..take], limit);
+                    self.buffer.advance(take);
                     *remaining -= take as u64;
                     if *remaining > 0 {
                         return Ok(BodyProgress::NeedMore);
