@@ -344,8 +344,9 @@ pub mod maps {
     pub const CONNECTIONS: &str = "CONNECTIONS";
     /// Byte sources userspace gave up on ([`crate::Disabled`] by [`crate::conn_key`]).
     pub const DISABLED: &str = "DISABLED";
-    /// Syscall arguments between a syscall's entry and exit.
-    pub const IN_FLIGHT: &str = "IN_FLIGHT";
+    /// Per-thread state: the syscall between its entry and exit, the SSL call in progress,
+    /// the last connection fd the thread moved bytes on.
+    pub const THREADS: &str = "THREADS";
     /// Per-CPU data record under construction.
     pub const SCRATCH: &str = "SCRATCH";
     /// Switches indexed by [`crate::ConfigKey`].
@@ -356,12 +357,8 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     /// Per-CPU state of the chunk-emitting loop.
     pub const EMIT_STATE: &str = "EMIT_STATE";
-    /// SSL calls between their entry and return.
-    pub const TLS_CALLS: &str = "TLS_CALLS";
     /// The connection each SSL object was last seen on.
     pub const SSL_CONNS: &str = "SSL_CONNS";
-    /// The last connection fd each thread moved bytes on.
-    pub const LAST_SOCKET_FD: &str = "LAST_SOCKET_FD";
     /// Go crypto/tls reads between their entry and return, by goroutine.
     pub const GO_TLS_READS: &str = "GO_TLS_READS";
     /// The goroutine calling `runtime.newproc1`, by thread.
@@ -370,6 +367,12 @@ pub mod maps {
     pub const GO_ROUND_TRIPS: &str = "GO_ROUND_TRIPS";
     /// The connection each net/http read or write loop goroutine serves.
     pub const GO_CONN_LOOPS: &str = "GO_CONN_LOOPS";
+}
+
+/// Names of the kernel object's read-only globals, which the loader sets.
+pub mod globals {
+    /// The event ring buffer's size in bytes (`u32`).
+    pub const RING_BUFFER_BYTES: &str = "RING_BUFFER_BYTES";
 }
 
 /// Names of the kernel object's programs (the names of their functions) and where userspace

@@ -20,6 +20,7 @@ mod go_tls;
 mod maps;
 mod process;
 mod syscalls;
+mod threads;
 mod tls;
 
 #[cfg(not(test))]

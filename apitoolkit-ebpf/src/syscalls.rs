@@ -6,7 +6,8 @@ use apitoolkit_common::{
     Source, conn_key,
 };
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_RING_SIZE},
+    EbpfContext,
+    bindings::BPF_RB_AVAIL_DATA,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
     macros::tracepoint,
     programs::TracePointContext,
@@ -15,8 +16,9 @@ use aya_ebpf::{
 use crate::{
     connections::{connection_of, emit_conn, is_ip, open_conn, read_sockaddr, report_broken},
     emit::{Mover, Skipped, emit_data, emit_on_connection, emit_skipped},
-    maps::{CONNECTIONS, EVENTS, IN_FLIGHT, LAST_SOCKET_FD, TLS_CALLS, config, count},
+    maps::{CONNECTIONS, EVENTS, config, count, ring_buffer_bytes},
     process::current_target,
+    threads::{ThreadSlot, thread_slot, thread_slot_or_new},
 };
 
 /// Offsets in the syscall tracepoint records (see events/syscalls/*/format): arguments are
@@ -40,7 +42,7 @@ pub(crate) enum CallKind {
     SocketError,
 }
 
-/// A syscall between its entry and exit, in `IN_FLIGHT` by thread.
+/// A syscall between its entry and exit, in the thread's slot (`threads`).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(crate) struct InFlightCall {
@@ -53,31 +55,47 @@ pub(crate) struct InFlightCall {
     /// The syscall only works on sockets (recv*/send*), so an unknown fd is a connection that
     /// predates the agent. read/write may be file I/O: userspace registers older sockets for them.
     pub(crate) socket_only: u8,
-    /// 1 between the entry and the exit; the thread's slot stays in the map, empty, in between
-    /// calls (see [`stash`]).
+    /// 1 between the entry and the exit; the thread's slot keeps the call, no longer
+    /// pending, in between calls.
     pub(crate) pending: u8,
     pub(crate) _pad: u8,
 }
 
-#[inline(always)]
-pub(crate) fn arg<T>(ctx: &TracePointContext, n: usize) -> Option<T> {
-    // SAFETY: argument slots of events/syscalls/sys_enter_*/format, read through
-    // bpf_probe_read_kernel (fails instead of faulting); callers read integers, valid for any
-    // bytes.
-    unsafe { ctx.read_at::<T>(SYSCALL_ARG0 + 8 * n) }.ok()
+impl InFlightCall {
+    /// No call: a new thread slot's.
+    pub(crate) const NONE: Self = Self {
+        user_ptr: 0,
+        count: 0,
+        fd: -1,
+        kind: CallKind::SizeOnly,
+        socket_only: 0,
+        pending: 0,
+        _pad: 0,
+    };
 }
 
+/// Argument `n` of a sys_enter_* record, loaded from the record itself: the verifier checks
+/// the offset, so no helper call is needed.
+#[inline(always)]
+pub(crate) fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    // SAFETY: `ctx` points at the tracepoint's record; its argument slots are aligned 8-byte
+    // integers at constant offsets, which the verifier checks against the record size.
+    unsafe {
+        *ctx.as_ptr()
+            .cast::<u8>()
+            .add(SYSCALL_ARG0 + 8 * n)
+            .cast::<u64>()
+    }
+}
+
+/// `ret` of a sys_exit_* record, loaded like [`arg`].
 #[inline(always)]
 fn ret(ctx: &TracePointContext) -> i64 {
-    // SAFETY: `ret` of events/syscalls/sys_exit_*/format, read through bpf_probe_read_kernel
-    // (fails instead of faulting); any i64 is valid.
-    unsafe { ctx.read_at::<i64>(SYSCALL_RET) }.unwrap_or(-1)
+    // SAFETY: as in `arg`: an aligned 8-byte integer at a constant offset of the record.
+    unsafe { *ctx.as_ptr().cast::<u8>().add(SYSCALL_RET).cast::<i64>() }
 }
 
-/// Records the call in the thread's slot of `IN_FLIGHT`, written in place: a hash-map update
-/// or delete per syscall costs ~0.5 µs on a VM (the LRU map's list locks even more), a
-/// lookup a fraction of that. A slot is only created on a thread's first call, and freed
-/// when the thread exits (`process::process_exit`).
+/// Records the call in the thread's slot.
 #[inline(always)]
 fn stash(
     pid_tgid: u64,
@@ -87,48 +105,27 @@ fn stash(
     iovec_count: u64,
     socket_only: bool,
 ) {
-    let call = InFlightCall {
-        user_ptr,
-        count: iovec_count,
-        fd: fd as i32,
-        kind,
-        socket_only: socket_only as u8,
-        pending: 1,
-        _pad: 0,
-    };
-    if let Some(slot) = IN_FLIGHT.get_ptr_mut(&pid_tgid) {
-        // SAFETY: a live element of `IN_FLIGHT` keyed by this thread: only this thread's
-        // programs touch it, and they do not run concurrently with this one.
-        unsafe { *slot = call };
-    } else if IN_FLIGHT.insert(&pid_tgid, &call, 0).is_err() {
-        count(Counter::InflightTableFull);
+    if let Some(slot) = thread_slot_or_new(pid_tgid) {
+        slot.call = InFlightCall {
+            user_ptr,
+            count: iovec_count,
+            fd: fd as i32,
+            kind,
+            socket_only: socket_only as u8,
+            pending: 1,
+            _pad: 0,
+        };
     }
 }
 
-/// Sets the thread's `LAST_SOCKET_FD`, in place when it has one (see [`stash`]).
+/// The call the thread's slot holds since its entry, now taken out of it.
 #[inline(always)]
-fn remember_socket(pid_tgid: u64, fd: i32) {
-    if let Some(last) = LAST_SOCKET_FD.get_ptr_mut(&pid_tgid) {
-        // SAFETY: a live element keyed by this thread; only its programs write it, one at a time.
-        unsafe { *last = fd };
-    } else {
-        let _ = LAST_SOCKET_FD.insert(&pid_tgid, &fd, 0);
-    }
-}
-
-#[inline(always)]
-fn take_call(pid_tgid: u64) -> Option<InFlightCall> {
-    let slot = IN_FLIGHT.get_ptr_mut(&pid_tgid)?;
-    // SAFETY: a live element of `IN_FLIGHT` keyed by this thread, which only this thread's
-    // programs write (never userspace), always whole `InFlightCall`s, so its one-byte
-    // `CallKind` is a valid discriminant.
-    let call = unsafe { *slot };
-    if call.pending == 0 {
+fn take_call(slot: &mut ThreadSlot) -> Option<InFlightCall> {
+    if slot.call.pending == 0 {
         return None;
     }
-    // SAFETY: as above.
-    unsafe { (*slot).pending = 0 };
-    Some(call)
+    slot.call.pending = 0;
+    Some(slot.call)
 }
 
 #[inline(always)]
@@ -136,11 +133,14 @@ fn stash_call(ctx: &TracePointContext, kind: CallKind, socket_only: bool) -> u32
     let Some((pid_tgid, _)) = current_target() else {
         return 0;
     };
-    let (Some(fd), Some(user_ptr), Some(count)) = (arg::<u64>(ctx, 0), arg(ctx, 1), arg(ctx, 2))
-    else {
-        return 0;
-    };
-    stash(pid_tgid, kind, fd, user_ptr, count, socket_only);
+    stash(
+        pid_tgid,
+        kind,
+        arg(ctx, 0),
+        arg(ctx, 1),
+        arg(ctx, 2),
+        socket_only,
+    );
     0
 }
 
@@ -149,7 +149,10 @@ fn on_accept_or_connect_exit(ctx: &TracePointContext) -> u32 {
     let Some((pid_tgid, tgid)) = current_target() else {
         return 0;
     };
-    let Some(call) = take_call(pid_tgid) else {
+    let Some(slot) = thread_slot(pid_tgid) else {
+        return 0;
+    };
+    let Some(call) = take_call(slot) else {
         return 0;
     };
     let ret = ret(ctx);
@@ -183,7 +186,7 @@ fn on_accept_or_connect_exit(ctx: &TracePointContext) -> u32 {
         return 0;
     }
     if open_conn(tgid, fd, role, remote).is_some() {
-        remember_socket(pid_tgid, fd);
+        slot.last_socket_fd = fd;
     }
     0
 }
@@ -193,7 +196,10 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction) -> u32 {
     let Some((pid_tgid, tgid)) = current_target() else {
         return 0;
     };
-    let Some(call) = take_call(pid_tgid) else {
+    let Some(slot) = thread_slot(pid_tgid) else {
+        return 0;
+    };
+    let Some(call) = take_call(slot) else {
         return 0;
     };
     let ret = ret(ctx);
@@ -201,11 +207,9 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction) -> u32 {
         report_broken(tgid, call.fd, -ret);
     }
     // Socket I/O inside an SSL call names the TLS connection; its bytes are ciphertext.
-    if let Some(tls) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
+    if slot.tls.active != 0 {
         if connection_of(tgid, &call).is_some() {
-            // SAFETY: a live element of `TLS_CALLS` keyed by this thread, which only this
-            // thread's programs touch, and they do not run concurrently with this one.
-            unsafe { (*tls).fd = call.fd };
+            slot.tls.fd = call.fd;
         }
         return 0;
     }
@@ -220,7 +224,7 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction) -> u32 {
         return 0;
     };
     // TLS libraries with their own buffers (node) read and write the socket outside SSL calls.
-    remember_socket(pid_tgid, call.fd);
+    slot.last_socket_fd = call.fd;
     emit_on_connection(
         // SAFETY: a live `CONNECTIONS` element (memory stays valid while the program runs),
         // `ConnState` is plain integers. Another thread of the process on another CPU may
@@ -251,7 +255,7 @@ fn captures_stderr() -> bool {
 /// writes are dropped and counted, so a process flooding its stderr cannot cost HTTP capture.
 #[inline(always)]
 fn emit_stderr(call: &InFlightCall, pid_tgid: u64, tgid: u32, total: u64) {
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > EVENTS.query(BPF_RB_RING_SIZE as u64) / 4 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > ring_buffer_bytes() / 4 {
         count(Counter::StderrYielded);
         return;
     }
@@ -331,9 +335,7 @@ pub fn enter_msghdr_call(ctx: TracePointContext) -> u32 {
     let Some((pid_tgid, _)) = current_target() else {
         return 0;
     };
-    let (Some(fd), Some(msghdr)) = (arg::<u64>(&ctx, 0), arg::<u64>(&ctx, 1)) else {
-        return 0;
-    };
+    let (fd, msghdr) = (arg(&ctx, 0), arg(&ctx, 1));
     // SAFETY: bpf_probe_read_user copies from the target's memory and fails instead of faulting
     // on a bad address; the results are integers, valid for any bytes.
     let (Ok(iov), Ok(iovlen)) = (unsafe {
@@ -386,16 +388,15 @@ pub fn enter_getsockopt(ctx: TracePointContext) -> u32 {
     let Some((pid_tgid, _)) = current_target() else {
         return 0;
     };
-    let (Some(fd), Some(level), Some(name), Some(value)) = (
-        arg::<u64>(&ctx, 0),
-        arg::<u64>(&ctx, 1),
-        arg::<u64>(&ctx, 2),
-        arg::<u64>(&ctx, 3),
-    ) else {
-        return 0;
-    };
-    if level == SOL_SOCKET && name == SO_ERROR {
-        stash(pid_tgid, CallKind::SocketError, fd, value, 0, false);
+    if arg(&ctx, 1) == SOL_SOCKET && arg(&ctx, 2) == SO_ERROR {
+        stash(
+            pid_tgid,
+            CallKind::SocketError,
+            arg(&ctx, 0),
+            arg(&ctx, 3),
+            0,
+            false,
+        );
     }
     0
 }
@@ -405,7 +406,7 @@ pub fn exit_getsockopt(ctx: TracePointContext) -> u32 {
     let Some((pid_tgid, tgid)) = current_target() else {
         return 0;
     };
-    let Some(call) = take_call(pid_tgid) else {
+    let Some(call) = thread_slot(pid_tgid).and_then(take_call) else {
         return 0;
     };
     if call.kind != CallKind::SocketError || ret(&ctx) != 0 {
@@ -426,9 +427,7 @@ pub fn enter_close(ctx: TracePointContext) -> u32 {
     let Some((_, tgid)) = current_target() else {
         return 0;
     };
-    let Some(fd) = arg::<u64>(&ctx, 0) else {
-        return 0;
-    };
+    let fd = arg(&ctx, 0);
     let key = conn_key(tgid, fd as i32);
     // SAFETY: copied at once; `ConnState` is plain integers, valid for any bytes.
     let Some(state) = (unsafe { CONNECTIONS.get(&key) }).copied() else {

@@ -10,12 +10,13 @@ use aya_ebpf::{
 
 use crate::{
     emit::{Mover, emit_on_connection},
-    maps::{CONNECTIONS, LAST_SOCKET_FD, SSL_CONNS, TLS_CALLS, count},
+    maps::{CONNECTIONS, SSL_CONNS, count},
     process::current_target,
     syscalls::{CallKind, InFlightCall},
+    threads::{NO_FD, thread_slot, thread_slot_or_new},
 };
 
-/// An SSL read or write in progress on one thread.
+/// An SSL read or write in progress on one thread, in its slot (`threads`).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(crate) struct TlsCall {
@@ -28,7 +29,24 @@ pub(crate) struct TlsCall {
     /// A raw `Direction`.
     direction: u8,
     returns_length_via_ptr: u8,
-    _pad: [u8; 2],
+    /// 1 from the call's entry to its return: the thread's socket I/O meanwhile is the
+    /// call's ciphertext.
+    pub(crate) active: u8,
+    _pad: u8,
+}
+
+impl TlsCall {
+    /// No call: a new thread slot's.
+    pub(crate) const NONE: Self = Self {
+        ssl: 0,
+        buf: 0,
+        length_ptr: 0,
+        fd: -1,
+        direction: 0,
+        returns_length_via_ptr: 0,
+        active: 0,
+        _pad: 0,
+    };
 }
 
 #[repr(C)]
@@ -63,40 +81,43 @@ fn enter_tls_call(ctx: &ProbeContext, direction: Direction, length_arg: Option<u
         },
         None => 0,
     };
-    let call = TlsCall {
-        ssl,
-        buf,
-        length_ptr,
-        fd: -1,
-        direction: direction as u8,
-        returns_length_via_ptr: length_arg.is_some() as u8,
-        _pad: [0; 2],
-    };
-    if TLS_CALLS.insert(&pid_tgid, &call, 0).is_err() {
-        count(Counter::InflightTableFull);
+    if let Some(slot) = thread_slot_or_new(pid_tgid) {
+        slot.tls = TlsCall {
+            ssl,
+            buf,
+            length_ptr,
+            fd: -1,
+            direction: direction as u8,
+            returns_length_via_ptr: length_arg.is_some() as u8,
+            active: 1,
+            _pad: 0,
+        };
     }
     0
 }
 
 /// The fd of the connection an SSL call used: the syscall inside it, else what this SSL object
-/// was mapped to by such a syscall, else the thread's last connection.
+/// was mapped to by such a syscall, else the thread's last connection. `SSL_CONNS` is written
+/// only when its answer changes: an LRU update costs several lookups.
 #[inline(always)]
-fn tls_fd(pid_tgid: u64, tgid: u32, call: &TlsCall) -> Option<i32> {
+fn tls_fd(tgid: u32, call: &TlsCall, last_socket_fd: i32) -> Option<i32> {
     let key = SslKey {
         ssl: call.ssl,
         tgid,
         _pad: 0,
     };
+    // SAFETY: copied at once; `SslConn` is plain integers, valid for any bytes.
+    let known = unsafe { SSL_CONNS.get(&key) }.copied();
     if call.fd >= 0 {
         let nested = SslConn {
             fd: call.fd,
             nested: 1,
         };
-        let _ = SSL_CONNS.insert(&key, &nested, 0);
+        if known.is_none_or(|known| known.fd != nested.fd || known.nested == 0) {
+            let _ = SSL_CONNS.insert(&key, &nested, 0);
+        }
         return Some(call.fd);
     }
-    // SAFETY: copied at once; `SslConn` is plain integers, valid for any bytes.
-    let known = unsafe { SSL_CONNS.get(&key) }.copied();
     if let Some(known) = known {
         // Reads of memory-fed TLS stacks follow the socket read on the same thread, so the
         // last fd is fresher than an earlier guess; writes keep the SSL object's connection.
@@ -104,14 +125,15 @@ fn tls_fd(pid_tgid: u64, tgid: u32, call: &TlsCall) -> Option<i32> {
             return Some(known.fd);
         }
     }
-    // SAFETY: copied at once; any i32 is valid.
-    if let Some(last) = unsafe { LAST_SOCKET_FD.get(&pid_tgid) }.copied() {
-        let guess = SslConn {
-            fd: last,
-            nested: 0,
-        };
-        let _ = SSL_CONNS.insert(&key, &guess, 0);
-        return Some(last);
+    if last_socket_fd != NO_FD {
+        if known.is_none_or(|known| known.fd != last_socket_fd) {
+            let guess = SslConn {
+                fd: last_socket_fd,
+                nested: 0,
+            };
+            let _ = SSL_CONNS.insert(&key, &guess, 0);
+        }
+        return Some(last_socket_fd);
     }
     known.map(|known| known.fd)
 }
@@ -147,14 +169,16 @@ fn exit_tls_call(ctx: &RetProbeContext) -> u32 {
     let Some((pid_tgid, tgid)) = current_target() else {
         return 0;
     };
-    // SAFETY: copied at once. Only these programs write `TLS_CALLS` (never userspace), and the
-    // entry is keyed by this thread; `TlsCall` is plain integers, valid for any bytes.
-    let Some(call) = unsafe { TLS_CALLS.get(&pid_tgid) }.copied() else {
+    let Some(slot) = thread_slot(pid_tgid) else {
         return 0;
     };
-    let _ = TLS_CALLS.remove(&pid_tgid);
+    if slot.tls.active == 0 {
+        return 0;
+    }
+    slot.tls.active = 0;
+    let call = slot.tls;
     let total = tls_call_length(ctx, &call);
-    let fd = tls_fd(pid_tgid, tgid, &call);
+    let fd = tls_fd(tgid, &call, slot.last_socket_fd);
     if total == 0 {
         return 0;
     }
