@@ -10,7 +10,7 @@ use core::ffi::c_void;
 
 use crate::{
     maps::{DISABLED, EMIT_STATE, SCRATCH, count, publish},
-    syscalls::{CallKind, InFlightCall},
+    syscalls::{CallKind, Transfer},
 };
 
 /// One entry of a user iovec array (`struct iovec`).
@@ -171,7 +171,7 @@ fn emit_chunk(state: &mut EmitState) -> i64 {
 /// reports whatever the loop bound leaves behind as skipped bytes.
 #[inline(always)]
 pub(crate) fn emit_data(
-    call: &InFlightCall,
+    call: &Transfer,
     conn: ConnId,
     mover: Mover,
     direction: Direction,
@@ -290,7 +290,7 @@ fn is_disabled(key: u64, generation: u64, source: Source) -> bool {
 pub(crate) fn emit_on_connection(
     state: &mut ConnState,
     tgid: u32,
-    call: &InFlightCall,
+    call: &Transfer,
     mover: Mover,
     direction: Direction,
     source: Source,

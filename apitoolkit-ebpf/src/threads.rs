@@ -1,12 +1,11 @@
-//! Per-thread state of a watched thread's programs, in one map slot: the syscall between its
-//! entry and exit, the SSL call in progress, and the last connection fd the thread moved
-//! bytes on. One slot makes a syscall exit one hash lookup where three maps were three.
+//! Per-thread state of a watched thread's programs, in one map slot: the SSL call in progress
+//! and the last connection fd the thread moved bytes on. One slot makes a syscall exit one
+//! hash lookup where two maps were two.
 
 use apitoolkit_common::Counter;
 
 use crate::{
     maps::{THREADS, count},
-    syscalls::InFlightCall,
     tls::TlsCall,
 };
 
@@ -17,7 +16,6 @@ pub(crate) const NO_FD: i32 = -1;
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(crate) struct ThreadSlot {
-    pub(crate) call: InFlightCall,
     pub(crate) tls: TlsCall,
     /// The fallback for TLS stacks that do socket I/O outside the SSL call (node feeds
     /// OpenSSL from memory buffers); [`NO_FD`] until the thread moved bytes on a connection.
@@ -35,8 +33,8 @@ pub(crate) fn thread_slot(pid_tgid: u64) -> Option<&'static mut ThreadSlot> {
     Some(unsafe { &mut *slot })
 }
 
-/// The thread's slot, created empty on the thread's first call. Written in place from then
-/// on: a hash-map update or delete per call costs ~0.5 µs on a VM (an LRU map's list locks
+/// The thread's slot, created empty when the thread first needs one. Written in place from
+/// then on: a hash-map update or delete per call costs ~0.5 µs on a VM (an LRU map's list locks
 /// even more), a lookup a fraction of that. The slot is freed when the thread exits
 /// (`process::process_exit`).
 #[inline(always)]
@@ -45,7 +43,6 @@ pub(crate) fn thread_slot_or_new(pid_tgid: u64) -> Option<&'static mut ThreadSlo
         return Some(slot);
     }
     let empty = ThreadSlot {
-        call: InFlightCall::NONE,
         tls: TlsCall::NONE,
         last_socket_fd: NO_FD,
         _pad: 0,

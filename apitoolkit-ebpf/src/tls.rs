@@ -12,7 +12,7 @@ use crate::{
     emit::{Mover, emit_on_connection},
     maps::{CONNECTIONS, SSL_CONNS, count},
     process::current_target,
-    syscalls::{CallKind, InFlightCall},
+    syscalls::{CallKind, Transfer},
     threads::{NO_FD, thread_slot, thread_slot_or_new},
 };
 
@@ -218,7 +218,7 @@ pub(crate) fn emit_plaintext(
         count(Counter::TlsUnmapped);
         return;
     };
-    let buffer = InFlightCall {
+    let buffer = Transfer {
         user_ptr: buf.unwrap_or(0),
         count: 0,
         fd,
@@ -228,8 +228,7 @@ pub(crate) fn emit_plaintext(
             CallKind::SizeOnly
         },
         socket_only: 0,
-        pending: 0,
-        _pad: 0,
+        _pad: [0; 2],
     };
     emit_on_connection(
         // SAFETY: a live `CONNECTIONS` element (memory stays valid while the program runs),

@@ -153,8 +153,9 @@ impl Probes {
     pub fn load(ring_buffer_bytes: u32) -> Result<Self, ProbeError> {
         check_privileges()?;
         ensure_tracefs()?;
-        // No kernel BTF: the programs read no kernel structs (no CO-RE relocations), and parsing
-        // vmlinux's 5 MiB of BTF would cost the agent tens of MiB of memory at every start.
+        // No kernel BTF in the agent: the programs need no CO-RE relocations (the verifier uses
+        // the kernel's own BTF for the one BTF pointer they follow, the entry registers), and
+        // parsing vmlinux's 5 MiB of BTF would cost the agent tens of MiB at every start.
         let watched_entries = watched::entries(watched::capacity());
         let mut ebpf = EbpfLoader::new()
             .btf(None)
