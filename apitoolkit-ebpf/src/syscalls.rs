@@ -232,8 +232,9 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction) -> u32 {
     if ret < 0 {
         report_broken(tgid, call.fd, -ret);
     }
+    let mut slot = thread_slot(pid_tgid);
     // Socket I/O inside an SSL call names the TLS connection; its bytes are ciphertext.
-    if let Some(slot) = thread_slot(pid_tgid)
+    if let Some(slot) = slot.as_deref_mut()
         && slot.tls.active != 0
     {
         if connection_of(tgid, &call).is_some() {
@@ -252,7 +253,7 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction) -> u32 {
         return 0;
     };
     // TLS libraries with their own buffers (node) read and write the socket outside SSL calls.
-    if let Some(slot) = thread_slot_or_new(pid_tgid) {
+    if let Some(slot) = slot.or_else(|| thread_slot_or_new(pid_tgid)) {
         slot.last_socket_fd = call.fd;
     }
     emit_on_connection(
