@@ -344,8 +344,9 @@ pub mod maps {
     pub const CONNECTIONS: &str = "CONNECTIONS";
     /// Byte sources userspace gave up on ([`crate::Disabled`] by [`crate::conn_key`]).
     pub const DISABLED: &str = "DISABLED";
-    /// Syscall arguments between a syscall's entry and exit.
-    pub const IN_FLIGHT: &str = "IN_FLIGHT";
+    /// Per-thread state: the syscall between its entry and exit, the SSL call in progress,
+    /// the last connection fd the thread moved bytes on.
+    pub const THREADS: &str = "THREADS";
     /// Per-CPU data record under construction.
     pub const SCRATCH: &str = "SCRATCH";
     /// Switches indexed by [`crate::ConfigKey`].
@@ -356,12 +357,8 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     /// Per-CPU state of the chunk-emitting loop.
     pub const EMIT_STATE: &str = "EMIT_STATE";
-    /// SSL calls between their entry and return.
-    pub const TLS_CALLS: &str = "TLS_CALLS";
     /// The connection each SSL object was last seen on.
     pub const SSL_CONNS: &str = "SSL_CONNS";
-    /// The last connection fd each thread moved bytes on.
-    pub const LAST_SOCKET_FD: &str = "LAST_SOCKET_FD";
     /// Go crypto/tls reads between their entry and return, by goroutine.
     pub const GO_TLS_READS: &str = "GO_TLS_READS";
     /// The goroutine calling `runtime.newproc1`, by thread.
@@ -372,26 +369,18 @@ pub mod maps {
     pub const GO_CONN_LOOPS: &str = "GO_CONN_LOOPS";
 }
 
+/// Names of the kernel object's read-only globals, which the loader sets.
+pub mod globals {
+    /// The event ring buffer's size in bytes (`u32`).
+    pub const RING_BUFFER_BYTES: &str = "RING_BUFFER_BYTES";
+}
+
 /// Names of the kernel object's programs (the names of their functions) and where userspace
 /// attaches them, so the loader and the object cannot drift apart.
 pub mod programs {
-    /// read/write entry: only fds already known to be connections are captured.
-    pub const ENTER_BUFFER_CALL: &str = "enter_buffer_call";
-    /// recvfrom/sendto entry: socket-only, so an unknown fd is adopted as a connection.
-    pub const ENTER_SOCKET_BUFFER_CALL: &str = "enter_socket_buffer_call";
-    /// readv/writev entry.
-    pub const ENTER_IOVEC_CALL: &str = "enter_iovec_call";
-    /// recvmsg/sendmsg entry.
-    pub const ENTER_MSGHDR_CALL: &str = "enter_msghdr_call";
-    /// sendfile entry: the bytes are counted, not captured.
-    pub const ENTER_SENDFILE: &str = "enter_sendfile";
-    pub const ENTER_ACCEPT: &str = "enter_accept";
-    pub const ENTER_CONNECT: &str = "enter_connect";
     pub const EXIT_INGRESS_CALL: &str = "exit_ingress_call";
     pub const EXIT_EGRESS_CALL: &str = "exit_egress_call";
     pub const EXIT_ACCEPT_OR_CONNECT: &str = "exit_accept_or_connect";
-    /// getsockopt(SO_ERROR): how a non-blocking connect ended.
-    pub const ENTER_GETSOCKOPT: &str = "enter_getsockopt";
     pub const EXIT_GETSOCKOPT: &str = "exit_getsockopt";
     pub const ENTER_CLOSE: &str = "enter_close";
     pub const PROCESS_FORK: &str = "process_fork";
@@ -439,33 +428,6 @@ pub mod programs {
     /// Tracepoints by program: (program, category, event names).
     pub const TRACEPOINTS: &[(&str, &str, &[&str])] = &[
         (
-            ENTER_BUFFER_CALL,
-            "syscalls",
-            &["sys_enter_read", "sys_enter_write"],
-        ),
-        (
-            ENTER_SOCKET_BUFFER_CALL,
-            "syscalls",
-            &["sys_enter_recvfrom", "sys_enter_sendto"],
-        ),
-        (
-            ENTER_IOVEC_CALL,
-            "syscalls",
-            &["sys_enter_readv", "sys_enter_writev"],
-        ),
-        (
-            ENTER_MSGHDR_CALL,
-            "syscalls",
-            &["sys_enter_recvmsg", "sys_enter_sendmsg"],
-        ),
-        (ENTER_SENDFILE, "syscalls", &["sys_enter_sendfile64"]),
-        (
-            ENTER_ACCEPT,
-            "syscalls",
-            &["sys_enter_accept", "sys_enter_accept4"],
-        ),
-        (ENTER_CONNECT, "syscalls", &["sys_enter_connect"]),
-        (
             EXIT_INGRESS_CALL,
             "syscalls",
             &[
@@ -491,7 +453,6 @@ pub mod programs {
             "syscalls",
             &["sys_exit_accept", "sys_exit_accept4", "sys_exit_connect"],
         ),
-        (ENTER_GETSOCKOPT, "syscalls", &["sys_enter_getsockopt"]),
         (EXIT_GETSOCKOPT, "syscalls", &["sys_exit_getsockopt"]),
         (ENTER_CLOSE, "syscalls", &["sys_enter_close"]),
         (PROCESS_FORK, "sched", &["sched_process_fork"]),
@@ -579,17 +540,9 @@ mod tests {
     fn every_program_has_one_attachment() {
         use programs::*;
         let all = [
-            ENTER_BUFFER_CALL,
-            ENTER_SOCKET_BUFFER_CALL,
-            ENTER_IOVEC_CALL,
-            ENTER_MSGHDR_CALL,
-            ENTER_SENDFILE,
-            ENTER_ACCEPT,
-            ENTER_CONNECT,
             EXIT_INGRESS_CALL,
             EXIT_EGRESS_CALL,
             EXIT_ACCEPT_OR_CONNECT,
-            ENTER_GETSOCKOPT,
             EXIT_GETSOCKOPT,
             ENTER_CLOSE,
             PROCESS_FORK,

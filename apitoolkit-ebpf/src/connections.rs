@@ -9,7 +9,7 @@ use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_re
 
 use crate::{
     maps::{CONNECTIONS, count, publish},
-    syscalls::InFlightCall,
+    syscalls::Transfer,
 };
 
 const EPIPE: i64 = 32;
@@ -141,7 +141,7 @@ pub(crate) fn report_broken(tgid: u32, fd: i32, error: i64) {
 
 /// The kernel entry of the connection a data call used; recv*/send* on an unknown fd adopt it.
 #[inline(always)]
-pub(crate) fn connection_of(tgid: u32, call: &InFlightCall) -> Option<*mut ConnState> {
+pub(crate) fn connection_of(tgid: u32, call: &Transfer) -> Option<*mut ConnState> {
     match CONNECTIONS.get_ptr_mut(&conn_key(tgid, call.fd)) {
         Some(state) => Some(state),
         None if call.socket_only != 0 => {

@@ -10,7 +10,7 @@ use core::ffi::c_void;
 
 use crate::{
     maps::{DISABLED, EMIT_STATE, SCRATCH, count, publish},
-    syscalls::{CallKind, InFlightCall},
+    syscalls::{CallKind, Transfer},
 };
 
 /// One entry of a user iovec array (`struct iovec`).
@@ -58,9 +58,10 @@ pub(crate) struct EmitState {
     _pad: u8,
 }
 
-/// One `bpf_loop` step: load the next iovec, or copy one chunk of the current segment into a
-/// data record. A callback is verified once, where an open-coded loop over chunks and iovecs
-/// exceeds the verifier's instruction budget. Returns 1 to stop the loop.
+/// One `bpf_loop` step: load the next iovec if the current segment is used up, and copy one
+/// chunk of the segment into a data record. A callback is verified once, where an open-coded
+/// loop over chunks and iovecs exceeds the verifier's instruction budget. Returns 1 to stop
+/// the loop: a step that finishes the call says so itself, not the next.
 extern "C" fn emit_step(_index: u64, _context: *mut c_void) -> i64 {
     let Some(state) = EMIT_STATE.get_ptr_mut(0) else {
         return 1;
@@ -73,9 +74,18 @@ extern "C" fn emit_step(_index: u64, _context: *mut c_void) -> i64 {
         return 1;
     }
     if state.segment_left == 0 {
-        return next_segment(state);
+        if next_segment(state) != 0 {
+            return 1;
+        }
+        if state.segment_left == 0 {
+            // An empty iovec: the next step loads the one after it.
+            return 0;
+        }
     }
-    emit_chunk(state)
+    if emit_chunk(state) != 0 {
+        return 1;
+    }
+    (state.done >= state.total) as i64
 }
 
 /// Loads the next iovec of an iovec call as the current segment (0), or stops the loop (1).
@@ -161,7 +171,7 @@ fn emit_chunk(state: &mut EmitState) -> i64 {
 /// reports whatever the loop bound leaves behind as skipped bytes.
 #[inline(always)]
 pub(crate) fn emit_data(
-    call: &InFlightCall,
+    call: &Transfer,
     conn: ConnId,
     mover: Mover,
     direction: Direction,
@@ -177,6 +187,13 @@ pub(crate) fn emit_data(
     // SAFETY: this CPU's slot of a per-CPU array, non-null, aligned and in bounds, and programs
     // do not nest on a CPU. It is accessed through the raw pointer only (no reference), since
     // `emit_step` makes its own reference to it while `bpf_loop` runs.
+    // A buffer call is one segment; an iovec call loads its segments as it goes. (Both set
+    // here, so no run of zeroed fields becomes a call to a byte-by-byte memset.)
+    let (segment_ptr, segment_left) = if call.kind == CallKind::Buffer {
+        (call.user_ptr, total)
+    } else {
+        (0, 0)
+    };
     unsafe {
         *state = EmitState {
             conn,
@@ -187,8 +204,8 @@ pub(crate) fn emit_data(
             user_ptr: call.user_ptr,
             iovec_count: call.count,
             next_iovec: 0,
-            segment_ptr: 0,
-            segment_left: 0,
+            segment_ptr,
+            segment_left,
             goroutine: mover.goroutine,
             tid: mover.tid,
             direction: direction as u8,
@@ -196,17 +213,15 @@ pub(crate) fn emit_data(
             source: source as u8,
             _pad: 0,
         };
-        if call.kind == CallKind::Buffer {
-            (*state).segment_ptr = call.user_ptr;
-            (*state).segment_left = total;
-        }
     }
-    if call.kind != CallKind::SizeOnly {
+    // The first step is called directly: most calls fit one chunk of one segment, and a
+    // bpf_loop helper call and an indirect call per step cost more than the step itself.
+    if call.kind != CallKind::SizeOnly && emit_step(0, core::ptr::null_mut()) == 0 {
         // SAFETY: `emit_step` has the callback signature bpf_loop expects and ignores its
         // context, so a null context is fine; flags must be 0.
         unsafe {
             generated::bpf_loop(
-                MAX_LOOP_STEPS,
+                MAX_LOOP_STEPS - 1,
                 emit_step as *mut c_void,
                 core::ptr::null_mut(),
                 0,
@@ -275,7 +290,7 @@ fn is_disabled(key: u64, generation: u64, source: Source) -> bool {
 pub(crate) fn emit_on_connection(
     state: &mut ConnState,
     tgid: u32,
-    call: &InFlightCall,
+    call: &Transfer,
     mover: Mover,
     direction: Direction,
     source: Source,

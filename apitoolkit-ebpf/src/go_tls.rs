@@ -26,11 +26,9 @@ use aya_ebpf::{
 
 use crate::{
     emit::Mover,
-    maps::{
-        GO_CONN_LOOPS, GO_NEWPROC_CALLERS, GO_ROUND_TRIPS, GO_TLS_READS, LAST_SOCKET_FD, count,
-        publish,
-    },
+    maps::{GO_CONN_LOOPS, GO_NEWPROC_CALLERS, GO_ROUND_TRIPS, GO_TLS_READS, count, publish},
     process::current_target,
+    threads::{NO_FD, thread_slot},
     tls::emit_plaintext,
 };
 
@@ -227,8 +225,10 @@ pub fn go_tls_read_return(ctx: ProbeContext) -> u32 {
         // A read that was already waiting when the probes were attached: its bytes are gone,
         // but the stream must not silently close over them (the next response would pair with
         // this one's request). The socket read that woke it ran on this thread just now.
-        // SAFETY: copied at once; any i32 is valid.
-        if let Some(fd) = unsafe { LAST_SOCKET_FD.get(&pid_tgid) }.copied() {
+        if let Some(fd) = thread_slot(pid_tgid)
+            .map(|slot| slot.last_socket_fd)
+            .filter(|fd| *fd != NO_FD)
+        {
             emit_plaintext(tgid, mover, fd, None, Direction::Ingress, total as u64);
         }
         return 0;

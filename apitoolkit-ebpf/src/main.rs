@@ -1,5 +1,5 @@
-//! Socket capture for the processes userspace selects: syscall tracepoints stash arguments on
-//! entry and emit the bytes actually moved on exit. Only fds known to be TCP connections (seen
+//! Socket capture for the processes userspace selects: syscall exit tracepoints emit the bytes
+//! actually moved, reading the call's arguments from the registers it was entered with. Only fds known to be TCP connections (seen
 //! in accept/connect, registered by userspace from /proc, or used by a socket-only syscall) are
 //! captured, so file and pipe I/O costs one map lookup.
 //!
@@ -20,6 +20,7 @@ mod go_tls;
 mod maps;
 mod process;
 mod syscalls;
+mod threads;
 mod tls;
 
 #[cfg(not(test))]

@@ -8,9 +8,8 @@ use apitoolkit_common::{
     DEFAULT_RING_BUFFER_BYTES, DataRecord, Disabled,
 };
 use aya_ebpf::{
-    bindings::{
-        BPF_F_MMAPABLE, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE,
-    },
+    Global,
+    bindings::{BPF_F_MMAPABLE, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -18,8 +17,8 @@ use aya_ebpf::{
 use crate::{
     emit::EmitState,
     go_tls::{GoObject, GoTlsRead},
-    syscalls::InFlightCall,
-    tls::{SslConn, SslKey, TlsCall},
+    threads::ThreadSlot,
+    tls::{SslConn, SslKey},
 };
 
 /// Selected processes (and their threads) by id, `--pid` and what userspace discovers: one
@@ -87,10 +86,10 @@ pub(crate) static CONNECTIONS: LruHashMap<u64, ConnState> = LruHashMap::with_max
 #[map]
 pub(crate) static DISABLED: LruHashMap<u64, Disabled> = LruHashMap::with_max_entries(16384, 0);
 
-/// One slot per watched thread, written in place (not LRU: its list locks cost more than the
-/// whole lookup); a thread's slot is freed when it exits.
+/// One slot per watched thread ([`ThreadSlot`]), written in place (not LRU: its list locks
+/// cost more than the whole lookup); a thread's slot is freed when it exits.
 #[map]
-pub(crate) static IN_FLIGHT: HashMap<u64, InFlightCall> = HashMap::with_max_entries(16384, 0);
+pub(crate) static THREADS: HashMap<u64, ThreadSlot> = HashMap::with_max_entries(16384, 0);
 
 /// A data record is assembled here: it is too big for the 512-byte stack.
 #[map]
@@ -107,6 +106,16 @@ pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COU
 #[map]
 pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
 
+/// The size of [`EVENTS`], set by the loader that sizes it: read from the frozen read-only
+/// data, where asking the ring would be a helper call per record.
+#[unsafe(no_mangle)]
+static RING_BUFFER_BYTES: Global<u32> = Global::new(DEFAULT_RING_BUFFER_BYTES);
+
+#[inline(always)]
+pub(crate) fn ring_buffer_bytes() -> u64 {
+    RING_BUFFER_BYTES.load() as u64
+}
+
 /// Submits `record` to [`EVENTS`]; false if the ring buffer is full.
 ///
 /// Userspace is woken only when this record carries the ring past a sixteenth of its size, and
@@ -117,7 +126,7 @@ pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_
 #[inline(always)]
 pub(crate) fn publish<T: ?Sized>(record: &T) -> bool {
     let filled = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    let size = EVENTS.query(BPF_RB_RING_SIZE as u64);
+    let size = ring_buffer_bytes();
     let mark = size / RING_SHARE_THAT_WAKES;
     let crosses = filled < mark && filled + core::mem::size_of_val(record) as u64 >= mark;
     let flag = if crosses || filled >= size / 2 {
@@ -137,21 +146,9 @@ const RING_SHARE_THAT_WAKES: u64 = 16;
 #[map]
 pub(crate) static EMIT_STATE: PerCpuArray<EmitState> = PerCpuArray::with_max_entries(1, 0);
 
-/// The SSL call in progress on each thread: one slot per thread, written in place like
-/// `IN_FLIGHT` (an LRU insert and delete per SSL call cost more than the rest of the probe), and
-/// freed when the thread exits.
-#[map]
-pub(crate) static TLS_CALLS: HashMap<u64, TlsCall> = HashMap::with_max_entries(16384, 0);
-
 /// Kept after the call returns: an SSL_read served from OpenSSL's buffer makes no syscall.
 #[map]
 pub(crate) static SSL_CONNS: LruHashMap<SslKey, SslConn> = LruHashMap::with_max_entries(65536, 0);
-
-/// The last connection fd each thread moved bytes on: the fallback for TLS stacks that do
-/// socket I/O outside the SSL call (node feeds OpenSSL from memory buffers). Written in place
-/// like `IN_FLIGHT`, and freed when the thread exits.
-#[map]
-pub(crate) static LAST_SOCKET_FD: HashMap<u64, i32> = HashMap::with_max_entries(16384, 0);
 
 /// Go crypto/tls reads in progress, by goroutine: LRU, since a goroutine that panics inside
 /// `Read` never reaches a `ret`.
@@ -171,21 +168,6 @@ pub(crate) static GO_ROUND_TRIPS: LruHashMap<GoObject, u64> =
 /// net/http read and write loop goroutines to their connection (`*persistConn`).
 #[map]
 pub(crate) static GO_CONN_LOOPS: LruHashMap<GoObject, u64> = LruHashMap::with_max_entries(32768, 0);
-
-/// Writes `value` into `key`'s slot of a per-thread map, in place when the slot exists (an
-/// update or delete per call costs several lookups' worth); false if the map is full.
-#[inline(always)]
-pub(crate) fn write_slot<V: Copy>(map: &HashMap<u64, V>, key: u64, value: V) -> bool {
-    match map.get_ptr_mut(&key) {
-        Some(slot) => {
-            // SAFETY: a live element keyed by the current thread: only that thread's programs
-            // write it, and they do not run concurrently with each other.
-            unsafe { *slot = value };
-            true
-        }
-        None => map.insert(&key, &value, 0).is_ok(),
-    }
-}
 
 /// Counts one event that could not be delivered.
 #[inline(always)]

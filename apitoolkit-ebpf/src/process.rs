@@ -3,6 +3,7 @@
 
 use apitoolkit_common::{ConfigKey, Counter, ProcessRecord, RecordKind};
 use aya_ebpf::{
+    EbpfContext,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     },
@@ -13,8 +14,8 @@ use aya_ebpf::{
 use crate::{
     connections::read_sockaddr,
     maps::{
-        CGROUP_TARGETS, EXE_TARGETS, IN_FLIGHT, LAST_SOCKET_FD, PORT_TARGETS, TLS_CALLS, config,
-        count, is_watched, publish, set_watched,
+        CGROUP_TARGETS, EXE_TARGETS, PORT_TARGETS, THREADS, config, count, is_watched, publish,
+        set_watched,
     },
     syscalls::arg,
 };
@@ -53,11 +54,10 @@ pub fn process_fork(ctx: TracePointContext) -> u32 {
     if !is_watched(tgid) {
         return 0;
     }
-    // SAFETY: offset 20 is `child_pid` in events/sched/sched_process_fork/format; the read goes
-    // through bpf_probe_read_kernel, which fails instead of faulting, and any i32 is valid.
-    if let Ok(child) = unsafe { ctx.read_at::<i32>(20) } {
-        set_watched(child as u32, true);
-    }
+    // SAFETY: offset 20 is `child_pid` in events/sched/sched_process_fork/format, an aligned
+    // i32 of the record `ctx` points at (the verifier checks the offset); any i32 is valid.
+    let child = unsafe { *ctx.as_ptr().cast::<u8>().add(20).cast::<i32>() };
+    set_watched(child as u32, true);
     0
 }
 
@@ -94,7 +94,7 @@ pub fn enter_bind(ctx: TracePointContext) -> u32 {
     let Some(tgid) = unselected_process() else {
         return 0;
     };
-    let Some(address) = arg::<u64>(&ctx, 1).and_then(read_sockaddr) else {
+    let Some(address) = read_sockaddr(arg(&ctx, 1)) else {
         return 0;
     };
     // SAFETY: only the presence of the entry is used; its value is never read.
@@ -123,12 +123,9 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn process_exit(_ctx: TracePointContext) -> u32 {
-    // Per-thread slots go with their thread, even one that is no target any more (they are not
-    // LRU maps).
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let _ = IN_FLIGHT.remove(&pid_tgid);
-    let _ = LAST_SOCKET_FD.remove(&pid_tgid);
-    let _ = TLS_CALLS.remove(&pid_tgid);
+    // Per-thread slots go with their thread, even one that is no target any more (not an LRU
+    // map). A thread that dies inside an SSL call never returns from it.
+    let _ = THREADS.remove(&bpf_get_current_pid_tgid());
     let Some((pid_tgid, tgid)) = current_target() else {
         return 0;
     };

@@ -1,13 +1,18 @@
-//! Syscall tracepoints: entries stash their arguments per thread, exits emit what the call
-//! actually did (bytes moved, connection opened, broken or closed).
+//! Syscall tracepoints: exits emit what the call actually did (bytes moved, connection opened,
+//! broken or closed), with the arguments read from the registers it was entered with.
 
 use apitoolkit_common::{
     CHUNK_SIZE, ConfigKey, ConnId, ConnState, Counter, Direction, RecordKind, Role, SocketAddress,
     Source, conn_key,
 };
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_RING_SIZE},
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
+    EbpfContext,
+    bindings::BPF_RB_AVAIL_DATA,
+    bindings::pt_regs,
+    helpers::{
+        bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+    },
     macros::tracepoint,
     programs::TracePointContext,
 };
@@ -15,13 +20,15 @@ use aya_ebpf::{
 use crate::{
     connections::{connection_of, emit_conn, is_ip, open_conn, read_sockaddr, report_broken},
     emit::{Mover, Skipped, emit_data, emit_on_connection, emit_skipped},
-    maps::{CONNECTIONS, EVENTS, IN_FLIGHT, LAST_SOCKET_FD, config, count, write_slot},
+    maps::{CONNECTIONS, EVENTS, config, count, ring_buffer_bytes},
     process::current_target,
-    tls::in_tls_call,
+    threads::{thread_slot, thread_slot_or_new},
 };
 
-/// Offsets in the syscall tracepoint records (see events/syscalls/*/format): arguments are
-/// 8-byte slots after the common header and syscall number; the exit record has only `ret`.
+/// Offsets in the syscall tracepoint records (see events/syscalls/*/format): the exit record
+/// has the syscall number and `ret` after the common header; an entry record's arguments are
+/// 8-byte slots after the syscall number.
+const SYSCALL_NR: usize = 8;
 const SYSCALL_ARG0: usize = 16;
 const SYSCALL_RET: usize = 16;
 const EINPROGRESS: i64 = 115;
@@ -29,23 +36,37 @@ const SOL_SOCKET: u64 = 1;
 const SO_ERROR: u64 = 4;
 const STDERR_FD: i32 = 2;
 
+/// x86-64 numbers of the syscalls whose exits are traced.
+mod nr {
+    pub(super) const READ: i32 = 0;
+    pub(super) const WRITE: i32 = 1;
+    pub(super) const READV: i32 = 19;
+    pub(super) const WRITEV: i32 = 20;
+    pub(super) const SENDFILE: i32 = 40;
+    pub(super) const CONNECT: i32 = 42;
+    pub(super) const ACCEPT: i32 = 43;
+    pub(super) const SENDTO: i32 = 44;
+    pub(super) const RECVFROM: i32 = 45;
+    pub(super) const SENDMSG: i32 = 46;
+    pub(super) const RECVMSG: i32 = 47;
+    pub(super) const ACCEPT4: i32 = 288;
+}
+
+/// Where the bytes a call moved are in user memory.
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub(crate) enum CallKind {
     Buffer,
     IoVec,
+    /// sendfile: the bytes are counted, not captured.
     SizeOnly,
-    Accept,
-    Connect,
-    /// getsockopt(SO_ERROR): how a non-blocking connect ended.
-    SocketError,
 }
 
-/// A syscall between its entry and exit, in `IN_FLIGHT` by thread.
+/// The bytes one call moved on fd `fd`: a syscall, or an SSL call's plaintext.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub(crate) struct InFlightCall {
-    /// Buffer, iovec array or sockaddr, by kind.
+pub(crate) struct Transfer {
+    /// Buffer or iovec array, by kind.
     pub(crate) user_ptr: u64,
     /// Iovec count for `IoVec`.
     pub(crate) count: u64,
@@ -54,86 +75,104 @@ pub(crate) struct InFlightCall {
     /// The syscall only works on sockets (recv*/send*), so an unknown fd is a connection that
     /// predates the agent. read/write may be file I/O: userspace registers older sockets for them.
     pub(crate) socket_only: u8,
-    /// 1 between the entry and the exit; the thread's slot stays in the map, empty, in between
-    /// calls (see [`stash`]).
-    pub(crate) pending: u8,
-    pub(crate) _pad: u8,
+    pub(crate) _pad: [u8; 2],
 }
 
+/// Argument `n` of a sys_enter_* record, loaded from the record itself: the verifier checks
+/// the offset, so no helper call is needed.
 #[inline(always)]
-pub(crate) fn arg<T>(ctx: &TracePointContext, n: usize) -> Option<T> {
-    // SAFETY: argument slots of events/syscalls/sys_enter_*/format, read through
-    // bpf_probe_read_kernel (fails instead of faulting); callers read integers, valid for any
-    // bytes.
-    unsafe { ctx.read_at::<T>(SYSCALL_ARG0 + 8 * n) }.ok()
+pub(crate) fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    // SAFETY: `ctx` points at the tracepoint's record; its argument slots are aligned 8-byte
+    // integers at constant offsets, which the verifier checks against the record size.
+    unsafe {
+        *ctx.as_ptr()
+            .cast::<u8>()
+            .add(SYSCALL_ARG0 + 8 * n)
+            .cast::<u64>()
+    }
 }
 
+/// `ret` of a sys_exit_* record, loaded like [`arg`].
 #[inline(always)]
 fn ret(ctx: &TracePointContext) -> i64 {
-    // SAFETY: `ret` of events/syscalls/sys_exit_*/format, read through bpf_probe_read_kernel
-    // (fails instead of faulting); any i64 is valid.
-    unsafe { ctx.read_at::<i64>(SYSCALL_RET) }.unwrap_or(-1)
+    // SAFETY: as in `arg`: an aligned 8-byte integer at a constant offset of the record.
+    unsafe { *ctx.as_ptr().cast::<u8>().add(SYSCALL_RET).cast::<i64>() }
 }
 
-/// Records the call in the thread's slot of `IN_FLIGHT`, written in place: a hash-map update
-/// or delete per syscall costs ~0.5 µs on a VM (the LRU map's list locks even more), a
-/// lookup a fraction of that. A slot is only created on a thread's first call, and freed
-/// when the thread exits (`process::process_exit`).
+/// `__syscall_nr` of a sys_exit_* record: several syscalls share an exit program.
 #[inline(always)]
-fn stash(
-    pid_tgid: u64,
-    kind: CallKind,
-    fd: u64,
-    user_ptr: u64,
-    iovec_count: u64,
-    socket_only: bool,
-) {
-    let call = InFlightCall {
+fn syscall_nr(ctx: &TracePointContext) -> i32 {
+    // SAFETY: as in `arg`: an aligned 4-byte integer at a constant offset of the record.
+    unsafe { *ctx.as_ptr().cast::<u8>().add(SYSCALL_NR).cast::<i32>() }
+}
+
+/// The user registers the current syscall was entered with. Its arguments are still there at
+/// its exit (the kernel reads them, never writes them back), so no entry program has to stash
+/// them: every traced syscall, of a target or not, costs one tracepoint instead of two.
+#[derive(Clone, Copy)]
+struct EntryRegisters(*const pt_regs);
+
+impl EntryRegisters {
+    #[inline(always)]
+    fn current() -> Self {
+        // SAFETY: the helpers take the current task, which the verifier knows as a trusted
+        // BTF pointer, and return its saved user registers as one.
+        Self(unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs)
+    }
+
+    /// Syscall argument `n` (x86-64: rdi, rsi, rdx, r10).
+    #[inline(always)]
+    fn arg(self, n: usize) -> u64 {
+        let regs = self.0;
+        // SAFETY: `regs` is the BTF pointer the helper returned; the verifier checks each field
+        // offset against `struct pt_regs` and turns the load into one that cannot fault.
+        unsafe {
+            match n {
+                0 => (*regs).rdi,
+                1 => (*regs).rsi,
+                2 => (*regs).rdx,
+                _ => (*regs).r10,
+            }
+        }
+    }
+}
+
+/// The data syscall that just returned, from its number and entry registers; `None` for a
+/// syscall that moves no bytes of its own or whose msghdr cannot be read.
+#[inline(always)]
+fn data_call(nr: i32, regs: EntryRegisters) -> Option<Transfer> {
+    let (kind, user_ptr, count, socket_only) = match nr {
+        nr::READ | nr::WRITE => (CallKind::Buffer, regs.arg(1), 0, false),
+        nr::RECVFROM | nr::SENDTO => (CallKind::Buffer, regs.arg(1), 0, true),
+        nr::READV | nr::WRITEV => (CallKind::IoVec, regs.arg(1), regs.arg(2), false),
+        // The iovec array sits inside the user's msghdr (msg_iov at 16, msg_iovlen at 24),
+        // which the call does not change.
+        nr::RECVMSG | nr::SENDMSG => {
+            let msghdr = regs.arg(1);
+            // SAFETY: bpf_probe_read_user copies from the target's memory and fails instead
+            // of faulting on a bad address; the results are integers, valid for any bytes.
+            let (Ok(iov), Ok(iovlen)) = (unsafe {
+                (
+                    bpf_probe_read_user((msghdr + 16) as *const u64),
+                    bpf_probe_read_user((msghdr + 24) as *const u64),
+                )
+            }) else {
+                count(Counter::ReadFailed);
+                return None;
+            };
+            (CallKind::IoVec, iov, iovlen, true)
+        }
+        nr::SENDFILE => (CallKind::SizeOnly, 0, 0, false),
+        _ => return None,
+    };
+    Some(Transfer {
         user_ptr,
-        count: iovec_count,
-        fd: fd as i32,
+        count,
+        fd: regs.arg(0) as i32,
         kind,
         socket_only: socket_only as u8,
-        pending: 1,
-        _pad: 0,
-    };
-    if !write_slot(&IN_FLIGHT, pid_tgid, call) {
-        count(Counter::InflightTableFull);
-    }
-}
-
-/// Sets the thread's `LAST_SOCKET_FD`, in place when it has one (see [`stash`]).
-#[inline(always)]
-fn remember_socket(pid_tgid: u64, fd: i32) {
-    let _ = write_slot(&LAST_SOCKET_FD, pid_tgid, fd);
-}
-
-#[inline(always)]
-fn take_call(pid_tgid: u64) -> Option<InFlightCall> {
-    let slot = IN_FLIGHT.get_ptr_mut(&pid_tgid)?;
-    // SAFETY: a live element of `IN_FLIGHT` keyed by this thread, which only this thread's
-    // programs write (never userspace), always whole `InFlightCall`s, so its one-byte
-    // `CallKind` is a valid discriminant.
-    let call = unsafe { *slot };
-    if call.pending == 0 {
-        return None;
-    }
-    // SAFETY: as above.
-    unsafe { (*slot).pending = 0 };
-    Some(call)
-}
-
-#[inline(always)]
-fn stash_call(ctx: &TracePointContext, kind: CallKind, socket_only: bool) -> u32 {
-    let Some((pid_tgid, _)) = current_target() else {
-        return 0;
-    };
-    let (Some(fd), Some(user_ptr), Some(count)) = (arg::<u64>(ctx, 0), arg(ctx, 1), arg(ctx, 2))
-    else {
-        return 0;
-    };
-    stash(pid_tgid, kind, fd, user_ptr, count, socket_only);
-    0
+        _pad: [0; 2],
+    })
 }
 
 #[inline(always)]
@@ -141,18 +180,17 @@ fn on_accept_or_connect_exit(ctx: &TracePointContext) -> u32 {
     let Some((pid_tgid, tgid)) = current_target() else {
         return 0;
     };
-    let Some(call) = take_call(pid_tgid) else {
-        return 0;
-    };
+    let regs = EntryRegisters::current();
+    let (call_fd, address_ptr) = (regs.arg(0) as i32, regs.arg(1));
     let ret = ret(ctx);
-    let remote = read_sockaddr(call.user_ptr).unwrap_or_default();
-    let (fd, role) = match call.kind {
-        CallKind::Accept if ret >= 0 => (ret as i32, Role::Server),
-        CallKind::Connect if ret == 0 || ret == -EINPROGRESS => (call.fd, Role::Client),
-        CallKind::Connect if is_ip(&remote) => {
+    let remote = read_sockaddr(address_ptr).unwrap_or_default();
+    let (fd, role) = match syscall_nr(ctx) {
+        nr::ACCEPT | nr::ACCEPT4 if ret >= 0 => (ret as i32, Role::Server),
+        nr::CONNECT if ret == 0 || ret == -EINPROGRESS => (call_fd, Role::Client),
+        nr::CONNECT if is_ip(&remote) => {
             let conn = ConnId {
                 tgid,
-                fd: call.fd,
+                fd: call_fd,
                 // SAFETY: the helper takes no arguments.
                 generation: unsafe { bpf_ktime_get_ns() },
             };
@@ -171,11 +209,13 @@ fn on_accept_or_connect_exit(ctx: &TracePointContext) -> u32 {
     };
     // A null address (accept without peer buffer) is resolved by userspace; a known non-IP family
     // (unix sockets) is not HTTP over TCP.
-    if call.user_ptr != 0 && !is_ip(&remote) {
+    if address_ptr != 0 && !is_ip(&remote) {
         return 0;
     }
-    if open_conn(tgid, fd, role, remote).is_some() {
-        remember_socket(pid_tgid, fd);
+    if open_conn(tgid, fd, role, remote).is_some()
+        && let Some(slot) = thread_slot_or_new(pid_tgid)
+    {
+        slot.last_socket_fd = fd;
     }
     0
 }
@@ -185,19 +225,20 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction) -> u32 {
     let Some((pid_tgid, tgid)) = current_target() else {
         return 0;
     };
-    let Some(call) = take_call(pid_tgid) else {
+    let Some(call) = data_call(syscall_nr(ctx), EntryRegisters::current()) else {
         return 0;
     };
     let ret = ret(ctx);
     if ret < 0 {
         report_broken(tgid, call.fd, -ret);
     }
+    let mut slot = thread_slot(pid_tgid);
     // Socket I/O inside an SSL call names the TLS connection; its bytes are ciphertext.
-    if let Some(tls) = in_tls_call(pid_tgid) {
+    if let Some(slot) = slot.as_deref_mut()
+        && slot.tls.active != 0
+    {
         if connection_of(tgid, &call).is_some() {
-            // SAFETY: a live element of `TLS_CALLS` keyed by this thread, which only this
-            // thread's programs touch, and they do not run concurrently with this one.
-            unsafe { (*tls).fd = call.fd };
+            slot.tls.fd = call.fd;
         }
         return 0;
     }
@@ -212,7 +253,9 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction) -> u32 {
         return 0;
     };
     // TLS libraries with their own buffers (node) read and write the socket outside SSL calls.
-    remember_socket(pid_tgid, call.fd);
+    if let Some(slot) = slot.or_else(|| thread_slot_or_new(pid_tgid)) {
+        slot.last_socket_fd = call.fd;
+    }
     emit_on_connection(
         // SAFETY: a live `CONNECTIONS` element (memory stays valid while the program runs),
         // `ConnState` is plain integers. Another thread of the process on another CPU may
@@ -242,8 +285,8 @@ fn captures_stderr() -> bool {
 /// Error text yields to traffic: while the ring buffer is more than a quarter full, stderr
 /// writes are dropped and counted, so a process flooding its stderr cannot cost HTTP capture.
 #[inline(always)]
-fn emit_stderr(call: &InFlightCall, pid_tgid: u64, tgid: u32, total: u64) {
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > EVENTS.query(BPF_RB_RING_SIZE as u64) / 4 {
+fn emit_stderr(call: &Transfer, pid_tgid: u64, tgid: u32, total: u64) {
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > ring_buffer_bytes() / 4 {
         count(Counter::StderrYielded);
         return;
     }
@@ -284,7 +327,7 @@ fn emit_stderr(call: &InFlightCall, pid_tgid: u64, tgid: u32, total: u64) {
         emit_skipped(&skipped, Direction::Egress, Source::Stderr);
     }
     if tail_start < total {
-        let tail = InFlightCall {
+        let tail = Transfer {
             user_ptr: call.user_ptr + tail_start,
             ..*call
         };
@@ -298,62 +341,6 @@ fn emit_stderr(call: &InFlightCall, pid_tgid: u64, tgid: u32, total: u64) {
             tail_start,
         );
     }
-}
-
-/// read/write: the fd may be a file or pipe, so only connections already known are captured.
-#[tracepoint]
-pub fn enter_buffer_call(ctx: TracePointContext) -> u32 {
-    stash_call(&ctx, CallKind::Buffer, false)
-}
-
-/// recvfrom/sendto only work on sockets: an unknown fd is a connection older than the agent.
-#[tracepoint]
-pub fn enter_socket_buffer_call(ctx: TracePointContext) -> u32 {
-    stash_call(&ctx, CallKind::Buffer, true)
-}
-
-#[tracepoint]
-pub fn enter_iovec_call(ctx: TracePointContext) -> u32 {
-    stash_call(&ctx, CallKind::IoVec, false)
-}
-
-/// recvmsg/sendmsg: the iovec array sits inside the user's msghdr (msg_iov at 16, msg_iovlen at 24).
-#[tracepoint]
-pub fn enter_msghdr_call(ctx: TracePointContext) -> u32 {
-    let Some((pid_tgid, _)) = current_target() else {
-        return 0;
-    };
-    let (Some(fd), Some(msghdr)) = (arg::<u64>(&ctx, 0), arg::<u64>(&ctx, 1)) else {
-        return 0;
-    };
-    // SAFETY: bpf_probe_read_user copies from the target's memory and fails instead of faulting
-    // on a bad address; the results are integers, valid for any bytes.
-    let (Ok(iov), Ok(iovlen)) = (unsafe {
-        (
-            bpf_probe_read_user((msghdr + 16) as *const u64),
-            bpf_probe_read_user((msghdr + 24) as *const u64),
-        )
-    }) else {
-        count(Counter::ReadFailed);
-        return 0;
-    };
-    stash(pid_tgid, CallKind::IoVec, fd, iov, iovlen, true);
-    0
-}
-
-#[tracepoint]
-pub fn enter_sendfile(ctx: TracePointContext) -> u32 {
-    stash_call(&ctx, CallKind::SizeOnly, false)
-}
-
-#[tracepoint]
-pub fn enter_accept(ctx: TracePointContext) -> u32 {
-    stash_call(&ctx, CallKind::Accept, true)
-}
-
-#[tracepoint]
-pub fn enter_connect(ctx: TracePointContext) -> u32 {
-    stash_call(&ctx, CallKind::Connect, true)
 }
 
 #[tracepoint]
@@ -374,41 +361,20 @@ pub fn exit_accept_or_connect(ctx: TracePointContext) -> u32 {
 /// getsockopt(fd, level, optname, optval, optlen): only SO_ERROR matters, the way a
 /// non-blocking connect reports refusal.
 #[tracepoint]
-pub fn enter_getsockopt(ctx: TracePointContext) -> u32 {
-    let Some((pid_tgid, _)) = current_target() else {
-        return 0;
-    };
-    let (Some(fd), Some(level), Some(name), Some(value)) = (
-        arg::<u64>(&ctx, 0),
-        arg::<u64>(&ctx, 1),
-        arg::<u64>(&ctx, 2),
-        arg::<u64>(&ctx, 3),
-    ) else {
-        return 0;
-    };
-    if level == SOL_SOCKET && name == SO_ERROR {
-        stash(pid_tgid, CallKind::SocketError, fd, value, 0, false);
-    }
-    0
-}
-
-#[tracepoint]
 pub fn exit_getsockopt(ctx: TracePointContext) -> u32 {
-    let Some((pid_tgid, tgid)) = current_target() else {
+    let Some((_, tgid)) = current_target() else {
         return 0;
     };
-    let Some(call) = take_call(pid_tgid) else {
-        return 0;
-    };
-    if call.kind != CallKind::SocketError || ret(&ctx) != 0 {
+    let regs = EntryRegisters::current();
+    if regs.arg(1) != SOL_SOCKET || regs.arg(2) != SO_ERROR || ret(&ctx) != 0 {
         return 0;
     }
     // SAFETY: bpf_probe_read_user copies from the target's memory and fails instead of faulting
     // on a bad address; any i32 is valid.
-    if let Ok(error) = unsafe { bpf_probe_read_user(call.user_ptr as *const i32) }
+    if let Ok(error) = unsafe { bpf_probe_read_user(regs.arg(3) as *const i32) }
         && error > 0
     {
-        report_broken(tgid, call.fd, error as i64);
+        report_broken(tgid, regs.arg(0) as i32, error as i64);
     }
     0
 }
@@ -418,9 +384,7 @@ pub fn enter_close(ctx: TracePointContext) -> u32 {
     let Some((_, tgid)) = current_target() else {
         return 0;
     };
-    let Some(fd) = arg::<u64>(&ctx, 0) else {
-        return 0;
-    };
+    let fd = arg(&ctx, 0);
     let key = conn_key(tgid, fd as i32);
     // SAFETY: copied at once; `ConnState` is plain integers, valid for any bytes.
     let Some(state) = (unsafe { CONNECTIONS.get(&key) }).copied() else {

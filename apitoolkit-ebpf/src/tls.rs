@@ -10,12 +10,13 @@ use aya_ebpf::{
 
 use crate::{
     emit::{Mover, emit_on_connection},
-    maps::{CONNECTIONS, LAST_SOCKET_FD, SSL_CONNS, TLS_CALLS, count, write_slot},
+    maps::{CONNECTIONS, SSL_CONNS, count},
     process::current_target,
-    syscalls::{CallKind, InFlightCall},
+    syscalls::{CallKind, Transfer},
+    threads::{NO_FD, thread_slot, thread_slot_or_new},
 };
 
-/// An SSL read or write in progress on one thread.
+/// An SSL read or write in progress on one thread, in its slot (`threads`).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(crate) struct TlsCall {
@@ -28,9 +29,24 @@ pub(crate) struct TlsCall {
     /// A raw `Direction`.
     direction: u8,
     returns_length_via_ptr: u8,
-    /// 1 from the entry to the return; the thread's slot stays in the map, empty, in between.
-    pending: u8,
+    /// 1 from the call's entry to its return: the thread's socket I/O meanwhile is the
+    /// call's ciphertext.
+    pub(crate) active: u8,
     _pad: u8,
+}
+
+impl TlsCall {
+    /// No call: a new thread slot's.
+    pub(crate) const NONE: Self = Self {
+        ssl: 0,
+        buf: 0,
+        length_ptr: 0,
+        fd: -1,
+        direction: 0,
+        returns_length_via_ptr: 0,
+        active: 0,
+        _pad: 0,
+    };
 }
 
 #[repr(C)]
@@ -65,46 +81,26 @@ fn enter_tls_call(ctx: &ProbeContext, direction: Direction, length_arg: Option<u
         },
         None => 0,
     };
-    let call = TlsCall {
-        ssl,
-        buf,
-        length_ptr,
-        fd: -1,
-        direction: direction as u8,
-        returns_length_via_ptr: length_arg.is_some() as u8,
-        pending: 1,
-        _pad: 0,
-    };
-    if !write_slot(&TLS_CALLS, pid_tgid, call) {
-        count(Counter::InflightTableFull);
+    if let Some(slot) = thread_slot_or_new(pid_tgid) {
+        slot.tls = TlsCall {
+            ssl,
+            buf,
+            length_ptr,
+            fd: -1,
+            direction: direction as u8,
+            returns_length_via_ptr: length_arg.is_some() as u8,
+            active: 1,
+            _pad: 0,
+        };
     }
     0
 }
 
-/// The thread's SSL call in progress, for the socket syscalls inside it to name its fd.
-#[inline(always)]
-pub(crate) fn in_tls_call(pid_tgid: u64) -> Option<*mut TlsCall> {
-    let slot = TLS_CALLS.get_ptr_mut(&pid_tgid)?;
-    // SAFETY: a live element keyed by this thread, which only this thread's programs write,
-    // one at a time; `pending` is a plain byte.
-    (unsafe { (*slot).pending } != 0).then_some(slot)
-}
-
-/// Records which connection an SSL object is on, unless the map already says so: an LRU update
-/// per call costs more than the lookup.
-#[inline(always)]
-fn remember_ssl_conn(key: &SslKey, known: Option<SslConn>, conn: SslConn) {
-    if known.is_none_or(|known| known.fd != conn.fd || known.nested != conn.nested) {
-        let _ = SSL_CONNS.insert(key, &conn, 0);
-    }
-}
-
 /// The fd of the connection an SSL call used: the syscall inside it, else what this SSL object
-/// was mapped to by such a syscall, else the thread's last connection. A call that moved no
-/// bytes only records what its syscall named (the next call may be served from OpenSSL's
-/// buffer without one).
+/// was mapped to by such a syscall, else the thread's last connection. `SSL_CONNS` is written
+/// only when its answer changes: an LRU update costs several lookups.
 #[inline(always)]
-fn tls_fd(pid_tgid: u64, tgid: u32, call: &TlsCall, moved_bytes: bool) -> Option<i32> {
+fn tls_fd(tgid: u32, call: &TlsCall, last_socket_fd: i32) -> Option<i32> {
     let key = SslKey {
         ssl: call.ssl,
         tgid,
@@ -117,11 +113,10 @@ fn tls_fd(pid_tgid: u64, tgid: u32, call: &TlsCall, moved_bytes: bool) -> Option
             fd: call.fd,
             nested: 1,
         };
-        remember_ssl_conn(&key, known, nested);
+        if known.is_none_or(|known| known.fd != nested.fd || known.nested == 0) {
+            let _ = SSL_CONNS.insert(&key, &nested, 0);
+        }
         return Some(call.fd);
-    }
-    if !moved_bytes {
-        return None;
     }
     if let Some(known) = known {
         // Reads of memory-fed TLS stacks follow the socket read on the same thread, so the
@@ -130,14 +125,15 @@ fn tls_fd(pid_tgid: u64, tgid: u32, call: &TlsCall, moved_bytes: bool) -> Option
             return Some(known.fd);
         }
     }
-    // SAFETY: copied at once; any i32 is valid.
-    if let Some(last) = unsafe { LAST_SOCKET_FD.get(&pid_tgid) }.copied() {
-        let guess = SslConn {
-            fd: last,
-            nested: 0,
-        };
-        remember_ssl_conn(&key, known, guess);
-        return Some(last);
+    if last_socket_fd != NO_FD {
+        if known.is_none_or(|known| known.fd != last_socket_fd) {
+            let guess = SslConn {
+                fd: last_socket_fd,
+                nested: 0,
+            };
+            let _ = SSL_CONNS.insert(&key, &guess, 0);
+        }
+        return Some(last_socket_fd);
     }
     known.map(|known| known.fd)
 }
@@ -173,16 +169,16 @@ fn exit_tls_call(ctx: &RetProbeContext) -> u32 {
     let Some((pid_tgid, tgid)) = current_target() else {
         return 0;
     };
-    let Some(slot) = in_tls_call(pid_tgid) else {
+    let Some(slot) = thread_slot(pid_tgid) else {
         return 0;
     };
-    // SAFETY: as in `in_tls_call`; only these programs write `TLS_CALLS` (never userspace),
-    // always whole `TlsCall`s of plain integers.
-    let call = unsafe { *slot };
-    // SAFETY: as above.
-    unsafe { (*slot).pending = 0 };
+    if slot.tls.active == 0 {
+        return 0;
+    }
+    slot.tls.active = 0;
+    let call = slot.tls;
     let total = tls_call_length(ctx, &call);
-    let fd = tls_fd(pid_tgid, tgid, &call, total != 0);
+    let fd = tls_fd(tgid, &call, slot.last_socket_fd);
     if total == 0 {
         return 0;
     }
@@ -222,7 +218,7 @@ pub(crate) fn emit_plaintext(
         count(Counter::TlsUnmapped);
         return;
     };
-    let buffer = InFlightCall {
+    let buffer = Transfer {
         user_ptr: buf.unwrap_or(0),
         count: 0,
         fd,
@@ -232,8 +228,7 @@ pub(crate) fn emit_plaintext(
             CallKind::SizeOnly
         },
         socket_only: 0,
-        pending: 0,
-        _pad: 0,
+        _pad: [0; 2],
     };
     emit_on_connection(
         // SAFETY: a live `CONNECTIONS` element (memory stays valid while the program runs),

@@ -12,7 +12,7 @@ use std::{
 };
 
 use apitoolkit_common::{
-    COMM_LEN, ConfigKey, ConnState, Counter, Disabled, conn_key, exe_comm, maps,
+    COMM_LEN, ConfigKey, ConnState, Counter, Disabled, conn_key, exe_comm, globals, maps,
     programs::{
         GO_CONN_LOOP_ENTER, GO_NEWPROC1_CALL, GO_PROGRAMS, GO_ROUND_TRIP_ENTER, GO_RUNQPUT_CALL,
         GO_TLS_READ_COPY, GO_TLS_READ_ENTER, GO_TLS_READ_RETURN, GO_TLS_WRITE_ENTER,
@@ -153,12 +153,14 @@ impl Probes {
     pub fn load(ring_buffer_bytes: u32) -> Result<Self, ProbeError> {
         check_privileges()?;
         ensure_tracefs()?;
-        // No kernel BTF: the programs read no kernel structs (no CO-RE relocations), and parsing
-        // vmlinux's 5 MiB of BTF would cost the agent tens of MiB of memory at every start.
+        // No kernel BTF in the agent: the programs need no CO-RE relocations (the verifier uses
+        // the kernel's own BTF for the one BTF pointer they follow, the entry registers), and
+        // parsing vmlinux's 5 MiB of BTF would cost the agent tens of MiB at every start.
         let watched_entries = watched::entries(watched::capacity());
         let mut ebpf = EbpfLoader::new()
             .btf(None)
             .map_max_entries(maps::EVENTS, ring_buffer_bytes)
+            .override_global(globals::RING_BUFFER_BYTES, &ring_buffer_bytes, true)
             .map_max_entries(maps::WATCHED, watched_entries)
             .load(KERNEL_OBJECT)
             .map_err(|error| missing("BPF maps and programs (bpf syscall, ring buffer)", error))?;

@@ -125,8 +125,9 @@ pub fn run() -> Vec<Check> {
         file_check(
             "BTF",
             "/sys/kernel/btf/vmlinux",
-            Verdict::Warn,
-            "not needed today (no CO-RE programs); kernels built with CONFIG_DEBUG_INFO_BTF have it",
+            Verdict::Fail,
+            "the syscall exit programs read the registers a syscall was entered with through \
+             the kernel's BTF: a kernel built with CONFIG_DEBUG_INFO_BTF",
         ),
         memlock_check(&release),
         match capture::check_privileges() {
