@@ -163,6 +163,8 @@ abi_enum! {
     pub enum Counter: u32 {
         RingbufFull = 0,
         ConnTableFull = 1,
+        /// Threads that got no per-thread slot (`THREADS` full): their TLS calls are not
+        /// captured. The name is kept: it is a metric label users may alert on.
         InflightTableFull = 2,
         ReadFailed = 3,
         /// TLS calls whose socket could not be found (no inner syscall, no earlier mapping).
@@ -344,8 +346,8 @@ pub mod maps {
     pub const CONNECTIONS: &str = "CONNECTIONS";
     /// Byte sources userspace gave up on ([`crate::Disabled`] by [`crate::conn_key`]).
     pub const DISABLED: &str = "DISABLED";
-    /// Per-thread state: the syscall between its entry and exit, the SSL call in progress,
-    /// the last connection fd the thread moved bytes on.
+    /// Per-thread state: the SSL call in progress and the last connection fd the thread moved
+    /// bytes on.
     pub const THREADS: &str = "THREADS";
     /// Per-CPU data record under construction.
     pub const SCRATCH: &str = "SCRATCH";
@@ -373,7 +375,16 @@ pub mod maps {
 pub mod globals {
     /// The event ring buffer's size in bytes (`u32`).
     pub const RING_BUFFER_BYTES: &str = "RING_BUFFER_BYTES";
+    /// Where `child_pid` is in a sched_process_fork record (`u32`): its comm fields became
+    /// `__data_loc` strings in later kernels, which moved it.
+    pub const FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
 }
+
+/// `child_pid`'s offset in sched_process_fork records with `__data_loc` comm fields (newer
+/// kernels, and the default until the loader reads the format).
+pub const DEFAULT_FORK_CHILD_PID_OFFSET: u32 = 20;
+/// `child_pid`'s offset in sched_process_fork records with `char[16]` comm fields.
+pub const CHAR_COMM_FORK_CHILD_PID_OFFSET: u32 = 44;
 
 /// Names of the kernel object's programs (the names of their functions) and where userspace
 /// attaches them, so the loader and the object cannot drift apart.

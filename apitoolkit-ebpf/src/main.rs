@@ -1,7 +1,7 @@
 //! Socket capture for the processes userspace selects: syscall exit tracepoints emit the bytes
-//! actually moved, reading the call's arguments from the registers it was entered with. Only fds known to be TCP connections (seen
-//! in accept/connect, registered by userspace from /proc, or used by a socket-only syscall) are
-//! captured, so file and pipe I/O costs one map lookup.
+//! actually moved, reading the call's arguments from the registers it was entered with. Only
+//! fds known to be TCP connections (seen in accept/connect, registered by userspace from /proc,
+//! or used by a socket-only syscall) are captured, so file and pipe I/O costs one map lookup.
 //!
 //! TLS: uprobes on the TLS library's read/write functions emit the plaintext. The socket
 //! syscall that runs inside an SSL call on the same thread names its connection (no struct

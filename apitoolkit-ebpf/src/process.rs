@@ -1,9 +1,11 @@
 //! Target selection: which processes are captured, and the fork/exit tracepoints that keep the
 //! target set current.
 
-use apitoolkit_common::{ConfigKey, Counter, ProcessRecord, RecordKind};
+use apitoolkit_common::{
+    ConfigKey, Counter, DEFAULT_FORK_CHILD_PID_OFFSET, ProcessRecord, RecordKind,
+};
 use aya_ebpf::{
-    EbpfContext,
+    Global,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     },
@@ -45,19 +47,28 @@ fn selected_by_config(tgid: u32) -> bool {
     false
 }
 
-/// sched_process_fork: `child_pid` at offset 20. Children of processes selected by id are
-/// selected too; threads are added as well (their tid never names another live process) and
-/// removed again by sched_process_exit.
+/// Where `child_pid` is in this kernel's sched_process_fork records, set by the loader from the
+/// event's format.
+#[unsafe(no_mangle)]
+static FORK_CHILD_PID_OFFSET: Global<u32> = Global::new(DEFAULT_FORK_CHILD_PID_OFFSET);
+
+/// sched_process_fork. Children of processes selected by id are selected too; threads are
+/// added as well (their tid never names another live process) and removed again by
+/// sched_process_exit.
 #[tracepoint]
 pub fn process_fork(ctx: TracePointContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if !is_watched(tgid) {
         return 0;
     }
-    // SAFETY: offset 20 is `child_pid` in events/sched/sched_process_fork/format, an aligned
-    // i32 of the record `ctx` points at (the verifier checks the offset); any i32 is valid.
-    let child = unsafe { *ctx.as_ptr().cast::<u8>().add(20).cast::<i32>() };
-    set_watched(child as u32, true);
+    // Read through the helper: the offset is only known at load (see
+    // `FORK_CHILD_PID_OFFSET`), and a load from the record itself needs a constant one.
+    // SAFETY: bpf_probe_read_kernel copies from the record and fails instead of faulting; the
+    // loader set the offset of this kernel's `child_pid`, and any u32 is valid.
+    let Ok(child) = (unsafe { ctx.read_at::<u32>(FORK_CHILD_PID_OFFSET.load() as usize) }) else {
+        return 0;
+    };
+    set_watched(child, true);
     0
 }
 

@@ -58,6 +58,9 @@ mod nr {
 pub(crate) enum CallKind {
     Buffer,
     IoVec,
+    /// recvmsg/sendmsg: `user_ptr` is the msghdr holding the iovec array (see
+    /// `resolve_msghdr`); never emitted as such.
+    MsgHdr,
     /// sendfile: the bytes are counted, not captured.
     SizeOnly,
 }
@@ -78,32 +81,32 @@ pub(crate) struct Transfer {
     pub(crate) _pad: [u8; 2],
 }
 
-/// Argument `n` of a sys_enter_* record, loaded from the record itself: the verifier checks
-/// the offset, so no helper call is needed.
+/// The integer at constant `offset` of a tracepoint's record, loaded from the record itself:
+/// the verifier checks the offset, so no helper call is needed.
 #[inline(always)]
-pub(crate) fn arg(ctx: &TracePointContext, n: usize) -> u64 {
-    // SAFETY: `ctx` points at the tracepoint's record; its argument slots are aligned 8-byte
-    // integers at constant offsets, which the verifier checks against the record size.
-    unsafe {
-        *ctx.as_ptr()
-            .cast::<u8>()
-            .add(SYSCALL_ARG0 + 8 * n)
-            .cast::<u64>()
-    }
+pub(crate) fn record_field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    // SAFETY: `ctx` points at the tracepoint's record; callers pass the constant, aligned offset
+    // of an integer field of the event's format (the verifier checks it), and read integers,
+    // valid for any bytes.
+    unsafe { *ctx.as_ptr().cast::<u8>().add(offset).cast::<T>() }
 }
 
-/// `ret` of a sys_exit_* record, loaded like [`arg`].
+/// Argument `n` of a sys_enter_* record.
+#[inline(always)]
+pub(crate) fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    record_field(ctx, SYSCALL_ARG0 + 8 * n)
+}
+
+/// `ret` of a sys_exit_* record.
 #[inline(always)]
 fn ret(ctx: &TracePointContext) -> i64 {
-    // SAFETY: as in `arg`: an aligned 8-byte integer at a constant offset of the record.
-    unsafe { *ctx.as_ptr().cast::<u8>().add(SYSCALL_RET).cast::<i64>() }
+    record_field(ctx, SYSCALL_RET)
 }
 
 /// `__syscall_nr` of a sys_exit_* record: several syscalls share an exit program.
 #[inline(always)]
 fn syscall_nr(ctx: &TracePointContext) -> i32 {
-    // SAFETY: as in `arg`: an aligned 4-byte integer at a constant offset of the record.
-    unsafe { *ctx.as_ptr().cast::<u8>().add(SYSCALL_NR).cast::<i32>() }
+    record_field(ctx, SYSCALL_NR)
 }
 
 /// The user registers the current syscall was entered with. Its arguments are still there at
@@ -138,30 +141,14 @@ impl EntryRegisters {
 }
 
 /// The data syscall that just returned, from its number and entry registers; `None` for a
-/// syscall that moves no bytes of its own or whose msghdr cannot be read.
+/// syscall that moves no bytes of its own.
 #[inline(always)]
 fn data_call(nr: i32, regs: EntryRegisters) -> Option<Transfer> {
     let (kind, user_ptr, count, socket_only) = match nr {
         nr::READ | nr::WRITE => (CallKind::Buffer, regs.arg(1), 0, false),
         nr::RECVFROM | nr::SENDTO => (CallKind::Buffer, regs.arg(1), 0, true),
         nr::READV | nr::WRITEV => (CallKind::IoVec, regs.arg(1), regs.arg(2), false),
-        // The iovec array sits inside the user's msghdr (msg_iov at 16, msg_iovlen at 24),
-        // which the call does not change.
-        nr::RECVMSG | nr::SENDMSG => {
-            let msghdr = regs.arg(1);
-            // SAFETY: bpf_probe_read_user copies from the target's memory and fails instead
-            // of faulting on a bad address; the results are integers, valid for any bytes.
-            let (Ok(iov), Ok(iovlen)) = (unsafe {
-                (
-                    bpf_probe_read_user((msghdr + 16) as *const u64),
-                    bpf_probe_read_user((msghdr + 24) as *const u64),
-                )
-            }) else {
-                count(Counter::ReadFailed);
-                return None;
-            };
-            (CallKind::IoVec, iov, iovlen, true)
-        }
+        nr::RECVMSG | nr::SENDMSG => (CallKind::MsgHdr, regs.arg(1), 0, true),
         nr::SENDFILE => (CallKind::SizeOnly, 0, 0, false),
         _ => return None,
     };
@@ -173,6 +160,70 @@ fn data_call(nr: i32, regs: EntryRegisters) -> Option<Transfer> {
         socket_only: socket_only as u8,
         _pad: [0; 2],
     })
+}
+
+/// Turns a recvmsg/sendmsg into the iovec walk of its msghdr (msg_iov at 16, msg_iovlen at 24,
+/// which the call does not change), read only for a call whose bytes are emitted. When the
+/// msghdr cannot be read, the bytes are reported as moved but not captured: a gap, never a
+/// silent splice.
+#[inline(always)]
+fn resolve_msghdr(call: &mut Transfer) {
+    if call.kind != CallKind::MsgHdr {
+        return;
+    }
+    let msghdr = call.user_ptr;
+    // SAFETY: bpf_probe_read_user copies from the target's memory and fails instead of
+    // faulting on a bad address; the results are integers, valid for any bytes.
+    let read = unsafe {
+        (
+            bpf_probe_read_user((msghdr + 16) as *const u64),
+            bpf_probe_read_user((msghdr + 24) as *const u64),
+        )
+    };
+    match read {
+        (Ok(iov), Ok(iovlen)) => {
+            call.kind = CallKind::IoVec;
+            call.user_ptr = iov;
+            call.count = iovlen;
+        }
+        _ => {
+            count(Counter::ReadFailed);
+            call.kind = CallKind::SizeOnly;
+        }
+    }
+}
+
+/// Whether a connect that returned `-errno` failed to reach its peer. Interrupted, repeated or
+/// already-connected calls (EINTR, ERESTART*, EALREADY, EISCONN, EAGAIN) are no error of the
+/// service: reporting them would attach a connection error to the request being served.
+#[inline(always)]
+fn connect_failed(errno: i64) -> bool {
+    // Refused by a firewall or policy.
+    const EPERM: i64 = 1;
+    const EACCES: i64 = 13;
+    const EADDRNOTAVAIL: i64 = 99;
+    const ENETDOWN: i64 = 100;
+    const ENETUNREACH: i64 = 101;
+    const ECONNABORTED: i64 = 103;
+    const ECONNRESET: i64 = 104;
+    const ETIMEDOUT: i64 = 110;
+    const ECONNREFUSED: i64 = 111;
+    const EHOSTDOWN: i64 = 112;
+    const EHOSTUNREACH: i64 = 113;
+    matches!(
+        errno,
+        EPERM
+            | EACCES
+            | EADDRNOTAVAIL
+            | ENETDOWN
+            | ENETUNREACH
+            | ECONNABORTED
+            | ECONNRESET
+            | ETIMEDOUT
+            | ECONNREFUSED
+            | EHOSTDOWN
+            | EHOSTUNREACH
+    )
 }
 
 #[inline(always)]
@@ -187,7 +238,7 @@ fn on_accept_or_connect_exit(ctx: &TracePointContext) -> u32 {
     let (fd, role) = match syscall_nr(ctx) {
         nr::ACCEPT | nr::ACCEPT4 if ret >= 0 => (ret as i32, Role::Server),
         nr::CONNECT if ret == 0 || ret == -EINPROGRESS => (call_fd, Role::Client),
-        nr::CONNECT if is_ip(&remote) => {
+        nr::CONNECT if is_ip(&remote) && connect_failed(-ret) => {
             let conn = ConnId {
                 tgid,
                 fd: call_fd,
@@ -225,7 +276,7 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction) -> u32 {
     let Some((pid_tgid, tgid)) = current_target() else {
         return 0;
     };
-    let Some(call) = data_call(syscall_nr(ctx), EntryRegisters::current()) else {
+    let Some(mut call) = data_call(syscall_nr(ctx), EntryRegisters::current()) else {
         return 0;
     };
     let ret = ret(ctx);
@@ -248,10 +299,12 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction) -> u32 {
     let total = ret as u64;
     let Some(state) = connection_of(tgid, &call) else {
         if direction == Direction::Egress && call.fd == STDERR_FD && captures_stderr() {
+            resolve_msghdr(&mut call);
             emit_stderr(&call, pid_tgid, tgid, total);
         }
         return 0;
     };
+    resolve_msghdr(&mut call);
     // TLS libraries with their own buffers (node) read and write the socket outside SSL calls.
     if let Some(slot) = slot.or_else(|| thread_slot_or_new(pid_tgid)) {
         slot.last_socket_fd = call.fd;

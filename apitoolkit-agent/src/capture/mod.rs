@@ -53,6 +53,9 @@ pub enum ProbeError {
     },
     #[error("could not mount tracefs at {TRACEFS}: {0}")]
     Tracefs(io::Error),
+    /// Following forks in the kernel needs the child's pid from the fork event's record.
+    #[error("{path}: child_pid at offset {offset}, a layout this agent does not know")]
+    UnknownForkLayout { path: String, offset: String },
     #[error("eBPF map {name}: {source}")]
     Map {
         name: &'static str,
@@ -101,6 +104,33 @@ pub fn check_privileges() -> Result<(), ProbeError> {
     } else {
         Err(ProbeError::PermissionDenied)
     }
+}
+
+/// Where `child_pid` is in this kernel's sched_process_fork records, from the event's format:
+/// the kernel object reads it at one of the two offsets kernels have used.
+fn fork_child_pid_offset() -> Result<u32, ProbeError> {
+    let path = format!("{TRACEFS}/events/sched/sched_process_fork/format");
+    let format = std::fs::read_to_string(&path).unwrap_or_default();
+    let offset = child_pid_offset(&format);
+    offset
+        .filter(|offset| KNOWN_FORK_CHILD_PID_OFFSETS.contains(offset))
+        .ok_or_else(|| ProbeError::UnknownForkLayout {
+            path,
+            offset: offset.map_or_else(|| "none".to_owned(), |offset| offset.to_string()),
+        })
+}
+
+/// `child_pid` after `__data_loc` comm fields (4 bytes each), or after `char[16]` ones.
+const KNOWN_FORK_CHILD_PID_OFFSETS: [u32; 2] =
+    [apitoolkit_common::DEFAULT_FORK_CHILD_PID_OFFSET, 44];
+
+/// The offset of the `child_pid` field in a tracepoint format description.
+fn child_pid_offset(format: &str) -> Option<u32> {
+    let line = format.lines().find(|line| line.contains(" child_pid;"))?;
+    let offset = line
+        .split(';')
+        .find_map(|part| part.trim().strip_prefix("offset:"))?;
+    offset.trim().parse().ok()
 }
 
 /// Mounts tracefs when nothing is mounted there yet (fresh machines and minimal containers).
@@ -161,6 +191,11 @@ impl Probes {
             .btf(None)
             .map_max_entries(maps::EVENTS, ring_buffer_bytes)
             .override_global(globals::RING_BUFFER_BYTES, &ring_buffer_bytes, true)
+            .override_global(
+                globals::FORK_CHILD_PID_OFFSET,
+                &fork_child_pid_offset()?,
+                true,
+            )
             .map_max_entries(maps::WATCHED, watched_entries)
             .load(KERNEL_OBJECT)
             .map_err(|error| missing("BPF maps and programs (bpf syscall, ring buffer)", error))?;
@@ -570,6 +605,25 @@ mod tests {
     use object::{Object as _, ObjectSymbol as _};
 
     use super::*;
+
+    #[test]
+    fn child_pid_is_found_in_both_fork_formats() {
+        let data_loc = "\tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;\n\
+                        \tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
+        let fixed = "\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\
+                     \tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
+        assert_eq!(child_pid_offset(data_loc), Some(20));
+        assert_eq!(child_pid_offset(fixed), Some(44));
+        assert_eq!(
+            child_pid_offset("\tfield:pid_t parent_pid;\toffset:12;\n"),
+            None
+        );
+        for offset in [child_pid_offset(data_loc), child_pid_offset(fixed)] {
+            assert!(KNOWN_FORK_CHILD_PID_OFFSETS.contains(&offset.unwrap()));
+        }
+        // This kernel's own format names an offset the kernel object reads.
+        assert!(fork_child_pid_offset().is_ok() || !Path::new(TRACEFS).join("events").exists());
+    }
 
     #[test]
     fn the_kernel_object_defines_every_map_and_program_userspace_names() {

@@ -154,6 +154,15 @@ impl Redactor {
             let covered = |name: &str| self.redacts_header(name);
             payload.request_headers.redact(covered, REDACTED);
             payload.response_headers.redact(covered, REDACTED);
+            // `host` and `referer` are copies of request headers: a rule on one covers its copy.
+            for (name, copy) in [
+                ("host", &mut payload.host),
+                ("referer", &mut payload.referer),
+            ] {
+                if !copy.is_empty() && self.redacts_header(name) {
+                    *copy = REDACTED.to_owned();
+                }
+            }
         }
         self.request_body.apply(
             &mut payload.request_body,
@@ -208,6 +217,28 @@ mod tests {
 
     fn strings(values: &[&str]) -> Vec<String> {
         values.iter().map(|value| value.to_string()).collect()
+    }
+
+    #[test]
+    fn a_header_rule_covers_the_fields_copied_from_that_header() {
+        let redactor = Redactor::new(&strings(&["Referer", "HOST"]), &[], &[]).unwrap();
+        let mut payload = payload(&json!({}), b"");
+        payload.host = "internal.example:8443".to_owned();
+        payload.referer = "https://example.com/?token=abc".to_owned();
+        redactor.apply(&mut payload);
+        let mut json = Vec::new();
+        write_json(&payload, &mut json);
+        let json: Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(json["host"], REDACTED);
+        assert_eq!(json["referer"], REDACTED);
+        let text = json.to_string();
+        assert!(!text.contains("token=abc") && !text.contains("internal.example"));
+
+        // An absent header has no copy to hide.
+        let mut absent = self::payload(&json!({}), b"");
+        absent.referer.clear();
+        redactor.apply(&mut absent);
+        assert_eq!(absent.referer, "");
     }
 
     #[test]
