@@ -78,7 +78,13 @@ mod tests {
         })
         .unwrap();
         assert!(burned >= 50_000_000, "burned only {burned} ns in 10 s");
-        assert!(spent >= burned, "{spent} ns spent, {burned} ns burned");
+        // Other test threads of this process may exit meanwhile and take their few
+        // microseconds with them, so the sum may fall a little short of what was burned.
+        let exited_allowance = 5_000_000;
+        assert!(
+            spent + exited_allowance >= burned,
+            "{spent} ns spent, {burned} ns burned"
+        );
         assert!(process_tree(pid).contains(&pid));
     }
 }
