@@ -15,7 +15,7 @@ use super::{
         Exchange,
         content::{self, MediaType},
         form::{self, FormShape},
-        message::{Body, Message, StartLine},
+        message::{Body, Fields, Message, StartLine},
     },
     trace::{ParentSpan, SpanContext, TRACEPARENT, TraceParent},
 };
@@ -33,79 +33,54 @@ pub struct AtError {
 
 /// Header fields or query parameters: (name, value) pairs ordered by name (bytewise, as a
 /// `BTreeMap` orders keys), values of one name in arrival order. Built by moving the captured
-/// strings in: no map nodes, no value lists. In JSON an object `{name: [values]}`.
+/// fields in: no map nodes, no value lists. In JSON an object `{name: [values]}`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(from = "BTreeMap<String, Vec<String>>")]
 pub struct HeaderMap {
-    fields: Vec<(String, String)>,
+    fields: Fields,
 }
 
 impl HeaderMap {
     /// `fields` in any order; a stable sort keeps each name's values in arrival order.
-    pub fn from_fields(mut fields: Vec<(String, String)>) -> Self {
-        fields.sort_by(|(a, _), (b, _)| a.cmp(b));
+    pub fn from_fields(mut fields: Fields) -> Self {
+        fields.sort_by_name();
         Self { fields }
     }
 
     /// Each name once, in order, with its values.
     pub fn groups(&self) -> impl Iterator<Item = (&str, impl Iterator<Item = &str> + Clone)> {
-        self.fields.chunk_by(|(a, _), (b, _)| a == b).map(|group| {
-            (
-                group[0].0.as_str(),
-                group.iter().map(|(_, value)| value.as_str()),
-            )
-        })
+        self.fields.runs()
     }
 
     /// The values of `name` (exact spelling), in arrival order.
     pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.fields
             .iter()
-            .filter(move |(key, _)| key == name)
-            .map(|(_, value)| value.as_str())
+            .filter(move |(key, _)| *key == name)
+            .map(|(_, value)| value)
     }
 
     /// Replaces the values of every name `covered` accepts by the one value `marker`.
     pub fn redact(&mut self, covered: impl Fn(&str) -> bool, marker: &str) {
-        let mut start = 0;
-        while start < self.fields.len() {
-            let name = &self.fields[start].0;
-            let end = start
-                + self.fields[start..]
-                    .iter()
-                    .take_while(|(key, _)| key == name)
-                    .count();
-            if covered(name) {
-                self.fields[start].1 = marker.to_owned();
-                self.fields.drain(start + 1..end);
-                start += 1;
-            } else {
-                start = end;
-            }
-        }
+        self.fields.replace_runs(covered, marker);
     }
 
     /// Heap bytes held (for the sink queues' byte bound).
     pub fn heap_size(&self) -> usize {
-        self.fields.capacity() * std::mem::size_of::<(String, String)>()
-            + self
-                .fields
-                .iter()
-                .map(|(name, value)| name.capacity() + value.capacity())
-                .sum::<usize>()
+        self.fields.heap_size()
     }
 }
 
-impl FromIterator<(String, String)> for HeaderMap {
-    fn from_iter<I: IntoIterator<Item = (String, String)>>(fields: I) -> Self {
+impl<N: AsRef<str>, V: AsRef<str>> FromIterator<(N, V)> for HeaderMap {
+    fn from_iter<I: IntoIterator<Item = (N, V)>>(fields: I) -> Self {
         Self::from_fields(fields.into_iter().collect())
     }
 }
 
 impl From<BTreeMap<String, Vec<String>>> for HeaderMap {
     fn from(map: BTreeMap<String, Vec<String>>) -> Self {
-        map.into_iter()
-            .flat_map(|(name, values)| values.into_iter().map(move |value| (name.clone(), value)))
+        map.iter()
+            .flat_map(|(name, values)| values.iter().map(move |value| (name, value)))
             .collect()
     }
 }
@@ -182,9 +157,94 @@ fn base64_body<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<
         .map_err(serde::de::Error::custom)
 }
 
+/// Appends `text` as a JSON string escaped exactly as serde_json escapes it: `"` and `\`, and
+/// control characters (`\u00xx` where they have no short form). The runs between bytes that
+/// need escaping, nearly always the whole string, are found eight bytes at a time and copied
+/// whole: header fields and URLs are most of a payload's strings.
+fn json_string(out: &mut Vec<u8>, text: &str) {
+    out.push(b'"');
+    let mut rest = text.as_bytes();
+    loop {
+        let clean = first_to_escape(rest);
+        out.extend_from_slice(&rest[..clean]);
+        let Some(&byte) = rest.get(clean) else {
+            break;
+        };
+        let short: &[u8] = match byte {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            _ => b"",
+        };
+        if short.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(byte >> 4)]);
+            out.push(HEX[usize::from(byte & 0xf)]);
+        } else {
+            out.extend_from_slice(short);
+        }
+        rest = &rest[clean + 1..];
+    }
+    out.push(b'"');
+}
+
+fn needs_escape(byte: u8) -> bool {
+    byte < 0x20 || byte == b'"' || byte == b'\\'
+}
+
+/// Index of the first byte of `bytes` that needs escaping, or its length.
+fn first_to_escape(bytes: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+    // Whether some byte of `word` is below `limit` (at most 0x80): its subtraction borrows
+    // into the high bit, which no byte of 0x80 and up had.
+    let has_below = |word: u64, limit: u8| {
+        word.wrapping_sub(ONES * u64::from(limit)) & !word & HIGH_BITS != 0
+    };
+    let has_byte = |word: u64, byte: u8| has_below(word ^ (ONES * u64::from(byte)), 1);
+    let mut at = 0;
+    while let Some(chunk) = bytes.get(at..at + 8) {
+        let word = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+        if has_below(word, 0x20) || has_byte(word, b'"') || has_byte(word, b'\\') {
+            break;
+        }
+        at += 8;
+    }
+    at + bytes[at..]
+        .iter()
+        .position(|&byte| needs_escape(byte))
+        .unwrap_or(bytes.len() - at)
+}
+
+/// Appends `map` as serde_json writes its `Serialize`: `{"name":["value",...],...}`.
+fn json_header_map(out: &mut Vec<u8>, map: &HeaderMap) {
+    out.push(b'{');
+    for (name, values) in map.groups() {
+        json_string(out, name);
+        out.extend_from_slice(b":[");
+        for value in values {
+            json_string(out, value);
+            out.push(b',');
+        }
+        // The last value's comma closes the list instead (a name has at least one value).
+        *out.last_mut().expect("the list has a value") = b']';
+        out.push(b',');
+    }
+    if out.last() == Some(&b',') {
+        out.pop();
+    }
+    out.push(b'}');
+}
+
 /// Appends `payload` as one JSON object (the contract's keys, in its order). Written by hand
 /// so bodies go from their bytes straight to base64 in `out`: base64 needs no escaping, and
-/// no intermediate string is made. Strings that can hold anything go through serde_json.
+/// no intermediate string is made. Strings are escaped by [`json_string`], byte for byte as
+/// serde_json does; the rarer structured values go through serde_json.
 pub fn write_json(payload: &Payload, out: &mut Vec<u8>) {
     fn key(out: &mut Vec<u8>, name: &str) {
         out.push(b'"');
@@ -193,6 +253,14 @@ pub fn write_json(payload: &Payload, out: &mut Vec<u8>) {
     }
     fn value(out: &mut Vec<u8>, value: &(impl Serialize + ?Sized)) {
         serde_json::to_writer(&mut *out, value).expect("writing to a Vec cannot fail");
+        out.push(b',');
+    }
+    fn string(out: &mut Vec<u8>, text: &str) {
+        json_string(out, text);
+        out.push(b',');
+    }
+    fn header_map(out: &mut Vec<u8>, map: &HeaderMap) {
+        json_header_map(out, map);
         out.push(b',');
     }
     fn uuid(out: &mut Vec<u8>, id: &Uuid) {
@@ -209,25 +277,25 @@ pub fn write_json(payload: &Payload, out: &mut Vec<u8>) {
     }
     out.push(b'{');
     key(out, "timestamp");
-    value(out, &payload.timestamp);
+    string(out, &payload.timestamp);
     key(out, "duration");
     value(out, &payload.duration);
     key(out, "method");
-    value(out, &payload.method);
+    string(out, &payload.method);
     key(out, "host");
-    value(out, &payload.host);
+    string(out, &payload.host);
     key(out, "raw_url");
-    value(out, &payload.raw_url);
+    string(out, &payload.raw_url);
     key(out, "url_path");
-    value(out, &payload.url_path);
+    string(out, &payload.url_path);
     key(out, "path_params");
     value(out, &payload.path_params);
     key(out, "query_params");
-    value(out, &payload.query_params);
+    header_map(out, &payload.query_params);
     key(out, "request_headers");
-    value(out, &payload.request_headers);
+    header_map(out, &payload.request_headers);
     key(out, "response_headers");
-    value(out, &payload.response_headers);
+    header_map(out, &payload.response_headers);
     key(out, "request_body");
     base64(out, &payload.request_body);
     key(out, "response_body");
@@ -250,10 +318,10 @@ pub fn write_json(payload: &Payload, out: &mut Vec<u8>) {
         None => out.extend_from_slice(b"null,"),
     }
     key(out, "referer");
-    value(out, &payload.referer);
+    string(out, &payload.referer);
     if let Some(version) = &payload.service_version {
         key(out, "service_version");
-        value(out, version);
+        string(out, version);
     }
     key(out, "tags");
     value(out, &payload.tags);
@@ -364,9 +432,7 @@ pub const TAG_RESPONSE_BODY_ENCODED: &str = "apitoolkit.response_body_undecoded"
 pub const TAG_HEADERS_INCOMPLETE: &str = "apitoolkit.headers_incomplete";
 
 fn query_params(query: &str) -> HeaderMap {
-    form_urlencoded::parse(query.as_bytes())
-        .map(|(key, value)| (key.into_owned(), value.into_owned()))
-        .collect()
+    form_urlencoded::parse(query.as_bytes()).collect()
 }
 
 struct BodyTags {
@@ -1020,5 +1086,28 @@ Content-Type: text/csv\r\n\r\na,b\n1,2\n\r\n--XyZ--\r\n";
             serde_json::to_string(&SdkType::JsExpress).unwrap(),
             "\"JsExpress\""
         );
+    }
+
+    proptest::proptest! {
+        /// The hand-written JSON is byte for byte what serde_json writes, whatever the text:
+        /// control characters, quotes and backslashes at any offset of the eight-byte scan.
+        #[test]
+        fn strings_are_escaped_as_serde_json_escapes_them(
+            text in "[\\x00-\\x7f\"\\\\é€]{0,40}",
+        ) {
+            let mut written = Vec::new();
+            json_string(&mut written, &text);
+            proptest::prop_assert_eq!(written, serde_json::to_vec(&text).unwrap());
+        }
+
+        #[test]
+        fn header_maps_are_written_as_serde_json_writes_them(
+            pairs in proptest::collection::vec(("[a-cA\\x01\"]{0,3}", "[a\\n\\\\\"\\x7f]{0,12}"), 0..6),
+        ) {
+            let map: HeaderMap = pairs.iter().map(|(name, value)| (name, value)).collect();
+            let mut written = Vec::new();
+            json_header_map(&mut written, &map);
+            proptest::prop_assert_eq!(written, serde_json::to_vec(&map).unwrap());
+        }
     }
 }

@@ -38,13 +38,170 @@ pub enum StartLine {
     Response { status: u16 },
 }
 
+/// Header fields in arrival order, held as one text plus where each field's name and value
+/// sit in it: one allocation for all of a message's fields (an HTTP/1 head or an HPACK block)
+/// instead of two per field.
+#[derive(Clone, Debug, Default)]
+pub struct Fields {
+    text: String,
+    spans: Vec<FieldSpan>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct FieldSpan {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+impl Fields {
+    pub fn with_capacity(text_bytes: usize, fields: usize) -> Self {
+        Self {
+            text: String::with_capacity(text_bytes),
+            spans: Vec::with_capacity(fields),
+        }
+    }
+
+    fn append_text(&mut self, part: &str) -> (usize, usize) {
+        let start = self.text.len();
+        self.text.push_str(part);
+        (start, self.text.len())
+    }
+
+    pub fn push(&mut self, name: &str, value: &str) {
+        let name = self.append_text(name);
+        let value = self.append_text(value);
+        self.spans.push(FieldSpan { name, value });
+    }
+
+    fn name_of(&self, span: &FieldSpan) -> &str {
+        &self.text[span.name.0..span.name.1]
+    }
+
+    fn value_of(&self, span: &FieldSpan) -> &str {
+        &self.text[span.value.0..span.value.1]
+    }
+
+    /// (name, value) in order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&str, &str)> + Clone {
+        self.spans
+            .iter()
+            .map(|span| (self.name_of(span), self.value_of(span)))
+    }
+
+    /// The first value of `name`, its case ignored.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value)
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// Appends `other`'s fields after these.
+    pub fn append(&mut self, other: &Fields) {
+        for (name, value) in other.iter() {
+            self.push(name, value);
+        }
+    }
+
+    /// Keeps the fields whose name `keep` accepts.
+    pub fn retain_names(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        let text = &self.text;
+        self.spans
+            .retain(|span| keep(&text[span.name.0..span.name.1]));
+    }
+
+    /// Orders the fields by name (bytewise); a stable sort keeps each name's values in order.
+    pub fn sort_by_name(&mut self) {
+        let text = &self.text;
+        self.spans
+            .sort_by(|a, b| text[a.name.0..a.name.1].cmp(&text[b.name.0..b.name.1]));
+    }
+
+    /// Runs of adjacent fields of one name: each name once with its values, when sorted.
+    pub fn runs(&self) -> impl Iterator<Item = (&str, impl Iterator<Item = &str> + Clone)> {
+        self.spans
+            .chunk_by(|a, b| self.name_of(a) == self.name_of(b))
+            .map(|run| {
+                (
+                    self.name_of(&run[0]),
+                    run.iter().map(|span| self.value_of(span)),
+                )
+            })
+    }
+
+    /// Replaces each run of adjacent fields whose name `covered` accepts by one field of that
+    /// name with the value `marker`.
+    pub fn replace_runs(&mut self, covered: impl Fn(&str) -> bool, marker: &str) {
+        let mut marker_span = None;
+        let mut start = 0;
+        while start < self.spans.len() {
+            let name = self.name_of(&self.spans[start]);
+            let end = start
+                + self.spans[start..]
+                    .iter()
+                    .take_while(|span| self.name_of(span) == name)
+                    .count();
+            if covered(name) {
+                let value = *marker_span.get_or_insert_with(|| self.append_text(marker));
+                self.spans[start].value = value;
+                self.spans.drain(start + 1..end);
+                start += 1;
+            } else {
+                start = end;
+            }
+        }
+    }
+
+    /// Heap bytes held.
+    pub fn heap_size(&self) -> usize {
+        self.text.capacity() + self.spans.capacity() * std::mem::size_of::<FieldSpan>()
+    }
+}
+
+#[cfg(test)]
+impl Fields {
+    /// The fields as owned pairs, for assertions.
+    pub fn to_pairs(&self) -> Vec<(String, String)> {
+        self.iter()
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .collect()
+    }
+}
+
+/// Fields are equal when they hold the same (name, value) pairs in the same order, however
+/// their text is laid out.
+impl PartialEq for Fields {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Fields {}
+
+impl<N: AsRef<str>, V: AsRef<str>> FromIterator<(N, V)> for Fields {
+    fn from_iter<I: IntoIterator<Item = (N, V)>>(pairs: I) -> Self {
+        let mut fields = Self::default();
+        for (name, value) in pairs {
+            fields.push(name.as_ref(), value.as_ref());
+        }
+        fields
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {
     pub start: StartLine,
     pub version: Version,
     /// HTTP/2's `:authority` (the Host of HTTP/1 is a header).
     pub authority: Option<String>,
-    pub headers: Vec<(String, String)>,
+    pub headers: Fields,
     pub body: Body,
     pub first_byte_ns: u64,
     pub last_byte_ns: u64,
@@ -52,10 +209,7 @@ pub struct Message {
 
 impl Message {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
+        self.headers.get(name)
     }
 
     pub fn method(&self) -> Option<&str> {
@@ -72,7 +226,7 @@ impl Message {
             start: StartLine::Response { status: 0 },
             version: Version::HTTP_1_1,
             authority: None,
-            headers: Vec::new(),
+            headers: Fields::default(),
             body: Body::default(),
             first_byte_ns: at_ns,
             last_byte_ns: at_ns,
@@ -92,12 +246,7 @@ impl Message {
             StartLine::Request { method, target } => method.capacity() + target.capacity(),
             StartLine::Response { .. } => 0,
         };
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(name, value)| name.capacity() + value.capacity())
-            .sum();
-        start + headers + self.body.bytes.capacity()
+        start + self.headers.heap_size() + self.body.bytes.capacity()
     }
 }
 

@@ -7,7 +7,7 @@
 use bytes::{Buf, BytesMut};
 
 use super::framing::{ChunkState, ChunkStep, Framing, MAX_HEAD_BYTES, chunk_boundary};
-use crate::pipeline::protocols::message::{Body, Message, MessageKind, StartLine, Version};
+use crate::pipeline::protocols::message::{Body, Fields, Message, MessageKind, StartLine, Version};
 
 const MAX_HEADERS: usize = 256;
 /// Headers a head is first parsed with room for.
@@ -451,18 +451,18 @@ impl MessageParser {
     }
 }
 
-type ParsedHead = (usize, StartLine, u8, Vec<(String, String)>);
+type ParsedHead = (usize, StartLine, u8, Fields);
 
-fn collect_headers(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {
-    headers
+fn collect_headers(headers: &[httparse::Header<'_>]) -> Fields {
+    let text_bytes = headers
         .iter()
-        .map(|header| {
-            (
-                header.name.to_owned(),
-                String::from_utf8_lossy(header.value).into_owned(),
-            )
-        })
-        .collect()
+        .map(|header| header.name.len() + header.value.len())
+        .sum();
+    let mut fields = Fields::with_capacity(text_bytes, headers.len());
+    for header in headers {
+        fields.push(header.name, &String::from_utf8_lossy(header.value));
+    }
+    fields
 }
 
 fn parse_request_head<'b>(

@@ -17,6 +17,8 @@ use std::collections::VecDeque;
 
 use httlib_huffman::DecoderSpeed;
 
+use crate::pipeline::protocols::message::Fields;
+
 /// SETTINGS_HEADER_TABLE_SIZE until a SETTINGS frame says otherwise.
 const DEFAULT_TABLE_SIZE: usize = 4096;
 /// The largest table kept, whatever a peer allows: memory is bounded per direction.
@@ -95,7 +97,7 @@ type Field = (Option<String>, Option<String>);
 /// The fields of one block: the ones fully known, and whether any was not (partial only).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct PartialBlock {
-    pub headers: Vec<(String, String)>,
+    pub headers: Fields,
     pub incomplete: bool,
 }
 
@@ -263,7 +265,7 @@ impl HpackDecoder {
                 field
             };
             match field {
-                (Some(name), Some(value)) => decoded.headers.push((name, value)),
+                (Some(name), Some(value)) => decoded.headers.push(&name, &value),
                 _ => decoded.incomplete = true,
             }
         }
@@ -276,11 +278,8 @@ mod tests {
     use super::*;
     use crate::pipeline::protocols::http2::tests::encode;
 
-    fn fields(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(name, value)| (name.to_string(), value.to_string()))
-            .collect()
+    fn fields(pairs: &[(&str, &str)]) -> Fields {
+        pairs.iter().copied().collect()
     }
 
     /// RFC 7541 C.3: three requests on one connection, the table carried between them.
@@ -302,7 +301,7 @@ mod tests {
         let base = [(":method", "GET"), (":scheme", "http"), (":path", "/")];
         let with = |extra: &[(&str, &str)]| {
             let mut all = fields(&base);
-            all.extend(fields(extra));
+            all.append(&fields(extra));
             all
         };
         assert_eq!(
@@ -318,11 +317,11 @@ mod tests {
         );
         let third_fields = decoder.decode(&third).unwrap();
         assert_eq!(
-            third_fields.headers[1],
-            (":scheme".to_owned(), "https".to_owned())
+            third_fields.headers.iter().nth(1),
+            Some((":scheme", "https"))
         );
         assert_eq!(
-            third_fields.headers[3..],
+            third_fields.headers.iter().skip(3).collect::<Fields>(),
             fields(&[
                 (":authority", "www.example.com"),
                 ("custom-key", "custom-value")
@@ -399,11 +398,7 @@ mod tests {
         assert!(decoded.incomplete);
         assert_eq!(
             decoded.headers,
-            vec![
-                (":method".to_owned(), "GET".to_owned()),
-                (":path".to_owned(), "/new".to_owned()),
-                ("x-request".to_owned(), "r1".to_owned()),
-            ]
+            fields(&[(":method", "GET"), (":path", "/new"), ("x-request", "r1")])
         );
         // Entries inserted since joining are known exactly in later blocks, the old ones not.
         let next = encode(
@@ -413,10 +408,7 @@ mod tests {
         assert_eq!(
             decoder.decode(&next).unwrap(),
             PartialBlock {
-                headers: vec![
-                    (":path".to_owned(), "/new".to_owned()),
-                    ("x-request".to_owned(), "r1".to_owned())
-                ],
+                headers: fields(&[(":path", "/new"), ("x-request", "r1")]),
                 incomplete: true
             }
         );
@@ -433,12 +425,12 @@ mod tests {
         let decoded = HpackDecoder::new().decode(&block).unwrap();
         assert_eq!(
             decoded.headers,
-            vec![
-                (":method".to_owned(), "GET".to_owned()),
-                (":scheme".to_owned(), "http".to_owned()),
-                (":path".to_owned(), "/".to_owned()),
-                (":authority".to_owned(), "www.example.com".to_owned()),
-            ]
+            fields(&[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":authority", "www.example.com"),
+            ])
         );
         assert!(!decoded.incomplete);
     }

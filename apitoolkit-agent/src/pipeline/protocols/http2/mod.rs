@@ -12,7 +12,7 @@ use hpack::{HpackDecoder, PartialBlock};
 
 use super::{
     Anomaly, Exchange, Reassembled,
-    message::{Body, Message, MessageKind, StartLine, Version},
+    message::{Body, Fields, Message, MessageKind, StartLine, Version},
 };
 
 pub use frames::{HEADER_LEN as FRAME_HEADER_LEN, looks_like_frames};
@@ -64,8 +64,8 @@ struct PendingBlock {
 #[derive(Default)]
 struct Half {
     /// Pseudo-headers (`:method`, `:path`, `:status`, ...) and the rest, in order.
-    headers: Option<Vec<(String, String)>>,
-    trailers: Vec<(String, String)>,
+    headers: Option<Fields>,
+    trailers: Fields,
     body: Body,
     first_ns: u64,
     last_ns: u64,
@@ -153,25 +153,23 @@ impl Endpoint {
 }
 
 /// A pseudo-header's value.
-fn pseudo<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+fn pseudo<'a>(headers: &'a Fields, name: &str) -> Option<&'a str> {
     headers
         .iter()
-        .find(|(key, _)| key == name)
-        .map(|(_, value)| value.as_str())
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
 }
 
 /// The regular headers, without pseudo-headers.
-fn regular(headers: Vec<(String, String)>) -> Vec<(String, String)> {
+fn regular(mut headers: Fields) -> Fields {
+    headers.retain_names(|name| !name.starts_with(':'));
     headers
-        .into_iter()
-        .filter(|(name, _)| !name.starts_with(':'))
-        .collect()
 }
 
 /// A request's start line (`:path`, or `:authority` for CONNECT) and authority, from its
 /// pseudo-headers.
 fn request_start(request: &Half) -> Option<(StartLine, Option<String>)> {
-    let headers = request.headers.as_deref()?;
+    let headers = request.headers.as_ref()?;
     let authority = pseudo(headers, ":authority").map(str::to_owned);
     let start = StartLine::Request {
         method: pseudo(headers, ":method")?.to_owned(),
@@ -186,13 +184,12 @@ impl Half {
     fn into_message(self, start: StartLine, authority: Option<String>) -> Message {
         let mut headers = regular(self.headers.unwrap_or_default());
         // Trailers (gRPC's grpc-status and grpc-message) belong with the headers.
-        headers.extend(self.trailers);
+        headers.append(&self.trailers);
         // A stream cut before its END_STREAM is still whole if its declared length arrived (a
         // client that has all of a Content-Length body may close before the empty last frame).
         let declared = headers
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, length)| length.trim().parse::<u64>().ok());
+            .get("content-length")
+            .and_then(|length| length.trim().parse::<u64>().ok());
         let mut body = self.body;
         body.incomplete |= !self.ended && declared != Some(self.received);
         Message {
@@ -232,12 +229,12 @@ impl Http2Connection {
     /// 1, answered in HTTP/2.
     pub fn upgraded(request: Message, max_body_bytes: usize) -> Self {
         let mut connection = Self::new(max_body_bytes);
-        let mut headers = vec![];
+        let mut headers = Fields::default();
         if let StartLine::Request { method, target } = &request.start {
-            headers.push((":method".to_owned(), method.clone()));
-            headers.push((":path".to_owned(), target.clone()));
+            headers.push(":method", method);
+            headers.push(":path", target);
         }
-        headers.extend(request.headers);
+        headers.append(&request.headers);
         let half = Half {
             headers: Some(headers),
             body: request.body,
@@ -537,7 +534,7 @@ impl Http2Connection {
             half.headers = Some(headers);
             half.first_ns = timestamp_ns;
         } else {
-            half.trailers.extend(regular(headers));
+            half.trailers.append(&regular(headers));
         }
         half.last_ns = timestamp_ns;
         if block.end_stream {
@@ -569,7 +566,7 @@ impl Http2Connection {
         let status = stream
             .response
             .headers
-            .as_deref()
+            .as_ref()
             .and_then(|headers| pseudo(headers, ":status"))
             .and_then(|status| status.parse().ok())
             .unwrap_or(0);
