@@ -35,10 +35,10 @@ use crate::{
 /// latency, instead of a context switch per request when traffic is light.
 const DRAIN_INTERVAL_MS: i32 = 50;
 /// Records decoded per drain step before their events are handled.
-const DRAIN_BATCH: usize = 1024;
-/// Size of the allocations the captured bytes of a drain's records are copied into (many
+pub const DRAIN_BATCH: usize = 1024;
+/// Size of the allocations the captured bytes of drained records are copied into (many
 /// records per allocation; see `Event::decode`).
-const ARENA_BYTES: usize = 64 * 1024;
+pub const ARENA_BYTES: usize = 64 * 1024;
 
 pub struct CaptureLoop {
     pub ring: RingBuf<MapData>,
@@ -49,6 +49,12 @@ pub struct CaptureLoop {
     pub sinks: Vec<Arc<PayloadQueue>>,
     /// Payloads of the current drain, handed to the sinks as one batch.
     pub outbox: Vec<Payload>,
+    /// The records of a drain step, decoded (kept between drains, as `arena` is, so a drain
+    /// does not allocate them anew at every wake-up).
+    pub decoded: Vec<Event>,
+    /// What the captured bytes of decoded records are copied into (see `Event::decode`); a new
+    /// allocation of `ARENA_BYTES` when full, the old one reused once its events are dropped.
+    pub arena: BytesMut,
     pub recorder: Option<Recorder>,
     pub totals: CaptureTotals,
     /// Names of watched processes, for metric labels.
@@ -142,18 +148,24 @@ impl CaptureLoop {
     }
 
     fn drain(&mut self, probes: &mut Probes) -> anyhow::Result<()> {
-        let mut events = Vec::with_capacity(DRAIN_BATCH);
-        let mut arena = BytesMut::with_capacity(ARENA_BYTES);
-        loop {
+        let mut events = std::mem::take(&mut self.decoded);
+        let mut arena = std::mem::take(&mut self.arena);
+        let drained = loop {
             let read = self.next_events(&mut events, &mut arena);
-            for event in events.drain(..) {
-                self.handle(event, probes)?;
+            let handled = events
+                .drain(..)
+                .try_for_each(|event| self.handle(event, probes));
+            if let Err(error) = handled {
+                break Err(error);
             }
             self.send_outbox();
             if read < DRAIN_BATCH {
-                return Ok(());
+                break Ok(());
             }
-        }
+        };
+        self.decoded = events;
+        self.arena = arena;
+        drained
     }
 
     /// Sets up newly selected processes; returns their pids.
@@ -199,6 +211,7 @@ impl CaptureLoop {
     /// Consumes events until `stop` is set or every watched root process has exited.
     pub fn run(&mut self, probes: &mut Probes, stop: &AtomicBool) -> anyhow::Result<StopReason> {
         let mut last_tick = Instant::now();
+        let mut captured_at_last_tick = self.totals.captured_bytes;
         loop {
             if stop.load(Ordering::Relaxed) {
                 self.drain_all(probes)?;
@@ -223,7 +236,9 @@ impl CaptureLoop {
             if last_tick.elapsed() > Duration::from_secs(1) {
                 last_tick = Instant::now();
                 self.heartbeat.beat();
-                allocator::return_freed_memory();
+                let idle = self.totals.captured_bytes == captured_at_last_tick;
+                captured_at_last_tick = self.totals.captured_bytes;
+                allocator::return_freed_memory(idle);
                 let mut losses = std::mem::take(&mut self.losses);
                 let snapshot = self.snapshot(probes)?;
                 observability::export(&snapshot);

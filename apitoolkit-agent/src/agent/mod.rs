@@ -427,6 +427,8 @@ fn capture(
         discovery: Discovery::new(selector),
         sinks: queues,
         outbox: Vec::new(),
+        decoded: Vec::with_capacity(capture_loop::DRAIN_BATCH),
+        arena: bytes::BytesMut::with_capacity(capture_loop::ARENA_BYTES),
         recorder,
         totals: Default::default(),
         process_names: HashMap::new(),
