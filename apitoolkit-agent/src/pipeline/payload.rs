@@ -203,9 +203,8 @@ fn first_to_escape(bytes: &[u8]) -> usize {
     const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
     // Whether some byte of `word` is below `limit` (at most 0x80): its subtraction borrows
     // into the high bit, which no byte of 0x80 and up had.
-    let has_below = |word: u64, limit: u8| {
-        word.wrapping_sub(ONES * u64::from(limit)) & !word & HIGH_BITS != 0
-    };
+    let has_below =
+        |word: u64, limit: u8| word.wrapping_sub(ONES * u64::from(limit)) & !word & HIGH_BITS != 0;
     let has_byte = |word: u64, byte: u8| has_below(word ^ (ONES * u64::from(byte)), 1);
     let mut at = 0;
     while let Some(chunk) = bytes.get(at..at + 8) {
