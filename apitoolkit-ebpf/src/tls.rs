@@ -96,28 +96,39 @@ fn enter_tls_call(ctx: &ProbeContext, direction: Direction, length_arg: Option<u
     0
 }
 
-/// The fd of the connection an SSL call used: the syscall inside it, else what this SSL object
-/// was mapped to by such a syscall, else the thread's last connection. `SSL_CONNS` is written
-/// only when its answer changes: an LRU update costs several lookups.
 #[inline(always)]
-fn tls_fd(tgid: u32, call: &TlsCall, last_socket_fd: i32) -> Option<i32> {
-    let key = SslKey {
+fn ssl_key(tgid: u32, call: &TlsCall) -> SslKey {
+    SslKey {
         ssl: call.ssl,
         tgid,
         _pad: 0,
-    };
+    }
+}
+
+/// Records in `SSL_CONNS` that the SSL object of `call` works on the fd its own socket I/O
+/// named, unless that is known already: an LRU update costs several lookups.
+#[inline(always)]
+fn record_nested_fd(tgid: u32, call: &TlsCall) {
+    let key = ssl_key(tgid, call);
     // SAFETY: copied at once; `SslConn` is plain integers, valid for any bytes.
     let known = unsafe { SSL_CONNS.get(&key) }.copied();
-    if call.fd >= 0 {
+    if known.is_none_or(|known| known.fd != call.fd || known.nested == 0) {
         let nested = SslConn {
             fd: call.fd,
             nested: 1,
         };
-        if known.is_none_or(|known| known.fd != nested.fd || known.nested == 0) {
-            let _ = SSL_CONNS.insert(&key, &nested, 0);
-        }
-        return Some(call.fd);
+        let _ = SSL_CONNS.insert(&key, &nested, 0);
     }
+}
+
+/// The fd of the connection an SSL call that made no socket I/O of its own used: what its SSL
+/// object was mapped to by such I/O, else the thread's last connection. `SSL_CONNS` is written
+/// only when its answer changes.
+#[inline(always)]
+fn mapped_fd(tgid: u32, call: &TlsCall, last_socket_fd: i32) -> Option<i32> {
+    let key = ssl_key(tgid, call);
+    // SAFETY: copied at once; `SslConn` is plain integers, valid for any bytes.
+    let known = unsafe { SSL_CONNS.get(&key) }.copied();
     if let Some(known) = known {
         // Reads of memory-fed TLS stacks follow the socket read on the same thread, so the
         // last fd is fresher than an earlier guess; writes keep the SSL object's connection.
@@ -178,10 +189,25 @@ fn exit_tls_call(ctx: &RetProbeContext) -> u32 {
     slot.tls.active = 0;
     let call = slot.tls;
     let total = tls_call_length(ctx, &call);
-    let fd = tls_fd(tgid, &call, slot.last_socket_fd);
-    if total == 0 {
-        return 0;
-    }
+    let fd = if call.fd >= 0 {
+        // A call that moved no plaintext (the read that finds no more) maps nothing: the
+        // library's buffer is empty, so the object's next call does socket I/O of its own.
+        if total == 0 {
+            return 0;
+        }
+        if slot.nested_ssl != call.ssl || slot.nested_fd != call.fd {
+            record_nested_fd(tgid, &call);
+            slot.nested_ssl = call.ssl;
+            slot.nested_fd = call.fd;
+        }
+        Some(call.fd)
+    } else {
+        let fd = mapped_fd(tgid, &call, slot.last_socket_fd);
+        if total == 0 {
+            return 0;
+        }
+        fd
+    };
     let Some(fd) = fd else {
         count(Counter::TlsUnmapped);
         return 0;
