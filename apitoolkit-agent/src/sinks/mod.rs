@@ -155,7 +155,7 @@ impl PayloadQueue {
                 let pending = self.pending.lock().expect("queue lock");
                 (full(&pending), pending.payloads.is_empty())
             };
-            if full {
+            if full || (!empty && linger.is_zero()) {
                 break;
             }
             if !empty {
