@@ -78,18 +78,19 @@ pub async fn back_off(delay: &mut Duration) {
 }
 
 /// Delivers batches of up to `batch_size` payloads and `batch_bytes` queued bytes until the
-/// queue is closed and drained.
+/// queue is closed and drained; a batch short of them waits `linger` for more.
 pub async fn run<T: Transport>(
     queue: Arc<PayloadQueue>,
     transport: &mut T,
     batch_size: usize,
     batch_bytes: usize,
+    linger: Duration,
 ) -> DeliveryStats {
     let sink = queue.name();
     let mut stats = DeliveryStats::default();
     let mut backoff = FIRST_BACKOFF;
     let mut failing: Option<FailureReason> = None;
-    while let Some(batch) = queue.pop(batch_size, batch_bytes).await {
+    while let Some(batch) = queue.pop_lingering(batch_size, batch_bytes, linger).await {
         let sent = batch.len() as u64;
         match transport.send(batch).await {
             Ok(()) => {
@@ -232,7 +233,7 @@ mod tests {
             reason: FailureReason::Unreachable,
             received: Arc::clone(&received),
         };
-        let stats = run(queue, &mut transport, 2, usize::MAX).await;
+        let stats = run(queue, &mut transport, 2, usize::MAX, Duration::ZERO).await;
         assert_eq!(*received.lock().unwrap(), vec!["/1", "/2", "/3"]);
         assert_eq!(
             stats,
@@ -254,7 +255,7 @@ mod tests {
             reason: FailureReason::Rejected,
             received: Arc::default(),
         };
-        let stats = run(queue, &mut transport, 10, usize::MAX).await;
+        let stats = run(queue, &mut transport, 10, usize::MAX, Duration::ZERO).await;
         assert_eq!(stats.failed_attempts, 2);
         assert_eq!(started.elapsed(), Duration::from_secs(2));
     }
@@ -268,7 +269,7 @@ mod tests {
             reason: FailureReason::Rejected,
             received: Arc::clone(&received),
         };
-        let stats = run(queue, &mut transport, 10, usize::MAX).await;
+        let stats = run(queue, &mut transport, 10, usize::MAX, Duration::ZERO).await;
         assert_eq!(
             stats.failed_attempts, 3,
             "at 0, 30 and 60 s; delivered at 90 s"

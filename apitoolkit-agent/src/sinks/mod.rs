@@ -14,6 +14,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use tokio::sync::Notify;
@@ -136,6 +137,39 @@ impl PayloadQueue {
         }
     }
 
+    /// Like [`PayloadQueue::pop`], but a batch short of `max` payloads and `max_bytes` waits
+    /// `linger` after its first payload for more (not past [`PayloadQueue::close`]): fewer,
+    /// larger requests for destinations whose cost is mostly per request. One timer per batch,
+    /// not a wake-up per push.
+    pub async fn pop_lingering(
+        &self,
+        max: usize,
+        max_bytes: usize,
+        linger: Duration,
+    ) -> Option<Vec<Payload>> {
+        let full = |pending: &Pending| {
+            pending.closed || pending.payloads.len() >= max || pending.bytes >= max_bytes
+        };
+        loop {
+            let (full, empty) = {
+                let pending = self.pending.lock().expect("queue lock");
+                (full(&pending), pending.payloads.is_empty())
+            };
+            if full || (!empty && linger.is_zero()) {
+                break;
+            }
+            if !empty {
+                tokio::select! {
+                    () = tokio::time::sleep(linger) => {}
+                    () = self.wait_closed() => {}
+                }
+                break;
+            }
+            self.ready.notified().await;
+        }
+        self.pop(max, max_bytes).await
+    }
+
     /// Up to `max` payloads and (beyond the first) `max_bytes` queued bytes, waiting for at
     /// least one; `None` once closed and empty.
     pub async fn pop(&self, max: usize, max_bytes: usize) -> Option<Vec<Payload>> {
@@ -232,6 +266,40 @@ mod tests {
         queue.push(["/1", "/2", "/3"].map(payload));
         assert_eq!(paths(queue.pop(10, one * 2).await), vec!["/1", "/2"]);
         assert_eq!(paths(queue.pop(10, 1).await), vec!["/3"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_batch_lingers_for_more_but_a_full_one_or_a_close_does_not() {
+        let linger = std::time::Duration::from_millis(50);
+        let queue = PayloadQueue::new("test", 1 << 20);
+        queue.push([payload("/1")]);
+        let producer = queue.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(linger / 2).await;
+            producer.push([payload("/2")]);
+        });
+        let started = tokio::time::Instant::now();
+        let batch = queue.pop_lingering(10, usize::MAX, linger).await;
+        assert_eq!(paths(batch), vec!["/1", "/2"]);
+        assert_eq!(started.elapsed(), linger);
+
+        queue.push(["/3", "/4"].map(payload));
+        let started = tokio::time::Instant::now();
+        let batch = queue.pop_lingering(2, usize::MAX, linger).await;
+        assert_eq!(paths(batch), vec!["/3", "/4"]);
+        assert_eq!(started.elapsed(), std::time::Duration::ZERO);
+
+        queue.push([payload("/5")]);
+        let closer = queue.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(linger / 5).await;
+            closer.close();
+        });
+        let started = tokio::time::Instant::now();
+        let batch = queue.pop_lingering(10, usize::MAX, linger).await;
+        assert_eq!(paths(batch), vec!["/5"]);
+        assert_eq!(started.elapsed(), linger / 5);
+        assert!(queue.pop_lingering(10, usize::MAX, linger).await.is_none());
     }
 
     #[tokio::test]

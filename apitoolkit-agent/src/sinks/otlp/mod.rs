@@ -279,7 +279,7 @@ impl Transport for OtlpTransport {
 
 /// Exports until the queue is closed and drained.
 pub async fn run(queue: Arc<PayloadQueue>, mut transport: OtlpTransport) -> DeliveryStats {
-    delivery::run(queue, &mut transport, BATCH, BATCH_BYTES).await
+    delivery::run(queue, &mut transport, BATCH, BATCH_BYTES, Duration::ZERO).await
 }
 
 #[cfg(test)]
