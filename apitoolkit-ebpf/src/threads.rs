@@ -20,12 +20,7 @@ pub(crate) struct ThreadSlot {
     /// The fallback for TLS stacks that do socket I/O outside the SSL call (node feeds
     /// OpenSSL from memory buffers); [`NO_FD`] until the thread moved bytes on a connection.
     pub(crate) last_socket_fd: i32,
-    /// The socket fd this thread last saw an SSL call's own socket I/O name for the SSL object
-    /// `nested_ssl`, and found recorded in `SSL_CONNS`: a thread's calls on one object come in
-    /// runs (a read, the read that finds no more, the response), and each `SSL_CONNS` lookup is
-    /// a cache miss. [`NO_FD`] until then.
-    pub(crate) nested_fd: i32,
-    pub(crate) nested_ssl: u64,
+    pub(crate) _pad: u32,
 }
 
 /// The thread's slot, if it has one.
@@ -50,8 +45,7 @@ pub(crate) fn thread_slot_or_new(pid_tgid: u64) -> Option<&'static mut ThreadSlo
     let empty = ThreadSlot {
         tls: TlsCall::NONE,
         last_socket_fd: NO_FD,
-        nested_fd: NO_FD,
-        nested_ssl: 0,
+        _pad: 0,
     };
     if THREADS.insert(&pid_tgid, &empty, 0).is_err() {
         count(Counter::InflightTableFull);

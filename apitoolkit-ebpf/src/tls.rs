@@ -96,22 +96,24 @@ fn enter_tls_call(ctx: &ProbeContext, direction: Direction, length_arg: Option<u
     0
 }
 
+/// The `SSL_CONNS` key of `call`'s SSL object, and what the map says of it.
 #[inline(always)]
-fn ssl_key(tgid: u32, call: &TlsCall) -> SslKey {
-    SslKey {
+fn known_ssl_conn(tgid: u32, call: &TlsCall) -> (SslKey, Option<SslConn>) {
+    let key = SslKey {
         ssl: call.ssl,
         tgid,
         _pad: 0,
-    }
+    };
+    // SAFETY: copied at once; `SslConn` is plain integers, valid for any bytes.
+    let known = unsafe { SSL_CONNS.get(&key) }.copied();
+    (key, known)
 }
 
 /// Records in `SSL_CONNS` that the SSL object of `call` works on the fd its own socket I/O
 /// named, unless that is known already: an LRU update costs several lookups.
 #[inline(always)]
 fn record_nested_fd(tgid: u32, call: &TlsCall) {
-    let key = ssl_key(tgid, call);
-    // SAFETY: copied at once; `SslConn` is plain integers, valid for any bytes.
-    let known = unsafe { SSL_CONNS.get(&key) }.copied();
+    let (key, known) = known_ssl_conn(tgid, call);
     if known.is_none_or(|known| known.fd != call.fd || known.nested == 0) {
         let nested = SslConn {
             fd: call.fd,
@@ -126,9 +128,7 @@ fn record_nested_fd(tgid: u32, call: &TlsCall) {
 /// only when its answer changes.
 #[inline(always)]
 fn mapped_fd(tgid: u32, call: &TlsCall, last_socket_fd: i32) -> Option<i32> {
-    let key = ssl_key(tgid, call);
-    // SAFETY: copied at once; `SslConn` is plain integers, valid for any bytes.
-    let known = unsafe { SSL_CONNS.get(&key) }.copied();
+    let (key, known) = known_ssl_conn(tgid, call);
     if let Some(known) = known {
         // Reads of memory-fed TLS stacks follow the socket read on the same thread, so the
         // last fd is fresher than an earlier guess; writes keep the SSL object's connection.
@@ -195,11 +195,10 @@ fn exit_tls_call(ctx: &RetProbeContext) -> u32 {
         if total == 0 {
             return 0;
         }
-        if slot.nested_ssl != call.ssl || slot.nested_fd != call.fd {
-            record_nested_fd(tgid, &call);
-            slot.nested_ssl = call.ssl;
-            slot.nested_fd = call.fd;
-        }
+        // Looked up on every call with plaintext: a lookup keeps a live object's entry recent
+        // in the LRU, and the entry may have been rewritten by another thread whose SSL object
+        // reused this address.
+        record_nested_fd(tgid, &call);
         Some(call.fd)
     } else {
         let fd = mapped_fd(tgid, &call, slot.last_socket_fd);

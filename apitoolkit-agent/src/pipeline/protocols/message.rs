@@ -40,8 +40,9 @@ pub enum StartLine {
 
 /// Header fields in arrival order, held as one text plus where each field's name and value
 /// sit in it: one allocation for all of a message's fields (an HTTP/1 head or an HPACK block)
-/// instead of two per field.
-#[derive(Clone, Debug, Default)]
+/// instead of two per field. The text keeps what `replace_runs` and `retain_names` took out,
+/// so only the spans may ever be read (`Debug` included).
+#[derive(Clone, Default)]
 pub struct Fields {
     text: String,
     spans: Vec<FieldSpan>,
@@ -185,6 +186,13 @@ impl PartialEq for Fields {
 
 impl Eq for Fields {}
 
+/// The fields' pairs, never the text: it still holds redacted values.
+impl std::fmt::Debug for Fields {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_list().entries(self.iter()).finish()
+    }
+}
+
 impl<N: AsRef<str>, V: AsRef<str>> FromIterator<(N, V)> for Fields {
     fn from_iter<I: IntoIterator<Item = (N, V)>>(pairs: I) -> Self {
         let mut fields = Self::default();
@@ -258,5 +266,36 @@ impl Body {
             self.truncated = true;
         }
         self.bytes.extend_from_slice(&data[..data.len().min(room)]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Fields;
+
+    #[test]
+    fn replaced_and_dropped_values_are_gone_from_pairs_and_debug() {
+        let mut fields: Fields = [
+            ("authorization", "Bearer secret-token"),
+            ("authorization", "second-secret"),
+            ("cookie", "session=dropped"),
+            ("accept", "*/*"),
+        ]
+        .into_iter()
+        .collect();
+        fields.replace_runs(|name| name == "authorization", "[CLIENT_REDACTED]");
+        fields.retain_names(|name| name != "cookie");
+        assert_eq!(
+            fields.to_pairs(),
+            [
+                ("authorization".to_owned(), "[CLIENT_REDACTED]".to_owned()),
+                ("accept".to_owned(), "*/*".to_owned()),
+            ]
+        );
+        let debug = format!("{fields:?}");
+        assert!(debug.contains("[CLIENT_REDACTED]"), "{debug}");
+        for gone in ["secret-token", "second-secret", "session=dropped"] {
+            assert!(!debug.contains(gone), "{gone} in {debug}");
+        }
     }
 }
