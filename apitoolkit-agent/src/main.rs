@@ -4,6 +4,7 @@ use std::io::IsTerminal as _;
 
 use apitoolkit_agent::{
     agent::{self, recording},
+    allocator,
     capture::preflight,
     config::{self, Cli, Command, ConfigError, LogFormat},
 };
@@ -33,6 +34,7 @@ async fn main() {
         }
     };
     init_logging(cli.capture.debug, cli.capture.log_format);
+    allocator::use_base_pages();
     if let Err(error) = run(cli).await {
         eprintln!("apitoolkit-agent: {error:#}");
         std::process::exit(1);
