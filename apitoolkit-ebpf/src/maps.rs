@@ -1,11 +1,10 @@
-//! Every map of the kernel object, and the accessors for the counter and configuration arrays.
+//! Every map of the kernel object, and the accessor for the counter array.
 //!
 //! Userspace looks each map up by the name of its static (`apitoolkit_common::maps`), so the
 //! statics keep their names.
 
 use apitoolkit_common::{
-    COMM_LEN, CONFIG_COUNT, COUNTER_COUNT, ConfigKey, ConnState, Counter,
-    DEFAULT_RING_BUFFER_BYTES, DataRecord, Disabled,
+    COMM_LEN, COUNTER_COUNT, ConnState, Counter, DEFAULT_RING_BUFFER_BYTES, DataRecord, Disabled,
 };
 use aya_ebpf::{
     Global,
@@ -95,10 +94,6 @@ pub(crate) static THREADS: HashMap<u64, ThreadSlot> = HashMap::with_max_entries(
 #[map]
 pub(crate) static SCRATCH: PerCpuArray<DataRecord> = PerCpuArray::with_max_entries(1, 0);
 
-/// Switches userspace sets at start-up, indexed by [`ConfigKey`].
-#[map]
-pub(crate) static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_COUNT, 0);
-
 /// Events that could not be delivered, indexed by [`Counter`].
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
@@ -178,10 +173,4 @@ pub(crate) fn count(counter: Counter) {
         // else writes it meanwhile.
         unsafe { *slot += 1 };
     }
-}
-
-/// A switch of the configuration array; 0 (off) if it cannot be read.
-#[inline(always)]
-pub(crate) fn config(key: ConfigKey) -> u32 {
-    CONFIG.get(key as u32).copied().unwrap_or(0)
 }
