@@ -183,6 +183,10 @@ pub struct ConnState {
     /// Plaintext bytes the TLS library moved per direction: positions of `Source::Tls` records.
     pub tls_bytes_sent: u64,
     pub tls_bytes_received: u64,
+    /// The kernel's copy of this generation's [`Disabled::sources`] (low 8 bits), valid while
+    /// the disabled epoch is the high bits minus one; 0 until first looked up. Kept in one
+    /// word so CPUs sharing the connection never pair one epoch with another's sources.
+    pub disabled_sources_at_epoch: u64,
 }
 
 /// An entry of the kernel's disabled-connection map, keyed by `conn_key(tgid, fd)`: the byte
@@ -327,6 +331,9 @@ pub mod maps {
     pub const CONNECTIONS: &str = "CONNECTIONS";
     /// Byte sources userspace gave up on ([`crate::Disabled`] by [`crate::conn_key`]).
     pub const DISABLED: &str = "DISABLED";
+    /// Bumped by userspace after each update of [`DISABLED`], so the kernel looks a
+    /// connection's entry up again only when some entry may have changed (one `u64`).
+    pub const DISABLED_EPOCH: &str = "DISABLED_EPOCH";
     /// Per-thread state: the SSL call in progress and the last connection fd the thread moved
     /// bytes on.
     pub const THREADS: &str = "THREADS";

@@ -85,6 +85,12 @@ pub(crate) static CONNECTIONS: LruHashMap<u64, ConnState> = LruHashMap::with_max
 #[map]
 pub(crate) static DISABLED: LruHashMap<u64, Disabled> = LruHashMap::with_max_entries(16384, 0);
 
+/// How many times userspace has updated [`DISABLED`]: a connection caches its entry in
+/// `ConnState` and looks it up again only when this moved, where a lookup on every emit cost a
+/// cold hash lookup per request.
+#[map]
+pub(crate) static DISABLED_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+
 /// One slot per watched thread ([`ThreadSlot`]), written in place (not LRU: its list locks
 /// cost more than the whole lookup); a thread's slot is freed when it exits.
 #[map]

@@ -21,7 +21,7 @@ use apitoolkit_common::{
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
@@ -183,6 +183,8 @@ pub struct KernelSwitches {
 pub struct Probes {
     ebpf: Ebpf,
     watched: WatchedFlags,
+    /// The value of [`maps::DISABLED_EPOCH`]: updates of [`maps::DISABLED`] so far.
+    disabled_epoch: u64,
     /// The SSL uprobe programs passed the verifier and can be attached.
     tls_loaded: bool,
     /// So did the Go programs (loaded apart: a verifier refusing them costs OpenSSL nothing).
@@ -264,6 +266,7 @@ impl Probes {
         Ok(Self {
             ebpf,
             watched,
+            disabled_epoch: 0,
             tls_loaded,
             go_loaded,
         })
@@ -501,7 +504,13 @@ impl Probes {
         };
         disabled
             .insert(key, entry, 0)
-            .map_err(in_map(maps::DISABLED))
+            .map_err(in_map(maps::DISABLED))?;
+        // After the entry: a program that read the old epoch may have missed the entry, and
+        // looks again at its next call because the epoch moved.
+        self.disabled_epoch += 1;
+        let value = self.disabled_epoch;
+        let mut epoch: Array<_, u64> = self.map(maps::DISABLED_EPOCH)?;
+        epoch.set(0, value, 0).map_err(in_map(maps::DISABLED_EPOCH))
     }
 
     pub fn take_ring_buffer(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
@@ -654,6 +663,7 @@ mod tests {
             maps::TARGETS,
             maps::CONNECTIONS,
             maps::DISABLED,
+            maps::DISABLED_EPOCH,
             maps::COUNTERS,
         ];
         let set_globals = [
