@@ -125,22 +125,6 @@ impl Source {
     }
 }
 
-abi_enum! {
-    /// Indices of the kernel's configuration array, written by userspace before targets are
-    /// added. `--all` and `--cgroup` select in the kernel, so new processes are captured from
-    /// their first syscall.
-    pub enum ConfigKey: u32 {
-        /// Non-zero: capture what target threads write to stderr.
-        CaptureStderr = 0,
-        /// Non-zero: every process is a target, except `AgentTgid`.
-        SelectAll = 1,
-        /// Non-zero: processes in the cgroups of the kernel's cgroup-target map are targets.
-        SelectCgroups = 2,
-        /// The agent's own process, never a target (it would capture its own output).
-        AgentTgid = 3,
-    }
-}
-
 /// Length of the kernel's task name (`comm`), NUL included.
 pub const COMM_LEN: usize = 16;
 
@@ -153,9 +137,6 @@ pub fn exe_comm(program: &str) -> [u8; COMM_LEN] {
     comm[..len].copy_from_slice(&name[..len]);
     comm
 }
-
-/// Size of the kernel's configuration array.
-pub const CONFIG_COUNT: u32 = ConfigKey::ALL.len() as u32;
 
 abi_enum! {
     /// Indices of the per-CPU counters the eBPF side keeps for events it could not deliver, so
@@ -202,6 +183,10 @@ pub struct ConnState {
     /// Plaintext bytes the TLS library moved per direction: positions of `Source::Tls` records.
     pub tls_bytes_sent: u64,
     pub tls_bytes_received: u64,
+    /// The kernel's copy of this generation's [`Disabled::sources`] (low 8 bits), valid while
+    /// the disabled epoch is the high bits minus one; 0 until first looked up. Kept in one
+    /// word so CPUs sharing the connection never pair one epoch with another's sources.
+    pub disabled_sources_at_epoch: u64,
 }
 
 /// An entry of the kernel's disabled-connection map, keyed by `conn_key(tgid, fd)`: the byte
@@ -346,13 +331,14 @@ pub mod maps {
     pub const CONNECTIONS: &str = "CONNECTIONS";
     /// Byte sources userspace gave up on ([`crate::Disabled`] by [`crate::conn_key`]).
     pub const DISABLED: &str = "DISABLED";
+    /// Bumped by userspace after each update of [`DISABLED`], so the kernel looks a
+    /// connection's entry up again only when some entry may have changed (one `u64`).
+    pub const DISABLED_EPOCH: &str = "DISABLED_EPOCH";
     /// Per-thread state: the SSL call in progress and the last connection fd the thread moved
     /// bytes on.
     pub const THREADS: &str = "THREADS";
     /// Per-CPU data record under construction.
     pub const SCRATCH: &str = "SCRATCH";
-    /// Switches indexed by [`crate::ConfigKey`].
-    pub const CONFIG: &str = "CONFIG";
     /// Per-CPU loss counters indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
     /// The ring buffer every record goes through; userspace may resize it before loading.
@@ -378,6 +364,15 @@ pub mod globals {
     /// Where `child_pid` is in a sched_process_fork record (`u32`): its comm fields became
     /// `__data_loc` strings in later kernels, which moved it.
     pub const FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
+    /// Non-zero: capture what target threads write to stderr (`u32`).
+    pub const CAPTURE_STDERR: &str = "CAPTURE_STDERR";
+    /// Non-zero (`--all`): every process but the agent is a target (`u32`).
+    pub const SELECT_ALL: &str = "SELECT_ALL";
+    /// Non-zero (`--cgroup`): processes in the cgroups of the cgroup-target map are targets
+    /// (`u32`).
+    pub const SELECT_CGROUPS: &str = "SELECT_CGROUPS";
+    /// The agent's own process, never a target: it would capture its own output (`u32`).
+    pub const AGENT_TGID: &str = "AGENT_TGID";
 }
 
 /// `child_pid`'s offset in sched_process_fork records with `__data_loc` comm fields (newer
@@ -542,7 +537,6 @@ mod tests {
         round_trips!(Direction, u8);
         round_trips!(Role, u8);
         round_trips!(Source, u8);
-        round_trips!(ConfigKey, u32);
         round_trips!(Counter, u32);
         assert_eq!(RecordKind::try_from(0), Err(0));
     }

@@ -9,7 +9,7 @@ use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_user, generated};
 use core::ffi::c_void;
 
 use crate::{
-    maps::{DISABLED, EMIT_STATE, SCRATCH, count, publish},
+    maps::{DISABLED, DISABLED_EPOCH, EMIT_STATE, SCRATCH, count, publish},
     syscalls::{CallKind, Transfer},
 };
 
@@ -273,14 +273,35 @@ pub(crate) fn emit_skipped(skipped: &Skipped, direction: Direction, source: Sour
     }
 }
 
+/// Whether userspace disabled `source` of this connection generation. The DISABLED entry is
+/// looked up only when the disabled epoch moved since this connection last looked: userspace
+/// bumps the epoch after each update of the map, and the epoch is read before the lookup, so
+/// an update the lookup missed has moved the epoch past the cached one and the next call looks
+/// again.
 #[inline(always)]
-fn is_disabled(key: u64, generation: u64, source: Source) -> bool {
-    // SAFETY: `Disabled` is plain integers, so a concurrently updated or recycled entry yields
-    // integers (at worst a stale answer), never invalid values; the reference is dropped at once.
-    match unsafe { DISABLED.get(&key) } {
-        Some(disabled) => disabled.generation == generation && disabled.sources & source.bit() != 0,
-        None => false,
-    }
+fn is_disabled(state: &mut ConnState, key: u64, source: Source) -> bool {
+    let epoch = DISABLED_EPOCH.get(0).copied().unwrap_or(0);
+    // One read and one write of the word: another CPU may update it meanwhile, and a torn
+    // pair of epoch and sources could hide a disable.
+    let cached_at = &raw mut state.disabled_sources_at_epoch;
+    // SAFETY: a field of the live map value `state` refers to; any u64 is valid.
+    let cached = unsafe { cached_at.read_volatile() };
+    let tag = (epoch + 1) << 8;
+    let sources = if cached & !0xff == tag {
+        cached & 0xff
+    } else {
+        // SAFETY: `Disabled` is plain integers, so a concurrently updated or recycled entry
+        // yields integers (at worst a stale answer), never invalid values; the reference is
+        // dropped at once.
+        let sources = match unsafe { DISABLED.get(&key) } {
+            Some(disabled) if disabled.generation == state.generation => disabled.sources & 0xff,
+            _ => 0,
+        } as u64;
+        // SAFETY: as for the read.
+        unsafe { cached_at.write_volatile(tag | sources) };
+        sources
+    };
+    sources & source.bit() as u64 != 0
 }
 
 /// Places `total` bytes of `call` in the connection's stream for that source and direction,
@@ -304,7 +325,7 @@ pub(crate) fn emit_on_connection(
     };
     let start = *counter;
     *counter += total;
-    if is_disabled(conn_key(tgid, call.fd), state.generation, source) {
+    if is_disabled(state, conn_key(tgid, call.fd), source) {
         return;
     }
     let conn = ConnId {

@@ -1,11 +1,10 @@
-//! Every map of the kernel object, and the accessors for the counter and configuration arrays.
+//! Every map of the kernel object, and the accessor for the counter array.
 //!
 //! Userspace looks each map up by the name of its static (`apitoolkit_common::maps`), so the
 //! statics keep their names.
 
 use apitoolkit_common::{
-    COMM_LEN, CONFIG_COUNT, COUNTER_COUNT, ConfigKey, ConnState, Counter,
-    DEFAULT_RING_BUFFER_BYTES, DataRecord, Disabled,
+    COMM_LEN, COUNTER_COUNT, ConnState, Counter, DEFAULT_RING_BUFFER_BYTES, DataRecord, Disabled,
 };
 use aya_ebpf::{
     Global,
@@ -86,6 +85,12 @@ pub(crate) static CONNECTIONS: LruHashMap<u64, ConnState> = LruHashMap::with_max
 #[map]
 pub(crate) static DISABLED: LruHashMap<u64, Disabled> = LruHashMap::with_max_entries(16384, 0);
 
+/// How many times userspace has updated [`DISABLED`]: a connection caches its entry in
+/// `ConnState` and looks it up again only when this moved, where a lookup on every emit cost a
+/// cold hash lookup per request.
+#[map]
+pub(crate) static DISABLED_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+
 /// One slot per watched thread ([`ThreadSlot`]), written in place (not LRU: its list locks
 /// cost more than the whole lookup); a thread's slot is freed when it exits.
 #[map]
@@ -94,10 +99,6 @@ pub(crate) static THREADS: HashMap<u64, ThreadSlot> = HashMap::with_max_entries(
 /// A data record is assembled here: it is too big for the 512-byte stack.
 #[map]
 pub(crate) static SCRATCH: PerCpuArray<DataRecord> = PerCpuArray::with_max_entries(1, 0);
-
-/// Switches userspace sets at start-up, indexed by [`ConfigKey`].
-#[map]
-pub(crate) static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_COUNT, 0);
 
 /// Events that could not be delivered, indexed by [`Counter`].
 #[map]
@@ -178,10 +179,4 @@ pub(crate) fn count(counter: Counter) {
         // else writes it meanwhile.
         unsafe { *slot += 1 };
     }
-}
-
-/// A switch of the configuration array; 0 (off) if it cannot be read.
-#[inline(always)]
-pub(crate) fn config(key: ConfigKey) -> u32 {
-    CONFIG.get(key as u32).copied().unwrap_or(0)
 }

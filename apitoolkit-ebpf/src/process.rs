@@ -1,9 +1,7 @@
 //! Target selection: which processes are captured, and the fork/exit tracepoints that keep the
 //! target set current.
 
-use apitoolkit_common::{
-    ConfigKey, Counter, DEFAULT_FORK_CHILD_PID_OFFSET, ProcessRecord, RecordKind,
-};
+use apitoolkit_common::{Counter, DEFAULT_FORK_CHILD_PID_OFFSET, ProcessRecord, RecordKind};
 use aya_ebpf::{
     Global,
     helpers::{
@@ -16,8 +14,7 @@ use aya_ebpf::{
 use crate::{
     connections::read_sockaddr,
     maps::{
-        CGROUP_TARGETS, EXE_TARGETS, PORT_TARGETS, THREADS, config, count, is_watched, publish,
-        set_watched,
+        CGROUP_TARGETS, EXE_TARGETS, PORT_TARGETS, THREADS, count, is_watched, publish, set_watched,
     },
     syscalls::arg,
 };
@@ -31,14 +28,28 @@ pub(crate) fn current_target() -> Option<(u64, u32)> {
     selected.then_some((pid_tgid, tgid))
 }
 
+/// `--all`: every process but the agent is a target. The selection switches are read-only
+/// globals the loader sets, not a map: the verifier sees their values and drops the branches
+/// they rule out, where a map lookup cost every syscall of every process that is no target.
+#[unsafe(no_mangle)]
+static SELECT_ALL: Global<u32> = Global::new(0);
+
+/// `--cgroup`: processes in the cgroups of [`CGROUP_TARGETS`] are targets.
+#[unsafe(no_mangle)]
+static SELECT_CGROUPS: Global<u32> = Global::new(0);
+
+/// The agent's own process, never a target: it would capture its own output.
+#[unsafe(no_mangle)]
+static AGENT_TGID: Global<u32> = Global::new(0);
+
 /// `--all` and `--cgroup` select in the kernel, so new processes are captured from their first
 /// syscall.
 #[inline(always)]
 fn selected_by_config(tgid: u32) -> bool {
-    if config(ConfigKey::SelectAll) != 0 {
-        return tgid != config(ConfigKey::AgentTgid);
+    if SELECT_ALL.load() != 0 {
+        return tgid != AGENT_TGID.load();
     }
-    if config(ConfigKey::SelectCgroups) != 0 {
+    if SELECT_CGROUPS.load() != 0 {
         // SAFETY: the helper takes no arguments and only reads the current task.
         let cgroup = unsafe { bpf_get_current_cgroup_id() };
         // SAFETY: only the presence of the entry is used; its value is never read.
@@ -77,7 +88,7 @@ pub fn process_fork(ctx: TracePointContext) -> u32 {
 fn unselected_process() -> Option<u32> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let selected = is_watched(tgid) || selected_by_config(tgid);
-    (!selected && tgid != config(ConfigKey::AgentTgid)).then_some(tgid)
+    (!selected && tgid != AGENT_TGID.load()).then_some(tgid)
 }
 
 /// Makes the current process a target from its next syscall on (its threads and children

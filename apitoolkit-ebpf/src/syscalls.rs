@@ -2,11 +2,11 @@
 //! broken or closed), with the arguments read from the registers it was entered with.
 
 use apitoolkit_common::{
-    CHUNK_SIZE, ConfigKey, ConnId, ConnState, Counter, Direction, RecordKind, Role, SocketAddress,
-    Source, conn_key,
+    CHUNK_SIZE, ConnId, ConnState, Counter, Direction, RecordKind, Role, SocketAddress, Source,
+    conn_key,
 };
 use aya_ebpf::{
-    EbpfContext,
+    EbpfContext, Global,
     bindings::BPF_RB_AVAIL_DATA,
     bindings::pt_regs,
     helpers::{
@@ -20,7 +20,7 @@ use aya_ebpf::{
 use crate::{
     connections::{connection_of, emit_conn, is_ip, open_conn, read_sockaddr, report_broken},
     emit::{Mover, Skipped, emit_data, emit_on_connection, emit_skipped},
-    maps::{CONNECTIONS, EVENTS, config, count, ring_buffer_bytes},
+    maps::{CONNECTIONS, EVENTS, count, ring_buffer_bytes},
     process::current_target,
     threads::{thread_slot, thread_slot_or_new},
 };
@@ -325,9 +325,13 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction) -> u32 {
     0
 }
 
+/// Non-zero: capture what target threads write to stderr. Set by the loader.
+#[unsafe(no_mangle)]
+static CAPTURE_STDERR: Global<u32> = Global::new(0);
+
 #[inline(always)]
 fn captures_stderr() -> bool {
-    config(ConfigKey::CaptureStderr) != 0
+    CAPTURE_STDERR.load() != 0
 }
 
 /// A target's write to fd 2, which is no connection: userspace turns tracebacks into payload

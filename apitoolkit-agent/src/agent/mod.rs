@@ -26,7 +26,7 @@ use tokio::{
 use uuid::Uuid;
 
 use crate::{
-    capture::{Probes, RingWakeups},
+    capture::{KernelSwitches, Probes, RingWakeups},
     config::{CaptureArgs, Outputs},
     observability::{self, Heartbeat},
     pipeline::{
@@ -363,12 +363,13 @@ async fn start_observability(args: &CaptureArgs, heartbeat: Heartbeat) {
 
 /// Loads the probes and selects processes in the kernel where the selection lives there.
 fn load_probes(args: &CaptureArgs, selector: &Selector) -> anyhow::Result<Probes> {
-    let mut probes = Probes::load(args.ring_buffer_bytes)?;
-    probes.capture_stderr(args.capture_errors)?;
-    if selector.all() {
-        probes.select_all()?;
-    }
-    if !selector.cgroups().is_empty() {
+    let switches = KernelSwitches {
+        capture_stderr: args.capture_errors,
+        select_all: selector.all(),
+        select_cgroups: !selector.cgroups().is_empty(),
+    };
+    let mut probes = Probes::load(args.ring_buffer_bytes, switches)?;
+    if switches.select_cgroups {
         let ids: Vec<u64> = selector.cgroups().iter().map(|cgroup| cgroup.id).collect();
         probes.select_cgroups(&ids)?;
     }

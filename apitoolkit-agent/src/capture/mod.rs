@@ -12,7 +12,7 @@ use std::{
 };
 
 use apitoolkit_common::{
-    COMM_LEN, ConfigKey, ConnState, Counter, Disabled, conn_key, exe_comm, globals, maps,
+    COMM_LEN, ConnState, Counter, Disabled, conn_key, exe_comm, globals, maps,
     programs::{
         GO_CONN_LOOP_ENTER, GO_NEWPROC1_CALL, GO_PROGRAMS, GO_ROUND_TRIP_ENTER, GO_RUNQPUT_CALL,
         GO_TLS_READ_COPY, GO_TLS_READ_ENTER, GO_TLS_READ_RETURN, GO_TLS_WRITE_ENTER,
@@ -168,9 +168,23 @@ pub struct KernelLosses {
     pub stderr_yielded: u64,
 }
 
+/// What the kernel programs select and capture on their own. Fixed at load: they are read-only
+/// globals of the programs, which the verifier sees as constants.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelSwitches {
+    /// Send what target threads write to stderr (for error reports).
+    pub capture_stderr: bool,
+    /// Every process but the agent is a target.
+    pub select_all: bool,
+    /// The processes of the cgroups given to [`Probes::select_cgroups`] are targets.
+    pub select_cgroups: bool,
+}
+
 pub struct Probes {
     ebpf: Ebpf,
     watched: WatchedFlags,
+    /// The value of [`maps::DISABLED_EPOCH`]: updates of [`maps::DISABLED`] so far.
+    disabled_epoch: u64,
     /// The SSL uprobe programs passed the verifier and can be attached.
     tls_loaded: bool,
     /// So did the Go programs (loaded apart: a verifier refusing them costs OpenSSL nothing).
@@ -180,7 +194,7 @@ pub struct Probes {
 impl Probes {
     /// Loads and attaches everything; the event ring buffer gets `ring_buffer_bytes` (a power
     /// of two, at least a page).
-    pub fn load(ring_buffer_bytes: u32) -> Result<Self, ProbeError> {
+    pub fn load(ring_buffer_bytes: u32, switches: KernelSwitches) -> Result<Self, ProbeError> {
         check_privileges()?;
         ensure_tracefs()?;
         // No kernel BTF in the agent: the programs need no CO-RE relocations (the verifier uses
@@ -196,6 +210,18 @@ impl Probes {
                 &fork_child_pid_offset()?,
                 true,
             )
+            .override_global(
+                globals::CAPTURE_STDERR,
+                &u32::from(switches.capture_stderr),
+                true,
+            )
+            .override_global(globals::SELECT_ALL, &u32::from(switches.select_all), true)
+            .override_global(
+                globals::SELECT_CGROUPS,
+                &u32::from(switches.select_cgroups),
+                true,
+            )
+            .override_global(globals::AGENT_TGID, &std::process::id(), true)
             .map_max_entries(maps::WATCHED, watched_entries)
             .load(KERNEL_OBJECT)
             .map_err(|error| missing("BPF maps and programs (bpf syscall, ring buffer)", error))?;
@@ -240,6 +266,7 @@ impl Probes {
         Ok(Self {
             ebpf,
             watched,
+            disabled_epoch: 0,
             tls_loaded,
             go_loaded,
         })
@@ -372,25 +399,8 @@ impl Probes {
         T::try_from(map).map_err(in_map(name))
     }
 
-    fn set_config(&mut self, key: ConfigKey, value: u32) -> Result<(), ProbeError> {
-        let mut config: Array<_, u32> = self.map(maps::CONFIG)?;
-        config
-            .set(key as u32, value, 0)
-            .map_err(in_map(maps::CONFIG))
-    }
-
-    /// Makes the kernel send what target threads write to stderr (for error reports).
-    pub fn capture_stderr(&mut self, enabled: bool) -> Result<(), ProbeError> {
-        self.set_config(ConfigKey::CaptureStderr, u32::from(enabled))
-    }
-
-    /// Makes every process but the agent a target, in the kernel.
-    pub fn select_all(&mut self) -> Result<(), ProbeError> {
-        self.set_config(ConfigKey::AgentTgid, std::process::id())?;
-        self.set_config(ConfigKey::SelectAll, 1)
-    }
-
-    /// Makes the processes of these cgroups (v2 ids) targets, in the kernel.
+    /// Makes the processes of these cgroups (v2 ids) targets, in the kernel (loaded with
+    /// [`KernelSwitches::select_cgroups`]).
     pub fn select_cgroups(&mut self, ids: &[u64]) -> Result<(), ProbeError> {
         let mut cgroups: HashMap<_, u64, u8> = self.map(maps::CGROUP_TARGETS)?;
         for id in ids {
@@ -398,7 +408,7 @@ impl Probes {
                 .insert(id, 1, 0)
                 .map_err(in_map(maps::CGROUP_TARGETS))?;
         }
-        self.set_config(ConfigKey::SelectCgroups, 1)
+        Ok(())
     }
 
     /// Makes a process that binds one of these ports a target at once, in the kernel.
@@ -494,7 +504,13 @@ impl Probes {
         };
         disabled
             .insert(key, entry, 0)
-            .map_err(in_map(maps::DISABLED))
+            .map_err(in_map(maps::DISABLED))?;
+        // After the entry: a program that read the old epoch may have missed the entry, and
+        // looks again at its next call because the epoch moved.
+        self.disabled_epoch += 1;
+        let value = self.disabled_epoch;
+        let mut epoch: Array<_, u64> = self.map(maps::DISABLED_EPOCH)?;
+        epoch.set(0, value, 0).map_err(in_map(maps::DISABLED_EPOCH))
     }
 
     pub fn take_ring_buffer(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
@@ -626,7 +642,7 @@ mod tests {
     }
 
     #[test]
-    fn the_kernel_object_defines_every_map_and_program_userspace_names() {
+    fn the_kernel_object_defines_every_map_program_and_global_userspace_names() {
         let object = object::File::parse(KERNEL_OBJECT).unwrap();
         let symbols: HashSet<&str> = object
             .symbols()
@@ -640,7 +656,6 @@ mod tests {
             .chain(GO_PROGRAMS);
         let used_maps = [
             maps::EVENTS,
-            maps::CONFIG,
             maps::CGROUP_TARGETS,
             maps::PORT_TARGETS,
             maps::EXE_TARGETS,
@@ -648,9 +663,18 @@ mod tests {
             maps::TARGETS,
             maps::CONNECTIONS,
             maps::DISABLED,
+            maps::DISABLED_EPOCH,
             maps::COUNTERS,
         ];
-        for name in programs.chain(used_maps) {
+        let set_globals = [
+            globals::RING_BUFFER_BYTES,
+            globals::FORK_CHILD_PID_OFFSET,
+            globals::CAPTURE_STDERR,
+            globals::SELECT_ALL,
+            globals::SELECT_CGROUPS,
+            globals::AGENT_TGID,
+        ];
+        for name in programs.chain(used_maps).chain(set_globals) {
             assert!(symbols.contains(name), "{name} is not in the kernel object");
         }
     }

@@ -149,7 +149,10 @@ pub fn run() -> Vec<Check> {
             "kernel without CONFIG_UPROBE_EVENTS: HTTPS is not captured",
         ),
     ];
-    checks.push(match Probes::load(capture::DEFAULT_RING_BUFFER_BYTES) {
+    checks.push(match Probes::load(
+        capture::DEFAULT_RING_BUFFER_BYTES,
+        capture::KernelSwitches::default(),
+    ) {
         Ok(probes) if probes.tls_available() => check(
             "eBPF programs",
             Verdict::Pass,
