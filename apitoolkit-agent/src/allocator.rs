@@ -8,15 +8,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Backs this process's memory with base pages only. mimalloc asks for transparent huge pages
 /// for its arenas: every first touch zeroed 2 MiB, and memory returned inside a huge page still
 /// counted, so 30 of the 50 MiB the agent held at start-up were huge pages it barely used.
-pub fn use_base_pages() {
+pub fn use_base_pages() -> std::io::Result<()> {
     // SAFETY: prctl with PR_SET_THP_DISABLE only sets a flag of this process's memory map; it
     // takes effect at the next fault, for existing mappings too.
-    let result = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
-    if result != 0 {
-        tracing::debug!(
-            error = %std::io::Error::last_os_error(),
-            "transparent huge pages stay enabled"
-        );
+    match unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
     }
 }
 

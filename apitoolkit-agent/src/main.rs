@@ -22,8 +22,9 @@ fn init_logging(debug: bool, format: LogFormat) {
     }
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // Before the runtime's threads allocate anything.
+    let base_pages = allocator::use_base_pages();
     let cli = match config::parse(std::env::args_os().collect()) {
         Ok(cli) => cli,
         // Usage errors, --help and --version print themselves.
@@ -34,8 +35,22 @@ async fn main() {
         }
     };
     init_logging(cli.capture.debug, cli.capture.log_format);
-    allocator::use_base_pages();
-    if let Err(error) = run(cli).await {
+    if let Err(error) = base_pages {
+        tracing::debug!(%error, "transparent huge pages stay enabled");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("apitoolkit-agent: starting the async runtime: {error}");
+            std::process::exit(1);
+        }
+    };
+    // Exits with the runtime still alive: dropping it would wait for blocking threads (stdin,
+    // the stdout sink) that an error left running.
+    if let Err(error) = runtime.block_on(run(cli)) {
         eprintln!("apitoolkit-agent: {error:#}");
         std::process::exit(1);
     }

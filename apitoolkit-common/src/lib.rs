@@ -125,6 +125,9 @@ impl Source {
     }
 }
 
+// `ConnState::disabled_sources_at_epoch` keeps a connection's disabled sources in 8 bits.
+const _: () = assert!(Source::ALL.len() <= 8);
+
 /// Length of the kernel's task name (`comm`), NUL included.
 pub const COMM_LEN: usize = 16;
 

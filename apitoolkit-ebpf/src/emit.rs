@@ -277,7 +277,8 @@ pub(crate) fn emit_skipped(skipped: &Skipped, direction: Direction, source: Sour
 /// looked up only when the disabled epoch moved since this connection last looked: userspace
 /// bumps the epoch after each update of the map, and the epoch is read before the lookup, so
 /// an update the lookup missed has moved the epoch past the cached one and the next call looks
-/// again.
+/// again. That order holds on x86-64 (the only target of these programs); a weaker memory
+/// model would need a barrier between the two reads.
 #[inline(always)]
 fn is_disabled(state: &mut ConnState, key: u64, source: Source) -> bool {
     let epoch = DISABLED_EPOCH.get(0).copied().unwrap_or(0);

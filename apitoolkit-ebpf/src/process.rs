@@ -49,7 +49,8 @@ fn selected_by_config(tgid: u32) -> bool {
     if SELECT_ALL.load() != 0 {
         return tgid != AGENT_TGID.load();
     }
-    if SELECT_CGROUPS.load() != 0 {
+    // The agent may run in a cgroup it watches (a session scope, a pod).
+    if SELECT_CGROUPS.load() != 0 && tgid != AGENT_TGID.load() {
         // SAFETY: the helper takes no arguments and only reads the current task.
         let cgroup = unsafe { bpf_get_current_cgroup_id() };
         // SAFETY: only the presence of the entry is used; its value is never read.

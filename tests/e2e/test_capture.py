@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import AGENT_BIN, body, body_json, header
+from conftest import AGENT_BIN, APPS, Server, body, body_json, free_port, header
 
 
 def by_url(payloads, raw_url):
@@ -289,6 +289,33 @@ def test_agent_exits_when_the_watched_process_is_a_zombie(agent_factory):
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_non_http_connections_are_given_up_in_the_kernel(agent_factory):
+    """Two loopback streams of 64 MiB that are not HTTP, one after the other in one process:
+    each is disabled in the kernel after its first bytes (the second after the first's disable
+    was cached), and the HTTP connection that then reuses their fd numbers is captured whole."""
+    port = free_port()
+    server = Server([sys.executable, str(APPS / "stream_server.py")], port)
+    try:
+        agent = agent_factory([server.pid])
+        for _ in range(2):
+            response = requests.get(f"{server.base}/stream?mib=64", timeout=60)
+            assert response.text == str(64 << 20)
+        with requests.get(f"{server.base}/after", timeout=10) as response:
+            assert response.text == "ok"
+        payloads = agent.wait_for(3)
+        assert agent.stop() == 0
+    finally:
+        server.stop()
+    assert sorted(p["raw_url"] for p in payloads) == ["/after", "/stream?mib=64", "/stream?mib=64"]
+    assert [body(p, "response_body") for p in payloads if p["raw_url"] == "/after"] == [b"ok"]
+    stats = agent.stats()
+    # Both ends of each stream are this process's connections.
+    assert stats["not_http_connections"] == 4, stats
+    # 256 MiB moved (64 MiB sent and received, twice); what was copied before each disable
+    # took effect is a small part of it.
+    assert stats["captured_bytes"] < 32 << 20, stats
 
 
 def test_sendfile_body_is_reported_as_not_captured(gunicorn_server, agent_factory):

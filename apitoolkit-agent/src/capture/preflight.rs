@@ -151,7 +151,13 @@ pub fn run() -> Vec<Check> {
     ];
     checks.push(match Probes::load(
         capture::DEFAULT_RING_BUFFER_BYTES,
-        capture::KernelSwitches::default(),
+        // The largest programs: the switches are constants the verifier prunes by, so what
+        // `check` passes must include every branch the agent may load.
+        capture::KernelSwitches {
+            capture_stderr: true,
+            select_all: false,
+            select_cgroups: true,
+        },
     ) {
         Ok(probes) if probes.tls_available() => check(
             "eBPF programs",

@@ -66,7 +66,8 @@ pub fn with_descendants(roots: &[u32]) -> Vec<u32> {
                 .collect()
         });
         for child in children {
-            if !selected.contains(&child) {
+            // Never the agent, started from a shell it was asked to watch.
+            if child != std::process::id() && !selected.contains(&child) {
                 selected.push(child);
             }
         }
