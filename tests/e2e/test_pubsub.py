@@ -133,3 +133,22 @@ def test_outage_keeps_payloads_within_the_bound_and_counts_the_rest(flask_server
     assert len(set(delivered)) == len(delivered), "no duplicates"
     # The newest payloads survive: drop-oldest.
     assert "/item/21" in delivered
+
+
+def test_a_payload_over_the_message_size_limit_is_dropped_and_the_rest_delivered(
+        flask_server, agent_factory, pubsub_emulator, topic, metadata_stub):
+    """A 9 MiB upload under --max-body-bytes 16 MiB makes a message of ~12 MB, over Pub/Sub's
+    10 MB: it is dropped and logged (retried, it would block every payload queued after it)."""
+    _, subscription = topic
+    agent = agent_factory(
+        [flask_server.pid],
+        "--api-key", MetadataStub.API_KEY, "--root-url", metadata_stub.url,
+        "--max-body-bytes", str(16 << 20),
+        env={"PUBSUB_EMULATOR_HOST": pubsub_emulator.host},
+    )
+    requests.post(f"{flask_server.base}/upload", data=b"x" * (9 << 20),
+                  headers={"Content-Type": "application/octet-stream"})
+    agent.wait_for_log("over Pub/Sub's message size limit", timeout=20)
+    requests.get(f"{flask_server.base}/hello?name=after")
+    messages = pubsub_emulator.pull(subscription, expected=1)
+    assert [m["raw_url"] for m in messages] == ["/hello?name=after"]

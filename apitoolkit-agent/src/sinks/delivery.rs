@@ -45,6 +45,9 @@ impl FailureReason {
 pub struct Failure {
     /// What goes back to the queue.
     pub undelivered: Vec<Payload>,
+    /// Payloads the destination will never take (a refused batch, a message over its size
+    /// limit): dropped, counted as refused. The rest of the batch was delivered.
+    pub refused: u64,
     pub reason: FailureReason,
     pub error: String,
 }
@@ -108,14 +111,10 @@ pub async fn run<T: Transport>(
             }
             Err(Failure {
                 undelivered,
+                refused,
                 reason,
                 error,
             }) => {
-                let refused = if reason == FailureReason::Refused {
-                    sent - undelivered.len() as u64
-                } else {
-                    0
-                };
                 let delivered = sent - undelivered.len() as u64 - refused;
                 stats.delivered += delivered;
                 stats.failed_attempts += 1;
@@ -211,6 +210,7 @@ mod tests {
                 self.failures -= 1;
                 return Err(Failure {
                     undelivered: batch,
+                    refused: 0,
                     reason: self.reason,
                     error: "refused".into(),
                 });
@@ -244,6 +244,56 @@ mod tests {
         );
         // 1 s, then 2 s.
         assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
+
+    /// Delivers every payload but `/big`, which it can never take.
+    struct RefusesBig {
+        received: Vec<String>,
+    }
+
+    impl Transport for RefusesBig {
+        fn destination(&self) -> &str {
+            "refuses-big"
+        }
+
+        async fn send(&mut self, batch: Vec<Payload>) -> Result<(), Failure> {
+            let before = self.received.len();
+            self.received.extend(
+                batch
+                    .iter()
+                    .map(|payload| payload.raw_url.clone())
+                    .filter(|url| url != "/big"),
+            );
+            let refused = (batch.len() - (self.received.len() - before)) as u64;
+            if refused == 0 {
+                return Ok(());
+            }
+            Err(Failure {
+                undelivered: Vec::new(),
+                refused,
+                reason: FailureReason::Refused,
+                error: "too big".into(),
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_payload_is_dropped_and_the_rest_of_its_batch_counts_as_delivered() {
+        let queue = PayloadQueue::new("test", 1 << 20);
+        queue.push(["/1", "/big", "/2", "/3"].map(payload));
+        queue.close();
+        let mut transport = RefusesBig {
+            received: Vec::new(),
+        };
+        let stats = run(queue, &mut transport, 3, usize::MAX, Duration::ZERO).await;
+        assert_eq!(transport.received, ["/1", "/2", "/3"]);
+        assert_eq!(
+            stats,
+            DeliveryStats {
+                delivered: 3,
+                failed_attempts: 1
+            }
+        );
     }
 
     #[tokio::test(start_paused = true)]

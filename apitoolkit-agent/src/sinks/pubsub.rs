@@ -30,6 +30,9 @@ const BATCH_BYTES: usize = 1024 * 1024;
 /// The library's own byte bound on a request, above what one batch's JSON reaches, so a batch
 /// is one request. The API takes 10 MB; the library counts only the messages' data.
 const REQUEST_BYTES: u32 = 9_000_000;
+/// The largest message data sent: the API takes 10 MB per message and per request, and the
+/// request also carries the topic and framing.
+const MAX_MESSAGE_BYTES: usize = 10_000_000 - 64 * 1024;
 /// How long a batch short of `BATCH` waits for more: the emulator (and the service) cost is
 /// mostly per request, and capture hands over a few payloads at a time.
 const LINGER: Duration = Duration::from_millis(50);
@@ -199,23 +202,32 @@ impl Transport for PubsubTransport {
         let json = Arc::new(json);
         let data = Bytes::from_owner(SharedJson(Arc::clone(&json)));
         let mut start = 0;
-        let futures: Vec<_> = batch
-            .iter()
-            .zip(ends)
-            .map(|(payload, end)| {
-                let data = data.slice(start..end);
-                start = end;
-                // Never the payload itself: logs go to journald, readable beyond the API's users.
-                tracing::debug!(msg_id = %payload.msg_id, bytes = data.len(), "publishing");
-                self.publisher.publish(Message::new().set_data(data))
-            })
-            .collect();
+        let mut refused = 0;
+        let mut published = Vec::with_capacity(batch.len());
+        for (payload, end) in batch.into_iter().zip(ends) {
+            let data = data.slice(start..end);
+            start = end;
+            // Never the payload itself: logs go to journald, readable beyond the API's users.
+            if data.len() > MAX_MESSAGE_BYTES {
+                // Sent, it would fail every retry and hold up everything queued behind it.
+                tracing::warn!(
+                    msg_id = %payload.msg_id,
+                    bytes = data.len(),
+                    "payload over Pub/Sub's message size limit dropped (lower --max-body-bytes)"
+                );
+                refused += 1;
+                continue;
+            }
+            tracing::debug!(msg_id = %payload.msg_id, bytes = data.len(), "publishing");
+            let future = self.publisher.publish(Message::new().set_data(data));
+            published.push((payload, future));
+        }
         drop(data);
         // The batch is one request now, not one after the library's delay.
         self.publisher.flush().await;
         let mut undelivered = Vec::new();
         let mut last_error = None;
-        for (payload, future) in batch.into_iter().zip(futures) {
+        for (payload, future) in published {
             match future.await {
                 Ok(message_id) => {
                     tracing::debug!(%message_id, msg_id = %payload.msg_id, "published");
@@ -231,10 +243,17 @@ impl Transport for PubsubTransport {
             json.shrink_to(2 * BATCH_BYTES);
             self.json = json;
         }
-        match last_error {
-            None => Ok(()),
-            Some(error) => Err(Failure {
+        match (last_error, refused) {
+            (None, 0) => Ok(()),
+            (None, _) => Err(Failure {
                 undelivered,
+                refused,
+                reason: FailureReason::Refused,
+                error: format!("over the {MAX_MESSAGE_BYTES}-byte message limit"),
+            }),
+            (Some(error), _) => Err(Failure {
+                undelivered,
+                refused,
                 // The library retried what it could; credentials it cannot use fail earlier.
                 reason: FailureReason::Unreachable,
                 error,

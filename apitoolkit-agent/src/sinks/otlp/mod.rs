@@ -262,18 +262,20 @@ impl Transport for OtlpTransport {
 
     async fn send(&mut self, batch: Vec<Payload>) -> Result<(), Failure> {
         let request = span::export_request(&batch, &self.resource);
-        self.export(request)
-            .await
-            .map_err(|(reason, error)| Failure {
-                // A batch the endpoint refuses would be refused again.
-                undelivered: if reason == FailureReason::Refused {
-                    Vec::new()
-                } else {
-                    batch
-                },
+        self.export(request).await.map_err(|(reason, error)| {
+            // A batch the endpoint refuses would be refused again.
+            let (undelivered, refused) = if reason == FailureReason::Refused {
+                (Vec::new(), batch.len() as u64)
+            } else {
+                (batch, 0)
+            };
+            Failure {
+                undelivered,
+                refused,
                 reason,
                 error,
-            })
+            }
+        })
     }
 }
 
