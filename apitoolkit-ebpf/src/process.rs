@@ -46,6 +46,8 @@ static AGENT_TGID: Global<u32> = Global::new(0);
 /// syscall.
 #[inline(always)]
 fn selected_by_config(tgid: u32) -> bool {
+    // The agent is excluded inside each switch, not before them: with both off (the default)
+    // the verifier drops every branch, and an unwatched process's syscall pays nothing here.
     if SELECT_ALL.load() != 0 {
         return tgid != AGENT_TGID.load();
     }

@@ -52,6 +52,7 @@ fn parent_pid(pid: u32) -> Option<u32> {
 /// number of processes on the host.
 pub fn with_descendants(roots: &[u32]) -> Vec<u32> {
     let mut selected = roots.to_vec();
+    let agent = std::process::id();
     // Every process's parent, read only where the kernel keeps no children lists.
     let mut parents: Option<Vec<(u32, u32)>> = None;
     let mut index = 0;
@@ -67,7 +68,7 @@ pub fn with_descendants(roots: &[u32]) -> Vec<u32> {
         });
         for child in children {
             // Never the agent, started from a shell it was asked to watch.
-            if child != std::process::id() && !selected.contains(&child) {
+            if child != agent && !selected.contains(&child) {
                 selected.push(child);
             }
         }
