@@ -133,7 +133,7 @@ pub async fn run<T: Transport>(
                         ),
                         FailureReason::Refused => tracing::warn!(
                             sink, destination, %error, refused,
-                            "the destination refused a batch; it is dropped"
+                            "the destination refused payloads; they are dropped"
                         ),
                         FailureReason::Rejected => tracing::error!(
                             sink, destination, %error,
