@@ -20,6 +20,7 @@ use apitoolkit_agent::pipeline::{
         message::{MessageKind, StartLine},
     },
 };
+use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 
 const SEPARATOR: &[u8] = b"\n~~~\n";
@@ -51,23 +52,23 @@ fn reassemble(requests: &[u8], responses: &[u8], feed: &Feed) -> Reassembled {
         (MessageKind::Request, requests),
         (MessageKind::Response, responses),
     ] {
+        // One allocation per stream, pushed in slices, as records share the capture arena.
+        let mut rest = Bytes::copy_from_slice(stream);
         let (mut chunker, gaps) = match feed {
             Feed::Whole => {
-                connection.push(kind, stream, 0, &mut output);
+                connection.push(kind, rest, 0, &mut output);
                 continue;
             }
             Feed::Chunked(seed) => (Chunker(u32::from(*seed) | 0x100), false),
             Feed::WithGaps(seed) => (Chunker(u32::from(*seed) | 0x200), true),
         };
-        let mut rest = stream;
         while !rest.is_empty() {
-            let (chunk, tail) = rest.split_at(chunker.next().min(rest.len()));
+            let chunk = rest.split_to(chunker.next().min(rest.len()));
             if gaps && chunker.next() > 56 {
                 connection.gap(kind, chunk.len() as u64, &mut output);
             } else {
                 connection.push(kind, chunk, 0, &mut output);
             }
-            rest = tail;
         }
     }
     connection.close(&mut output);

@@ -6,6 +6,8 @@ use std::{
     net::SocketAddr,
 };
 
+use bytes::{Buf, Bytes};
+
 use super::{
     ciphertext::{RecordWalker, looks_like_tls_record},
     events::{ConnId, DataEvent, Direction, Event, Role, Source, Worker},
@@ -483,7 +485,8 @@ impl ConnectionTracker {
             return;
         }
         let (bytes, gap) = connection.place(&data);
-        if connection.role == Role::Unknown && !connection.learn_role(&data, bytes, stats, output) {
+        if connection.role == Role::Unknown && !connection.learn_role(&data, &bytes, stats, output)
+        {
             return;
         }
         let not_http_before = stats.not_http_connections;
@@ -573,19 +576,19 @@ impl Connection {
 
     /// Places the event in its direction's stream: the bytes not seen before, and how many
     /// bytes were lost before them.
-    fn place<'d>(&mut self, data: &'d DataEvent) -> (&'d [u8], u64) {
+    fn place(&mut self, data: &DataEvent) -> (Bytes, u64) {
         let next = match data.direction {
             Direction::Ingress => self.next_ingress.get_or_insert(data.position),
             Direction::Egress => self.next_egress.get_or_insert(data.position),
         };
-        let mut bytes = &data.data[..];
+        let mut bytes = data.data.clone();
         let mut gap = 0;
         if data.position > *next {
             gap = data.position - *next;
         } else if data.position < *next {
             // Overlap with bytes already seen (concurrent calls on one fd): keep only the new tail.
             let seen = (*next - data.position).min(bytes.len() as u64) as usize;
-            bytes = &bytes[seen..];
+            bytes.advance(seen);
         }
         *next = (*next).max(data.position + data.data.len() as u64 + data.skipped_len);
         (bytes, gap)
@@ -618,7 +621,7 @@ impl Connection {
     fn reassemble(
         &mut self,
         data: &DataEvent,
-        bytes: &[u8],
+        bytes: Bytes,
         gap: u64,
         http_output: &mut Reassembled,
         stats: &mut TrackerStats,

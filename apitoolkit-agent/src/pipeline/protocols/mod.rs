@@ -8,6 +8,7 @@ pub mod http1;
 pub mod http2;
 pub mod message;
 
+use bytes::Bytes;
 use http1::HttpConnection;
 use http2::{Http2Connection, PREFACE};
 use message::{Message, MessageKind};
@@ -130,7 +131,7 @@ impl Reassembler {
     pub fn push(
         &mut self,
         kind: MessageKind,
-        data: &[u8],
+        data: Bytes,
         timestamp_ns: u64,
         output: &mut Reassembled,
     ) {
@@ -143,7 +144,7 @@ impl Reassembler {
             let Self::Http2(http2) = self else {
                 unreachable!("two variants")
             };
-            http2.push(kind, data, timestamp_ns, output);
+            http2.push(kind, &data, timestamp_ns, output);
             return;
         };
         let max_body_bytes = *max_body_bytes;
@@ -153,8 +154,8 @@ impl Reassembler {
             return;
         };
         match kind {
-            MessageKind::Request => held.client.extend_from_slice(data),
-            MessageKind::Response => held.server.extend_from_slice(data),
+            MessageKind::Request => held.client.extend_from_slice(&data),
+            MessageKind::Response => held.server.extend_from_slice(&data),
         }
         let client = &held.client;
         let undecided = if held.midstream {
@@ -176,7 +177,7 @@ impl Reassembler {
             (MessageKind::Response, held.server),
         ] {
             if !bytes.is_empty() {
-                self.push(kind, &bytes, timestamp_ns, output);
+                self.push(kind, Bytes::from(bytes), timestamp_ns, output);
             }
         }
     }
@@ -225,8 +226,8 @@ impl Reassembler {
             Self::Http1 { http, opening, .. } => {
                 // A client that sent less than a preface and closed: whatever it was, HTTP/1.
                 if let Some(held) = opening.take() {
-                    http.push(MessageKind::Request, &held.client, 0, output);
-                    http.push(MessageKind::Response, &held.server, 0, output);
+                    http.push(MessageKind::Request, held.client.into(), 0, output);
+                    http.push(MessageKind::Response, held.server.into(), 0, output);
                 }
                 http.close(output);
             }

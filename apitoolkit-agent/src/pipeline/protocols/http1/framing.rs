@@ -1,9 +1,7 @@
 //! Body framing of an HTTP/1.x message: a length, chunks, or everything until the close;
 //! and the bytes between chunks (size lines, CRLFs, trailers).
 
-use bytes::{Buf, BytesMut};
-
-use super::parser::ParseError;
+use super::parser::{ParseError, Unparsed};
 
 pub(super) const MAX_HEAD_BYTES: usize = 64 * 1024;
 
@@ -30,7 +28,7 @@ pub(super) enum ChunkStep {
 }
 
 pub(super) fn chunk_boundary(
-    buffer: &mut BytesMut,
+    buffer: &mut impl Unparsed,
     state: ChunkState,
 ) -> Result<ChunkStep, ParseError> {
     match state {

@@ -6,7 +6,7 @@ pub mod parser;
 
 use std::collections::VecDeque;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use parser::{MessageParser, Polled};
 
@@ -96,15 +96,20 @@ impl HttpConnection {
     pub fn push(
         &mut self,
         kind: MessageKind,
-        data: &[u8],
+        data: Bytes,
         timestamp_ns: u64,
         output: &mut Reassembled,
     ) {
-        match kind {
-            MessageKind::Request => self.requests.push(data, timestamp_ns),
-            MessageKind::Response => self.responses.push(data, timestamp_ns),
-        }
+        let parser = match kind {
+            MessageKind::Request => &mut self.requests,
+            MessageKind::Response => &mut self.responses,
+        };
+        parser.push(data, timestamp_ns);
         self.drain(output);
+        match kind {
+            MessageKind::Request => self.requests.settle(),
+            MessageKind::Response => self.responses.settle(),
+        }
     }
 
     pub fn gap(&mut self, kind: MessageKind, len: u64, output: &mut Reassembled) {
@@ -306,9 +311,24 @@ mod tests {
         let body = vec![b'x'; 20_000];
         let mut first_read = head.as_bytes().to_vec();
         first_read.extend_from_slice(&body[..8_000]);
-        connection.push(MessageKind::Request, &first_read, 1, output);
-        connection.push(MessageKind::Response, &response(404, "missing"), 2, output);
-        connection.push(MessageKind::Request, &body[8_000..], 3, output);
+        connection.push(
+            MessageKind::Request,
+            Bytes::copy_from_slice(&first_read),
+            1,
+            output,
+        );
+        connection.push(
+            MessageKind::Response,
+            Bytes::from(response(404, "missing")),
+            2,
+            output,
+        );
+        connection.push(
+            MessageKind::Request,
+            Bytes::copy_from_slice(&body[8_000..]),
+            3,
+            output,
+        );
     }
 
     #[test]
@@ -318,13 +338,13 @@ mod tests {
         early_answered_upload(&mut connection, &mut output);
         connection.push(
             MessageKind::Request,
-            b"GET /next HTTP/1.1\r\n\r\n",
+            Bytes::from_static(b"GET /next HTTP/1.1\r\n\r\n"),
             4,
             &mut output,
         );
         connection.push(
             MessageKind::Response,
-            &response(200, "next"),
+            Bytes::from(response(200, "next")),
             5,
             &mut output,
         );
@@ -351,10 +371,15 @@ mod tests {
         let mut connection = HttpConnection::new(1 << 20);
         let mut output = Reassembled::default();
         let head = b"POST /upload HTTP/1.1\r\nContent-Length: 50000\r\nConnection: close\r\n\r\n";
-        connection.push(MessageKind::Request, head, 1, &mut output);
+        connection.push(
+            MessageKind::Request,
+            Bytes::copy_from_slice(head),
+            1,
+            &mut output,
+        );
         connection.push(
             MessageKind::Response,
-            &response(401, "who?"),
+            Bytes::from(response(401, "who?")),
             2,
             &mut output,
         );
@@ -370,11 +395,21 @@ mod tests {
         let requests: String = (0..5)
             .map(|i| format!("GET /{i} HTTP/1.1\r\n\r\n"))
             .collect();
-        connection.push(MessageKind::Request, requests.as_bytes(), 1, &mut output);
+        connection.push(
+            MessageKind::Request,
+            Bytes::copy_from_slice(requests.as_bytes()),
+            1,
+            &mut output,
+        );
         // Distinct statuses with bodies (204 would have none) tell the pairs apart.
         let statuses = [200, 201, 202, 203, 404];
         let responses: Vec<u8> = statuses.iter().flat_map(|s| response(*s, "ok")).collect();
-        connection.push(MessageKind::Response, &responses, 2, &mut output);
+        connection.push(
+            MessageKind::Response,
+            Bytes::copy_from_slice(&responses),
+            2,
+            &mut output,
+        );
         assert_eq!(
             targets(&output),
             (0..5)
@@ -390,13 +425,18 @@ mod tests {
         let mut output = Reassembled::default();
         connection.push(
             MessageKind::Request,
-            b"HEAD /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n",
+            Bytes::from_static(b"HEAD /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n"),
             1,
             &mut output,
         );
         let mut responses = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n".to_vec();
         responses.extend(response(201, "hello"));
-        connection.push(MessageKind::Response, &responses, 2, &mut output);
+        connection.push(
+            MessageKind::Response,
+            Bytes::copy_from_slice(&responses),
+            2,
+            &mut output,
+        );
         assert_eq!(
             targets(&output),
             vec![("/a".to_owned(), 200), ("/b".to_owned(), 201)]
@@ -411,18 +451,30 @@ mod tests {
         let mut output = Reassembled::default();
         connection.push(
             MessageKind::Request,
-            b"POST /up HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
+            Bytes::copy_from_slice(
+                b"POST /up HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
+            ),
             1,
             &mut output,
         );
         connection.push(
             MessageKind::Response,
-            b"HTTP/1.1 100 Continue\r\n\r\n",
+            Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"),
             2,
             &mut output,
         );
-        connection.push(MessageKind::Request, b"data", 3, &mut output);
-        connection.push(MessageKind::Response, &response(201, "{}"), 4, &mut output);
+        connection.push(
+            MessageKind::Request,
+            Bytes::from_static(b"data"),
+            3,
+            &mut output,
+        );
+        connection.push(
+            MessageKind::Response,
+            Bytes::from(response(201, "{}")),
+            4,
+            &mut output,
+        );
         assert_eq!(targets(&output), vec![("/up".to_owned(), 201)]);
         assert_eq!(output.exchanges[0].request.body.bytes, b"data");
     }
@@ -433,24 +485,39 @@ mod tests {
         let mut output = Reassembled::default();
         connection.push(
             MessageKind::Request,
-            b"GET /1 HTTP/1.1\r\n\r\n",
+            Bytes::from_static(b"GET /1 HTTP/1.1\r\n\r\n"),
             1,
             &mut output,
         );
-        connection.push(MessageKind::Response, &response(200, "one"), 2, &mut output);
+        connection.push(
+            MessageKind::Response,
+            Bytes::from(response(200, "one")),
+            2,
+            &mut output,
+        );
         // Request /2 is lost in the middle of its head.
-        connection.push(MessageKind::Request, b"GET /2 HT", 3, &mut output);
-        connection.gap(MessageKind::Request, 30, &mut output);
-        connection.push(MessageKind::Response, &response(202, "two"), 4, &mut output);
         connection.push(
             MessageKind::Request,
-            b"GET /3 HTTP/1.1\r\n\r\n",
+            Bytes::from_static(b"GET /2 HT"),
+            3,
+            &mut output,
+        );
+        connection.gap(MessageKind::Request, 30, &mut output);
+        connection.push(
+            MessageKind::Response,
+            Bytes::from(response(202, "two")),
+            4,
+            &mut output,
+        );
+        connection.push(
+            MessageKind::Request,
+            Bytes::from_static(b"GET /3 HTTP/1.1\r\n\r\n"),
             5,
             &mut output,
         );
         connection.push(
             MessageKind::Response,
-            &response(203, "three"),
+            Bytes::from(response(203, "three")),
             6,
             &mut output,
         );
@@ -472,7 +539,7 @@ mod tests {
         let mut output = Reassembled::default();
         connection.push(
             MessageKind::Request,
-            b"\x00\x00\x00\x08\x04\xd2\x16\x2f\r\n\r\n",
+            Bytes::from_static(b"\x00\x00\x00\x08\x04\xd2\x16\x2f\r\n\r\n"),
             1,
             &mut output,
         );
@@ -485,17 +552,22 @@ mod tests {
         let mut output = Reassembled::default();
         connection.push(
             MessageKind::Request,
-            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            Bytes::from_static(b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"),
             1,
             &mut output,
         );
         connection.push(
             MessageKind::Response,
-            b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x02hi",
+            Bytes::from_static(b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x02hi"),
             2,
             &mut output,
         );
-        connection.push(MessageKind::Request, b"\x81\x82garbage", 3, &mut output);
+        connection.push(
+            MessageKind::Request,
+            Bytes::from_static(b"\x81\x82garbage"),
+            3,
+            &mut output,
+        );
         assert_eq!(targets(&output), vec![("/ws".to_owned(), 101)]);
         assert!(connection.is_upgraded());
         assert!(output.anomalies.is_empty());

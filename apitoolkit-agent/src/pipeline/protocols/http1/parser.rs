@@ -4,7 +4,9 @@
 //! known length are absorbed (the body is marked incomplete); any other gap drops the partial
 //! message and the parser resynchronises at the next message start.
 
-use bytes::{Buf, BytesMut};
+use std::ops::Deref;
+
+use bytes::{Buf, Bytes, BytesMut};
 
 use super::framing::{ChunkState, ChunkStep, Framing, MAX_HEAD_BYTES, chunk_boundary};
 use crate::pipeline::protocols::message::{Body, Fields, Message, MessageKind, StartLine, Version};
@@ -74,9 +76,21 @@ enum BodyProgress {
     Dropped,
 }
 
+/// Unparsed bytes: the pushed record itself ([`Bytes`]) or the parser's own copy of a partial
+/// message ([`BytesMut`]).
+pub(super) trait Unparsed: Buf + Deref<Target = [u8]> {}
+
+impl Unparsed for Bytes {}
+impl Unparsed for BytesMut {}
+
 pub struct MessageParser {
     kind: MessageKind,
     max_body_bytes: usize,
+    /// The bytes pushed last, parsed where they lie (no copy) while `buffer` is empty; what is
+    /// left of them after parsing moves to `buffer` ([`MessageParser::settle`]), so no record's
+    /// allocation (a shared arena) is held between pushes.
+    pushed: Bytes,
+    /// A copy of the bytes of a message that did not arrive whole; later pushes append to it.
     buffer: BytesMut,
     state: State,
     /// Time of the first byte of the message being assembled.
@@ -89,6 +103,7 @@ impl MessageParser {
         Self {
             kind,
             max_body_bytes,
+            pushed: Bytes::new(),
             buffer: BytesMut::new(),
             state: State::Head,
             first_byte_ns: None,
@@ -103,7 +118,7 @@ impl MessageParser {
         parser
     }
 
-    pub fn push(&mut self, data: &[u8], timestamp_ns: u64) {
+    pub fn push(&mut self, data: Bytes, timestamp_ns: u64) {
         if matches!(self.state, State::Upgraded) {
             return;
         }
@@ -111,13 +126,32 @@ impl MessageParser {
             self.first_byte_ns = Some(timestamp_ns);
         }
         self.last_push_ns = timestamp_ns;
-        self.buffer.extend_from_slice(data);
+        if self.buffer.is_empty() && self.pushed.is_empty() {
+            self.pushed = data;
+        } else {
+            self.settle();
+            self.buffer.extend_from_slice(&data);
+        }
+    }
+
+    /// Copies what parsing left of the pushed bytes into the parser's own buffer: a partial
+    /// message must not hold the allocation its record shares with others. Called once the
+    /// pushed bytes are parsed as far as they go.
+    pub fn settle(&mut self) {
+        if !self.pushed.is_empty() {
+            self.buffer.extend_from_slice(&self.pushed);
+        }
+        self.pushed = Bytes::new();
+    }
+
+    fn nothing_unparsed(&self) -> bool {
+        self.buffer.is_empty() && self.pushed.is_empty()
     }
 
     /// True when no message is in progress and no bytes wait: the stream is between messages
     /// (or waiting to resync with nothing buffered).
     pub fn is_idle(&self) -> bool {
-        matches!(self.state, State::Head | State::Resync) && self.buffer.is_empty()
+        matches!(self.state, State::Head | State::Resync) && self.nothing_unparsed()
     }
 
     pub fn is_resyncing(&self) -> bool {
@@ -162,7 +196,7 @@ impl MessageParser {
             State::Body { message, .. } => message.retained_bytes(),
             _ => 0,
         };
-        self.buffer.capacity() + message
+        self.buffer.capacity() + self.pushed.len() + message
     }
 
     /// Drops the message in progress and frees its memory (the agent needs it back); the
@@ -171,6 +205,7 @@ impl MessageParser {
         if matches!(self.state, State::Upgraded) {
             return;
         }
+        self.pushed = Bytes::new();
         self.buffer = BytesMut::new();
         self.first_byte_ns = None;
         self.state = State::Resync;
@@ -180,6 +215,7 @@ impl MessageParser {
     /// start of the new protocol.
     pub fn upgrade(&mut self) -> BytesMut {
         self.state = State::Upgraded;
+        self.settle();
         std::mem::take(&mut self.buffer)
     }
 
@@ -190,6 +226,7 @@ impl MessageParser {
             message, framing, ..
         } = &mut self.state
             && self.buffer.is_empty()
+            && self.pushed.is_empty()
         {
             let absorbed = match framing {
                 Framing::Length(remaining) if len <= *remaining => {
@@ -210,12 +247,13 @@ impl MessageParser {
         }
         match self.state {
             State::Upgraded => true,
-            State::Head if self.buffer.is_empty() => {
+            State::Head if self.nothing_unparsed() => {
                 // Whole messages may be missing; the next bytes may start anywhere.
                 self.state = State::Resync;
                 false
             }
             _ => {
+                self.pushed = Bytes::new();
                 self.buffer.clear();
                 self.first_byte_ns = None;
                 self.state = State::Resync;
@@ -232,6 +270,7 @@ impl MessageParser {
                 framing: Framing::UntilClose,
                 detached: false,
             } => {
+                self.settle();
                 message.body.append(&self.buffer, self.max_body_bytes);
                 self.buffer.clear();
                 message.last_byte_ns = self.last_push_ns;
@@ -244,31 +283,51 @@ impl MessageParser {
     /// Parses as far as the buffered bytes allow. `request_method` is the method of the request
     /// the next response answers (it decides whether a body follows).
     pub fn poll(&mut self, request_method: Option<&str>) -> Option<Polled> {
+        // The unparsed bytes are taken out while parsing (so the parser's state can change
+        // beside them) and put back after.
+        if self.buffer.is_empty() {
+            let mut pushed = std::mem::take(&mut self.pushed);
+            let polled = self.poll_from(&mut pushed, request_method);
+            self.pushed = pushed;
+            polled
+        } else {
+            let mut buffer = std::mem::take(&mut self.buffer);
+            let polled = self.poll_from(&mut buffer, request_method);
+            self.buffer = buffer;
+            polled
+        }
+    }
+
+    fn poll_from(
+        &mut self,
+        input: &mut impl Unparsed,
+        request_method: Option<&str>,
+    ) -> Option<Polled> {
         loop {
             match &mut self.state {
                 State::Upgraded => return None,
                 State::Resync => {
-                    if !self.resync() {
+                    if !self.resync(input) {
                         return None;
                     }
                 }
                 State::Head => {
-                    if self.buffer.is_empty() {
+                    if input.is_empty() {
                         self.first_byte_ns = None;
                         return None;
                     }
-                    match self.parse_head(request_method) {
+                    match self.parse_head(input, request_method) {
                         Ok(Some(polled)) => return Some(polled),
                         Ok(None) if matches!(self.state, State::Head) => return None,
                         Ok(None) => {}
-                        Err(error) => return Some(self.malformed(error)),
+                        Err(error) => return Some(self.malformed(input, error)),
                     }
                 }
-                State::Body { .. } => match self.parse_body() {
+                State::Body { .. } => match self.parse_body(input) {
                     Ok(BodyProgress::Done(message)) => return Some(Polled::Message(message)),
                     Ok(BodyProgress::Dropped) => {}
                     Ok(BodyProgress::NeedMore) => return None,
-                    Err(error) => return Some(self.malformed(error)),
+                    Err(error) => return Some(self.malformed(input, error)),
                 },
             }
         }
@@ -276,9 +335,9 @@ impl MessageParser {
 
     /// Drops the message in progress and resyncs past its first byte: the bytes that failed may
     /// themselves look like a message start, and resyncing on them would fail forever.
-    fn malformed(&mut self, error: ParseError) -> Polled {
-        if !self.buffer.is_empty() {
-            self.buffer.advance(1);
+    fn malformed(&mut self, input: &mut impl Unparsed, error: ParseError) -> Polled {
+        if !input.is_empty() {
+            input.advance(1);
         }
         self.state = State::Resync;
         self.first_byte_ns = None;
@@ -286,21 +345,21 @@ impl MessageParser {
     }
 
     /// Drops bytes up to the next plausible message start. Returns true when one was found.
-    fn resync(&mut self) -> bool {
-        let found = (0..self.buffer.len()).find(|&index| {
-            (index == 0 || self.buffer[index - 1] == b'\n')
-                && looks_like_start(self.kind, &self.buffer[index..])
+    fn resync(&mut self, input: &mut impl Unparsed) -> bool {
+        let found = (0..input.len()).find(|&index| {
+            (index == 0 || input[index - 1] == b'\n')
+                && looks_like_start(self.kind, &input[index..])
         });
         match found {
             Some(index) => {
-                self.buffer.advance(index);
+                input.advance(index);
                 self.state = State::Head;
                 self.first_byte_ns = Some(self.last_push_ns);
                 true
             }
             None => {
-                let keep = self.buffer.len().min(RESYNC_KEEP);
-                self.buffer.advance(self.buffer.len() - keep);
+                let keep = input.len().min(RESYNC_KEEP);
+                input.advance(input.len() - keep);
                 false
             }
         }
@@ -308,7 +367,11 @@ impl MessageParser {
 
     /// Parses a head from the buffer. `Ok(None)` with the state still `Head` means more bytes are
     /// needed; with the state moved to `Body` it means the body follows.
-    fn parse_head(&mut self, request_method: Option<&str>) -> Result<Option<Polled>, ParseError> {
+    fn parse_head(
+        &mut self,
+        input: &mut impl Unparsed,
+        request_method: Option<&str>,
+    ) -> Result<Option<Polled>, ParseError> {
         // Most heads fit the storage on the stack; the rare larger one is parsed again with
         // room for all the headers a head may have.
         let mut usual_storage = [httparse::EMPTY_HEADER; USUAL_HEADERS];
@@ -316,8 +379,8 @@ impl MessageParser {
         let mut header_storage: &mut [httparse::Header<'_>] = &mut usual_storage;
         loop {
             let parsed = match self.kind {
-                MessageKind::Request => parse_request_head(&self.buffer, header_storage),
-                MessageKind::Response => parse_response_head(&self.buffer, header_storage),
+                MessageKind::Request => parse_request_head(input, header_storage),
+                MessageKind::Response => parse_response_head(input, header_storage),
             };
             match parsed {
                 Err(ParseError::Head(httparse::Error::TooManyHeaders))
@@ -327,12 +390,12 @@ impl MessageParser {
                     header_storage = &mut large_storage;
                 }
                 Err(error) => return Err(error),
-                Ok(None) if self.buffer.len() > MAX_HEAD_BYTES => {
+                Ok(None) if input.len() > MAX_HEAD_BYTES => {
                     return Err(ParseError::HeadTooLong);
                 }
                 Ok(None) => return Ok(None),
                 Ok(Some((head_len, start, version_minor, headers))) => {
-                    self.buffer.advance(head_len);
+                    input.advance(head_len);
                     let first_byte_ns = self.first_byte_ns.take().unwrap_or(self.last_push_ns);
                     let message = Message {
                         start,
@@ -395,7 +458,7 @@ impl MessageParser {
         Ok(None)
     }
 
-    fn parse_body(&mut self) -> Result<BodyProgress, ParseError> {
+    fn parse_body(&mut self, input: &mut impl Unparsed) -> Result<BodyProgress, ParseError> {
         let State::Body {
             message,
             framing,
@@ -409,14 +472,14 @@ impl MessageParser {
         loop {
             match framing {
                 Framing::UntilClose => {
-                    message.body.append(&self.buffer, limit);
-                    self.buffer.clear();
+                    message.body.append(input, limit);
+                    input.advance(input.len());
                     return Ok(BodyProgress::NeedMore);
                 }
                 Framing::Length(remaining) | Framing::Chunked(ChunkState::Data(remaining)) => {
-                    let take = (*remaining).min(self.buffer.len() as u64) as usize;
-                    message.body.append(&self.buffer[..take], limit);
-                    self.buffer.advance(take);
+                    let take = (*remaining).min(input.len() as u64) as usize;
+                    message.body.append(&input[..take], limit);
+                    input.advance(take);
                     *remaining -= take as u64;
                     if *remaining > 0 {
                         return Ok(BodyProgress::NeedMore);
@@ -426,7 +489,7 @@ impl MessageParser {
                         _ => *framing = Framing::Chunked(ChunkState::DataEnd),
                     }
                 }
-                Framing::Chunked(boundary) => match chunk_boundary(&mut self.buffer, *boundary)? {
+                Framing::Chunked(boundary) => match chunk_boundary(input, *boundary)? {
                     ChunkStep::NeedMore => return Ok(BodyProgress::NeedMore),
                     ChunkStep::Next(next) => *framing = Framing::Chunked(next),
                     ChunkStep::BodyEnd => break,
@@ -442,7 +505,7 @@ impl MessageParser {
             unreachable!("state checked at the top of parse_body");
         };
         message.last_byte_ns = self.last_push_ns;
-        self.first_byte_ns = (!self.buffer.is_empty()).then_some(self.last_push_ns);
+        self.first_byte_ns = (!input.is_empty()).then_some(self.last_push_ns);
         Ok(if detached {
             BodyProgress::Dropped
         } else {
@@ -542,7 +605,7 @@ mod tests {
         let mut parser = MessageParser::new(MessageKind::Request, 1 << 20);
         let mut messages = Vec::new();
         for (index, byte) in raw.iter().enumerate() {
-            parser.push(&[*byte], index as u64 + 1);
+            parser.push(Bytes::copy_from_slice(&[*byte]), index as u64 + 1);
             messages.extend(parse_all(&mut parser, None));
         }
         let message = only_message(messages);
@@ -559,11 +622,32 @@ mod tests {
         assert!(parser.is_idle());
     }
 
+    /// Records share one arena allocation: a parser may read a pushed record in place, but
+    /// must not keep it once the push is parsed, or one partial message pins the whole arena.
+    #[test]
+    fn parses_in_place_and_keeps_only_a_copy_of_the_partial_message() {
+        let record = Bytes::from(
+            b"GET /a HTTP/1.1\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 4\r\n\r\nab".to_vec(),
+        );
+        let mut parser = MessageParser::new(MessageKind::Request, 1 << 20);
+        parser.push(record.slice(..), 1);
+        let message = only_message(parse_all(&mut parser, None));
+        assert_eq!(message.method(), Some("GET"));
+        parser.settle();
+        assert!(record.is_unique(), "the partial POST holds the record");
+        assert!(parser.retained_bytes() >= 2);
+        parser.push(Bytes::from_static(b"cd"), 2);
+        let message = only_message(parse_all(&mut parser, None));
+        assert_eq!(message.body.bytes, b"abcd");
+        assert_eq!(message.first_byte_ns, 1);
+        assert!(parser.is_idle());
+    }
+
     #[test]
     fn chunked_body_is_decoded_with_trailers() {
         let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n";
         let mut parser = MessageParser::new(MessageKind::Response, 1 << 20);
-        parser.push(raw, 1);
+        parser.push(Bytes::copy_from_slice(raw), 1);
         let message = only_message(parse_all(&mut parser, Some("GET")));
         assert_eq!(message.body.bytes, b"hello world");
         assert!(parser.is_idle());
@@ -572,7 +656,10 @@ mod tests {
     #[test]
     fn head_response_has_no_body_despite_content_length() {
         let mut parser = MessageParser::new(MessageKind::Response, 1 << 20);
-        parser.push(b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n", 1);
+        parser.push(
+            Bytes::from_static(b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n"),
+            1,
+        );
         let message = only_message(parse_all(&mut parser, Some("HEAD")));
         assert_eq!(message.status(), Some(200));
         assert!(message.body.bytes.is_empty());
@@ -583,7 +670,7 @@ mod tests {
     fn interim_response_is_reported_then_final_response() {
         let mut parser = MessageParser::new(MessageKind::Response, 1 << 20);
         parser.push(
-            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+            Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"),
             1,
         );
         let polled = parse_all(&mut parser, Some("POST"));
@@ -598,9 +685,9 @@ mod tests {
     #[test]
     fn close_delimited_body_completes_on_close() {
         let mut parser = MessageParser::new(MessageKind::Response, 1 << 20);
-        parser.push(b"HTTP/1.0 200 OK\r\n\r\nabc", 1);
+        parser.push(Bytes::from_static(b"HTTP/1.0 200 OK\r\n\r\nabc"), 1);
         assert!(parse_all(&mut parser, Some("GET")).is_empty());
-        parser.push(b"def", 2);
+        parser.push(Bytes::from_static(b"def"), 2);
         assert!(parse_all(&mut parser, Some("GET")).is_empty());
         let message = parser.close().expect("message completes at close");
         assert_eq!(message.body.bytes, b"abcdef");
@@ -611,7 +698,10 @@ mod tests {
     #[test]
     fn body_over_the_limit_is_truncated_and_marked() {
         let mut parser = MessageParser::new(MessageKind::Request, 4);
-        parser.push(b"PUT / HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789", 1);
+        parser.push(
+            Bytes::from_static(b"PUT / HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789"),
+            1,
+        );
         let message = only_message(parse_all(&mut parser, None));
         assert_eq!(message.body.bytes, b"0123");
         assert!(message.body.truncated);
@@ -620,10 +710,13 @@ mod tests {
     #[test]
     fn gap_inside_known_length_body_is_absorbed() {
         let mut parser = MessageParser::new(MessageKind::Response, 1 << 20);
-        parser.push(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab", 1);
+        parser.push(
+            Bytes::from_static(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab"),
+            1,
+        );
         assert!(parse_all(&mut parser, Some("GET")).is_empty());
         assert!(parser.gap(5));
-        parser.push(b"xyz", 2);
+        parser.push(Bytes::from_static(b"xyz"), 2);
         let message = only_message(parse_all(&mut parser, Some("GET")));
         assert_eq!(message.body.bytes, b"abxyz");
         assert!(message.body.incomplete);
@@ -632,10 +725,13 @@ mod tests {
     #[test]
     fn gap_in_a_head_resyncs_at_the_next_message() {
         let mut parser = MessageParser::new(MessageKind::Request, 1 << 20);
-        parser.push(b"GET /lost HTTP/1.1\r\nHo", 1);
+        parser.push(Bytes::from_static(b"GET /lost HTTP/1.1\r\nHo"), 1);
         assert!(parse_all(&mut parser, None).is_empty());
         assert!(!parser.gap(100));
-        parser.push(b"st: a\r\n\r\nGET /next HTTP/1.1\r\n\r\n", 2);
+        parser.push(
+            Bytes::from_static(b"st: a\r\n\r\nGET /next HTTP/1.1\r\n\r\n"),
+            2,
+        );
         let message = only_message(parse_all(&mut parser, None));
         assert_eq!(
             message.start,
@@ -649,7 +745,10 @@ mod tests {
     #[test]
     fn garbage_is_malformed_and_followed_by_resync() {
         let mut parser = MessageParser::new(MessageKind::Request, 1 << 20);
-        parser.push(b"\x16\x03\x01 binary\r\n\r\nGET /ok HTTP/1.1\r\n\r\n", 1);
+        parser.push(
+            Bytes::from_static(b"\x16\x03\x01 binary\r\n\r\nGET /ok HTTP/1.1\r\n\r\n"),
+            1,
+        );
         let polled = parse_all(&mut parser, None);
         assert!(matches!(polled[0], Polled::Malformed(_)), "{polled:?}");
         let Polled::Message(message) = &polled[1] else {
@@ -663,8 +762,11 @@ mod tests {
     #[test]
     fn a_malformed_head_that_looks_like_a_start_is_reported_once() {
         let mut responses = MessageParser::new(MessageKind::Response, 1 << 20);
-        responses.push(b"HTTP/1.1 200 OK\r\x10Content-Length: 0\r\n\r\n", 1);
-        responses.push(b"HTTP/1.1 204 No Content\r\n\r\n", 2);
+        responses.push(
+            Bytes::from_static(b"HTTP/1.1 200 OK\r\x10Content-Length: 0\r\n\r\n"),
+            1,
+        );
+        responses.push(Bytes::from_static(b"HTTP/1.1 204 No Content\r\n\r\n"), 2);
         let polled = parse_all(&mut responses, None);
         assert!(matches!(polled[0], Polled::Malformed(_)), "{polled:?}");
         assert!(
@@ -673,7 +775,7 @@ mod tests {
 
         let mut requests = MessageParser::new(MessageKind::Request, 1 << 20);
         requests.push(
-            b"GET / HTTP/1.1\r\nBad Header\r\n\r\nGET /ok HTTP/1.1\r\n\r\n",
+            Bytes::from_static(b"GET / HTTP/1.1\r\nBad Header\r\n\r\nGET /ok HTTP/1.1\r\n\r\n"),
             1,
         );
         let polled = parse_all(&mut requests, None);
@@ -691,7 +793,7 @@ mod tests {
         }
         raw.extend_from_slice(b"\r\n");
         let mut parser = MessageParser::new(MessageKind::Request, 1 << 20);
-        parser.push(&raw, 1);
+        parser.push(Bytes::copy_from_slice(&raw), 1);
         let message = only_message(parse_all(&mut parser, None));
         assert_eq!(message.headers.len(), 100);
     }
@@ -700,13 +802,15 @@ mod tests {
     fn upgrade_stops_parsing() {
         let mut parser = MessageParser::new(MessageKind::Response, 1 << 20);
         parser.push(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+            Bytes::copy_from_slice(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+            ),
             1,
         );
         let message = only_message(parse_all(&mut parser, Some("GET")));
         assert_eq!(message.status(), Some(101));
         parser.upgrade();
-        parser.push(b"\x81\x05hello", 2);
+        parser.push(Bytes::from_static(b"\x81\x05hello"), 2);
         assert!(parse_all(&mut parser, Some("GET")).is_empty());
     }
 }

@@ -2,6 +2,8 @@ use super::{
     frames::{flag, kind, tests::frame},
     *,
 };
+use bytes::Bytes;
+
 use crate::pipeline::protocols::{Reassembler, message::Body};
 
 const MAX_BODY: usize = 1 << 20;
@@ -427,10 +429,20 @@ fn through_reassembler(client: &[&[u8]], server: &[&[u8]]) -> Reassembled {
     let mut reassembler = Reassembler::new(MAX_BODY);
     let mut output = Reassembled::default();
     for piece in client {
-        reassembler.push(MessageKind::Request, piece, 1, &mut output);
+        reassembler.push(
+            MessageKind::Request,
+            Bytes::copy_from_slice(piece),
+            1,
+            &mut output,
+        );
     }
     for piece in server {
-        reassembler.push(MessageKind::Response, piece, 2, &mut output);
+        reassembler.push(
+            MessageKind::Response,
+            Bytes::copy_from_slice(piece),
+            2,
+            &mut output,
+        );
     }
     output
 }
@@ -450,9 +462,24 @@ fn the_preface_switches_a_connection_to_http2_even_split_across_reads() {
     let mut reassembler = Reassembler::new(MAX_BODY);
     let mut output = Reassembled::default();
     let (settings, answer) = wire.server.split_at(frames::HEADER_LEN);
-    reassembler.push(MessageKind::Response, settings, 1, &mut output);
-    reassembler.push(MessageKind::Request, &wire.client, 2, &mut output);
-    reassembler.push(MessageKind::Response, answer, 3, &mut output);
+    reassembler.push(
+        MessageKind::Response,
+        Bytes::copy_from_slice(settings),
+        1,
+        &mut output,
+    );
+    reassembler.push(
+        MessageKind::Request,
+        Bytes::copy_from_slice(&wire.client),
+        2,
+        &mut output,
+    );
+    reassembler.push(
+        MessageKind::Response,
+        Bytes::copy_from_slice(answer),
+        3,
+        &mut output,
+    );
     assert_eq!(output.exchanges.len(), 1, "{output:?}");
 
     // A client that merely starts like the preface stays HTTP/1.
@@ -479,10 +506,30 @@ fn an_h2c_upgrade_answers_the_upgrading_request_on_stream_one() {
     // As on the wire: the client sends its preface once the 101 arrived.
     let mut reassembler = Reassembler::new(MAX_BODY);
     let mut output = Reassembled::default();
-    reassembler.push(MessageKind::Request, request, 1, &mut output);
-    reassembler.push(MessageKind::Response, switching, 2, &mut output);
-    reassembler.push(MessageKind::Request, &wire.client, 3, &mut output);
-    reassembler.push(MessageKind::Response, &wire.server, 4, &mut output);
+    reassembler.push(
+        MessageKind::Request,
+        Bytes::copy_from_slice(request),
+        1,
+        &mut output,
+    );
+    reassembler.push(
+        MessageKind::Response,
+        Bytes::copy_from_slice(switching),
+        2,
+        &mut output,
+    );
+    reassembler.push(
+        MessageKind::Request,
+        Bytes::copy_from_slice(&wire.client),
+        3,
+        &mut output,
+    );
+    reassembler.push(
+        MessageKind::Response,
+        Bytes::copy_from_slice(&wire.server),
+        4,
+        &mut output,
+    );
     let summary: Vec<_> = output
         .exchanges
         .iter()
@@ -526,13 +573,13 @@ fn a_connection_older_than_the_agent_gives_what_its_headers_allow_and_says_so() 
     let mut output = Reassembled::default();
     reassembler.push(
         MessageKind::Request,
-        &wire.client[client_seen..],
+        Bytes::copy_from_slice(&wire.client[client_seen..]),
         1,
         &mut output,
     );
     reassembler.push(
         MessageKind::Response,
-        &wire.server[server_seen..],
+        Bytes::copy_from_slice(&wire.server[server_seen..]),
         2,
         &mut output,
     );
@@ -569,13 +616,13 @@ fn a_connection_older_than_the_agent_gives_what_its_headers_allow_and_says_so() 
     let mut output = Reassembled::default();
     reassembler.push(
         MessageKind::Request,
-        b"GET /old HTTP/1.1\r\n\r\n",
+        Bytes::from_static(b"GET /old HTTP/1.1\r\n\r\n"),
         1,
         &mut output,
     );
     reassembler.push(
         MessageKind::Response,
-        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        Bytes::from_static(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
         2,
         &mut output,
     );
@@ -627,10 +674,20 @@ fn a_header_block_cut_inside_a_literal_is_malformed_not_a_crash() {
         let mut reassembler = Reassembler::new(MAX_BODY);
         let mut output = Reassembled::default();
         for chunk in client.chunks(piece) {
-            reassembler.push(MessageKind::Request, chunk, 1, &mut output);
+            reassembler.push(
+                MessageKind::Request,
+                Bytes::copy_from_slice(chunk),
+                1,
+                &mut output,
+            );
         }
         for chunk in server.chunks(piece) {
-            reassembler.push(MessageKind::Response, chunk, 2, &mut output);
+            reassembler.push(
+                MessageKind::Response,
+                Bytes::copy_from_slice(chunk),
+                2,
+                &mut output,
+            );
         }
         reassembler.close(&mut output);
         assert!(
