@@ -278,6 +278,14 @@ impl HttpConnection {
     }
 }
 
+/// Tests push each record as a copy of its own.
+#[cfg(test)]
+impl HttpConnection {
+    fn push_copy(&mut self, kind: MessageKind, data: &[u8], at: u64, output: &mut Reassembled) {
+        self.push(kind, Bytes::copy_from_slice(data), at, output);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,24 +319,9 @@ mod tests {
         let body = vec![b'x'; 20_000];
         let mut first_read = head.as_bytes().to_vec();
         first_read.extend_from_slice(&body[..8_000]);
-        connection.push(
-            MessageKind::Request,
-            Bytes::copy_from_slice(&first_read),
-            1,
-            output,
-        );
-        connection.push(
-            MessageKind::Response,
-            Bytes::from(response(404, "missing")),
-            2,
-            output,
-        );
-        connection.push(
-            MessageKind::Request,
-            Bytes::copy_from_slice(&body[8_000..]),
-            3,
-            output,
-        );
+        connection.push_copy(MessageKind::Request, &first_read, 1, output);
+        connection.push_copy(MessageKind::Response, &response(404, "missing"), 2, output);
+        connection.push_copy(MessageKind::Request, &body[8_000..], 3, output);
     }
 
     #[test]
@@ -336,15 +329,15 @@ mod tests {
         let mut connection = HttpConnection::new(1 << 20);
         let mut output = Reassembled::default();
         early_answered_upload(&mut connection, &mut output);
-        connection.push(
+        connection.push_copy(
             MessageKind::Request,
-            Bytes::from_static(b"GET /next HTTP/1.1\r\n\r\n"),
+            b"GET /next HTTP/1.1\r\n\r\n",
             4,
             &mut output,
         );
-        connection.push(
+        connection.push_copy(
             MessageKind::Response,
-            Bytes::from(response(200, "next")),
+            &response(200, "next"),
             5,
             &mut output,
         );
@@ -371,15 +364,10 @@ mod tests {
         let mut connection = HttpConnection::new(1 << 20);
         let mut output = Reassembled::default();
         let head = b"POST /upload HTTP/1.1\r\nContent-Length: 50000\r\nConnection: close\r\n\r\n";
-        connection.push(
-            MessageKind::Request,
-            Bytes::copy_from_slice(head),
-            1,
-            &mut output,
-        );
-        connection.push(
+        connection.push_copy(MessageKind::Request, head, 1, &mut output);
+        connection.push_copy(
             MessageKind::Response,
-            Bytes::from(response(401, "who?")),
+            &response(401, "who?"),
             2,
             &mut output,
         );
@@ -395,21 +383,11 @@ mod tests {
         let requests: String = (0..5)
             .map(|i| format!("GET /{i} HTTP/1.1\r\n\r\n"))
             .collect();
-        connection.push(
-            MessageKind::Request,
-            Bytes::copy_from_slice(requests.as_bytes()),
-            1,
-            &mut output,
-        );
+        connection.push_copy(MessageKind::Request, requests.as_bytes(), 1, &mut output);
         // Distinct statuses with bodies (204 would have none) tell the pairs apart.
         let statuses = [200, 201, 202, 203, 404];
         let responses: Vec<u8> = statuses.iter().flat_map(|s| response(*s, "ok")).collect();
-        connection.push(
-            MessageKind::Response,
-            Bytes::copy_from_slice(&responses),
-            2,
-            &mut output,
-        );
+        connection.push_copy(MessageKind::Response, &responses, 2, &mut output);
         assert_eq!(
             targets(&output),
             (0..5)
@@ -423,20 +401,15 @@ mod tests {
     fn head_request_in_a_pipeline_frames_its_response_without_body() {
         let mut connection = HttpConnection::new(1 << 20);
         let mut output = Reassembled::default();
-        connection.push(
+        connection.push_copy(
             MessageKind::Request,
-            Bytes::from_static(b"HEAD /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n"),
+            b"HEAD /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n",
             1,
             &mut output,
         );
         let mut responses = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n".to_vec();
         responses.extend(response(201, "hello"));
-        connection.push(
-            MessageKind::Response,
-            Bytes::copy_from_slice(&responses),
-            2,
-            &mut output,
-        );
+        connection.push_copy(MessageKind::Response, &responses, 2, &mut output);
         assert_eq!(
             targets(&output),
             vec![("/a".to_owned(), 200), ("/b".to_owned(), 201)]
@@ -449,32 +422,20 @@ mod tests {
     fn expect_continue_pairs_the_final_response() {
         let mut connection = HttpConnection::new(1 << 20);
         let mut output = Reassembled::default();
-        connection.push(
+        connection.push_copy(
             MessageKind::Request,
-            Bytes::copy_from_slice(
-                b"POST /up HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
-            ),
+            b"POST /up HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
             1,
             &mut output,
         );
-        connection.push(
+        connection.push_copy(
             MessageKind::Response,
-            Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"),
+            b"HTTP/1.1 100 Continue\r\n\r\n",
             2,
             &mut output,
         );
-        connection.push(
-            MessageKind::Request,
-            Bytes::from_static(b"data"),
-            3,
-            &mut output,
-        );
-        connection.push(
-            MessageKind::Response,
-            Bytes::from(response(201, "{}")),
-            4,
-            &mut output,
-        );
+        connection.push_copy(MessageKind::Request, b"data", 3, &mut output);
+        connection.push_copy(MessageKind::Response, &response(201, "{}"), 4, &mut output);
         assert_eq!(targets(&output), vec![("/up".to_owned(), 201)]);
         assert_eq!(output.exchanges[0].request.body.bytes, b"data");
     }
@@ -483,41 +444,26 @@ mod tests {
     fn a_lost_request_never_takes_the_next_response() {
         let mut connection = HttpConnection::new(1 << 20);
         let mut output = Reassembled::default();
-        connection.push(
+        connection.push_copy(
             MessageKind::Request,
-            Bytes::from_static(b"GET /1 HTTP/1.1\r\n\r\n"),
+            b"GET /1 HTTP/1.1\r\n\r\n",
             1,
             &mut output,
         );
-        connection.push(
-            MessageKind::Response,
-            Bytes::from(response(200, "one")),
-            2,
-            &mut output,
-        );
+        connection.push_copy(MessageKind::Response, &response(200, "one"), 2, &mut output);
         // Request /2 is lost in the middle of its head.
-        connection.push(
-            MessageKind::Request,
-            Bytes::from_static(b"GET /2 HT"),
-            3,
-            &mut output,
-        );
+        connection.push_copy(MessageKind::Request, b"GET /2 HT", 3, &mut output);
         connection.gap(MessageKind::Request, 30, &mut output);
-        connection.push(
-            MessageKind::Response,
-            Bytes::from(response(202, "two")),
-            4,
-            &mut output,
-        );
-        connection.push(
+        connection.push_copy(MessageKind::Response, &response(202, "two"), 4, &mut output);
+        connection.push_copy(
             MessageKind::Request,
-            Bytes::from_static(b"GET /3 HTTP/1.1\r\n\r\n"),
+            b"GET /3 HTTP/1.1\r\n\r\n",
             5,
             &mut output,
         );
-        connection.push(
+        connection.push_copy(
             MessageKind::Response,
-            Bytes::from(response(203, "three")),
+            &response(203, "three"),
             6,
             &mut output,
         );
@@ -537,9 +483,9 @@ mod tests {
     fn non_http_start_is_reported() {
         let mut connection = HttpConnection::new(1 << 20);
         let mut output = Reassembled::default();
-        connection.push(
+        connection.push_copy(
             MessageKind::Request,
-            Bytes::from_static(b"\x00\x00\x00\x08\x04\xd2\x16\x2f\r\n\r\n"),
+            b"\x00\x00\x00\x08\x04\xd2\x16\x2f\r\n\r\n",
             1,
             &mut output,
         );
@@ -550,24 +496,19 @@ mod tests {
     fn upgrade_pairs_and_then_ignores_the_stream() {
         let mut connection = HttpConnection::new(1 << 20);
         let mut output = Reassembled::default();
-        connection.push(
+        connection.push_copy(
             MessageKind::Request,
-            Bytes::from_static(b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"),
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
             1,
             &mut output,
         );
-        connection.push(
+        connection.push_copy(
             MessageKind::Response,
-            Bytes::from_static(b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x02hi"),
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x02hi",
             2,
             &mut output,
         );
-        connection.push(
-            MessageKind::Request,
-            Bytes::from_static(b"\x81\x82garbage"),
-            3,
-            &mut output,
-        );
+        connection.push_copy(MessageKind::Request, b"\x81\x82garbage", 3, &mut output);
         assert_eq!(targets(&output), vec![("/ws".to_owned(), 101)]);
         assert!(connection.is_upgraded());
         assert!(output.anomalies.is_empty());

@@ -590,6 +590,13 @@ mod tests {
         std::iter::from_fn(|| parser.poll(method)).collect()
     }
 
+    impl MessageParser {
+        /// Pushes a copy of `data`, as a record of its own.
+        fn push_copy(&mut self, data: &[u8], timestamp_ns: u64) {
+            self.push(Bytes::copy_from_slice(data), timestamp_ns);
+        }
+    }
+
     fn only_message(polled: Vec<Polled>) -> Message {
         match <[Polled; 1]>::try_from(polled) {
             Ok([Polled::Message(message)]) => message,
@@ -605,7 +612,7 @@ mod tests {
         let mut parser = MessageParser::new(MessageKind::Request, 1 << 20);
         let mut messages = Vec::new();
         for (index, byte) in raw.iter().enumerate() {
-            parser.push(Bytes::copy_from_slice(&[*byte]), index as u64 + 1);
+            parser.push_copy(&[*byte], index as u64 + 1);
             messages.extend(parse_all(&mut parser, None));
         }
         let message = only_message(messages);
@@ -647,7 +654,7 @@ mod tests {
     fn chunked_body_is_decoded_with_trailers() {
         let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n";
         let mut parser = MessageParser::new(MessageKind::Response, 1 << 20);
-        parser.push(Bytes::copy_from_slice(raw), 1);
+        parser.push_copy(raw, 1);
         let message = only_message(parse_all(&mut parser, Some("GET")));
         assert_eq!(message.body.bytes, b"hello world");
         assert!(parser.is_idle());
@@ -656,10 +663,7 @@ mod tests {
     #[test]
     fn head_response_has_no_body_despite_content_length() {
         let mut parser = MessageParser::new(MessageKind::Response, 1 << 20);
-        parser.push(
-            Bytes::from_static(b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n"),
-            1,
-        );
+        parser.push_copy(b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n", 1);
         let message = only_message(parse_all(&mut parser, Some("HEAD")));
         assert_eq!(message.status(), Some(200));
         assert!(message.body.bytes.is_empty());
@@ -669,8 +673,8 @@ mod tests {
     #[test]
     fn interim_response_is_reported_then_final_response() {
         let mut parser = MessageParser::new(MessageKind::Response, 1 << 20);
-        parser.push(
-            Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"),
+        parser.push_copy(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
             1,
         );
         let polled = parse_all(&mut parser, Some("POST"));
@@ -685,9 +689,9 @@ mod tests {
     #[test]
     fn close_delimited_body_completes_on_close() {
         let mut parser = MessageParser::new(MessageKind::Response, 1 << 20);
-        parser.push(Bytes::from_static(b"HTTP/1.0 200 OK\r\n\r\nabc"), 1);
+        parser.push_copy(b"HTTP/1.0 200 OK\r\n\r\nabc", 1);
         assert!(parse_all(&mut parser, Some("GET")).is_empty());
-        parser.push(Bytes::from_static(b"def"), 2);
+        parser.push_copy(b"def", 2);
         assert!(parse_all(&mut parser, Some("GET")).is_empty());
         let message = parser.close().expect("message completes at close");
         assert_eq!(message.body.bytes, b"abcdef");
@@ -698,10 +702,7 @@ mod tests {
     #[test]
     fn body_over_the_limit_is_truncated_and_marked() {
         let mut parser = MessageParser::new(MessageKind::Request, 4);
-        parser.push(
-            Bytes::from_static(b"PUT / HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789"),
-            1,
-        );
+        parser.push_copy(b"PUT / HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789", 1);
         let message = only_message(parse_all(&mut parser, None));
         assert_eq!(message.body.bytes, b"0123");
         assert!(message.body.truncated);
@@ -710,13 +711,10 @@ mod tests {
     #[test]
     fn gap_inside_known_length_body_is_absorbed() {
         let mut parser = MessageParser::new(MessageKind::Response, 1 << 20);
-        parser.push(
-            Bytes::from_static(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab"),
-            1,
-        );
+        parser.push_copy(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab", 1);
         assert!(parse_all(&mut parser, Some("GET")).is_empty());
         assert!(parser.gap(5));
-        parser.push(Bytes::from_static(b"xyz"), 2);
+        parser.push_copy(b"xyz", 2);
         let message = only_message(parse_all(&mut parser, Some("GET")));
         assert_eq!(message.body.bytes, b"abxyz");
         assert!(message.body.incomplete);
@@ -725,13 +723,10 @@ mod tests {
     #[test]
     fn gap_in_a_head_resyncs_at_the_next_message() {
         let mut parser = MessageParser::new(MessageKind::Request, 1 << 20);
-        parser.push(Bytes::from_static(b"GET /lost HTTP/1.1\r\nHo"), 1);
+        parser.push_copy(b"GET /lost HTTP/1.1\r\nHo", 1);
         assert!(parse_all(&mut parser, None).is_empty());
         assert!(!parser.gap(100));
-        parser.push(
-            Bytes::from_static(b"st: a\r\n\r\nGET /next HTTP/1.1\r\n\r\n"),
-            2,
-        );
+        parser.push_copy(b"st: a\r\n\r\nGET /next HTTP/1.1\r\n\r\n", 2);
         let message = only_message(parse_all(&mut parser, None));
         assert_eq!(
             message.start,
@@ -745,10 +740,7 @@ mod tests {
     #[test]
     fn garbage_is_malformed_and_followed_by_resync() {
         let mut parser = MessageParser::new(MessageKind::Request, 1 << 20);
-        parser.push(
-            Bytes::from_static(b"\x16\x03\x01 binary\r\n\r\nGET /ok HTTP/1.1\r\n\r\n"),
-            1,
-        );
+        parser.push_copy(b"\x16\x03\x01 binary\r\n\r\nGET /ok HTTP/1.1\r\n\r\n", 1);
         let polled = parse_all(&mut parser, None);
         assert!(matches!(polled[0], Polled::Malformed(_)), "{polled:?}");
         let Polled::Message(message) = &polled[1] else {
@@ -762,11 +754,8 @@ mod tests {
     #[test]
     fn a_malformed_head_that_looks_like_a_start_is_reported_once() {
         let mut responses = MessageParser::new(MessageKind::Response, 1 << 20);
-        responses.push(
-            Bytes::from_static(b"HTTP/1.1 200 OK\r\x10Content-Length: 0\r\n\r\n"),
-            1,
-        );
-        responses.push(Bytes::from_static(b"HTTP/1.1 204 No Content\r\n\r\n"), 2);
+        responses.push_copy(b"HTTP/1.1 200 OK\r\x10Content-Length: 0\r\n\r\n", 1);
+        responses.push_copy(b"HTTP/1.1 204 No Content\r\n\r\n", 2);
         let polled = parse_all(&mut responses, None);
         assert!(matches!(polled[0], Polled::Malformed(_)), "{polled:?}");
         assert!(
@@ -774,8 +763,8 @@ mod tests {
         );
 
         let mut requests = MessageParser::new(MessageKind::Request, 1 << 20);
-        requests.push(
-            Bytes::from_static(b"GET / HTTP/1.1\r\nBad Header\r\n\r\nGET /ok HTTP/1.1\r\n\r\n"),
+        requests.push_copy(
+            b"GET / HTTP/1.1\r\nBad Header\r\n\r\nGET /ok HTTP/1.1\r\n\r\n",
             1,
         );
         let polled = parse_all(&mut requests, None);
@@ -793,7 +782,7 @@ mod tests {
         }
         raw.extend_from_slice(b"\r\n");
         let mut parser = MessageParser::new(MessageKind::Request, 1 << 20);
-        parser.push(Bytes::copy_from_slice(&raw), 1);
+        parser.push_copy(&raw, 1);
         let message = only_message(parse_all(&mut parser, None));
         assert_eq!(message.headers.len(), 100);
     }
@@ -801,16 +790,14 @@ mod tests {
     #[test]
     fn upgrade_stops_parsing() {
         let mut parser = MessageParser::new(MessageKind::Response, 1 << 20);
-        parser.push(
-            Bytes::copy_from_slice(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
-            ),
+        parser.push_copy(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
             1,
         );
         let message = only_message(parse_all(&mut parser, Some("GET")));
         assert_eq!(message.status(), Some(101));
         parser.upgrade();
-        parser.push(Bytes::from_static(b"\x81\x05hello"), 2);
+        parser.push_copy(b"\x81\x05hello", 2);
         assert!(parse_all(&mut parser, Some("GET")).is_empty());
     }
 }

@@ -2,9 +2,14 @@ use super::{
     frames::{flag, kind, tests::frame},
     *,
 };
-use bytes::Bytes;
-
 use crate::pipeline::protocols::{Reassembler, message::Body};
+
+impl Reassembler {
+    /// Pushes a copy of `data`, as a record of its own.
+    fn push_copy(&mut self, kind: MessageKind, data: &[u8], at: u64, output: &mut Reassembled) {
+        self.push(kind, bytes::Bytes::copy_from_slice(data), at, output);
+    }
+}
 
 const MAX_BODY: usize = 1 << 20;
 
@@ -429,20 +434,10 @@ fn through_reassembler(client: &[&[u8]], server: &[&[u8]]) -> Reassembled {
     let mut reassembler = Reassembler::new(MAX_BODY);
     let mut output = Reassembled::default();
     for piece in client {
-        reassembler.push(
-            MessageKind::Request,
-            Bytes::copy_from_slice(piece),
-            1,
-            &mut output,
-        );
+        reassembler.push_copy(MessageKind::Request, piece, 1, &mut output);
     }
     for piece in server {
-        reassembler.push(
-            MessageKind::Response,
-            Bytes::copy_from_slice(piece),
-            2,
-            &mut output,
-        );
+        reassembler.push_copy(MessageKind::Response, piece, 2, &mut output);
     }
     output
 }
@@ -462,24 +457,9 @@ fn the_preface_switches_a_connection_to_http2_even_split_across_reads() {
     let mut reassembler = Reassembler::new(MAX_BODY);
     let mut output = Reassembled::default();
     let (settings, answer) = wire.server.split_at(frames::HEADER_LEN);
-    reassembler.push(
-        MessageKind::Response,
-        Bytes::copy_from_slice(settings),
-        1,
-        &mut output,
-    );
-    reassembler.push(
-        MessageKind::Request,
-        Bytes::copy_from_slice(&wire.client),
-        2,
-        &mut output,
-    );
-    reassembler.push(
-        MessageKind::Response,
-        Bytes::copy_from_slice(answer),
-        3,
-        &mut output,
-    );
+    reassembler.push_copy(MessageKind::Response, settings, 1, &mut output);
+    reassembler.push_copy(MessageKind::Request, &wire.client, 2, &mut output);
+    reassembler.push_copy(MessageKind::Response, answer, 3, &mut output);
     assert_eq!(output.exchanges.len(), 1, "{output:?}");
 
     // A client that merely starts like the preface stays HTTP/1.
@@ -506,30 +486,10 @@ fn an_h2c_upgrade_answers_the_upgrading_request_on_stream_one() {
     // As on the wire: the client sends its preface once the 101 arrived.
     let mut reassembler = Reassembler::new(MAX_BODY);
     let mut output = Reassembled::default();
-    reassembler.push(
-        MessageKind::Request,
-        Bytes::copy_from_slice(request),
-        1,
-        &mut output,
-    );
-    reassembler.push(
-        MessageKind::Response,
-        Bytes::copy_from_slice(switching),
-        2,
-        &mut output,
-    );
-    reassembler.push(
-        MessageKind::Request,
-        Bytes::copy_from_slice(&wire.client),
-        3,
-        &mut output,
-    );
-    reassembler.push(
-        MessageKind::Response,
-        Bytes::copy_from_slice(&wire.server),
-        4,
-        &mut output,
-    );
+    reassembler.push_copy(MessageKind::Request, request, 1, &mut output);
+    reassembler.push_copy(MessageKind::Response, switching, 2, &mut output);
+    reassembler.push_copy(MessageKind::Request, &wire.client, 3, &mut output);
+    reassembler.push_copy(MessageKind::Response, &wire.server, 4, &mut output);
     let summary: Vec<_> = output
         .exchanges
         .iter()
@@ -571,15 +531,15 @@ fn a_connection_older_than_the_agent_gives_what_its_headers_allow_and_says_so() 
 
     let mut reassembler = Reassembler::midstream(MAX_BODY);
     let mut output = Reassembled::default();
-    reassembler.push(
+    reassembler.push_copy(
         MessageKind::Request,
-        Bytes::copy_from_slice(&wire.client[client_seen..]),
+        &wire.client[client_seen..],
         1,
         &mut output,
     );
-    reassembler.push(
+    reassembler.push_copy(
         MessageKind::Response,
-        Bytes::copy_from_slice(&wire.server[server_seen..]),
+        &wire.server[server_seen..],
         2,
         &mut output,
     );
@@ -614,15 +574,15 @@ fn a_connection_older_than_the_agent_gives_what_its_headers_allow_and_says_so() 
     // HTTP/1 on an old connection stays HTTP/1.
     let mut reassembler = Reassembler::midstream(MAX_BODY);
     let mut output = Reassembled::default();
-    reassembler.push(
+    reassembler.push_copy(
         MessageKind::Request,
-        Bytes::from_static(b"GET /old HTTP/1.1\r\n\r\n"),
+        b"GET /old HTTP/1.1\r\n\r\n",
         1,
         &mut output,
     );
-    reassembler.push(
+    reassembler.push_copy(
         MessageKind::Response,
-        Bytes::from_static(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
         2,
         &mut output,
     );
@@ -674,20 +634,10 @@ fn a_header_block_cut_inside_a_literal_is_malformed_not_a_crash() {
         let mut reassembler = Reassembler::new(MAX_BODY);
         let mut output = Reassembled::default();
         for chunk in client.chunks(piece) {
-            reassembler.push(
-                MessageKind::Request,
-                Bytes::copy_from_slice(chunk),
-                1,
-                &mut output,
-            );
+            reassembler.push_copy(MessageKind::Request, chunk, 1, &mut output);
         }
         for chunk in server.chunks(piece) {
-            reassembler.push(
-                MessageKind::Response,
-                Bytes::copy_from_slice(chunk),
-                2,
-                &mut output,
-            );
+            reassembler.push_copy(MessageKind::Response, chunk, 2, &mut output);
         }
         reassembler.close(&mut output);
         assert!(
