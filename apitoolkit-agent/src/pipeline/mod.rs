@@ -325,9 +325,9 @@ impl Pipeline {
     /// sent, an outgoing payload of its own with status 0, as the Go SDK reports it.
     fn on_failed_call(&mut self, call: FailedCall, output: &mut PipelineOutput) {
         self.link_stats.failed_calls += 1;
-        let profile = self.profiles.get(call.conn.tgid);
+        let thread_per_request = self.profiles.get(call.conn.tgid).thread_per_request;
         let error = CapturedError::failed_call(call.errno, call.remote, call.timestamp_ns);
-        if self.scope.errors && profile.thread_per_request {
+        if self.scope.errors && thread_per_request {
             let attached = self
                 .linker
                 .attach_error(call.worker.tid, error.clone())
@@ -356,27 +356,28 @@ impl Pipeline {
         };
         let links = Links {
             errors: vec![error],
-            ..Links::outgoing(self.parent(call.conn.tgid, call.worker, profile.thread_per_request))
+            ..Links::outgoing(self.parent(call.conn.tgid, call.worker, thread_per_request))
         };
         let origin = Origin {
             response_ns: None,
             request_ns,
             ..Origin::of(&exchange)
         };
-        self.emit_payload(exchange, origin, &profile, links, output);
+        self.emit_payload(exchange, origin, links, output);
     }
 
-    /// Builds and redacts one payload; the exchange's strings and bytes move into it.
+    /// Builds and redacts one payload with its process's profile; the exchange's strings and
+    /// bytes move into it.
     fn emit_payload(
         &mut self,
         exchange: TrackedExchange,
         origin: Origin,
-        profile: &ProcessProfile,
         links: Links,
         output: &mut PipelineOutput,
     ) {
         let (role, conn, worker) = (exchange.role, exchange.conn, exchange.worker);
         let parent_span = links.parent.map(|parent| parent.span);
+        let profile = self.profiles.get(conn.tgid);
         let mut payload = payload::build(exchange, profile, links, &self.settings);
         self.route_stats.unmatched += u64::from(payload.route == RouteLookup::Unmatched);
         self.redactor.apply(&mut payload);
@@ -491,13 +492,13 @@ impl Pipeline {
             if exchange.role == Role::Client && !self.scope.outgoing {
                 continue;
             }
-            let profile = self.profiles.get(exchange.conn.tgid);
-            let mut links = self.links(&exchange, profile.thread_per_request);
+            let thread_per_request = self.profiles.get(exchange.conn.tgid).thread_per_request;
+            let mut links = self.links(&exchange, thread_per_request);
             links
                 .errors
                 .extend(CapturedError::of_protocol(&exchange.exchange));
             let origin = Origin::of(&exchange);
-            self.emit_payload(exchange, origin, &profile, links, &mut pipeline_output);
+            self.emit_payload(exchange, origin, links, &mut pipeline_output);
         }
         for call in output.failed_calls {
             self.on_failed_call(call, &mut pipeline_output);

@@ -536,12 +536,59 @@ fn payload_body(
     }
 }
 
+/// `unix_ns` as chrono's `to_rfc3339_opts(SecondsFormat::Micros, false)` writes it in UTC
+/// (`2025-11-24T16:00:00.000009+00:00`, microseconds truncated), written straight into one
+/// string of its final size: chrono formats through `fmt::Write`, a call per part. Years
+/// outside 0000-9999, which chrono writes with a sign, and times it cannot represent (written
+/// as the Unix epoch) are left to chrono.
 fn rfc3339(unix_ns: i128) -> String {
-    let seconds = unix_ns.div_euclid(1_000_000_000) as i64;
+    /// 0000-01-01T00:00:00 and 9999-12-31T23:59:59, in Unix seconds.
+    const FOUR_DIGIT_YEARS: std::ops::RangeInclusive<i128> = -62_167_219_200..=253_402_300_799;
+    let seconds = unix_ns.div_euclid(1_000_000_000);
     let nanos = unix_ns.rem_euclid(1_000_000_000) as u32;
-    chrono::DateTime::from_timestamp(seconds, nanos)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
+    if !FOUR_DIGIT_YEARS.contains(&seconds) {
+        return chrono::DateTime::from_timestamp(seconds as i64, nanos)
+            .unwrap_or_default()
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, false);
+    }
+    let seconds = seconds as i64;
+    let (year, month, day) = civil_date(seconds.div_euclid(86_400));
+    let second_of_day = seconds.rem_euclid(86_400) as u32;
+    let mut text = *b"0000-00-00T00:00:00.000000+00:00";
+    let mut digits = |at: usize, width: usize, mut value: u32| {
+        for slot in text[at..at + width].iter_mut().rev() {
+            *slot = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    digits(0, 4, year);
+    digits(5, 2, month);
+    digits(8, 2, day);
+    digits(11, 2, second_of_day / 3600);
+    digits(14, 2, second_of_day / 60 % 60);
+    digits(17, 2, second_of_day % 60);
+    digits(20, 6, nanos / 1000);
+    String::from_utf8(text.to_vec()).expect("ASCII digits and separators")
+}
+
+/// (year, month, day) of the proleptic Gregorian calendar `days` after 1970-01-01: Howard
+/// Hinnant's `civil_from_days`, over 400-year eras that start on March 1st.
+fn civil_date(days: i64) -> (u32, u32, u32) {
+    let shifted = days + 719_468;
+    let era = shifted.div_euclid(146_097);
+    let day_of_era = shifted.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year as u32, month as u32, day as u32)
 }
 
 /// A captured error as the backend's ATError.
@@ -1087,7 +1134,47 @@ Content-Type: text/csv\r\n\r\na,b\n1,2\n\r\n--XyZ--\r\n";
         );
     }
 
+    fn rfc3339_by_chrono(unix_ns: i128) -> String {
+        let seconds = unix_ns.div_euclid(1_000_000_000) as i64;
+        let nanos = unix_ns.rem_euclid(1_000_000_000) as u32;
+        chrono::DateTime::from_timestamp(seconds, nanos)
+            .unwrap_or_default()
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
+    }
+
+    #[test]
+    fn timestamps_are_written_as_chrono_writes_them_at_every_edge() {
+        let second = 1_000_000_000_i128;
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000+00:00");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999999+00:00");
+        assert_eq!(
+            rfc3339(951_782_400 * second + 999),
+            "2000-02-29T00:00:00.000000+00:00",
+            "a leap day; nanoseconds below a microsecond are cut, not rounded"
+        );
+        for unix_ns in [
+            -62_167_219_200 * second,
+            -62_167_219_200 * second - 1,
+            253_402_300_799 * second + second - 1,
+            253_402_300_800 * second,
+            4_107_542_400 * second,
+            i128::from(i64::MAX) * second,
+            i128::MIN / 2,
+        ] {
+            assert_eq!(rfc3339(unix_ns), rfc3339_by_chrono(unix_ns), "{unix_ns}");
+        }
+    }
+
     proptest::proptest! {
+        #[test]
+        fn timestamps_are_written_as_chrono_writes_them(
+            seconds in -62_167_219_200_i64..=253_402_300_799,
+            nanos in 0..1_000_000_000_i64,
+        ) {
+            let unix_ns = i128::from(seconds) * 1_000_000_000 + i128::from(nanos);
+            proptest::prop_assert_eq!(rfc3339(unix_ns), rfc3339_by_chrono(unix_ns));
+        }
+
         /// The hand-written JSON is byte for byte what serde_json writes, whatever the text:
         /// control characters, quotes and backslashes at any offset of the eight-byte scan.
         #[test]

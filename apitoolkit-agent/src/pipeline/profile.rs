@@ -2,7 +2,10 @@
 //! whether a thread serves one request at a time, and its tags. Profiles are data handed in by
 //! the runtime, which reads them from /proc; the pipeline itself never looks.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, LazyLock},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -101,18 +104,22 @@ impl ProcessProfile {
     }
 }
 
+/// The profile of a process nothing is known about, lent by [`Profiles::get`].
+static UNKNOWN: LazyLock<ProcessProfile> = LazyLock::new(ProcessProfile::unknown);
+
 /// The profiles payloads are built with.
 pub enum Profiles {
     /// One per live process, added by the runtime when the pipeline names a process it has
-    /// no profile for, and dropped when the process exits.
-    PerProcess(HashMap<u32, ProcessProfile>),
+    /// no profile for, and dropped when the process exits. Looked up for every exchange:
+    /// hashed with foldhash.
+    PerProcess(HashMap<u32, ProcessProfile, foldhash::fast::RandomState>),
     /// The same for every process: a replay, whose recorded processes are gone.
     Everyone(ProcessProfile),
 }
 
 impl Profiles {
     pub fn per_process() -> Self {
-        Profiles::PerProcess(HashMap::new())
+        Profiles::PerProcess(HashMap::default())
     }
 
     pub fn knows(&self, tgid: u32) -> bool {
@@ -122,13 +129,12 @@ impl Profiles {
         }
     }
 
-    pub fn get(&self, tgid: u32) -> ProcessProfile {
+    /// Lent, not cloned: a profile holds reference-counted tags and routes, and is looked up
+    /// for every exchange.
+    pub fn get(&self, tgid: u32) -> &ProcessProfile {
         match self {
-            Profiles::PerProcess(profiles) => profiles
-                .get(&tgid)
-                .cloned()
-                .unwrap_or_else(ProcessProfile::unknown),
-            Profiles::Everyone(profile) => profile.clone(),
+            Profiles::PerProcess(profiles) => profiles.get(&tgid).unwrap_or(&UNKNOWN),
+            Profiles::Everyone(profile) => profile,
         }
     }
 

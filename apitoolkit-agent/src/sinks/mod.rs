@@ -173,6 +173,15 @@ impl PayloadQueue {
     /// Up to `max` payloads and (beyond the first) `max_bytes` queued bytes, waiting for at
     /// least one; `None` once closed and empty.
     pub async fn pop(&self, max: usize, max_bytes: usize) -> Option<Vec<Payload>> {
+        let mut batch = Vec::new();
+        self.pop_into(&mut batch, max, max_bytes)
+            .await
+            .then_some(batch)
+    }
+
+    /// [`PayloadQueue::pop`] into `batch` (appended), so a sink that drains it after each
+    /// batch reuses one allocation; false once closed and empty.
+    pub async fn pop_into(&self, batch: &mut Vec<Payload>, max: usize, max_bytes: usize) -> bool {
         loop {
             {
                 let mut pending = self.pending.lock().expect("queue lock");
@@ -186,16 +195,12 @@ impl PayloadQueue {
                         count += 1;
                         bytes += size;
                     }
-                    let batch: Vec<Payload> = pending
-                        .payloads
-                        .drain(..count)
-                        .map(|(_, payload)| payload)
-                        .collect();
+                    batch.extend(pending.payloads.drain(..count).map(|(_, payload)| payload));
                     pending.bytes -= bytes;
-                    return Some(batch);
+                    return true;
                 }
                 if pending.closed {
-                    return None;
+                    return false;
                 }
             }
             self.ready.notified().await;

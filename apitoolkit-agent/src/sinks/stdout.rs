@@ -22,15 +22,19 @@ pub fn run(queue: Arc<PayloadQueue>, runtime: &Handle) -> io::Result<u64> {
     let mut stdout = io::stdout().lock();
     let mut written = 0;
     let mut lines = Vec::new();
-    while let Some(batch) = runtime.block_on(queue.pop(BATCH, BATCH_BYTES)) {
+    // Reused: one allocation for every batch.
+    let mut batch = Vec::new();
+    while runtime.block_on(queue.pop_into(&mut batch, BATCH, BATCH_BYTES)) {
         lines.clear();
         for payload in &batch {
             write_json(payload, &mut lines);
             lines.push(b'\n');
         }
+        written += batch.len() as u64;
+        // Freed before the write, while their memory is still in cache.
+        batch.clear();
         stdout.write_all(&lines)?;
         stdout.flush()?;
-        written += batch.len() as u64;
         // One payload can be far bigger than the rest: its buffer is not kept.
         lines.shrink_to(2 * BATCH_BYTES);
     }
