@@ -233,7 +233,8 @@ pub fn conn_key(tgid: u32, fd: i32) -> u64 {
     ((tgid as u64) << 32) | (fd as u32 as u64)
 }
 
-/// Fixed part of a data record; `captured_len` payload bytes follow it.
+/// Fixed part of a data record; `captured_len` payload bytes follow it. The record may be
+/// longer: the kernel reserves it in the ring buffer in one of a few sizes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DataHeader {
@@ -253,14 +254,6 @@ pub struct DataHeader {
     pub direction: u8,
     pub source: u8,
     pub _pad: [u8; 2],
-}
-
-/// A data record as the eBPF side assembles it in per-CPU scratch memory before copying
-/// `size_of::<DataHeader>() + captured_len` bytes into the ring buffer.
-#[repr(C)]
-pub struct DataRecord {
-    pub header: DataHeader,
-    pub data: [u8; CHUNK_SIZE],
 }
 
 /// A socket address as the kernel gave it to accept/connect (ports in host order).
@@ -340,8 +333,6 @@ pub mod maps {
     /// Per-thread state: the SSL call in progress and the last connection fd the thread moved
     /// bytes on.
     pub const THREADS: &str = "THREADS";
-    /// Per-CPU data record under construction.
-    pub const SCRATCH: &str = "SCRATCH";
     /// Per-CPU loss counters indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
     /// The ring buffer every record goes through; userspace may resize it before loading.

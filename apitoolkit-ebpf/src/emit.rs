@@ -2,14 +2,14 @@
 //! into data records chunk by chunk (and iovec by iovec) from a `bpf_loop` callback.
 
 use apitoolkit_common::{
-    CHUNK_SIZE, ConnId, ConnState, Counter, DataHeader, DataRecord, Direction, MAX_IOVECS,
-    MAX_LOOP_STEPS, RecordKind, Source, conn_key,
+    CHUNK_SIZE, ConnId, ConnState, Counter, DataHeader, Direction, MAX_IOVECS, MAX_LOOP_STEPS,
+    RecordKind, Source, conn_key,
 };
 use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_user, generated};
 use core::ffi::c_void;
 
 use crate::{
-    maps::{DISABLED, DISABLED_EPOCH, EMIT_STATE, SCRATCH, count, publish},
+    maps::{DISABLED, DISABLED_EPOCH, EMIT_STATE, EVENTS, count, publish, wake_flag},
     syscalls::{CallKind, Transfer},
 };
 
@@ -110,16 +110,21 @@ fn next_segment(state: &mut EmitState) -> i64 {
     0
 }
 
+/// A data record reserved in the ring buffer with room for `N` bytes of data, of which the
+/// header's `captured_len` are used (userspace reads no further).
+#[repr(C)]
+struct SizedRecord<const N: usize> {
+    header: DataHeader,
+    data: [u8; N],
+}
+
 /// Copies up to one chunk of the current segment into a data record and emits it (0), or stops
-/// the loop (1).
+/// the loop (1). The record is reserved in the ring buffer and the bytes are read straight into
+/// it: a reservation needs a constant size, so the chunk takes the smallest of a few sizes
+/// that holds it, where assembling it in per-CPU memory and copying it into the ring cost a
+/// second copy of every byte.
 #[inline(always)]
 fn emit_chunk(state: &mut EmitState) -> i64 {
-    let Some(record) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    // SAFETY: this CPU's slot of a per-CPU array, non-null, aligned and in bounds; programs do
-    // not nest on a CPU and nothing else refers to the slot.
-    let record = unsafe { &mut *record };
     let mut len = state.total - state.done;
     if len > state.segment_left {
         len = state.segment_left;
@@ -127,44 +132,91 @@ fn emit_chunk(state: &mut EmitState) -> i64 {
     if len > CHUNK_SIZE as u64 {
         len = CHUNK_SIZE as u64;
     }
-    // SAFETY: writes `len <= CHUNK_SIZE` bytes into `record.data`, which holds CHUNK_SIZE; the
-    // helper reads the target's memory and fails instead of faulting on a bad address.
-    let read = unsafe {
-        generated::bpf_probe_read_user(
-            record.data.as_mut_ptr().cast(),
-            len as u32,
-            state.segment_ptr as *const c_void,
-        )
+    // Sizes a power of two or one and a half times one: at most a third of a record above
+    // 512 bytes is unused ring space, at most half below.
+    let emitted = if len <= 128 {
+        emit_sized::<128>(state, len)
+    } else if len <= 256 {
+        emit_sized::<256>(state, len)
+    } else if len <= 512 {
+        emit_sized::<512>(state, len)
+    } else if len <= 768 {
+        emit_sized::<768>(state, len)
+    } else if len <= 1024 {
+        emit_sized::<1024>(state, len)
+    } else if len <= 1536 {
+        emit_sized::<1536>(state, len)
+    } else if len <= 2048 {
+        emit_sized::<2048>(state, len)
+    } else if len <= 3072 {
+        emit_sized::<3072>(state, len)
+    } else if len <= 4096 {
+        emit_sized::<4096>(state, len)
+    } else if len <= 6144 {
+        emit_sized::<6144>(state, len)
+    } else if len <= 8192 {
+        emit_sized::<8192>(state, len)
+    } else if len <= 12288 {
+        emit_sized::<12288>(state, len)
+    } else {
+        emit_sized::<CHUNK_SIZE>(state, len)
     };
-    if read < 0 {
-        count(Counter::ReadFailed);
+    if !emitted {
         return 1;
-    }
-    record.header = DataHeader {
-        kind: RecordKind::Data as u32,
-        tid: state.tid,
-        conn: state.conn,
-        timestamp_ns: state.timestamp_ns,
-        position: state.start + state.done,
-        skipped_len: 0,
-        goroutine: state.goroutine,
-        captured_len: len as u32,
-        direction: state.direction,
-        source: state.source,
-        _pad: [0; 2],
-    };
-    let size = size_of::<DataHeader>() + len as usize;
-    // SAFETY: `size <= size_of::<DataRecord>()` because `len <= CHUNK_SIZE`, and every byte is
-    // initialized: the header has no implicit padding and map memory starts zeroed.
-    let bytes =
-        unsafe { core::slice::from_raw_parts((record as *const DataRecord).cast::<u8>(), size) };
-    if !publish(bytes) {
-        count(Counter::RingbufFull);
     }
     state.done += len;
     state.segment_ptr += len;
     state.segment_left -= len;
     0
+}
+
+/// Emits `len <= N` bytes of the current segment as one record reserved with room for `N`;
+/// false if they could not be read (counted). A full ring buffer is counted and the bytes
+/// pass as emitted: userspace sees the gap in the positions.
+#[inline(always)]
+fn emit_sized<const N: usize>(state: &EmitState, len: u64) -> bool {
+    // Asked before the reservation, which the ring's fill level would then include.
+    let wake = wake_flag(size_of::<SizedRecord<N>>() as u64);
+    let Some(mut entry) = EVENTS.reserve::<SizedRecord<N>>(0) else {
+        count(Counter::RingbufFull);
+        return true;
+    };
+    let record = entry.as_mut_ptr();
+    // Stated again for the verifier, which must see the read bounded by the reservation.
+    let len = len.min(N as u64);
+    // SAFETY: writes `len <= N` bytes into the reserved record's `data`, which holds N; the
+    // helper reads the target's memory and fails instead of faulting on a bad address.
+    let read = unsafe {
+        generated::bpf_probe_read_user(
+            (&raw mut (*record).data).cast(),
+            len as u32,
+            state.segment_ptr as *const c_void,
+        )
+    };
+    if read < 0 {
+        entry.discard(0);
+        count(Counter::ReadFailed);
+        return false;
+    }
+    // SAFETY: the header lies inside the reservation, which is this program's alone until it
+    // is submitted.
+    unsafe {
+        (&raw mut (*record).header).write(DataHeader {
+            kind: RecordKind::Data as u32,
+            tid: state.tid,
+            conn: state.conn,
+            timestamp_ns: state.timestamp_ns,
+            position: state.start + state.done,
+            skipped_len: 0,
+            goroutine: state.goroutine,
+            captured_len: len as u32,
+            direction: state.direction,
+            source: state.source,
+            _pad: [0; 2],
+        })
+    };
+    entry.submit(wake);
+    true
 }
 
 /// Copies what one syscall moved into data records, chunk by chunk and iovec by iovec, and

@@ -4,7 +4,7 @@
 //! statics keep their names.
 
 use apitoolkit_common::{
-    COMM_LEN, COUNTER_COUNT, ConnState, Counter, DEFAULT_RING_BUFFER_BYTES, DataRecord, Disabled,
+    COMM_LEN, COUNTER_COUNT, ConnState, Counter, DEFAULT_RING_BUFFER_BYTES, Disabled,
 };
 use aya_ebpf::{
     Global,
@@ -96,10 +96,6 @@ pub(crate) static DISABLED_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 pub(crate) static THREADS: HashMap<u64, ThreadSlot> = HashMap::with_max_entries(16384, 0);
 
-/// A data record is assembled here: it is too big for the 512-byte stack.
-#[map]
-pub(crate) static SCRATCH: PerCpuArray<DataRecord> = PerCpuArray::with_max_entries(1, 0);
-
 /// Events that could not be delivered, indexed by [`Counter`].
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
@@ -118,6 +114,13 @@ pub(crate) fn ring_buffer_bytes() -> u64 {
 }
 
 /// Submits `record` to [`EVENTS`]; false if the ring buffer is full.
+#[inline(always)]
+pub(crate) fn publish<T: ?Sized>(record: &T) -> bool {
+    let flag = wake_flag(core::mem::size_of_val(record) as u64);
+    EVENTS.output::<T>(record, flag).is_ok()
+}
+
+/// The wake-up flag for a record of `size` bytes about to enter [`EVENTS`].
 ///
 /// Userspace is woken only when this record carries the ring past a sixteenth of its size, and
 /// otherwise drains it on its own timer (`capture_loop::DRAIN_INTERVAL_MS`): a wake-up per
@@ -125,17 +128,17 @@ pub(crate) fn ring_buffer_bytes() -> u64 {
 /// mark an interrupt each at high rates. Two producers racing past the mark can both miss it,
 /// so past half of the ring every record wakes.
 #[inline(always)]
-pub(crate) fn publish<T: ?Sized>(record: &T) -> bool {
+pub(crate) fn wake_flag(size: u64) -> u64 {
     let filled = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    let size = ring_buffer_bytes();
-    let mark = size / RING_SHARE_THAT_WAKES;
-    let crosses = filled < mark && filled + core::mem::size_of_val(record) as u64 >= mark;
-    let flag = if crosses || filled >= size / 2 {
+    let ring = ring_buffer_bytes();
+    let mark = ring / RING_SHARE_THAT_WAKES;
+    let crosses = filled < mark && filled + size >= mark;
+    let flag = if crosses || filled >= ring / 2 {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
     };
-    EVENTS.output::<T>(record, flag as u64).is_ok()
+    flag as u64
 }
 
 /// One sixteenth: 512 KiB of the default 8 MiB ring, ~100 ms of 1 KiB requests at 5k req/s.

@@ -283,17 +283,24 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction) -> u32 {
     if ret < 0 {
         report_broken(tgid, call.fd, -ret);
     }
+    // A call that moved nothing needs no thread slot: inside an SSL call it names no plaintext
+    // either (an SSL call that moved plaintext did so through an earlier call of its object
+    // that did move bytes, which `SSL_CONNS` keeps), and the would-block read that ends most
+    // requests then costs no hash lookup.
+    if ret <= 0 {
+        return 0;
+    }
     let mut slot = thread_slot(pid_tgid);
-    // Socket I/O inside an SSL call names the TLS connection; its bytes are ciphertext.
+    // Socket I/O inside an SSL call names the TLS connection; its bytes are ciphertext. A
+    // read/write's fd is checked against CONNECTIONS at the call's return, which looks the
+    // connection up anyway, and only if the call moved plaintext; recv*/send* adopt an
+    // unknown socket here.
     if let Some(slot) = slot.as_deref_mut()
         && slot.tls.active != 0
     {
-        if connection_of(tgid, &call).is_some() {
+        if call.socket_only == 0 || connection_of(tgid, &call).is_some() {
             slot.tls.fd = call.fd;
         }
-        return 0;
-    }
-    if ret <= 0 {
         return 0;
     }
     let total = ret as u64;

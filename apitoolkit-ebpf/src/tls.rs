@@ -1,7 +1,7 @@
 //! SSL uprobes: the plaintext of OpenSSL-compatible read/write calls, placed on the connection
 //! the call's socket I/O (or, failing that, the thread's last socket I/O) names.
 
-use apitoolkit_common::{Counter, Direction, Source, conn_key};
+use apitoolkit_common::{ConnState, Counter, Direction, Source, conn_key};
 use aya_ebpf::{
     helpers::bpf_probe_read_user,
     macros::{uprobe, uretprobe},
@@ -24,7 +24,8 @@ pub(crate) struct TlsCall {
     buf: u64,
     /// `size_t *` of the `_ex` variants, where the byte count is returned.
     length_ptr: u64,
-    /// Set by the socket syscall that runs inside the call; -1 until then.
+    /// Set by the socket I/O that moves bytes inside the call (a read/write's fd is checked
+    /// against `CONNECTIONS` at the return); -1 until then.
     pub(crate) fd: i32,
     /// A raw `Direction`.
     direction: u8,
@@ -58,10 +59,14 @@ pub(crate) struct SslKey {
 }
 
 /// The connection an SSL object was last seen on. `nested` marks fds named by a syscall inside
-/// an SSL call, which beat the thread's last-fd guess.
+/// an SSL call, which beat the thread's last-fd guess. Entries are never deleted (nothing
+/// probes the object's free), so an entry is trusted only while its connection generation is
+/// still the one open on the fd: a freed object's address reused for a new connection's object
+/// must not send that connection's bytes to the old one's fd number.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(crate) struct SslConn {
+    generation: u64,
     fd: i32,
     nested: u32,
 }
@@ -109,13 +114,17 @@ fn known_ssl_conn(tgid: u32, call: &TlsCall) -> (SslKey, Option<SslConn>) {
     (key, known)
 }
 
-/// Records in `SSL_CONNS` that the SSL object of `call` works on the fd its own socket I/O
-/// named, unless that is known already: an LRU update costs several lookups.
+/// Records in `SSL_CONNS` that the SSL object of `call` works on the connection (generation
+/// `generation`) its own socket I/O named, unless that is known already: an LRU update costs
+/// several lookups.
 #[inline(always)]
-fn record_nested_fd(tgid: u32, call: &TlsCall) {
+fn record_nested_fd(tgid: u32, call: &TlsCall, generation: u64) {
     let (key, known) = known_ssl_conn(tgid, call);
-    if known.is_none_or(|known| known.fd != call.fd || known.nested == 0) {
+    if known.is_none_or(|known| {
+        known.fd != call.fd || known.nested == 0 || known.generation != generation
+    }) {
         let nested = SslConn {
+            generation,
             fd: call.fd,
             nested: 1,
         };
@@ -123,30 +132,52 @@ fn record_nested_fd(tgid: u32, call: &TlsCall) {
     }
 }
 
-/// The fd of the connection an SSL call that made no socket I/O of its own used: what its SSL
-/// object was mapped to by such I/O, else the thread's last connection. `SSL_CONNS` is written
-/// only when its answer changes.
+/// The `CONNECTIONS` element of what `known` says, if that connection is still open on its fd.
 #[inline(always)]
-fn mapped_fd(tgid: u32, call: &TlsCall, last_socket_fd: i32) -> Option<i32> {
-    let (key, known) = known_ssl_conn(tgid, call);
-    if let Some(known) = known {
+fn live_connection(tgid: u32, known: &SslConn) -> Option<*mut ConnState> {
+    let state = CONNECTIONS.get_ptr_mut(&conn_key(tgid, known.fd))?;
+    // SAFETY: a live `CONNECTIONS` element; its generation is a plain integer written when the
+    // entry was created.
+    (unsafe { (*state).generation } == known.generation).then_some(state)
+}
+
+/// The connection (fd and `CONNECTIONS` element) an SSL call that made no socket I/O of its
+/// own used: what its SSL object was mapped to by such I/O, else the thread's last connection.
+/// `SSL_CONNS` is written only when its answer changes.
+#[inline(always)]
+fn mapped_connection(
+    tgid: u32,
+    call: &TlsCall,
+    last_socket_fd: i32,
+) -> Option<(i32, *mut ConnState)> {
+    let (key, mut known) = known_ssl_conn(tgid, call);
+    if let Some(entry) = known {
         // Reads of memory-fed TLS stacks follow the socket read on the same thread, so the
         // last fd is fresher than an earlier guess; writes keep the SSL object's connection.
-        if known.nested != 0 || call.direction == Direction::Egress as u8 {
-            return Some(known.fd);
+        if entry.nested != 0 || call.direction == Direction::Egress as u8 {
+            match live_connection(tgid, &entry) {
+                Some(state) => return Some((entry.fd, state)),
+                // A stale entry: the object is a new one at a reused address.
+                None => known = None,
+            }
         }
     }
     if last_socket_fd != NO_FD {
-        if known.is_none_or(|known| known.fd != last_socket_fd) {
+        let state = CONNECTIONS.get_ptr_mut(&conn_key(tgid, last_socket_fd))?;
+        // SAFETY: as in `live_connection`.
+        let generation = unsafe { (*state).generation };
+        if known.is_none_or(|known| known.fd != last_socket_fd || known.generation != generation) {
             let guess = SslConn {
+                generation,
                 fd: last_socket_fd,
                 nested: 0,
             };
             let _ = SSL_CONNS.insert(&key, &guess, 0);
         }
-        return Some(last_socket_fd);
+        return Some((last_socket_fd, state));
     }
-    known.map(|known| known.fd)
+    let known = known?;
+    live_connection(tgid, &known).map(|state| (known.fd, state))
 }
 
 /// Plaintext bytes the SSL call moved: its return value, or what an `_ex` variant stored
@@ -189,42 +220,65 @@ fn exit_tls_call(ctx: &RetProbeContext) -> u32 {
     slot.tls.active = 0;
     let call = slot.tls;
     let total = tls_call_length(ctx, &call);
-    let fd = if call.fd >= 0 {
-        // A call that moved no plaintext (the read that finds no more) maps nothing: the
-        // library's buffer is empty, so the object's next call does socket I/O of its own.
-        if total == 0 {
-            return 0;
-        }
-        // Looked up on every call with plaintext: a lookup keeps a live object's entry recent
-        // in the LRU, and the entry may have been rewritten by another thread whose SSL object
-        // reused this address.
-        record_nested_fd(tgid, &call);
-        Some(call.fd)
-    } else {
-        let fd = mapped_fd(tgid, &call, slot.last_socket_fd);
-        if total == 0 {
-            return 0;
-        }
-        fd
-    };
-    let Some(fd) = fd else {
-        count(Counter::TlsUnmapped);
+    // A call that moved no plaintext (the read that finds no more) maps nothing: the
+    // library's buffer is empty, so the object's next call does socket I/O of its own.
+    if total == 0 {
         return 0;
-    };
+    }
     let direction = if call.direction == Direction::Egress as u8 {
         Direction::Egress
     } else {
         Direction::Ingress
     };
-    emit_plaintext(
+    let nested = if call.fd >= 0 {
+        // The call's own I/O may have named no connection (a file): then it is placed as if
+        // it made none.
+        CONNECTIONS
+            .get_ptr_mut(&conn_key(tgid, call.fd))
+            .map(|state| {
+                // Looked up on every call with plaintext: a lookup keeps a live object's entry
+                // recent in the LRU, and the entry may have been rewritten by another thread
+                // whose SSL object reused this address.
+                // SAFETY: as in `live_connection`.
+                record_nested_fd(tgid, &call, unsafe { (*state).generation });
+                (call.fd, state)
+            })
+    } else {
+        None
+    };
+    let Some((fd, state)) = nested.or_else(|| mapped_connection(tgid, &call, slot.last_socket_fd))
+    else {
+        count(Counter::TlsUnmapped);
+        return 0;
+    };
+    emit_on_connection(
+        // SAFETY: as in `emit_plaintext`.
+        unsafe { &mut *state },
         tgid,
+        &plaintext_buffer(fd, Some(call.buf)),
         Mover::thread(pid_tgid as u32),
-        fd,
-        Some(call.buf),
         direction,
+        Source::Tls,
         total,
     );
     0
+}
+
+/// The bytes of a TLS call on `fd`: the plaintext at `buf`, or, without it, their count only.
+#[inline(always)]
+fn plaintext_buffer(fd: i32, buf: Option<u64>) -> Transfer {
+    Transfer {
+        user_ptr: buf.unwrap_or(0),
+        count: 0,
+        fd,
+        kind: if buf.is_some() {
+            CallKind::Buffer
+        } else {
+            CallKind::SizeOnly
+        },
+        socket_only: 0,
+        _pad: [0; 2],
+    }
 }
 
 /// Emits `total` plaintext bytes at `buf` of a TLS call on connection `fd` of process `tgid`,
@@ -243,18 +297,6 @@ pub(crate) fn emit_plaintext(
         count(Counter::TlsUnmapped);
         return;
     };
-    let buffer = Transfer {
-        user_ptr: buf.unwrap_or(0),
-        count: 0,
-        fd,
-        kind: if buf.is_some() {
-            CallKind::Buffer
-        } else {
-            CallKind::SizeOnly
-        },
-        socket_only: 0,
-        _pad: [0; 2],
-    };
     emit_on_connection(
         // SAFETY: a live `CONNECTIONS` element (memory stays valid while the program runs),
         // `ConnState` is plain integers. Another thread of the process on another CPU may
@@ -262,7 +304,7 @@ pub(crate) fn emit_plaintext(
         // fault; the kernel maps offer no atomic read-modify-write of a struct.
         unsafe { &mut *state },
         tgid,
-        &buffer,
+        &plaintext_buffer(fd, buf),
         mover,
         direction,
         Source::Tls,
