@@ -5,7 +5,10 @@ use apitoolkit_common::{
     CHUNK_SIZE, ConnId, ConnState, Counter, DataHeader, Direction, MAX_IOVECS, MAX_LOOP_STEPS,
     RecordKind, Source, conn_key,
 };
-use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_user, generated};
+use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_user, generated},
+};
 use core::ffi::c_void;
 
 use crate::{
@@ -132,9 +135,13 @@ fn emit_chunk(state: &mut EmitState) -> i64 {
     if len > CHUNK_SIZE as u64 {
         len = CHUNK_SIZE as u64;
     }
-    // Sizes a power of two or one and a half times one: at most a third of a record above
-    // 512 bytes is unused ring space, at most half below.
-    let emitted = if len <= 128 {
+    // Sizes a power of two, and from 512 up also one and a half times one: above 512 bytes at
+    // most a third of a record's data room is unused ring space, at most half from 64 to 512.
+    let emitted = if len <= 32 {
+        emit_sized::<32>(state, len)
+    } else if len <= 64 {
+        emit_sized::<64>(state, len)
+    } else if len <= 128 {
         emit_sized::<128>(state, len)
     } else if len <= 256 {
         emit_sized::<256>(state, len)
@@ -182,7 +189,9 @@ fn emit_sized<const N: usize>(state: &EmitState, len: u64) -> bool {
         return true;
     };
     let record = entry.as_mut_ptr();
-    // Stated again for the verifier, which must see the read bounded by the reservation.
+    // The caller's class check is what bounds the read for the verifier (LLVM folds this away
+    // and the verifier follows that comparison through register copies); kept so the bound
+    // holds here whatever the caller.
     let len = len.min(N as u64);
     // SAFETY: writes `len <= N` bytes into the reserved record's `data`, which holds N; the
     // helper reads the target's memory and fails instead of faulting on a bad address.
@@ -194,7 +203,8 @@ fn emit_sized<const N: usize>(state: &EmitState, len: u64) -> bool {
         )
     };
     if read < 0 {
-        entry.discard(0);
+        // No wake-up: the consumer is woken by the fill level, never for a record it skips.
+        entry.discard(BPF_RB_NO_WAKEUP as u64);
         count(Counter::ReadFailed);
         return false;
     }

@@ -22,7 +22,7 @@ use crate::{
     emit::{Mover, Skipped, emit_data, emit_on_connection, emit_skipped},
     maps::{CONNECTIONS, EVENTS, count, ring_buffer_bytes},
     process::current_target,
-    threads::{thread_slot, thread_slot_or_new},
+    threads::{NO_FD, thread_slot, thread_slot_or_new},
 };
 
 /// Offsets in the syscall tracepoint records (see events/syscalls/*/format): the exit record
@@ -283,22 +283,24 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction) -> u32 {
     if ret < 0 {
         report_broken(tgid, call.fd, -ret);
     }
-    // A call that moved nothing needs no thread slot: inside an SSL call it names no plaintext
-    // either (an SSL call that moved plaintext did so through an earlier call of its object
-    // that did move bytes, which `SSL_CONNS` keeps), and the would-block read that ends most
-    // requests then costs no hash lookup.
+    // A call that moved nothing needs no thread slot, and the would-block read that ends most
+    // requests then costs no hash lookup. Inside an SSL call it names no connection either: an
+    // SSL call that returns plaintext without moving socket bytes of its own gives out what an
+    // earlier call of its object buffered, and that call is mapped in `SSL_CONNS` (if it
+    // returned plaintext) or the object's next one with socket I/O is.
     if ret <= 0 {
         return 0;
     }
     let mut slot = thread_slot(pid_tgid);
-    // Socket I/O inside an SSL call names the TLS connection; its bytes are ciphertext. A
-    // read/write's fd is checked against CONNECTIONS at the call's return, which looks the
-    // connection up anyway, and only if the call moved plaintext; recv*/send* adopt an
-    // unknown socket here.
+    // Socket I/O inside an SSL call names the TLS connection; its bytes are ciphertext. The
+    // call's first fd is kept unchecked (the return looks its connection up anyway, and only if
+    // the call moved plaintext); another fd replaces it only if it names a connection, so a log
+    // line the call writes does not hide its socket. recv*/send* adopt an unknown socket here.
     if let Some(slot) = slot.as_deref_mut()
         && slot.tls.active != 0
     {
-        if call.socket_only == 0 || connection_of(tgid, &call).is_some() {
+        let first = slot.tls.fd == NO_FD || slot.tls.fd == call.fd;
+        if (first && call.socket_only == 0) || connection_of(tgid, &call).is_some() {
             slot.tls.fd = call.fd;
         }
         return 0;

@@ -24,8 +24,9 @@ pub(crate) struct TlsCall {
     buf: u64,
     /// `size_t *` of the `_ex` variants, where the byte count is returned.
     length_ptr: u64,
-    /// Set by the socket I/O that moves bytes inside the call (a read/write's fd is checked
-    /// against `CONNECTIONS` at the return); -1 until then.
+    /// The fd of the call's own I/O that moved bytes: the first one (a read/write's is checked
+    /// against `CONNECTIONS` at the return), or a later one that names a connection; -1 until
+    /// then.
     pub(crate) fd: i32,
     /// A raw `Direction`.
     direction: u8,
@@ -157,7 +158,9 @@ fn mapped_connection(
         if entry.nested != 0 || call.direction == Direction::Egress as u8 {
             match live_connection(tgid, &entry) {
                 Some(state) => return Some((entry.fd, state)),
-                // A stale entry: the object is a new one at a reused address.
+                // A stale entry: the object is a new one at a reused address (or, rarely, its
+                // connection's entry was evicted and adopted again under a new generation; the
+                // object's next socket I/O maps it again).
                 None => known = None,
             }
         }
