@@ -45,10 +45,14 @@ const MAX_MESSAGE_BYTES: usize = REQUEST_BYTES - 1024;
 /// How long a batch short of `BATCH` waits for more: the emulator (and the service) cost is
 /// mostly per request, and capture hands over a few payloads at a time.
 const LINGER: Duration = Duration::from_millis(50);
-/// One publish call, all of it; after that the payloads return to the queue and are retried
-/// with the delivery loop's backoff.
+/// One publish call, all of it (token, connection, TLS handshake, request); after that the
+/// payloads return to the queue and are retried with the delivery loop's backoff.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection a NAT or firewall dropped silently fails the call in seconds, not at the
+/// kernel's TCP timeout (pings only while a call is open, as Google's frontends allow).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 const PUBSUB_ENDPOINT: &str = "https://pubsub.googleapis.com";
 
 /// What the agent was told about the destination on the command line.
@@ -138,12 +142,13 @@ impl DestinationConfig {
     }
 }
 
-/// How a failed publish counts: the credentials refused, a request the API will never take,
-/// or a destination that may come back (a missing topic may be created later).
+/// How a failed publish counts: the credentials refused, or a destination that may come back
+/// (a missing topic may be created later). An invalid argument is retried too: a whole
+/// request of up to 1000 payloads would go with it, for what may be one bad message or a
+/// configuration the user can fix (and messages over the size limit never leave the agent).
 fn publish_failure(status: &Status) -> FailureReason {
     match status.code() {
         Code::Unauthenticated | Code::PermissionDenied => FailureReason::Rejected,
-        Code::InvalidArgument => FailureReason::Refused,
         _ => FailureReason::Unreachable,
     }
 }
@@ -160,11 +165,19 @@ fn connect(
     };
     let mut endpoint = Endpoint::from_shared(url)?
         .timeout(REQUEST_TIMEOUT)
-        .connect_timeout(CONNECT_TIMEOUT);
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(false)
+        .tcp_keepalive(Some(2 * KEEPALIVE_INTERVAL));
     let credentials = if config.emulator_host.is_some() {
         None
     } else {
-        endpoint = endpoint.tls_config(ClientTlsConfig::new().with_native_roots())?;
+        endpoint = endpoint.tls_config(
+            ClientTlsConfig::new()
+                .with_native_roots()
+                .timeout(CONNECT_TIMEOUT),
+        )?;
         Some(match &destination.service_account {
             Some(key) => google_cloud_auth::credentials::service_account::Builder::new(key.clone())
                 .build()
@@ -315,7 +328,14 @@ impl PubsubTransport {
         let headers = match &self.credentials {
             Some(credentials) => match credentials.headers(tonic::Extensions::new()).await {
                 Ok(CacheableResource::New { data, .. }) => data,
-                Ok(CacheableResource::NotModified) => HeaderMap::new(),
+                // Only ever the answer to an entity tag, which is not passed: never a request
+                // without its token.
+                Ok(CacheableResource::NotModified) => {
+                    return Err((
+                        FailureReason::Unreachable,
+                        "no access token given (cached answer without a cache)".to_owned(),
+                    ));
+                }
                 Err(error) => {
                     let reason = if error.is_transient() {
                         FailureReason::Unreachable
@@ -332,7 +352,23 @@ impl PubsubTransport {
         Ok(metadata)
     }
 
+    /// One publish call within `REQUEST_TIMEOUT`, all of it: the channel's own timeout covers
+    /// only the request once connected.
     async fn publish(
+        &mut self,
+        request: PublishRequest,
+    ) -> Result<PublishResponse, (FailureReason, String)> {
+        tokio::time::timeout(REQUEST_TIMEOUT, self.call(request))
+            .await
+            .unwrap_or_else(|_| {
+                Err((
+                    FailureReason::Unreachable,
+                    format!("no answer within {REQUEST_TIMEOUT:?}"),
+                ))
+            })
+    }
+
+    async fn call(
         &mut self,
         request: PublishRequest,
     ) -> Result<PublishResponse, (FailureReason, String)> {
@@ -404,7 +440,7 @@ impl Transport for PubsubTransport {
                     delivered += payloads;
                 }
                 Err((reason, error)) => {
-                    failure = Some((reason, error, payloads));
+                    failure = Some((reason, error));
                     // The requests after it go back to the queue unsent.
                     break;
                 }
@@ -413,10 +449,11 @@ impl Transport for PubsubTransport {
         drop(requests);
         if let Ok(mut json) = Arc::try_unwrap(json) {
             // One payload far bigger than the rest does not keep its buffer.
+            json.clear();
             json.shrink_to(2 * BATCH_BYTES);
             self.json = json;
         }
-        let mut undelivered = kept.split_off(delivered);
+        let undelivered = kept.split_off(delivered);
         match failure {
             None if refused == 0 => Ok(()),
             None => Err(Failure {
@@ -425,17 +462,7 @@ impl Transport for PubsubTransport {
                 reason: FailureReason::Refused,
                 error: format!("over the {MAX_MESSAGE_BYTES}-byte message limit"),
             }),
-            Some((FailureReason::Refused, error, payloads)) => {
-                // The API will never take this request; the ones after it may go.
-                undelivered.drain(..payloads);
-                Err(Failure {
-                    undelivered,
-                    refused: refused + payloads as u64,
-                    reason: FailureReason::Refused,
-                    error,
-                })
-            }
-            Some((reason, error, _)) => Err(Failure {
+            Some((reason, error)) => Err(Failure {
                 undelivered,
                 refused,
                 reason,
@@ -485,10 +512,17 @@ pub async fn run(
     delivery::run(queue, &mut transport, BATCH, BATCH_BYTES, LINGER).await
 }
 
+/// What a routing parameter's value escapes: all but letters, digits and `-._~`, as Google's
+/// Go client does (topic names may hold `-._~`).
+const ROUTING_PARAM_ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// `topic=<topic path>`, percent-encoded as Google's clients send it.
 fn request_params(topic_path: &str) -> MetadataValue<Ascii> {
-    let encoded =
-        percent_encoding::utf8_percent_encode(topic_path, percent_encoding::NON_ALPHANUMERIC);
+    let encoded = percent_encoding::utf8_percent_encode(topic_path, ROUTING_PARAM_ESCAPED);
     MetadataValue::try_from(format!("topic={encoded}")).expect("percent-encoding leaves only ASCII")
 }
 
@@ -631,7 +665,7 @@ mod tests {
         for (code, reason) in [
             (Code::Unauthenticated, FailureReason::Rejected),
             (Code::PermissionDenied, FailureReason::Rejected),
-            (Code::InvalidArgument, FailureReason::Refused),
+            (Code::InvalidArgument, FailureReason::Unreachable),
             (Code::Unavailable, FailureReason::Unreachable),
             (Code::NotFound, FailureReason::Unreachable),
             (Code::DeadlineExceeded, FailureReason::Unreachable),
@@ -671,7 +705,7 @@ mod tests {
     fn the_topic_routes_the_request() {
         assert_eq!(
             request_params("projects/p-1/topics/t.x"),
-            "topic=projects%2Fp%2D1%2Ftopics%2Ft%2Ex"
+            "topic=projects%2Fp-1%2Ftopics%2Ft.x"
         );
     }
 }
