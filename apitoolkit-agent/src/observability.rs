@@ -15,7 +15,7 @@ use std::{
 use crate::{
     capture::KernelLosses,
     pipeline::{LinkStats, RouteStats, connections::TrackerStats},
-    sinks::PayloadQueue,
+    sinks::SinkQueues,
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::{
@@ -72,7 +72,7 @@ pub struct Snapshot<'a> {
     pub routes: &'a RouteStats,
     pub losses: KernelLosses,
     pub totals: &'a CaptureTotals,
-    pub sinks: &'a [Arc<PayloadQueue>],
+    pub sinks: &'a SinkQueues,
     pub watched_processes: usize,
     /// Bytes held for messages still arriving.
     pub buffered_bytes: usize,
@@ -136,7 +136,7 @@ macro_rules! log_counters {
 pub fn export(snapshot: &Snapshot<'_>) {
     use metrics::gauge;
     counters!(snapshot, export_counters);
-    for sink in snapshot.sinks {
+    for sink in snapshot.sinks.all() {
         let name = sink.name();
         gauge!("apitoolkit_agent_sink_queued_bytes", "sink" => name)
             .set(sink.queued_bytes() as f64);
@@ -153,7 +153,7 @@ pub fn export(snapshot: &Snapshot<'_>) {
 
 /// Logs the final totals when capture stops.
 pub fn log_totals(snapshot: &Snapshot<'_>) {
-    let sink_dropped = snapshot.sinks.iter().map(|sink| sink.dropped()).sum();
+    let sink_dropped = snapshot.sinks.all().map(|sink| sink.dropped()).sum();
     (counters!(snapshot, log_counters))(sink_dropped);
 }
 
@@ -180,7 +180,7 @@ fn uncaptured(snapshot: &Snapshot<'_>) -> [(&'static str, u64, bool); 14] {
         ("decode_errors", snapshot.totals.decode_errors, true),
         (
             "sink_dropped",
-            snapshot.sinks.iter().map(|sink| sink.dropped()).sum(),
+            snapshot.sinks.all().map(|sink| sink.dropped()).sum(),
             true,
         ),
     ]
@@ -406,7 +406,7 @@ mod tests {
             routes: &RouteStats { unmatched: 30 },
             losses,
             totals: &totals,
-            sinks: &[],
+            sinks: &SinkQueues::default(),
             watched_processes: 0,
             buffered_bytes: 0,
             payloads_by_process: Vec::new(),
@@ -459,7 +459,7 @@ mod tests {
                 routes: &RouteStats::default(),
                 losses: losses.clone(),
                 totals: &totals,
-                sinks: &[],
+                sinks: &SinkQueues::default(),
                 watched_processes: 0,
                 buffered_bytes: 0,
                 payloads_by_process: Vec::new(),

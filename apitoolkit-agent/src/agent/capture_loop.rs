@@ -4,10 +4,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -25,7 +22,7 @@ use crate::{
     capture::{Probes, RingWakeups},
     observability::{self, CaptureTotals, Heartbeat, LossReport, Snapshot},
     pipeline::{Pipeline, PipelineOutput, events::Event, payload::Payload},
-    sinks::PayloadQueue,
+    sinks::SinkQueues,
     targets::process::{self, Profiler},
 };
 
@@ -46,7 +43,7 @@ pub struct CaptureLoop {
     pub pipeline: Pipeline,
     pub profiler: Profiler,
     pub discovery: Discovery,
-    pub sinks: Vec<Arc<PayloadQueue>>,
+    pub sinks: SinkQueues,
     /// Payloads of the current drain, handed to the sinks as one batch.
     pub outbox: Vec<Payload>,
     /// The records of a drain step, decoded (kept between drains, as `arena` is, so a drain
@@ -136,9 +133,13 @@ impl CaptureLoop {
         if self.outbox.is_empty() {
             return;
         }
+        // Stdout's lines are written here, while the payloads are still in this thread's cache.
+        if let Some(stdout) = &self.sinks.stdout {
+            stdout.push(&self.outbox);
+        }
         // Drained, not taken: the outbox keeps its capacity instead of growing again, copying
         // every payload it holds, at each drain.
-        if let Some((last, others)) = self.sinks.split_last() {
+        if let Some((last, others)) = self.sinks.payloads.split_last() {
             for sink in others {
                 sink.push(self.outbox.iter().cloned());
             }

@@ -37,10 +37,11 @@ use crate::{
         routes::{self, RouteTable},
     },
     sinks::{
-        self, PayloadQueue,
+        self, PayloadQueue, SinkQueues,
         delivery::DeliveryStats,
         otlp::{OtlpConfig, OtlpTransport, ResourceSettings},
         pubsub::{Destination, DestinationConfig},
+        stdout::LineQueue,
     },
     targets::{
         kubernetes::{self, ApiClient, SharedPods},
@@ -232,7 +233,7 @@ struct RemoteSink {
 
 /// The sinks' queues and tasks.
 struct Sinks {
-    queues: Vec<Arc<PayloadQueue>>,
+    queues: SinkQueues,
     stdout: Option<JoinHandle<std::io::Result<u64>>>,
     remote: Vec<RemoteSink>,
 }
@@ -250,16 +251,21 @@ async fn start_sinks(args: &CaptureArgs) -> anyhow::Result<(Sinks, Option<Uuid>)
     let project_id = destination
         .as_ref()
         .map(|destination| destination.project_id);
-    let mut queues = Vec::new();
-    let mut queue = |name| {
-        let queue = PayloadQueue::new(name, args.queue_bytes);
-        queues.push(queue.clone());
-        queue
+    let mut queues = SinkQueues {
+        stdout: outputs
+            .stdout
+            .then(|| LineQueue::new("stdout", args.queue_bytes)),
+        payloads: Vec::new(),
     };
-    let stdout = outputs.stdout.then(|| {
-        let (queue, runtime) = (queue("stdout"), tokio::runtime::Handle::current());
+    let stdout = queues.stdout.clone().map(|queue| {
+        let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || sinks::stdout::run(queue, &runtime))
     });
+    let mut queue = |name| {
+        let queue = PayloadQueue::new(name, args.queue_bytes);
+        queues.payloads.push(queue.clone());
+        queue
+    };
     let mut remote = Vec::new();
     if outputs.pubsub {
         let queue = queue("pubsub");
@@ -284,7 +290,7 @@ async fn start_sinks(args: &CaptureArgs) -> anyhow::Result<(Sinks, Option<Uuid>)
 /// Closes the queues and waits for each sink to drain them; returns the payloads written to
 /// stdout.
 async fn drain_sinks(sinks: Sinks) -> anyhow::Result<u64> {
-    for queue in &sinks.queues {
+    for queue in sinks.queues.all() {
         queue.close();
     }
     let mut written = 0;
@@ -383,7 +389,7 @@ fn load_probes(args: &CaptureArgs, selector: &Selector) -> anyhow::Result<Probes
 fn capture(
     args: &CaptureArgs,
     settings: PayloadSettings,
-    queues: Vec<Arc<PayloadQueue>>,
+    queues: SinkQueues,
     stop: &AtomicBool,
     heartbeat: Heartbeat,
     pods: SharedPods,

@@ -1,6 +1,8 @@
 //! Where payloads go. Capture never waits for a sink: each sink has a queue bounded in bytes;
 //! when a batch would overflow it, the oldest queued payloads are dropped and counted, so a
-//! slow or unreachable destination never grows the agent's memory.
+//! slow or unreachable destination never grows the agent's memory. Network sinks queue
+//! payloads; stdout queues their JSON lines, written on the capture thread (see
+//! [`stdout::LineQueue`]).
 
 pub mod bootstrap;
 pub mod delivery;
@@ -21,41 +23,87 @@ use tokio::sync::Notify;
 
 use crate::pipeline::payload::Payload;
 
-/// Approximate memory of a queued payload: the struct, its largest heap parts (bodies, header
-/// and query fields, URL) by capacity, and a flat allowance for the small rest, so the byte
-/// bound tracks real memory rather than just the bodies.
-fn queued_size(payload: &Payload) -> usize {
-    std::mem::size_of::<Payload>()
-        + 256
-        + payload.raw_url.capacity()
-        + payload.url_path.capacity()
-        + payload.host.capacity()
-        + payload.request_body.capacity()
-        + payload.response_body.capacity()
-        + payload.request_headers.heap_size()
-        + payload.response_headers.heap_size()
-        + payload.query_params.heap_size()
+/// What a sink queue holds: its memory, for the byte bound, and how many payloads it stands
+/// for, so drops are counted in payloads whatever one item carries.
+pub trait Queued {
+    fn queued_size(&self) -> usize;
+    fn payloads(&self) -> u64 {
+        1
+    }
 }
 
-#[derive(Default)]
-struct Pending {
-    /// Each payload with its [`queued_size`], computed once.
-    payloads: VecDeque<(usize, Payload)>,
+impl Queued for Payload {
+    /// Approximate memory of a queued payload: the struct, its largest heap parts (bodies,
+    /// header and query fields, URL) by capacity, and a flat allowance for the small rest, so
+    /// the byte bound tracks real memory rather than just the bodies.
+    fn queued_size(&self) -> usize {
+        std::mem::size_of::<Payload>()
+            + 256
+            + self.raw_url.capacity()
+            + self.url_path.capacity()
+            + self.host.capacity()
+            + self.request_body.capacity()
+            + self.response_body.capacity()
+            + self.request_headers.heap_size()
+            + self.response_headers.heap_size()
+            + self.query_params.heap_size()
+    }
+}
+
+/// What /metrics and shutdown need of a sink's queue, whatever it carries.
+pub trait SinkQueue: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn queued_bytes(&self) -> usize;
+    /// Payloads dropped because the queue was full.
+    fn dropped(&self) -> u64;
+    fn close(&self);
+}
+
+/// The queues capture fills: stdout's lines and the network sinks' payloads.
+#[derive(Clone, Default)]
+pub struct SinkQueues {
+    pub stdout: Option<Arc<stdout::LineQueue>>,
+    pub payloads: Vec<Arc<PayloadQueue>>,
+}
+
+impl SinkQueues {
+    /// Every queue, stdout first.
+    pub fn all(&self) -> impl Iterator<Item = &dyn SinkQueue> {
+        let stdout = self.stdout.iter().map(|queue| &**queue as &dyn SinkQueue);
+        stdout.chain(self.payloads.iter().map(|queue| &**queue as &dyn SinkQueue))
+    }
+}
+
+struct Pending<T> {
+    /// Each item with its [`Queued::queued_size`], computed once.
+    items: VecDeque<(usize, T)>,
     bytes: usize,
     closed: bool,
 }
 
+impl<T> Default for Pending<T> {
+    fn default() -> Self {
+        Self {
+            items: VecDeque::new(),
+            bytes: 0,
+            closed: false,
+        }
+    }
+}
+
 /// A byte-bounded FIFO between capture (sync) and one sink (async).
-pub struct PayloadQueue {
+pub struct Queue<T> {
     name: &'static str,
     max_bytes: usize,
-    pending: Mutex<Pending>,
+    pending: Mutex<Pending<T>>,
     ready: Notify,
     closed: Notify,
     dropped: AtomicU64,
 }
 
-impl PayloadQueue {
+pub type PayloadQueue = Queue<Payload>;
+
+impl<T: Queued> Queue<T> {
     pub fn new(name: &'static str, max_bytes: usize) -> Arc<Self> {
         Arc::new(Self {
             name,
@@ -71,38 +119,38 @@ impl PayloadQueue {
         self.name
     }
 
-    /// Appends a batch, evicting the oldest payloads beyond the byte bound.
-    pub fn push(&self, batch: impl IntoIterator<Item = Payload>) {
+    /// Appends a batch, evicting the oldest items beyond the byte bound.
+    pub fn push(&self, batch: impl IntoIterator<Item = T>) {
         let mut pending = self.pending.lock().expect("queue lock");
-        for payload in batch {
-            let size = queued_size(&payload);
+        for item in batch {
+            let size = item.queued_size();
             pending.bytes += size;
-            pending.payloads.push_back((size, payload));
+            pending.items.push_back((size, item));
         }
         self.evict_oldest(&mut pending);
         drop(pending);
         self.ready.notify_one();
     }
 
-    /// Puts back payloads a sink could not deliver, ahead of newer ones (still bounded).
-    pub fn requeue(&self, batch: Vec<Payload>) {
+    /// Puts back items a sink could not deliver, ahead of newer ones (still bounded).
+    pub fn requeue(&self, batch: Vec<T>) {
         let mut pending = self.pending.lock().expect("queue lock");
-        for payload in batch.into_iter().rev() {
-            let size = queued_size(&payload);
+        for item in batch.into_iter().rev() {
+            let size = item.queued_size();
             pending.bytes += size;
-            pending.payloads.push_front((size, payload));
+            pending.items.push_front((size, item));
         }
         self.evict_oldest(&mut pending);
     }
 
-    fn evict_oldest(&self, pending: &mut Pending) {
+    fn evict_oldest(&self, pending: &mut Pending<T>) {
         let mut dropped = 0;
         while pending.bytes > self.max_bytes {
-            let Some((size, _)) = pending.payloads.pop_front() else {
+            let Some((size, item)) = pending.items.pop_front() else {
                 break;
             };
             pending.bytes -= size;
-            dropped += 1;
+            dropped += item.payloads();
         }
         if dropped > 0 {
             self.dropped.fetch_add(dropped, Ordering::Relaxed);
@@ -114,7 +162,7 @@ impl PayloadQueue {
         }
     }
 
-    /// No more payloads will come: `pop` drains what is left, then returns `None`.
+    /// Nothing more will come: `pop` drains what is left, then returns `None`.
     pub fn close(&self) {
         self.pending.lock().expect("queue lock").closed = true;
         self.ready.notify_one();
@@ -125,7 +173,7 @@ impl PayloadQueue {
         self.pending.lock().expect("queue lock").closed
     }
 
-    /// Returns once [`PayloadQueue::close`] was called.
+    /// Returns once [`Queue::close`] was called.
     pub async fn wait_closed(&self) {
         loop {
             // Made before the check, so a close in between still wakes it.
@@ -137,8 +185,8 @@ impl PayloadQueue {
         }
     }
 
-    /// Like [`PayloadQueue::pop`], but a batch short of `max` payloads and `max_bytes` waits
-    /// `linger` after its first payload for more (not past [`PayloadQueue::close`]): fewer,
+    /// Like [`Queue::pop`], but a batch short of `max` items and `max_bytes` waits
+    /// `linger` after its first item for more (not past [`Queue::close`]): fewer,
     /// larger requests for destinations whose cost is mostly per request. One timer per batch,
     /// not a wake-up per push.
     pub async fn pop_lingering(
@@ -146,14 +194,14 @@ impl PayloadQueue {
         max: usize,
         max_bytes: usize,
         linger: Duration,
-    ) -> Option<Vec<Payload>> {
-        let full = |pending: &Pending| {
-            pending.closed || pending.payloads.len() >= max || pending.bytes >= max_bytes
+    ) -> Option<Vec<T>> {
+        let full = |pending: &Pending<T>| {
+            pending.closed || pending.items.len() >= max || pending.bytes >= max_bytes
         };
         loop {
             let (full, empty) = {
                 let pending = self.pending.lock().expect("queue lock");
-                (full(&pending), pending.payloads.is_empty())
+                (full(&pending), pending.items.is_empty())
             };
             if full || (!empty && linger.is_zero()) {
                 break;
@@ -170,32 +218,32 @@ impl PayloadQueue {
         self.pop(max, max_bytes).await
     }
 
-    /// Up to `max` payloads and (beyond the first) `max_bytes` queued bytes, waiting for at
+    /// Up to `max` items and (beyond the first) `max_bytes` queued bytes, waiting for at
     /// least one; `None` once closed and empty.
-    pub async fn pop(&self, max: usize, max_bytes: usize) -> Option<Vec<Payload>> {
+    pub async fn pop(&self, max: usize, max_bytes: usize) -> Option<Vec<T>> {
         let mut batch = Vec::new();
         self.pop_into(&mut batch, max, max_bytes)
             .await
             .then_some(batch)
     }
 
-    /// [`PayloadQueue::pop`] into `batch` (appended), so a sink that drains it after each
+    /// [`Queue::pop`] into `batch` (appended), so a sink that drains it after each
     /// batch reuses one allocation; false once closed and empty.
-    pub async fn pop_into(&self, batch: &mut Vec<Payload>, max: usize, max_bytes: usize) -> bool {
+    pub async fn pop_into(&self, batch: &mut Vec<T>, max: usize, max_bytes: usize) -> bool {
         loop {
             {
                 let mut pending = self.pending.lock().expect("queue lock");
-                if !pending.payloads.is_empty() {
+                if !pending.items.is_empty() {
                     let mut count = 0;
                     let mut bytes = 0;
-                    for &(size, _) in pending.payloads.iter().take(max) {
+                    for &(size, _) in pending.items.iter().take(max) {
                         if count > 0 && bytes + size > max_bytes {
                             break;
                         }
                         count += 1;
                         bytes += size;
                     }
-                    batch.extend(pending.payloads.drain(..count).map(|(_, payload)| payload));
+                    batch.extend(pending.items.drain(..count).map(|(_, item)| item));
                     pending.bytes -= bytes;
                     return true;
                 }
@@ -212,11 +260,29 @@ impl PayloadQueue {
     }
 
     pub fn queued_len(&self) -> usize {
-        self.pending.lock().expect("queue lock").payloads.len()
+        self.pending.lock().expect("queue lock").items.len()
     }
 
     pub fn queued_bytes(&self) -> usize {
         self.pending.lock().expect("queue lock").bytes
+    }
+}
+
+impl<T: Queued + Send> SinkQueue for Queue<T> {
+    fn name(&self) -> &'static str {
+        Queue::name(self)
+    }
+
+    fn queued_bytes(&self) -> usize {
+        Queue::queued_bytes(self)
+    }
+
+    fn dropped(&self) -> u64 {
+        Queue::dropped(self)
+    }
+
+    fn close(&self) {
+        Queue::close(self);
     }
 }
 
@@ -242,7 +308,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_drops_the_oldest_and_counts() {
-        let one = queued_size(&payload("/0"));
+        let one = payload("/0").queued_size();
         let queue = PayloadQueue::new("test", one * 2);
         queue.push(["/1", "/2", "/3"].map(payload));
         assert_eq!(queue.dropped(), 1);
@@ -266,7 +332,7 @@ mod tests {
 
     #[tokio::test]
     async fn batches_stop_at_the_byte_bound_but_take_at_least_one() {
-        let one = queued_size(&payload("/0"));
+        let one = payload("/0").queued_size();
         let queue = PayloadQueue::new("test", 1 << 20);
         queue.push(["/1", "/2", "/3"].map(payload));
         assert_eq!(paths(queue.pop(10, one * 2).await), vec!["/1", "/2"]);
