@@ -69,13 +69,22 @@ impl LineQueue {
                 }]);
             }
         }
-        if count > 0 {
+        if count == 0 {
+            self.recycle(json);
+        } else if json.len() < CHUNK_BYTES / 2 {
+            // A drain's last chunk, short: queued in a buffer of its size, since the queue's
+            // bound counts capacity (a few lines at a low rate would count as a whole chunk).
+            let lines = Lines {
+                json: json.to_vec(),
+                payloads: count,
+            };
+            self.recycle(json);
+            self.chunks.push([lines]);
+        } else {
             self.chunks.push([Lines {
                 json,
                 payloads: count,
             }]);
-        } else {
-            self.recycle(json);
         }
     }
 
@@ -84,10 +93,12 @@ impl LineQueue {
         spare.unwrap_or_else(|| Vec::with_capacity(CHUNK_CAPACITY))
     }
 
+    /// Keeps an emptied chunk buffer for capture to fill again, unless it is a short chunk's or
+    /// one regrown past `CHUNK_CAPACITY`.
     fn recycle(&self, mut json: Vec<u8>) {
         json.clear();
         let mut spare = self.spare.lock().expect("spare lock");
-        if spare.len() < SPARE_CHUNKS && json.capacity() <= CHUNK_CAPACITY {
+        if spare.len() < SPARE_CHUNKS && (CHUNK_BYTES..=CHUNK_CAPACITY).contains(&json.capacity()) {
             spare.push(json);
         }
     }
@@ -174,6 +185,8 @@ mod tests {
         let probe = LineQueue::new("stdout", usize::MAX);
         probe.push(&payloads);
         let one_chunk = probe.queued_bytes();
+        // A short chunk counts its lines, not a whole chunk buffer.
+        assert!(one_chunk < 4096, "{one_chunk} bytes queued for 3 lines");
         let queue = LineQueue::new("stdout", one_chunk * 3 / 2);
         queue.push(&payloads);
         assert_eq!(queue.dropped(), 0);
