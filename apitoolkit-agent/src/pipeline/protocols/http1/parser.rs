@@ -126,7 +126,7 @@ impl MessageParser {
             self.first_byte_ns = Some(timestamp_ns);
         }
         self.last_push_ns = timestamp_ns;
-        if self.buffer.is_empty() && self.pushed.is_empty() {
+        if self.nothing_unparsed() {
             self.pushed = data;
         } else {
             self.settle();
