@@ -36,7 +36,7 @@ use anyhow::Context as _;
 use serde_json::{Value, json};
 
 use crate::{build_agent, setup, workspace_root};
-use agent::{Agent, AgentCost, Sink, clock_ticks_per_second};
+use agent::{Agent, AgentCost, Sink};
 use load::{Load, LoadResult};
 use pubsub::Emulator;
 
@@ -216,8 +216,7 @@ fn with_and_without_agent(
         };
         eprintln!("bench: {title}: {label}");
         let agent = Agent::start(pid, sink, context)?;
-        let ((load, service_cpu_ns), cost) =
-            agent.measure(context.ticks_per_second, || service::cpu_during(pid, load))?;
+        let ((load, service_cpu_ns), cost) = agent.measure(|| service::cpu_during(pid, load))?;
         runs.push(Run {
             label,
             load,
@@ -231,7 +230,6 @@ fn with_and_without_agent(
 struct Context {
     emulator: Emulator,
     otlp_receiver: otlp::Receiver,
-    ticks_per_second: f64,
 }
 
 /// One target of the agent's cost: what is measured, its value, and whether it is met.
@@ -424,7 +422,6 @@ pub fn run() -> anyhow::Result<()> {
     let context = Context {
         emulator: Emulator::start()?,
         otlp_receiver: otlp::Receiver::start()?,
-        ticks_per_second: clock_ticks_per_second()?,
     };
     let mut scenarios = nginx::nginx_scenarios(&context)?;
     scenarios.push(flask::flask_scenario(&context)?);
