@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use apitoolkit_agent::agent::recording::RedactedEvents;
 use apitoolkit_agent::pipeline::{
-    CaptureScope, ERROR_HOLD_NS, Pipeline,
+    CaptureScope, ERROR_HOLD_NS, Pipeline, PipelineOutput, Tracked,
     events::{ConnId, DataEvent, Direction, Event, Role, Source},
     payload::{BodyKind, HeaderMap, Payload, PayloadSettings},
     profile::{ProcessProfile, Profiles, SdkType},
@@ -80,6 +80,38 @@ fn summary(payloads: &[Payload]) -> Vec<(&str, &str, u16)> {
         .iter()
         .map(|p| (p.method.as_str(), p.raw_url.as_str(), p.status_code))
         .collect()
+}
+
+/// The capture loop hands every event the same `Tracked` and `PipelineOutput`: each event
+/// must leave them as it found them, or payloads repeat or mix.
+#[test]
+fn reused_stage_buffers_give_the_payloads_of_fresh_ones() {
+    let mut pipeline = pipeline(SdkType::PythonFlask, Redactor::default());
+    let (mut tracked, mut output) = (Tracked::default(), PipelineOutput::default());
+    let mut payloads = Vec::new();
+    for event in recorded_events() {
+        pipeline.track(event, &mut tracked);
+        pipeline.emit(&mut tracked, &mut output);
+        assert_eq!(output.payloads.len(), output.origins.len());
+        payloads.append(&mut output.payloads);
+        output.origins.clear();
+    }
+    payloads.extend(pipeline.flush().payloads);
+    // Ids are random: what must match is everything else.
+    let without_ids = |payloads: Vec<Payload>| -> Vec<Payload> {
+        payloads
+            .into_iter()
+            .map(|payload| Payload {
+                msg_id: Uuid::nil(),
+                parent_id: payload.parent_id.map(|_| Uuid::nil()),
+                span: Default::default(),
+                ..payload
+            })
+            .collect()
+    };
+    let fresh = replay(recorded_events());
+    assert_eq!(payloads.len(), 7);
+    assert_eq!(without_ids(payloads), without_ids(fresh));
 }
 
 #[test]

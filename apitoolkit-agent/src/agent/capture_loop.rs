@@ -21,7 +21,7 @@ use crate::{
     allocator,
     capture::{Probes, RingWakeups},
     observability::{self, CaptureTotals, Heartbeat, LossReport, Snapshot},
-    pipeline::{Pipeline, PipelineOutput, events::Event, payload::Payload},
+    pipeline::{Pipeline, PipelineOutput, Tracked, events::Event, payload::Payload},
     sinks::SinkQueues,
     targets::process::{self, Profiler},
 };
@@ -46,6 +46,10 @@ pub struct CaptureLoop {
     pub sinks: SinkQueues,
     /// Payloads of the current drain, handed to the sinks as one batch.
     pub outbox: Vec<Payload>,
+    /// The pipeline's stages' outputs for one event, empty between events (kept, as `decoded`
+    /// is, so an event does not allocate them anew).
+    pub tracked: Tracked,
+    pub output: PipelineOutput,
     /// The records of a drain step, decoded (kept between drains, as `arena` is, so a drain
     /// does not allocate them anew at every wake-up).
     pub decoded: Vec<Event>,
@@ -68,23 +72,29 @@ impl CaptureLoop {
             Event::ProcessSelected { tgid, .. } => self.discovery.kernel_picked(*tgid),
             _ => {}
         }
-        let tracked = self.pipeline.track(event);
+        // Taken out while in use, returned empty: each event reuses their vectors' room.
+        let mut tracked = std::mem::take(&mut self.tracked);
+        let mut output = std::mem::take(&mut self.output);
+        self.pipeline.track(event, &mut tracked);
         for &tgid in &tracked.unprofiled {
             self.pipeline.add_profile(tgid, self.profiler.profile(tgid));
         }
-        let output = self.pipeline.emit(tracked);
+        self.pipeline.emit(&mut tracked, &mut output);
+        self.tracked = tracked;
         if let (Some(recorder), Some(event)) = (&mut self.recorder, recorded) {
             recorder.write(event, &output)?;
         }
-        for (conn, source) in output.disable {
+        for (conn, source) in output.disable.drain(..) {
             if let Err(error) = probes.disable(conn, source) {
                 tracing::warn!(%error, ?conn, ?source, "could not disable connection in the kernel");
             }
         }
-        for conn in output.unreadable_tls {
+        for conn in output.unreadable_tls.drain(..) {
             self.discovery.report_unreadable_tls(conn);
         }
-        self.outbox.extend(output.payloads);
+        self.outbox.append(&mut output.payloads);
+        output.origins.clear();
+        self.output = output;
         Ok(())
     }
 

@@ -434,6 +434,8 @@ fn capture(
         discovery: Discovery::new(selector),
         sinks: queues,
         outbox: Vec::new(),
+        tracked: Default::default(),
+        output: Default::default(),
         decoded: Vec::with_capacity(capture_loop::DRAIN_BATCH),
         arena: bytes::BytesMut::with_capacity(capture_loop::ARENA_BYTES),
         recorder,

@@ -301,8 +301,9 @@ impl ConnectionTracker {
         self.connections.len()
     }
 
-    pub fn feed(&mut self, event: Event) -> TrackerOutput {
-        let mut output = TrackerOutput::default();
+    /// Tracks one event, appending what it completed to `output` (a buffer the caller reuses,
+    /// so no event allocates vectors of its own).
+    pub fn feed(&mut self, event: Event, output: &mut TrackerOutput) {
         match event {
             Event::Open {
                 conn,
@@ -319,7 +320,7 @@ impl ConnectionTracker {
                     self.buffered_bytes -= replaced.retained_bytes;
                 }
             }
-            Event::Data(data) => self.on_data(data, &mut output),
+            Event::Data(data) => self.on_data(data, output),
             Event::Close {
                 conn,
                 timestamp_ns,
@@ -338,7 +339,7 @@ impl ConnectionTracker {
                         received,
                         timestamp_ns,
                     };
-                    self.close(conn, connection, end, &mut output);
+                    self.close(conn, connection, end, output);
                 }
             }
             Event::ConnError {
@@ -347,7 +348,7 @@ impl ConnectionTracker {
                 timestamp_ns,
                 remote,
                 errno,
-            } => self.on_error(conn, tid, timestamp_ns, remote, errno, &mut output),
+            } => self.on_error(conn, tid, timestamp_ns, remote, errno, output),
             Event::ProcessSelected { .. } | Event::GoroutineCreated { .. } => {}
             Event::ProcessExit { tgid, timestamp_ns } => {
                 self.not_http_reported.remove(&tgid);
@@ -365,12 +366,11 @@ impl ConnectionTracker {
                             received: 0,
                             timestamp_ns,
                         };
-                        self.close(conn, connection, end, &mut output);
+                        self.close(conn, connection, end, output);
                     }
                 }
             }
         }
-        output
     }
 
     /// A connect failed (the connection may never have been opened) or a call found the
@@ -713,6 +713,15 @@ mod tests {
 
     const TGID: u32 = 100;
 
+    impl ConnectionTracker {
+        /// What one event completes, on its own.
+        fn feed_one(&mut self, event: Event) -> TrackerOutput {
+            let mut output = TrackerOutput::default();
+            self.feed(event, &mut output);
+            output
+        }
+    }
+
     fn conn(fd: i32, generation: u64) -> ConnId {
         ConnId {
             tgid: TGID,
@@ -770,7 +779,7 @@ mod tests {
     fn run(tracker: &mut ConnectionTracker, events: Vec<Event>) -> Vec<(String, u16, Vec<u8>)> {
         events
             .into_iter()
-            .flat_map(|event| tracker.feed(event).exchanges)
+            .flat_map(|event| tracker.feed_one(event).exchanges)
             .map(|tracked| {
                 let exchange = tracked.exchange;
                 let crate::pipeline::protocols::message::StartLine::Request { target, .. } =
@@ -872,7 +881,7 @@ mod tests {
             vec![("/a".to_owned(), 200, b"hello".to_vec())]
         );
         for c in conns {
-            tracker.feed(close(c, 0, 0));
+            tracker.feed_one(close(c, 0, 0));
         }
         assert_eq!(tracker.buffered_bytes(), 0, "closing releases every count");
     }
@@ -927,16 +936,16 @@ mod tests {
             data(c, Direction::Ingress, 0, REQUEST, 1),
             data(c, Direction::Egress, 0, head, 2),
         ] {
-            exchanges.extend(tracker.feed(event).exchanges);
+            exchanges.extend(tracker.feed_one(event).exchanges);
         }
         // The skipped bytes finish the body: the exchange is out before anything else arrives.
-        exchanges.extend(tracker.feed(sendfile_marker).exchanges);
+        exchanges.extend(tracker.feed_one(sendfile_marker).exchanges);
         assert_eq!(exchanges.len(), 1);
         for event in [
             data(c, Direction::Ingress, REQUEST.len() as u64, REQUEST, 4),
             data(c, Direction::Egress, head.len() as u64 + 1000, RESPONSE, 5),
         ] {
-            exchanges.extend(tracker.feed(event).exchanges);
+            exchanges.extend(tracker.feed_one(event).exchanges);
         }
         assert_eq!(exchanges.len(), 2);
         assert!(exchanges[0].exchange.response.body.incomplete);
@@ -1024,7 +1033,7 @@ mod tests {
         events.push(data(c, Direction::Ingress, 0, RESPONSE, 2));
         let mut exchanges = Vec::new();
         for event in events {
-            exchanges.extend(tracker.feed(event).exchanges);
+            exchanges.extend(tracker.feed_one(event).exchanges);
         }
         assert_eq!(exchanges.len(), 1);
         assert_eq!(exchanges[0].role, Role::Client);
@@ -1034,8 +1043,8 @@ mod tests {
     fn a_connection_that_is_not_http_is_disabled() {
         let c = conn(10, 1);
         let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
-        tracker.feed(open(c, Role::Client));
-        let output = tracker.feed(data(
+        tracker.feed_one(open(c, Role::Client));
+        let output = tracker.feed_one(data(
             c,
             Direction::Egress,
             0,
@@ -1044,7 +1053,7 @@ mod tests {
         ));
         assert_eq!(output.disable, vec![(c, Source::Syscall)]);
         assert_eq!(tracker.stats().not_http_connections, 1);
-        let later = tracker.feed(data(c, Direction::Egress, 30, REQUEST, 2));
+        let later = tracker.feed_one(data(c, Direction::Egress, 30, REQUEST, 2));
         assert!(later.exchanges.is_empty() && later.disable.is_empty());
     }
 
@@ -1096,10 +1105,10 @@ mod tests {
     fn tls_plaintext_is_parsed_and_the_ciphertext_never_is() {
         let c = conn(13, 1);
         let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
-        tracker.feed(open(c, Role::Server));
-        let handshake = tracker.feed(data(c, Direction::Ingress, 0, CLIENT_HELLO, 1));
+        tracker.feed_one(open(c, Role::Server));
+        let handshake = tracker.feed_one(data(c, Direction::Ingress, 0, CLIENT_HELLO, 1));
         assert!(handshake.disable.is_empty() && handshake.exchanges.is_empty());
-        let plaintext = tracker.feed(tls(data(c, Direction::Ingress, 0, REQUEST, 2)));
+        let plaintext = tracker.feed_one(tls(data(c, Direction::Ingress, 0, REQUEST, 2)));
         assert_eq!(plaintext.disable, vec![(c, Source::Syscall)]);
         let mut exchanges = Vec::new();
         for event in [
@@ -1107,7 +1116,7 @@ mod tests {
             data(c, Direction::Ingress, 500, REQUEST, 3),
             tls(data(c, Direction::Egress, 0, RESPONSE, 4)),
         ] {
-            let output = tracker.feed(event);
+            let output = tracker.feed_one(event);
             assert!(output.disable.is_empty());
             exchanges.extend(output.exchanges);
         }
@@ -1125,15 +1134,15 @@ mod tests {
     fn plaintext_arriving_first_disables_the_socket_bytes() {
         let c = conn(14, 1);
         let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
-        tracker.feed(open(c, Role::Client));
-        let output = tracker.feed(tls(data(c, Direction::Egress, 0, REQUEST, 1)));
+        tracker.feed_one(open(c, Role::Client));
+        let output = tracker.feed_one(tls(data(c, Direction::Egress, 0, REQUEST, 1)));
         assert_eq!(output.disable, vec![(c, Source::Syscall)]);
         let exchanges: Vec<_> = [
             data(c, Direction::Ingress, 0, RESPONSE, 2),
             tls(data(c, Direction::Ingress, 0, RESPONSE, 3)),
         ]
         .into_iter()
-        .flat_map(|event| tracker.feed(event).exchanges)
+        .flat_map(|event| tracker.feed_one(event).exchanges)
         .collect();
         assert_eq!(exchanges.len(), 1);
         assert_eq!(exchanges[0].role, Role::Client);
@@ -1143,14 +1152,14 @@ mod tests {
     fn tls_application_data_without_plaintext_is_reported_and_a_bare_handshake_is_not() {
         let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
         let handshake_only = conn(15, 1);
-        tracker.feed(open(handshake_only, Role::Server));
-        tracker.feed(data(handshake_only, Direction::Ingress, 0, CLIENT_HELLO, 1));
-        tracker.feed(close(handshake_only, 0, CLIENT_HELLO.len() as u64));
+        tracker.feed_one(open(handshake_only, Role::Server));
+        tracker.feed_one(data(handshake_only, Direction::Ingress, 0, CLIENT_HELLO, 1));
+        tracker.feed_one(close(handshake_only, 0, CLIENT_HELLO.len() as u64));
         assert_eq!(tracker.stats().unreadable_tls_connections, 0);
 
         let unreadable = conn(16, 1);
         let application_data = b"\x17\x03\x03\x00\x02ab";
-        tracker.feed(open(unreadable, Role::Server));
+        tracker.feed_one(open(unreadable, Role::Server));
         let events = [
             data(
                 unreadable,
@@ -1163,10 +1172,10 @@ mod tests {
             data(unreadable, Direction::Egress, 0, application_data, 3),
         ];
         for event in events {
-            let output = tracker.feed(event);
+            let output = tracker.feed_one(event);
             assert!(output.disable.is_empty() && output.unreadable_tls.is_empty());
         }
-        let closed = tracker.feed(close(unreadable, 7, 13));
+        let closed = tracker.feed_one(close(unreadable, 7, 13));
         assert_eq!(closed.unreadable_tls, vec![unreadable]);
         assert_eq!(tracker.stats().unreadable_tls_connections, 1);
         assert_eq!(tracker.stats().tls_connections, 0);
@@ -1176,11 +1185,11 @@ mod tests {
     fn tls_totals_at_close_reveal_lost_plaintext() {
         let c = conn(17, 1);
         let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
-        tracker.feed(open(c, Role::Server));
-        tracker.feed(tls(data(c, Direction::Ingress, 0, REQUEST, 1)));
+        tracker.feed_one(open(c, Role::Server));
+        tracker.feed_one(tls(data(c, Direction::Ingress, 0, REQUEST, 1)));
         let head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n";
-        tracker.feed(tls(data(c, Direction::Egress, 0, head, 2)));
-        let output = tracker.feed(Event::Close {
+        tracker.feed_one(tls(data(c, Direction::Egress, 0, head, 2)));
+        let output = tracker.feed_one(Event::Close {
             conn: c,
             timestamp_ns: 3,
             bytes_sent: 9000,
@@ -1197,13 +1206,13 @@ mod tests {
     fn endless_ciphertext_without_plaintext_is_given_up() {
         let c = conn(18, 1);
         let mut tracker = ConnectionTracker::new(1 << 20, DEFAULT_MAX_BUFFERED_BYTES);
-        tracker.feed(open(c, Role::Client));
-        tracker.feed(data(c, Direction::Egress, 0, CLIENT_HELLO, 1));
+        tracker.feed_one(open(c, Role::Client));
+        tracker.feed_one(data(c, Direction::Egress, 0, CLIENT_HELLO, 1));
         let record = [&b"\x17\x03\x03\x3f\xfb"[..], &[0u8; 0x3ffb]].concat();
         let mut position = 0;
         let mut outputs = Vec::new();
         for at in 0..5 {
-            outputs.push(tracker.feed(data(c, Direction::Ingress, position, &record, at)));
+            outputs.push(tracker.feed_one(data(c, Direction::Ingress, position, &record, at)));
             position += record.len() as u64;
         }
         let disabled: Vec<_> = outputs.iter().flat_map(|o| o.disable.clone()).collect();
@@ -1215,7 +1224,7 @@ mod tests {
         assert_eq!(unreadable, vec![c]);
         assert!(
             tracker
-                .feed(close(c, 11, position))
+                .feed_one(close(c, 11, position))
                 .unreadable_tls
                 .is_empty()
         );

@@ -71,8 +71,10 @@ impl Unanswered {
 
 #[derive(Default)]
 pub struct Linker {
-    unanswered: HashMap<(ConnId, u64), Unanswered>,
-    started: HashMap<(u32, u64), Started>,
+    // Keyed by kernel ids: foldhash (randomly seeded) instead of std's SipHash, which cost
+    // more than it should for an insert and a removal per exchange.
+    unanswered: HashMap<(ConnId, u64), Unanswered, foldhash::fast::RandomState>,
+    started: HashMap<(u32, u64), Started, foldhash::fast::RandomState>,
     /// Counts requests read and goroutines started, in event order.
     clock: u64,
 }

@@ -122,7 +122,8 @@ enum Ended {
 }
 
 /// An event tracked and reassembled, its payloads not built yet: they need the profiles of
-/// the processes in `unprofiled`.
+/// the processes in `unprofiled`. [`Pipeline::emit`] empties it, keeping its vectors' room for
+/// the next event.
 #[derive(Default)]
 pub struct Tracked {
     output: TrackerOutput,
@@ -141,8 +142,8 @@ pub struct Pipeline {
     link_stats: LinkStats,
     route_stats: RouteStats,
     profiles: Profiles,
-    /// Payloads per live process, for the agent's metrics.
-    payloads_by_process: HashMap<u32, u64>,
+    /// Payloads per live process, for the agent's metrics (a count per payload: foldhash).
+    payloads_by_process: HashMap<u32, u64, foldhash::fast::RandomState>,
     /// 5xx payloads waiting for a traceback, in release order.
     held: Vec<Held>,
     /// Held payloads released while tracking an event, emitted with its output.
@@ -169,7 +170,7 @@ impl Pipeline {
             link_stats: LinkStats::default(),
             route_stats: RouteStats::default(),
             profiles,
-            payloads_by_process: HashMap::new(),
+            payloads_by_process: HashMap::default(),
             held: Vec::new(),
             released: Vec::new(),
         }
@@ -199,7 +200,7 @@ impl Pipeline {
     }
 
     /// Payloads emitted so far for each live watched process.
-    pub fn payloads_by_process(&self) -> &HashMap<u32, u64> {
+    pub fn payloads_by_process(&self) -> &HashMap<u32, u64, foldhash::fast::RandomState> {
         &self.payloads_by_process
     }
 
@@ -429,16 +430,17 @@ impl Pipeline {
         }
     }
 
-    /// Stage one of an event: connection tracking and reassembly. Payloads come from
-    /// [`Pipeline::emit`] once the processes in [`Tracked::unprofiled`] have profiles.
-    pub fn track(&mut self, event: Event) -> Tracked {
+    /// Stage one of an event: connection tracking and reassembly, into `tracked` (empty, as
+    /// [`Pipeline::emit`] leaves it). Payloads come from [`Pipeline::emit`] once the processes
+    /// in [`Tracked::unprofiled`] have profiles.
+    pub fn track(&mut self, event: Event, tracked: &mut Tracked) {
         // A held payload whose wait ended before this event missed its traceback.
         let now_ns = event.timestamp_ns();
         self.release(|held| held.release_at_ns < now_ns);
-        let ended = match &event {
+        tracked.ended = match &event {
             Event::Data(data) if data.source == Source::Stderr => {
                 self.on_stderr(data);
-                return Tracked::default();
+                return;
             }
             Event::GoroutineCreated {
                 tgid,
@@ -447,48 +449,50 @@ impl Pipeline {
                 ..
             } => {
                 self.linker.goroutine_started(*tgid, *goroutine, *parent);
-                return Tracked::default();
+                return;
             }
             Event::Close { conn, .. } => Some(Ended::Connection(*conn)),
             Event::ProcessExit { tgid, .. } => Some(Ended::Process(*tgid)),
             _ => None,
         };
-        let output = self.tracker.feed(event);
-        let mut unprofiled: Vec<u32> = output
-            .exchanges
-            .iter()
-            .filter(|exchange| exchange.role != Role::Client || self.scope.outgoing)
-            .map(|exchange| exchange.conn.tgid)
-            .chain(output.failed_calls.iter().map(|call| call.conn.tgid))
-            .filter(|tgid| !self.profiles.knows(*tgid))
-            .collect();
+        let output = &mut tracked.output;
+        self.tracker.feed(event, output);
+        let unprofiled = &mut tracked.unprofiled;
+        unprofiled.extend(
+            output
+                .exchanges
+                .iter()
+                .filter(|exchange| exchange.role != Role::Client || self.scope.outgoing)
+                .map(|exchange| exchange.conn.tgid)
+                .chain(output.failed_calls.iter().map(|call| call.conn.tgid))
+                .filter(|tgid| !self.profiles.knows(*tgid)),
+        );
         unprofiled.sort_unstable();
         unprofiled.dedup();
-        Tracked {
-            output,
-            ended,
-            unprofiled,
-        }
     }
 
-    /// Stage two: links, payloads and redaction for what [`Pipeline::track`] produced.
-    pub fn emit(&mut self, tracked: Tracked) -> PipelineOutput {
-        let Tracked { output, ended, .. } = tracked;
-        let mut pipeline_output = PipelineOutput {
-            payloads: Vec::with_capacity(output.exchanges.len()),
-            origins: Vec::with_capacity(output.exchanges.len()),
-            disable: output.disable,
-            unreadable_tls: output.unreadable_tls,
-        };
-        self.emit_released(&mut pipeline_output);
-        for mut serving in output.serving {
+    /// Stage two: links, payloads and redaction for what [`Pipeline::track`] produced,
+    /// appended to `output`; `tracked` is left empty.
+    pub fn emit(&mut self, tracked: &mut Tracked, output: &mut PipelineOutput) {
+        let Tracked {
+            output: tracked_output,
+            ended,
+            unprofiled,
+        } = tracked;
+        unprofiled.clear();
+        output.disable.append(&mut tracked_output.disable);
+        output
+            .unreadable_tls
+            .append(&mut tracked_output.unreadable_tls);
+        self.emit_released(output);
+        for mut serving in tracked_output.serving.drain(..) {
             // Its payload will not show a redacted traceparent, so neither may its children.
             if self.redactor.redacts_header(trace::TRACEPARENT) {
                 serving.traceparent = None;
             }
             self.linker.serving(serving);
         }
-        for exchange in output.exchanges {
+        for exchange in tracked_output.exchanges.drain(..) {
             if exchange.role == Role::Client && !self.scope.outgoing {
                 continue;
             }
@@ -498,16 +502,16 @@ impl Pipeline {
                 .errors
                 .extend(CapturedError::of_protocol(&exchange.exchange));
             let origin = Origin::of(&exchange);
-            self.emit_payload(exchange, origin, links, &mut pipeline_output);
+            self.emit_payload(exchange, origin, links, output);
         }
-        for call in output.failed_calls {
-            self.on_failed_call(call, &mut pipeline_output);
+        for call in tracked_output.failed_calls.drain(..) {
+            self.on_failed_call(call, output);
         }
-        match ended {
+        match ended.take() {
             Some(Ended::Connection(conn)) => self.linker.forget_connection(conn),
             Some(Ended::Process(tgid)) => {
                 self.release(|held| held.tgid == tgid);
-                self.emit_released(&mut pipeline_output);
+                self.emit_released(output);
                 self.linker.forget_process(tgid);
                 self.stderr.forget_process(tgid);
                 self.profiles.forget(tgid);
@@ -515,12 +519,14 @@ impl Pipeline {
             }
             None => {}
         }
-        pipeline_output
     }
 
     /// Both stages, for a pipeline that needs no profile handed in (a replay).
     pub fn feed(&mut self, event: Event) -> PipelineOutput {
-        let tracked = self.track(event);
-        self.emit(tracked)
+        let mut tracked = Tracked::default();
+        let mut output = PipelineOutput::default();
+        self.track(event, &mut tracked);
+        self.emit(&mut tracked, &mut output);
+        output
     }
 }

@@ -89,11 +89,14 @@ impl Fields {
             .map(|span| (self.name_of(span), self.value_of(span)))
     }
 
-    /// The first value of `name`, its case ignored.
+    /// The first value of `name`, its case ignored. Names are compared as bytes (lengths
+    /// first), and only the found field's value is sliced: several lookups run per message.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value)
+        let text = self.text.as_bytes();
+        self.spans
+            .iter()
+            .find(|span| text[span.name.0..span.name.1].eq_ignore_ascii_case(name.as_bytes()))
+            .map(|span| self.value_of(span))
     }
 
     pub fn len(&self) -> usize {
@@ -120,9 +123,14 @@ impl Fields {
 
     /// Orders the fields by name (bytewise); a stable sort keeps each name's values in order.
     pub fn sort_by_name(&mut self) {
-        let text = &self.text;
-        self.spans
-            .sort_by(|a, b| text[a.name.0..a.name.1].cmp(&text[b.name.0..b.name.1]));
+        // Bytes order as their `str`s do, without a char-boundary check per comparison; most
+        // names differ in their first byte, decided here without a call to `memcmp`.
+        let text = self.text.as_bytes();
+        let name = |span: &FieldSpan| &text[span.name.0..span.name.1];
+        self.spans.sort_by(|a, b| {
+            let (a, b) = (name(a), name(b));
+            a.first().cmp(&b.first()).then_with(|| a.cmp(b))
+        });
     }
 
     /// Runs of adjacent fields of one name: each name once with its values, when sorted.
@@ -272,6 +280,53 @@ impl Body {
 #[cfg(test)]
 mod tests {
     use super::Fields;
+
+    fn pairs(fields: &Fields) -> Vec<(&str, &str)> {
+        fields.iter().collect()
+    }
+
+    #[test]
+    fn get_finds_the_first_value_of_a_name_in_any_case() {
+        let fields: Fields = [
+            ("Content-Length", "5"),
+            ("content-length", "6"),
+            ("Content-Type", "text/plain"),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(fields.get("content-length"), Some("5"));
+        assert_eq!(fields.get("CONTENT-TYPE"), Some("text/plain"));
+        assert_eq!(fields.get("content"), None);
+        assert_eq!(fields.get("content-typo"), None);
+    }
+
+    #[test]
+    fn sorting_orders_names_bytewise_and_keeps_each_names_values_in_order() {
+        let mut fields: Fields = [
+            ("content-type", "a"),
+            ("Content-Length", "1"),
+            ("accept", "x"),
+            ("content-length", "2"),
+            ("Accept", "y"),
+            ("content-type", "b"),
+            ("c", "z"),
+        ]
+        .into_iter()
+        .collect();
+        fields.sort_by_name();
+        assert_eq!(
+            pairs(&fields),
+            [
+                ("Accept", "y"),
+                ("Content-Length", "1"),
+                ("accept", "x"),
+                ("c", "z"),
+                ("content-length", "2"),
+                ("content-type", "a"),
+                ("content-type", "b"),
+            ]
+        );
+    }
 
     #[test]
     fn replaced_and_dropped_values_are_gone_from_pairs_and_debug() {

@@ -523,7 +523,11 @@ fn collect_headers(headers: &[httparse::Header<'_>]) -> Fields {
         .sum();
     let mut fields = Fields::with_capacity(text_bytes, headers.len());
     for header in headers {
-        fields.push(header.name, &String::from_utf8_lossy(header.value));
+        // Values are nearly always valid UTF-8, which `from_utf8` checks a word at a time.
+        match std::str::from_utf8(header.value) {
+            Ok(value) => fields.push(header.name, value),
+            Err(_) => fields.push(header.name, &String::from_utf8_lossy(header.value)),
+        }
     }
     fields
 }
@@ -772,6 +776,18 @@ mod tests {
         assert!(
             matches!(&polled[1..], [Polled::Message(message)] if message.method() == Some("GET"))
         );
+    }
+
+    #[test]
+    fn header_values_keep_valid_utf8_and_replace_invalid_bytes() {
+        let mut parser = MessageParser::new(MessageKind::Request, 1 << 20);
+        parser.push_copy(
+            b"GET / HTTP/1.1\r\nX-Name: Zo\xc3\xab\r\nX-Raw: a\xffb\r\n\r\n",
+            1,
+        );
+        let message = only_message(parse_all(&mut parser, None));
+        assert_eq!(message.header("x-name"), Some("Zo\u{eb}"));
+        assert_eq!(message.header("x-raw"), Some("a\u{fffd}b"));
     }
 
     #[test]
