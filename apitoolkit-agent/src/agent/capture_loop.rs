@@ -143,10 +143,9 @@ impl CaptureLoop {
         if self.outbox.is_empty() {
             return;
         }
-        // Stdout's lines are written here, while the payloads are still in this thread's cache.
-        if let Some(stdout) = &self.sinks.stdout {
-            stdout.push(&self.outbox);
-        }
+        // The JSON sinks' JSON is written here, while the payloads are still in this thread's
+        // cache.
+        self.sinks.json.push(&self.outbox);
         // Drained, not taken: the outbox keeps its capacity instead of growing again, copying
         // every payload it holds, at each drain.
         if let Some((last, others)) = self.sinks.payloads.split_last() {

@@ -37,11 +37,11 @@ use crate::{
         routes::{self, RouteTable},
     },
     sinks::{
-        self, PayloadQueue, SinkQueues,
+        self, PayloadQueue, SinkQueue, SinkQueues,
         delivery::DeliveryStats,
+        json::{JsonQueues, LineQueue, MessageQueue},
         otlp::{OtlpConfig, OtlpTransport, ResourceSettings},
         pubsub::{Destination, DestinationConfig},
-        stdout::LineQueue,
     },
     targets::{
         kubernetes::{self, ApiClient, SharedPods},
@@ -227,7 +227,7 @@ async fn resolve_destination(
 
 /// A sink that delivers over the network, and its queue.
 struct RemoteSink {
-    queue: Arc<PayloadQueue>,
+    queue: Arc<dyn SinkQueue>,
     task: JoinHandle<DeliveryStats>,
 }
 
@@ -251,31 +251,32 @@ async fn start_sinks(args: &CaptureArgs) -> anyhow::Result<(Sinks, Option<Uuid>)
     let project_id = destination
         .as_ref()
         .map(|destination| destination.project_id);
-    let mut queues = SinkQueues {
-        stdout: outputs
+    let json = JsonQueues::new(
+        outputs
             .stdout
             .then(|| LineQueue::new("stdout", args.queue_bytes)),
-        payloads: Vec::new(),
-    };
-    let stdout = queues.stdout.clone().map(|queue| {
+        outputs
+            .pubsub
+            .then(|| MessageQueue::new("pubsub", args.queue_bytes)),
+    );
+    let stdout = json.stdout.clone().map(|queue| {
         let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || sinks::stdout::run(queue, &runtime))
     });
-    let mut queue = |name| {
-        let queue = PayloadQueue::new(name, args.queue_bytes);
-        queues.payloads.push(queue.clone());
-        queue
-    };
     let mut remote = Vec::new();
-    if outputs.pubsub {
-        let queue = queue("pubsub");
+    if let Some(queue) = json.pubsub.clone() {
         let task = tokio::spawn(sinks::pubsub::run(queue.clone(), config, destination));
         remote.push(RemoteSink { queue, task });
     }
+    let mut queues = SinkQueues {
+        json,
+        payloads: Vec::new(),
+    };
     if let Some(transport) = otlp {
         tracing::info!(endpoint = %args.otlp_endpoint.as_ref().map_or("", |url| url.as_str()),
             protocol = ?args.otlp_protocol, "exporting OpenTelemetry spans");
-        let queue = queue("otlp");
+        let queue = PayloadQueue::new("otlp", args.queue_bytes);
+        queues.payloads.push(queue.clone());
         let task = tokio::spawn(sinks::otlp::run(queue.clone(), transport));
         remote.push(RemoteSink { queue, task });
     }

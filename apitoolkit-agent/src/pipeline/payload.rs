@@ -243,8 +243,9 @@ fn json_header_map(out: &mut Vec<u8>, map: &HeaderMap) {
 /// Appends `payload` as one JSON object (the contract's keys, in its order). Written by hand
 /// so bodies go from their bytes straight to base64 in `out`: base64 needs no escaping, and
 /// no intermediate string is made. Strings are escaped by [`json_string`], byte for byte as
-/// serde_json does; the rarer structured values go through serde_json.
-pub fn write_json(payload: &Payload, out: &mut Vec<u8>) {
+/// serde_json does; the rarer structured values go through serde_json. Returns where the
+/// project id's text starts in `out`: the Pub/Sub sink stamps one resolved after capture wrote it.
+pub fn write_json(payload: &Payload, out: &mut Vec<u8>) -> usize {
     fn key(out: &mut Vec<u8>, name: &str) {
         out.push(b'"');
         out.extend_from_slice(name.as_bytes());
@@ -308,6 +309,7 @@ pub fn write_json(payload: &Payload, out: &mut Vec<u8>) {
     key(out, "sdk_type");
     value(out, &payload.sdk_type);
     key(out, "project_id");
+    let project_id_at = out.len() + 1;
     uuid(out, &payload.project_id);
     key(out, "msg_id");
     uuid(out, &payload.msg_id);
@@ -328,6 +330,7 @@ pub fn write_json(payload: &Payload, out: &mut Vec<u8>) {
     value(out, &payload.errors);
     // The last value's comma closes the object instead.
     *out.last_mut().expect("the object has keys") = b'}';
+    project_id_at
 }
 
 /// How a payload's `url_path` was found.

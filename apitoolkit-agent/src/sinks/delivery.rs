@@ -8,8 +8,7 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use super::PayloadQueue;
-use crate::pipeline::payload::Payload;
+use super::{Queue, Queued};
 
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest pause between attempts while the destination is unreachable.
@@ -42,9 +41,9 @@ impl FailureReason {
 
 /// A delivery attempt that did not deliver everything.
 #[derive(Debug)]
-pub struct Failure {
+pub struct Failure<T> {
     /// What goes back to the queue.
-    pub undelivered: Vec<Payload>,
+    pub undelivered: Vec<T>,
     /// Payloads the destination will never take (a refused batch, a message over its size
     /// limit): dropped, counted as refused. The rest of the batch was delivered.
     pub refused: u64,
@@ -54,11 +53,17 @@ pub struct Failure {
 
 /// How a sink talks to its destination; the batching, retries and accounting are the loop's.
 pub trait Transport {
+    /// What its queue holds: one payload each (a payload, or its JSON).
+    type Item: Queued + Send;
+
     /// Names the destination in log lines (a topic, an endpoint).
     fn destination(&self) -> &str;
 
     /// Delivers a batch, or says which payloads were not delivered and why.
-    fn send(&mut self, batch: Vec<Payload>) -> impl Future<Output = Result<(), Failure>> + Send;
+    fn send(
+        &mut self,
+        batch: Vec<Self::Item>,
+    ) -> impl Future<Output = Result<(), Failure<Self::Item>>> + Send;
 }
 
 /// Counts for the final summary.
@@ -83,7 +88,7 @@ pub async fn back_off(delay: &mut Duration) {
 /// Delivers batches of up to `batch_size` payloads and `batch_bytes` queued bytes until the
 /// queue is closed and drained; a batch short of them waits `linger` for more.
 pub async fn run<T: Transport>(
-    queue: Arc<PayloadQueue>,
+    queue: Arc<Queue<T::Item>>,
     transport: &mut T,
     batch_size: usize,
     batch_bytes: usize,
@@ -179,7 +184,10 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::sinks::tests::payload;
+    use crate::{
+        pipeline::payload::Payload,
+        sinks::{PayloadQueue, tests::payload},
+    };
 
     /// A queue holding `/1` that closes after `seconds` (of paused test time).
     fn queue_closing_after(seconds: u64) -> Arc<PayloadQueue> {
@@ -201,11 +209,13 @@ mod tests {
     }
 
     impl Transport for Scripted {
+        type Item = Payload;
+
         fn destination(&self) -> &str {
             "scripted"
         }
 
-        async fn send(&mut self, batch: Vec<Payload>) -> Result<(), Failure> {
+        async fn send(&mut self, batch: Vec<Payload>) -> Result<(), Failure<Payload>> {
             if self.failures > 0 {
                 self.failures -= 1;
                 return Err(Failure {
@@ -252,11 +262,13 @@ mod tests {
     }
 
     impl Transport for RefusesBig {
+        type Item = Payload;
+
         fn destination(&self) -> &str {
             "refuses-big"
         }
 
-        async fn send(&mut self, batch: Vec<Payload>) -> Result<(), Failure> {
+        async fn send(&mut self, batch: Vec<Payload>) -> Result<(), Failure<Payload>> {
             let before = self.received.len();
             self.received.extend(
                 batch

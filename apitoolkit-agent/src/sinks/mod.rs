@@ -1,11 +1,11 @@
 //! Where payloads go. Capture never waits for a sink: each sink has a queue bounded in bytes;
 //! when a batch would overflow it, the oldest queued payloads are dropped and counted, so a
-//! slow or unreachable destination never grows the agent's memory. Network sinks queue
-//! payloads; stdout queues their JSON lines, written on the capture thread (see
-//! [`stdout::LineQueue`]).
+//! slow or unreachable destination never grows the agent's memory. Stdout and Pub/Sub queue
+//! the payloads' JSON, written on the capture thread (see [`json`]); OTLP queues payloads.
 
 pub mod bootstrap;
 pub mod delivery;
+pub mod json;
 pub mod otlp;
 pub mod pubsub;
 pub mod stdout;
@@ -59,18 +59,28 @@ pub trait SinkQueue: Send + Sync {
     fn close(&self);
 }
 
-/// The queues capture fills: stdout's lines and the network sinks' payloads.
+/// The queues capture fills: the JSON sinks' and the payload sinks'.
 #[derive(Clone, Default)]
 pub struct SinkQueues {
-    pub stdout: Option<Arc<stdout::LineQueue>>,
+    pub json: json::JsonQueues,
     pub payloads: Vec<Arc<PayloadQueue>>,
 }
 
 impl SinkQueues {
     /// Every queue, stdout first.
     pub fn all(&self) -> impl Iterator<Item = &dyn SinkQueue> {
-        let stdout = self.stdout.iter().map(|queue| &**queue as &dyn SinkQueue);
-        stdout.chain(self.payloads.iter().map(|queue| &**queue as &dyn SinkQueue))
+        let stdout = self
+            .json
+            .stdout
+            .iter()
+            .map(|queue| &**queue as &dyn SinkQueue);
+        let pubsub = self
+            .json
+            .pubsub
+            .iter()
+            .map(|queue| &**queue as &dyn SinkQueue);
+        let payloads = self.payloads.iter().map(|queue| &**queue as &dyn SinkQueue);
+        stdout.chain(pubsub).chain(payloads)
     }
 }
 

@@ -1,8 +1,8 @@
 //! Publishes payloads to the APIToolkit Pub/Sub topic: one message per payload, its data the
-//! payload's JSON (each a slice of one buffer per batch), a batch in one `Publish` call: the
-//! types generated from Google's protos, sent by tonic's client with its prost codec. The shared
-//! delivery loop batches, and puts what failed back in the bounded queue and retries with
-//! backoff.
+//! payload's JSON as capture wrote it (a slice of a chunk buffer, see [`super::json`]), a batch
+//! in one `Publish` call: the types generated from Google's protos, sent by tonic's client with
+//! its prost codec. The shared delivery loop batches, and puts what failed back in the bounded
+//! queue and retries with backoff.
 //!
 //! Not through google-cloud-pubsub's `Publisher`: its per-message futures, batching actor and
 //! request conversions cost ~2.4 µs of CPU per payload at 5k req/s (of ~14).
@@ -24,18 +24,17 @@ use tonic::{
 use uuid::Uuid;
 
 use super::{
-    PayloadQueue,
     bootstrap::{self, BootstrapError, ClientMetadata},
     delivery::{self, DeliveryStats, Failure, FailureReason, Transport, back_off},
+    json::{Message, MessageQueue},
 };
-use crate::pipeline::payload::{Payload, write_json};
 
 /// Messages in one publish request: the most the Pub/Sub API takes.
 const BATCH: usize = 1000;
-/// Bytes of payloads taken from the queue at once. What is being published is held on top of
-/// the queue's bound about twice over (the payloads, and the request holding their JSON), so it
-/// stays a small fraction of it: with 64 KiB bodies at saturation a 4 MiB batch peaked at
-/// ~130 MiB of RSS, this at ~96. Still ~12 such payloads a request.
+/// Bytes of messages taken from the queue at once. What is being published is held on top of
+/// the queue's bound (its JSON, and the encoded request), so it stays a small fraction of it:
+/// with 64 KiB bodies at saturation a 4 MiB batch peaked at ~130 MiB of RSS, this at ~96.
+/// Still ~12 such payloads a request.
 const BATCH_BYTES: usize = 1024 * 1024;
 /// The API takes 10 MB per message and per request; a request also carries the topic and
 /// a few bytes of framing per message.
@@ -215,80 +214,51 @@ impl tonic::codec::Codec for PublishCodec {
     }
 }
 
-/// A batch's JSON as the owner of the messages' data.
-struct SharedJson(Arc<Vec<u8>>);
-
-impl AsRef<[u8]> for SharedJson {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-/// Publish requests for one batch: each message's data a slice of one buffer holding the
-/// batch's JSON. Usually one request; more only when large payloads would take one over the
-/// API's limit.
-struct Requests {
-    json: Vec<u8>,
-    /// Where each message's data ends in `json`.
-    ends: Vec<usize>,
-}
-
-impl Requests {
-    /// Writes into `json` (cleared) first.
-    fn new(mut json: Vec<u8>) -> Self {
-        json.clear();
-        Self {
-            json,
-            ends: Vec::new(),
-        }
-    }
-
-    /// Appends a message whose data `write` appends; data over `MAX_MESSAGE_BYTES` is taken
-    /// back out and its length is the error.
-    fn push(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> Result<usize, usize> {
-        let start = self.json.len();
-        write(&mut self.json);
-        let data = self.json.len() - start;
-        if data > MAX_MESSAGE_BYTES {
-            self.json.truncate(start);
-            return Err(data);
-        }
-        self.ends.push(self.json.len());
-        Ok(data)
-    }
-
-    /// The requests, and the JSON buffer to take back once they are dropped.
-    fn into_requests(self, topic: &str) -> (Vec<PublishRequest>, Arc<Vec<u8>>) {
-        let json = Arc::new(self.json);
-        let data = Bytes::from_owner(SharedJson(Arc::clone(&json)));
-        let empty = || PublishRequest {
-            topic: topic.to_owned(),
-            messages: Vec::new(),
+/// Publish requests for messages with this data, in order: usually one; more only when large
+/// payloads would take one over the API's limit.
+fn into_requests(topic: &str, data: impl IntoIterator<Item = Bytes>) -> Vec<PublishRequest> {
+    let empty = || PublishRequest {
+        topic: topic.to_owned(),
+        messages: Vec::new(),
+    };
+    let mut requests = Vec::new();
+    let mut current = empty();
+    let mut size = current.encoded_len();
+    for data in data {
+        let message = PubsubMessage {
+            data,
+            ..Default::default()
         };
-        let mut requests = Vec::new();
-        let mut current = empty();
-        let mut size = current.encoded_len();
-        let mut start = 0;
-        for end in self.ends {
-            let message = PubsubMessage {
-                data: data.slice(start..end),
-                ..Default::default()
-            };
-            start = end;
-            let message_size = prost::encoding::message::encoded_len(2, &message);
-            if size + message_size > REQUEST_BYTES && !current.messages.is_empty() {
-                // Over the limit with this message: it starts the next request.
-                requests.push(std::mem::replace(&mut current, empty()));
-                size = current.encoded_len();
-            }
-            size += message_size;
-            current.messages.push(message);
+        let message_size = prost::encoding::message::encoded_len(2, &message);
+        if size + message_size > REQUEST_BYTES && !current.messages.is_empty() {
+            // Over the limit with this message: it starts the next request.
+            requests.push(std::mem::replace(&mut current, empty()));
+            size = current.encoded_len();
         }
-        if !current.messages.is_empty() {
-            requests.push(current);
-        }
-        (requests, json)
+        size += message_size;
+        current.messages.push(message);
     }
+    if !current.messages.is_empty() {
+        requests.push(current);
+    }
+    requests
+}
+
+/// A message's data: its JSON, with `project_id` stamped in when it differs from what capture
+/// wrote (resolved after capture started). A copy then: the chunk is shared with stdout.
+fn stamped(message: &Message, project_id: Option<Uuid>) -> Bytes {
+    let Some(project_id) = project_id else {
+        return message.data.clone();
+    };
+    let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+    let text = project_id.hyphenated().encode_lower(&mut text).as_bytes();
+    let at = message.project_id_at..message.project_id_at + text.len();
+    if message.data[at.clone()] == *text {
+        return message.data.clone();
+    }
+    let mut json = message.data.to_vec();
+    json[at].copy_from_slice(text);
+    Bytes::from(json)
 }
 
 /// One message per payload, its data the payload's JSON.
@@ -301,8 +271,6 @@ struct PubsubTransport {
     /// Set when the destination was resolved after capture started: payloads carry the
     /// project id resolved before capture, which was none then.
     late_project_id: Option<Uuid>,
-    /// The last batch's JSON buffer, reused: the next batch faults in no new pages.
-    json: Vec<u8>,
 }
 
 impl PubsubTransport {
@@ -318,7 +286,6 @@ impl PubsubTransport {
             request_params: request_params(&topic_path),
             topic_path,
             late_project_id,
-            json: Vec::new(),
         }
     }
 
@@ -391,53 +358,49 @@ impl PubsubTransport {
 }
 
 impl Transport for PubsubTransport {
+    type Item = Message;
+
     fn destination(&self) -> &str {
         &self.topic_path
     }
 
-    async fn send(&mut self, mut batch: Vec<Payload>) -> Result<(), Failure> {
-        if let Some(project_id) = self.late_project_id {
-            for payload in &mut batch {
-                payload.project_id = project_id;
-            }
-        }
-        let mut requests = Requests::new(std::mem::take(&mut self.json));
+    async fn send(&mut self, batch: Vec<Message>) -> Result<(), Failure<Message>> {
         let mut refused = 0;
         let mut kept = Vec::with_capacity(batch.len());
-        for payload in batch {
-            match requests.push(|out| write_json(&payload, out)) {
-                Ok(bytes) => {
-                    tracing::debug!(msg_id = %payload.msg_id, bytes, "publishing");
-                    kept.push(payload);
-                }
-                // Never the payload itself: logs go to journald, readable beyond the API's users.
-                Err(bytes) => {
-                    // Sent, it would fail every retry and hold up everything queued behind it.
-                    tracing::warn!(
-                        msg_id = %payload.msg_id,
-                        bytes,
-                        "payload over Pub/Sub's message size limit dropped (lower --max-body-bytes)"
-                    );
-                    refused += 1;
-                }
+        for message in batch {
+            let bytes = message.data.len();
+            // Never the payload itself: logs go to journald, readable beyond the API's users.
+            if bytes > MAX_MESSAGE_BYTES {
+                // Sent, it would fail every retry and hold up everything queued behind it.
+                tracing::warn!(
+                    msg_id = %message.msg_id,
+                    bytes,
+                    "payload over Pub/Sub's message size limit dropped (lower --max-body-bytes)"
+                );
+                refused += 1;
+            } else {
+                tracing::debug!(msg_id = %message.msg_id, bytes, "publishing");
+                kept.push(message);
             }
         }
-        let (requests, json) = requests.into_requests(&self.topic_path);
+        let data = kept
+            .iter()
+            .map(|message| stamped(message, self.late_project_id));
+        let requests = into_requests(&self.topic_path, data);
         let mut delivered = 0;
         let mut failure = None;
-        let mut requests = requests.into_iter();
-        for request in requests.by_ref() {
-            let payloads = request.messages.len();
+        for request in requests {
+            let messages = request.messages.len();
             match self.publish(request).await {
                 Ok(response) => {
                     if tracing::enabled!(tracing::Level::DEBUG) {
-                        for (payload, message_id) in
+                        for (message, message_id) in
                             kept[delivered..].iter().zip(&response.message_ids)
                         {
-                            tracing::debug!(%message_id, msg_id = %payload.msg_id, "published");
+                            tracing::debug!(%message_id, msg_id = %message.msg_id, "published");
                         }
                     }
-                    delivered += payloads;
+                    delivered += messages;
                 }
                 Err((reason, error)) => {
                     failure = Some((reason, error));
@@ -445,13 +408,6 @@ impl Transport for PubsubTransport {
                     break;
                 }
             }
-        }
-        drop(requests);
-        if let Ok(mut json) = Arc::try_unwrap(json) {
-            // One payload far bigger than the rest does not keep its buffer.
-            json.clear();
-            json.shrink_to(2 * BATCH_BYTES);
-            self.json = json;
         }
         let undelivered = kept.split_off(delivered);
         match failure {
@@ -475,7 +431,7 @@ impl Transport for PubsubTransport {
 /// Publishes until the queue is closed and drained. `destination` is the start-up result:
 /// when the server was unreachable then, the sink keeps asking (capture keeps queueing).
 pub async fn run(
-    queue: Arc<PayloadQueue>,
+    queue: Arc<MessageQueue>,
     config: DestinationConfig,
     destination: Option<Destination>,
 ) -> DeliveryStats {
@@ -529,6 +485,10 @@ fn request_params(topic_path: &str) -> MetadataValue<Ascii> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        pipeline::payload::{Payload, write_json},
+        sinks::json::JsonQueues,
+    };
 
     fn metadata() -> ClientMetadata {
         ClientMetadata {
@@ -585,20 +545,15 @@ mod tests {
         assert!(error.to_string().contains("/nonexistent/key.json"));
     }
 
-    /// The requests `Requests` builds for messages of these sizes: each message's data length,
-    /// per request, and the lengths refused.
-    fn built(topic: &str, sizes: &[usize]) -> (Vec<Vec<usize>>, Vec<usize>) {
-        let mut requests = Requests::new(vec![1, 2, 3]);
-        let mut refused = Vec::new();
-        for (i, &size) in sizes.iter().enumerate() {
-            match requests.push(|out| out.resize(out.len() + size, i as u8)) {
-                Ok(bytes) => assert_eq!(bytes, size),
-                Err(bytes) => refused.push(bytes),
-            }
-        }
-        let (requests, json) = requests.into_requests(topic);
+    /// The requests built for messages of these sizes: each message's data length, per request.
+    fn built(topic: &str, sizes: &[usize]) -> Vec<Vec<usize>> {
+        let data = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| Bytes::from(vec![i as u8; size]));
+        let requests = into_requests(topic, data);
         let mut i = 0;
-        let built = requests
+        requests
             .iter()
             .map(|request| {
                 assert_eq!(request.topic, topic);
@@ -608,9 +563,6 @@ mod tests {
                     .messages
                     .iter()
                     .map(|message| {
-                        while sizes[i] > MAX_MESSAGE_BYTES {
-                            i += 1;
-                        }
                         assert!(message.data.iter().all(|&byte| byte == i as u8), "in order");
                         assert!(message.attributes.is_empty() && message.ordering_key.is_empty());
                         i += 1;
@@ -618,20 +570,14 @@ mod tests {
                     })
                     .collect()
             })
-            .collect();
-        drop(requests);
-        assert!(
-            Arc::try_unwrap(json).is_ok(),
-            "the buffer is free for the next batch"
-        );
-        (built, refused)
+            .collect()
     }
 
     #[test]
     fn requests_carry_every_message_within_the_api_limit() {
         let topic = "projects/p/topics/t";
         assert_eq!(
-            built(topic, &[0, 1, 127, 128, 20_000]).0,
+            built(topic, &[0, 1, 127, 128, 20_000]),
             [vec![0, 1, 127, 128, 20_000]]
         );
         let (mb, small) = (1_000_000, 2_000);
@@ -640,14 +586,12 @@ mod tests {
             6 * mb,
             3 * mb,
             2 * mb,
-            11 * mb,
             small,
             MAX_MESSAGE_BYTES,
             small,
         ];
-        let (requests, refused) = built(topic, &sizes);
         assert_eq!(
-            requests,
+            built(topic, &sizes),
             [
                 vec![small, 6 * mb, 3 * mb],
                 vec![2 * mb, small],
@@ -655,9 +599,38 @@ mod tests {
                 vec![small],
             ]
         );
-        assert_eq!(refused, [11 * mb]);
-        assert_eq!(built(topic, &[small; BATCH]).0, [vec![small; BATCH]]);
-        assert_eq!(built(topic, &[11 * mb]), (vec![], vec![11 * mb]));
+        assert_eq!(built(topic, &[small; BATCH]), [vec![small; BATCH]]);
+    }
+
+    /// The Pub/Sub sink's messages for these payloads, as capture queues them.
+    async fn messages(payloads: &[Payload]) -> Vec<Message> {
+        let queue = MessageQueue::new("pubsub", usize::MAX);
+        JsonQueues::new(None, Some(Arc::clone(&queue))).push(payloads);
+        queue.pop(usize::MAX, usize::MAX).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_project_id_resolved_late_is_stamped_into_the_json() {
+        let payload = crate::sinks::tests::payload("/1");
+        let [message] = messages(std::slice::from_ref(&payload))
+            .await
+            .try_into()
+            .ok()
+            .unwrap();
+        let written = payload.project_id;
+        assert!(stamped(&message, None).as_ptr() == message.data.as_ptr());
+        assert!(
+            stamped(&message, Some(written)).as_ptr() == message.data.as_ptr(),
+            "the id capture wrote needs no copy"
+        );
+        let late = Uuid::from_u128(0x1234);
+        assert_ne!(late, written);
+        let data = stamped(&message, Some(late));
+        let mut expected = payload;
+        expected.project_id = late;
+        let mut json = Vec::new();
+        write_json(&expected, &mut json);
+        assert_eq!(data, json);
     }
 
     #[test]
@@ -693,12 +666,30 @@ mod tests {
         assert!(credentials.is_none(), "the emulator takes no credentials");
         let mut transport =
             PubsubTransport::new(channel, credentials, destination.topic_path, None);
-        let batch = vec![crate::sinks::tests::payload("/1")];
+        let mut too_big = crate::sinks::tests::payload("/too-big");
+        // Base64 makes it ~10.7 MB of JSON.
+        too_big.response_body = vec![b'x'; 8_000_000];
+        let batch = messages(&[
+            crate::sinks::tests::payload("/1"),
+            too_big,
+            crate::sinks::tests::payload("/2"),
+        ])
+        .await;
+        let sent: Vec<Bytes> = [&batch[0], &batch[2]]
+            .map(|message| message.data.clone())
+            .into();
         let failure = transport.send(batch).await.unwrap_err();
         assert_eq!(failure.reason, FailureReason::Unreachable);
-        assert_eq!(failure.refused, 0);
-        assert_eq!(failure.undelivered.len(), 1);
-        assert_eq!(failure.undelivered[0].raw_url, "/1");
+        assert_eq!(
+            failure.refused, 1,
+            "the message over the limit is never sent"
+        );
+        let undelivered: Vec<Bytes> = failure
+            .undelivered
+            .into_iter()
+            .map(|message| message.data)
+            .collect();
+        assert_eq!(undelivered, sent);
     }
 
     #[test]

@@ -256,11 +256,13 @@ fn log_partial_success(
 }
 
 impl Transport for OtlpTransport {
+    type Item = Payload;
+
     fn destination(&self) -> &str {
         &self.destination
     }
 
-    async fn send(&mut self, batch: Vec<Payload>) -> Result<(), Failure> {
+    async fn send(&mut self, batch: Vec<Payload>) -> Result<(), Failure<Payload>> {
         let request = span::export_request(&batch, &self.resource);
         self.export(request).await.map_err(|(reason, error)| {
             // A batch the endpoint refuses would be refused again.
