@@ -265,7 +265,12 @@ async fn start_sinks(args: &CaptureArgs) -> anyhow::Result<(Sinks, Option<Uuid>)
     });
     let mut remote = Vec::new();
     if let Some(queue) = json.pubsub.clone() {
-        let task = tokio::spawn(sinks::pubsub::run(queue.clone(), config, destination));
+        let task = tokio::spawn(sinks::pubsub::run(
+            queue.clone(),
+            config,
+            destination,
+            json.late_project_id(),
+        ));
         remote.push(RemoteSink { queue, task });
     }
     let mut queues = SinkQueues {

@@ -3,7 +3,7 @@
 //! memory is still in its cache, once for both sinks, into reused chunk buffers; the payloads are
 //! freed by the thread that allocated them, and the sinks only move bytes.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use uuid::Uuid;
@@ -115,6 +115,9 @@ pub struct JsonQueues {
     pub stdout: Option<Arc<LineQueue>>,
     pub pubsub: Option<Arc<MessageQueue>>,
     spare: Arc<SpareBuffers>,
+    /// The project id, once the Pub/Sub sink has resolved it after capture started (the server
+    /// was unreachable then, and payloads carry none): stamped into the JSON from then on.
+    late_project_id: Arc<OnceLock<Uuid>>,
 }
 
 impl JsonQueues {
@@ -123,7 +126,13 @@ impl JsonQueues {
             stdout,
             pubsub,
             spare: Arc::default(),
+            late_project_id: Arc::default(),
         }
+    }
+
+    /// Where the Pub/Sub sink puts a project id it resolves after capture started.
+    pub fn late_project_id(&self) -> Arc<OnceLock<Uuid>> {
+        Arc::clone(&self.late_project_id)
     }
 
     /// Queues the JSON of `payloads`, in order, for each JSON sink.
@@ -131,11 +140,17 @@ impl JsonQueues {
         if self.stdout.is_none() && self.pubsub.is_none() {
             return;
         }
+        let late_project_id = self.late_project_id.get();
         let mut json = self.spare.take();
         let mut written = Vec::new();
         for payload in payloads {
             let start = json.len();
             let project_id_at = write_json(payload, &mut json) - start;
+            if let Some(&project_id) = late_project_id
+                && project_id != payload.project_id
+            {
+                stamp_project_id(&mut json[start..], project_id_at, project_id);
+            }
             written.push(Written {
                 start,
                 end: json.len(),
@@ -191,6 +206,20 @@ impl JsonQueues {
     }
 }
 
+/// Whether the JSON of a payload carries `project_id` at `at` (see `write_json`).
+pub(super) fn carries_project_id(json: &[u8], at: usize, project_id: Uuid) -> bool {
+    let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+    let text = project_id.hyphenated().encode_lower(&mut text).as_bytes();
+    json.get(at..at + text.len()) == Some(text)
+}
+
+/// Writes `project_id` over the one the JSON of a payload carries at `at`.
+pub(super) fn stamp_project_id(json: &mut [u8], at: usize, project_id: Uuid) {
+    let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+    let text = project_id.hyphenated().encode_lower(&mut text).as_bytes();
+    json[at..at + text.len()].copy_from_slice(text);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +240,46 @@ mod tests {
             Some(LineQueue::new("stdout", usize::MAX)),
             Some(MessageQueue::new("pubsub", usize::MAX)),
         )
+    }
+
+    #[tokio::test]
+    async fn a_late_project_id_is_written_into_both_sinks_json_once_resolved() {
+        let queues = both();
+        let before = payloads(1);
+        queues.push(&before);
+        let late = Uuid::from_u128(0x1234);
+        assert_ne!(before[0].project_id, late);
+        queues.late_project_id().set(late).unwrap();
+        let after = payloads(2);
+        queues.push(&after);
+        let (stdout, pubsub) = (
+            queues.stdout.clone().unwrap(),
+            queues.pubsub.clone().unwrap(),
+        );
+        stdout.close();
+        pubsub.close();
+
+        let mut expected = json(&before[0]);
+        expected.push(b'\n');
+        for payload in &after {
+            let mut stamped = payload.clone();
+            stamped.project_id = late;
+            expected.extend(json(&stamped));
+            expected.push(b'\n');
+        }
+        let mut lines = Vec::new();
+        while let Some(batch) = stdout.pop(usize::MAX, CHUNK_BYTES).await {
+            batch
+                .iter()
+                .for_each(|chunk| lines.extend_from_slice(&chunk.json));
+        }
+        assert_eq!(lines, expected);
+        let messages = pubsub.pop(usize::MAX, usize::MAX).await.unwrap();
+        let carried: Vec<bool> = messages
+            .iter()
+            .map(|message| carries_project_id(&message.data, message.project_id_at, late))
+            .collect();
+        assert_eq!(carried, [false, true, true]);
     }
 
     #[tokio::test]

@@ -7,7 +7,11 @@
 //! Not through google-cloud-pubsub's `Publisher`: its per-message futures, batching actor and
 //! request conversions cost ~2.4 µs of CPU per payload at 5k req/s (of ~14).
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use google_cloud_auth::credentials::{CacheableResource, Credentials};
@@ -26,15 +30,14 @@ use uuid::Uuid;
 use super::{
     bootstrap::{self, BootstrapError, ClientMetadata},
     delivery::{self, DeliveryStats, Failure, FailureReason, Transport, back_off},
-    json::{Message, MessageQueue},
+    json::{Message, MessageQueue, carries_project_id, stamp_project_id},
 };
 
 /// Messages in one publish request: the most the Pub/Sub API takes.
 const BATCH: usize = 1000;
 /// Bytes of messages taken from the queue at once. What is being published is held on top of
-/// the queue's bound (its JSON, and the encoded request), so it stays a small fraction of it:
-/// with 64 KiB bodies at saturation a 4 MiB batch peaked at ~130 MiB of RSS, this at ~96.
-/// Still ~12 such payloads a request.
+/// the queue's bound (the chunk buffers its messages are slices of, and the encoded request),
+/// so it stays a small fraction of it; still ~12 payloads with 64 KiB bodies a request.
 const BATCH_BYTES: usize = 1024 * 1024;
 /// The API takes 10 MB per message and per request; a request also carries the topic and
 /// a few bytes of framing per message.
@@ -245,20 +248,18 @@ fn into_requests(topic: &str, data: impl IntoIterator<Item = Bytes>) -> Vec<Publ
 }
 
 /// A message's data: its JSON, with `project_id` stamped in when it differs from what capture
-/// wrote (resolved after capture started). A copy then: the chunk is shared with stdout.
+/// wrote (written before the sink resolved it). A copy then: the chunk is shared with stdout.
 fn stamped(message: &Message, project_id: Option<Uuid>) -> Bytes {
-    let Some(project_id) = project_id else {
-        return message.data.clone();
-    };
-    let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
-    let text = project_id.hyphenated().encode_lower(&mut text).as_bytes();
-    let at = message.project_id_at..message.project_id_at + text.len();
-    if message.data[at.clone()] == *text {
-        return message.data.clone();
+    match project_id {
+        Some(project_id)
+            if !carries_project_id(&message.data, message.project_id_at, project_id) =>
+        {
+            let mut json = message.data.to_vec();
+            stamp_project_id(&mut json, message.project_id_at, project_id);
+            Bytes::from(json)
+        }
+        _ => message.data.clone(),
     }
-    let mut json = message.data.to_vec();
-    json[at].copy_from_slice(text);
-    Bytes::from(json)
 }
 
 /// One message per payload, its data the payload's JSON.
@@ -268,8 +269,8 @@ struct PubsubTransport {
     topic_path: String,
     /// Routes the request to the topic's region, as Google's clients do.
     request_params: MetadataValue<Ascii>,
-    /// Set when the destination was resolved after capture started: payloads carry the
-    /// project id resolved before capture, which was none then.
+    /// Set when the destination was resolved after capture started: messages capture wrote
+    /// before it learned the id carry none.
     late_project_id: Option<Uuid>,
 }
 
@@ -434,6 +435,7 @@ pub async fn run(
     queue: Arc<MessageQueue>,
     config: DestinationConfig,
     destination: Option<Destination>,
+    late_project_id: Arc<OnceLock<Uuid>>,
 ) -> DeliveryStats {
     let mut backoff = Duration::from_secs(1);
     let resolved_late = destination.is_none();
@@ -459,6 +461,11 @@ pub async fn run(
             }
         }
     };
+    if resolved_late {
+        // Capture stamps it into what it writes from now on; the transport into what it wrote
+        // before.
+        let _ = late_project_id.set(destination.project_id);
+    }
     let mut transport = PubsubTransport::new(
         channel,
         credentials,
