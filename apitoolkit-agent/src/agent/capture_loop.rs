@@ -36,9 +36,33 @@ use crate::{
 const DRAIN_INTERVAL_MS: i32 = 200;
 /// Records decoded per drain step before their events are handled.
 pub const DRAIN_BATCH: usize = 1024;
+/// Record bytes decoded per drain step, at most (the record that crosses it included): a
+/// step's captured bytes are copied into arenas and its payloads held until it ends, so with
+/// large bodies `DRAIN_BATCH` records of up to 16 KiB would copy the whole ring buffer (8 MiB)
+/// and hold its payloads and their JSON at once, on top of the sinks' queues. `DRAIN_BATCH`
+/// records of 1 KiB exchanges carry about this much.
+pub const DRAIN_STEP_BYTES: usize = 1024 * 1024;
 /// Size of the allocations the captured bytes of drained records are copied into (many
 /// records per allocation; see `Event::decode`).
 pub const ARENA_BYTES: usize = 64 * 1024;
+
+/// What a drain step has decoded so far, against its bounds.
+#[derive(Default)]
+struct DrainStep {
+    records: usize,
+    bytes: usize,
+}
+
+impl DrainStep {
+    fn add(&mut self, record_bytes: usize) {
+        self.records += 1;
+        self.bytes += record_bytes;
+    }
+
+    fn is_full(&self) -> bool {
+        self.records >= DRAIN_BATCH || self.bytes >= DRAIN_STEP_BYTES
+    }
+}
 
 pub struct CaptureLoop {
     pub ring: RingBuf<MapData>,
@@ -122,15 +146,15 @@ impl CaptureLoop {
         self.deliver_released(output)
     }
 
-    /// Decodes ring-buffer records into owned `events` (ring items borrow the ring buffer);
-    /// returns how many records were read.
-    fn next_events(&mut self, events: &mut Vec<Event>, arena: &mut BytesMut) -> usize {
-        let mut read = 0;
-        while read < DRAIN_BATCH {
+    /// Decodes one drain step of ring-buffer records into owned `events` (ring items borrow
+    /// the ring buffer); returns false once the ring buffer is empty.
+    fn next_events(&mut self, events: &mut Vec<Event>, arena: &mut BytesMut) -> bool {
+        let mut step = DrainStep::default();
+        while !step.is_full() {
             let Some(item) = self.ring.next() else {
-                break;
+                return false;
             };
-            read += 1;
+            step.add(item.len());
             match Event::decode(&item, arena) {
                 Ok(event) => events.push(event),
                 Err(error) => {
@@ -139,7 +163,7 @@ impl CaptureLoop {
                 }
             }
         }
-        read
+        true
     }
 
     fn send_outbox(&mut self) {
@@ -164,7 +188,7 @@ impl CaptureLoop {
         let mut events = std::mem::take(&mut self.decoded);
         let mut arena = std::mem::take(&mut self.arena);
         let drained = loop {
-            let read = self.next_events(&mut events, &mut arena);
+            let more = self.next_events(&mut events, &mut arena);
             let handled = events
                 .drain(..)
                 .try_for_each(|event| self.handle(event, probes));
@@ -172,7 +196,7 @@ impl CaptureLoop {
                 break Err(error);
             }
             self.send_outbox();
-            if read < DRAIN_BATCH {
+            if !more {
                 break Ok(());
             }
         };
@@ -271,5 +295,31 @@ impl CaptureLoop {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step_of(records: usize, record_bytes: usize) -> DrainStep {
+        let mut step = DrainStep::default();
+        (0..records).for_each(|_| step.add(record_bytes));
+        step
+    }
+
+    #[test]
+    fn a_drain_step_ends_at_its_record_count_for_small_records() {
+        assert!(!step_of(1023, 512).is_full());
+        assert!(step_of(1024, 512).is_full());
+    }
+
+    #[test]
+    fn a_drain_step_of_large_records_ends_at_its_byte_bound() {
+        // Full-size data records (a header and 16 KiB of captured bytes): 64 of them, not
+        // 1024 (16 MiB, more than the whole ring buffer).
+        let record = size_of::<apitoolkit_common::DataHeader>() + apitoolkit_common::CHUNK_SIZE;
+        assert!(!step_of(63, record).is_full());
+        assert!(step_of(64, record).is_full());
     }
 }
