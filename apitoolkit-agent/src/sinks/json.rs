@@ -206,18 +206,23 @@ impl JsonQueues {
     }
 }
 
+/// `project_id` as the JSON of a payload carries it: hyphenated, lower case.
+fn project_id_text(project_id: Uuid) -> [u8; uuid::fmt::Hyphenated::LENGTH] {
+    let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+    project_id.hyphenated().encode_lower(&mut text);
+    text
+}
+
 /// Whether the JSON of a payload carries `project_id` at `at` (see `write_json`).
 pub(super) fn carries_project_id(json: &[u8], at: usize, project_id: Uuid) -> bool {
-    let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
-    let text = project_id.hyphenated().encode_lower(&mut text).as_bytes();
-    json.get(at..at + text.len()) == Some(text)
+    let text = project_id_text(project_id);
+    json.get(at..at + text.len()) == Some(&text[..])
 }
 
 /// Writes `project_id` over the one the JSON of a payload carries at `at`.
 pub(super) fn stamp_project_id(json: &mut [u8], at: usize, project_id: Uuid) {
-    let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
-    let text = project_id.hyphenated().encode_lower(&mut text).as_bytes();
-    json[at..at + text.len()].copy_from_slice(text);
+    let text = project_id_text(project_id);
+    json[at..at + text.len()].copy_from_slice(&text);
 }
 
 #[cfg(test)]

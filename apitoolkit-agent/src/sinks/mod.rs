@@ -205,27 +205,41 @@ impl<T: Queued> Queue<T> {
         max_bytes: usize,
         linger: Duration,
     ) -> Option<Vec<T>> {
-        let full = |pending: &Pending<T>| {
+        let is_full = |pending: &Pending<T>| {
             pending.closed || pending.items.len() >= max || pending.bytes >= max_bytes
         };
         loop {
             let (full, empty) = {
                 let pending = self.pending.lock().expect("queue lock");
-                (full(&pending), pending.items.is_empty())
+                (is_full(&pending), pending.items.is_empty())
             };
             if full || (!empty && linger.is_zero()) {
                 break;
             }
             if !empty {
-                tokio::select! {
-                    () = tokio::time::sleep(linger) => {}
-                    () = self.wait_closed() => {}
-                }
+                self.linger_until_full(linger, is_full).await;
                 break;
             }
             self.ready.notified().await;
         }
         self.pop(max, max_bytes).await
+    }
+
+    /// Waits up to `linger`, ending early once `is_full` holds after a push (or a close): a
+    /// batch that fills sooner leaves at once.
+    async fn linger_until_full(&self, linger: Duration, is_full: impl Fn(&Pending<T>) -> bool) {
+        let deadline = tokio::time::Instant::now() + linger;
+        loop {
+            // Made before the check, so a push in between still wakes it.
+            let pushed = self.ready.notified();
+            if is_full(&self.pending.lock().expect("queue lock")) {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => return,
+                () = pushed => {}
+            }
+        }
     }
 
     /// Up to `max` items and (beyond the first) `max_bytes` queued bytes, waiting for at
@@ -350,7 +364,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_short_batch_lingers_for_more_but_a_full_one_or_a_close_does_not() {
+    async fn a_short_batch_lingers_for_more_until_it_fills_or_the_queue_closes() {
         let linger = std::time::Duration::from_millis(50);
         let queue = PayloadQueue::new("test", 1 << 20);
         queue.push([payload("/1")]);
@@ -371,6 +385,21 @@ mod tests {
         assert_eq!(started.elapsed(), std::time::Duration::ZERO);
 
         queue.push([payload("/5")]);
+        let producer = queue.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(linger / 5).await;
+            producer.push([payload("/6")]);
+        });
+        let started = tokio::time::Instant::now();
+        let batch = queue.pop_lingering(2, usize::MAX, linger).await;
+        assert_eq!(paths(batch), vec!["/5", "/6"]);
+        assert_eq!(
+            started.elapsed(),
+            linger / 5,
+            "it fills, so it leaves early"
+        );
+
+        queue.push([payload("/7")]);
         let closer = queue.clone();
         tokio::spawn(async move {
             tokio::time::sleep(linger / 5).await;
@@ -378,7 +407,7 @@ mod tests {
         });
         let started = tokio::time::Instant::now();
         let batch = queue.pop_lingering(10, usize::MAX, linger).await;
-        assert_eq!(paths(batch), vec!["/5"]);
+        assert_eq!(paths(batch), vec!["/7"]);
         assert_eq!(started.elapsed(), linger / 5);
         assert!(queue.pop_lingering(10, usize::MAX, linger).await.is_none());
     }
