@@ -190,6 +190,10 @@ pub struct ConnState {
     /// the disabled epoch is the high bits minus one; 0 until first looked up. Kept in one
     /// word so CPUs sharing the connection never pair one epoch with another's sources.
     pub disabled_sources_at_epoch: u64,
+    /// The SSL object (its address in the process) the kernel last recorded in its SSL object
+    /// map as served by this connection generation, 0 before: an SSL call on it then skips
+    /// that map's lookup, a cache miss per request.
+    pub tls_object: u64,
 }
 
 /// An entry of the kernel's disabled-connection map, keyed by `conn_key(tgid, fd)`: the byte

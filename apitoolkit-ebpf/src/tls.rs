@@ -115,21 +115,34 @@ fn known_ssl_conn(tgid: u32, call: &TlsCall) -> (SslKey, Option<SslConn>) {
     (key, known)
 }
 
-/// Records in `SSL_CONNS` that the SSL object of `call` works on the connection (generation
-/// `generation`) its own socket I/O named, unless that is known already: an LRU update costs
-/// several lookups.
+/// Records in `SSL_CONNS` that the SSL object of `call` works on the connection `state` its own
+/// socket I/O named, unless that is known already. The connection remembers the object it
+/// recorded, so only an object's first call on it (or another object's) pays the map's lookup,
+/// a cache miss per request otherwise, and an LRU update costs several more. The entry is not
+/// refreshed in the LRU by later calls: evicting it takes that many newer SSL objects while the
+/// connection lives, and a call that makes no socket I/O then falls back to the thread's last
+/// socket, as for an object never mapped.
 #[inline(always)]
-fn record_nested_fd(tgid: u32, call: &TlsCall, generation: u64) {
+fn record_nested_fd(tgid: u32, call: &TlsCall, state: &mut ConnState) {
+    if state.tls_object == call.ssl {
+        return;
+    }
     let (key, known) = known_ssl_conn(tgid, call);
-    if known.is_none_or(|known| {
-        known.fd != call.fd || known.nested == 0 || known.generation != generation
-    }) {
-        let nested = SslConn {
-            generation,
-            fd: call.fd,
-            nested: 1,
-        };
-        let _ = SSL_CONNS.insert(&key, &nested, 0);
+    let recorded = known.is_some_and(|known| {
+        known.fd == call.fd && known.nested != 0 && known.generation == state.generation
+    }) || SSL_CONNS
+        .insert(
+            &key,
+            &SslConn {
+                generation: state.generation,
+                fd: call.fd,
+                nested: 1,
+            },
+            0,
+        )
+        .is_ok();
+    if recorded {
+        state.tls_object = call.ssl;
     }
 }
 
@@ -239,11 +252,8 @@ fn exit_tls_call(ctx: &RetProbeContext) -> u32 {
         CONNECTIONS
             .get_ptr_mut(&conn_key(tgid, call.fd))
             .map(|state| {
-                // Looked up on every call with plaintext: a lookup keeps a live object's entry
-                // recent in the LRU, and the entry may have been rewritten by another thread
-                // whose SSL object reused this address.
-                // SAFETY: as in `live_connection`.
-                record_nested_fd(tgid, &call, unsafe { (*state).generation });
+                // SAFETY: as in `emit_plaintext`; the reference ends with the call.
+                record_nested_fd(tgid, &call, unsafe { &mut *state });
                 (call.fd, state)
             })
     } else {
