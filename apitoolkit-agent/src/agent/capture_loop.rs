@@ -34,7 +34,7 @@ use crate::{
 /// top of the context switch (measured): at 50 ms, light traffic cost ~11 us of agent CPU per
 /// payload, at 100 ms ~8.3, at 200 ms ~11% less again.
 const DRAIN_INTERVAL_MS: i32 = 200;
-/// Records decoded per drain step before their events are handled.
+/// Records decoded per drain step, at most, before their events are handled.
 pub const DRAIN_BATCH: usize = 1024;
 /// Record bytes decoded per drain step, at most (the record that crosses it included): a
 /// step's captured bytes are copied into arenas and its payloads held until it ends, so with

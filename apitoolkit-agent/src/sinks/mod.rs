@@ -197,8 +197,9 @@ impl<T: Queued> Queue<T> {
 
     /// Like [`Queue::pop`], but a batch short of `max` items and `max_bytes` waits
     /// `linger` after its first item for more (not past [`Queue::close`]): fewer,
-    /// larger requests for destinations whose cost is mostly per request. One timer per batch,
-    /// not a wake-up per push.
+    /// larger requests for destinations whose cost is mostly per request. One timer per batch;
+    /// while it runs, each push (one per drain of capture) wakes it to see whether the batch
+    /// is full.
     pub async fn pop_lingering(
         &self,
         max: usize,
@@ -230,7 +231,8 @@ impl<T: Queued> Queue<T> {
     async fn linger_until_full(&self, linger: Duration, is_full: impl Fn(&Pending<T>) -> bool) {
         let deadline = tokio::time::Instant::now() + linger;
         loop {
-            // Made before the check, so a push in between still wakes it.
+            // A push between the check and the wait is not lost: `notify_one` stores a permit
+            // when nobody waits yet, which `pushed` takes when first polled.
             let pushed = self.ready.notified();
             if is_full(&self.pending.lock().expect("queue lock")) {
                 return;
