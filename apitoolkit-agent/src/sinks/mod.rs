@@ -401,6 +401,19 @@ mod tests {
             "it fills, so it leaves early"
         );
 
+        // Full by its bytes as well as by its count.
+        let two = payload("/5b").queued_size() + payload("/6b").queued_size();
+        queue.push([payload("/5b")]);
+        let producer = queue.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(linger / 5).await;
+            producer.push([payload("/6b")]);
+        });
+        let started = tokio::time::Instant::now();
+        let batch = queue.pop_lingering(10, two, linger).await;
+        assert_eq!(paths(batch), vec!["/5b", "/6b"]);
+        assert_eq!(started.elapsed(), linger / 5);
+
         queue.push([payload("/7")]);
         let closer = queue.clone();
         tokio::spawn(async move {
