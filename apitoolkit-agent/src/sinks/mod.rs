@@ -365,66 +365,67 @@ mod tests {
         assert_eq!(paths(queue.pop(10, 1).await), vec!["/3"]);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_short_batch_lingers_for_more_until_it_fills_or_the_queue_closes() {
-        let linger = std::time::Duration::from_millis(50);
-        let queue = PayloadQueue::new("test", 1 << 20);
-        queue.push([payload("/1")]);
-        let producer = queue.clone();
+    const LINGER: std::time::Duration = std::time::Duration::from_millis(50);
+
+    /// `pop_lingering(max, max_bytes, LINGER)` on a queue holding `first`, while `second` is
+    /// pushed `after` it starts: the paths it returns and how long it took.
+    async fn linger_with_a_push(
+        queue: &Arc<PayloadQueue>,
+        (first, second): (&str, &str),
+        after: std::time::Duration,
+        (max, max_bytes): (usize, usize),
+    ) -> (Vec<String>, std::time::Duration) {
+        queue.push([payload(first)]);
+        let (producer, second) = (queue.clone(), payload(second));
         tokio::spawn(async move {
-            tokio::time::sleep(linger / 2).await;
-            producer.push([payload("/2")]);
+            tokio::time::sleep(after).await;
+            producer.push([second]);
         });
         let started = tokio::time::Instant::now();
-        let batch = queue.pop_lingering(10, usize::MAX, linger).await;
-        assert_eq!(paths(batch), vec!["/1", "/2"]);
-        assert_eq!(started.elapsed(), linger);
+        let batch = queue.pop_lingering(max, max_bytes, LINGER).await;
+        (paths(batch), started.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_batch_lingers_for_more_until_it_fills_or_the_queue_closes() {
+        let ms = std::time::Duration::from_millis;
+        let queue = PayloadQueue::new("test", 1 << 20);
+        let unbounded = (10, usize::MAX);
+        assert_eq!(
+            linger_with_a_push(&queue, ("/1", "/2"), ms(25), unbounded).await,
+            (vec!["/1".into(), "/2".into()], LINGER),
+            "short: it waits the whole linger"
+        );
 
         queue.push(["/3", "/4"].map(payload));
         let started = tokio::time::Instant::now();
-        let batch = queue.pop_lingering(2, usize::MAX, linger).await;
+        let batch = queue.pop_lingering(2, usize::MAX, LINGER).await;
         assert_eq!(paths(batch), vec!["/3", "/4"]);
         assert_eq!(started.elapsed(), std::time::Duration::ZERO);
 
-        queue.push([payload("/5")]);
-        let producer = queue.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(linger / 5).await;
-            producer.push([payload("/6")]);
-        });
-        let started = tokio::time::Instant::now();
-        let batch = queue.pop_lingering(2, usize::MAX, linger).await;
-        assert_eq!(paths(batch), vec!["/5", "/6"]);
         assert_eq!(
-            started.elapsed(),
-            linger / 5,
-            "it fills, so it leaves early"
+            linger_with_a_push(&queue, ("/5", "/6"), ms(10), (2, usize::MAX)).await,
+            (vec!["/5".into(), "/6".into()], ms(10)),
+            "full by its count once the push comes: it leaves then"
+        );
+        let two = payload("/7").queued_size() + payload("/8").queued_size();
+        assert_eq!(
+            linger_with_a_push(&queue, ("/7", "/8"), ms(10), (10, two)).await,
+            (vec!["/7".into(), "/8".into()], ms(10)),
+            "full by its bytes"
         );
 
-        // Full by its bytes as well as by its count.
-        let two = payload("/5b").queued_size() + payload("/6b").queued_size();
-        queue.push([payload("/5b")]);
-        let producer = queue.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(linger / 5).await;
-            producer.push([payload("/6b")]);
-        });
-        let started = tokio::time::Instant::now();
-        let batch = queue.pop_lingering(10, two, linger).await;
-        assert_eq!(paths(batch), vec!["/5b", "/6b"]);
-        assert_eq!(started.elapsed(), linger / 5);
-
-        queue.push([payload("/7")]);
+        queue.push([payload("/9")]);
         let closer = queue.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(linger / 5).await;
+            tokio::time::sleep(ms(10)).await;
             closer.close();
         });
         let started = tokio::time::Instant::now();
-        let batch = queue.pop_lingering(10, usize::MAX, linger).await;
-        assert_eq!(paths(batch), vec!["/7"]);
-        assert_eq!(started.elapsed(), linger / 5);
-        assert!(queue.pop_lingering(10, usize::MAX, linger).await.is_none());
+        let batch = queue.pop_lingering(10, usize::MAX, LINGER).await;
+        assert_eq!(paths(batch), vec!["/9"]);
+        assert_eq!(started.elapsed(), ms(10));
+        assert!(queue.pop_lingering(10, usize::MAX, LINGER).await.is_none());
     }
 
     #[tokio::test]
