@@ -41,7 +41,7 @@ pub const DRAIN_BATCH: usize = 1024;
 /// large bodies `DRAIN_BATCH` records of up to 16 KiB would copy the whole ring buffer (8 MiB)
 /// and hold its payloads and their JSON at once, on top of the sinks' queues. `DRAIN_BATCH`
 /// records of 1 KiB exchanges carry about this much.
-pub const DRAIN_STEP_BYTES: usize = 1024 * 1024;
+const DRAIN_STEP_BYTES: usize = 1024 * 1024;
 /// Size of the allocations the captured bytes of drained records are copied into (many
 /// records per allocation; see `Event::decode`).
 pub const ARENA_BYTES: usize = 64 * 1024;

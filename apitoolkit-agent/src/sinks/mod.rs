@@ -210,15 +210,17 @@ impl<T: Queued> Queue<T> {
             pending.closed || pending.items.len() >= max || pending.bytes >= max_bytes
         };
         loop {
-            let (full, empty) = {
+            let (empty, closed) = {
                 let pending = self.pending.lock().expect("queue lock");
-                (is_full(&pending), pending.items.is_empty())
+                (pending.items.is_empty(), pending.closed)
             };
-            if full || (!empty && linger.is_zero()) {
+            if !empty {
+                if !linger.is_zero() {
+                    self.linger_until_full(linger, is_full).await;
+                }
                 break;
             }
-            if !empty {
-                self.linger_until_full(linger, is_full).await;
+            if closed {
                 break;
             }
             self.ready.notified().await;
