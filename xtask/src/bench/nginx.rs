@@ -9,7 +9,7 @@ use anyhow::Context as _;
 
 use super::{
     Context, Scenario, agent::Sink, bench_dir, load::Load, self_signed_certificate,
-    with_and_without_agent,
+    service_cpu_scenario, with_and_without_agent,
 };
 use crate::services::{ChildGuard, free_port};
 
@@ -162,10 +162,9 @@ pub(super) fn nginx_scenarios(context: &Context) -> anyhow::Result<Vec<Scenario>
     )?);
     for body in [&KIB, &KIB_HTTPS] {
         let (load, url) = (Load::Rate(SERVICE_CPU_RATE), ports.url(body));
-        scenarios.push(with_and_without_agent(
+        scenarios.push(service_cpu_scenario(
             title(body.label, load),
             pid,
-            &[Sink::Stdout],
             context,
             &|| load.run(&url),
         )?);
