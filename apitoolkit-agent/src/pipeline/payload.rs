@@ -23,7 +23,7 @@ use super::{
 /// The backend's ATError; every key is required.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AtError {
-    pub when: String,
+    pub when: Timestamp,
     pub error_type: String,
     pub message: String,
     pub root_error_type: String,
@@ -107,7 +107,7 @@ impl Serialize for HeaderMap {
 /// back (test fixtures).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct Payload {
-    pub timestamp: String,
+    pub timestamp: Timestamp,
     pub duration: u64,
     pub method: String,
     pub host: String,
@@ -539,39 +539,119 @@ fn payload_body(
     }
 }
 
-/// `unix_ns` as chrono's `to_rfc3339_opts(SecondsFormat::Micros, false)` writes it in UTC
-/// (`2025-11-24T16:00:00.000009+00:00`, microseconds truncated), written straight into one
-/// string of its final size: chrono formats through `fmt::Write`, a call per part. Years
-/// outside 0000-9999, which chrono writes with a sign, and times it cannot represent (written
-/// as the Unix epoch) are left to chrono.
-fn rfc3339(unix_ns: i128) -> String {
-    /// 0000-01-01T00:00:00 and 9999-12-31T23:59:59, in Unix seconds.
-    const FOUR_DIGIT_YEARS: std::ops::RangeInclusive<i128> = -62_167_219_200..=253_402_300_799;
-    let seconds = unix_ns.div_euclid(1_000_000_000);
-    let nanos = unix_ns.rem_euclid(1_000_000_000) as u32;
-    if !FOUR_DIGIT_YEARS.contains(&seconds) {
-        return chrono::DateTime::from_timestamp(seconds as i64, nanos)
-            .unwrap_or_default()
-            .to_rfc3339_opts(chrono::SecondsFormat::Micros, false);
-    }
-    let seconds = seconds as i64;
-    let (year, month, day) = civil_date(seconds.div_euclid(86_400));
-    let second_of_day = seconds.rem_euclid(86_400) as u32;
-    let mut text = *b"0000-00-00T00:00:00.000000+00:00";
-    let mut digits = |at: usize, width: usize, mut value: u32| {
-        for slot in text[at..at + width].iter_mut().rev() {
-            *slot = b'0' + (value % 10) as u8;
-            value /= 10;
+/// A time as chrono's `to_rfc3339_opts(SecondsFormat::Micros, false)` writes it in UTC
+/// (`2025-11-24T16:00:00.000009+00:00`, microseconds truncated), held inline: every payload
+/// and every error carries one, and a `String` would cost each an allocation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Timestamp {
+    text: [u8; Self::CAPACITY],
+    len: u8,
+}
+
+impl Timestamp {
+    /// Room for chrono's longest, a signed six-digit year: `+262142-12-31T23:59:59.999999+00:00`.
+    const CAPACITY: usize = 40;
+
+    /// `unix_ns`, written digit by digit into place: chrono formats through `fmt::Write`, a call
+    /// per part. Years outside 0000-9999, which chrono writes with a sign, and times it cannot
+    /// represent (written as the Unix epoch) are left to chrono.
+    pub fn from_unix_ns(unix_ns: i128) -> Self {
+        /// 0000-01-01T00:00:00 and 9999-12-31T23:59:59, in Unix seconds.
+        const FOUR_DIGIT_YEARS: std::ops::RangeInclusive<i128> = -62_167_219_200..=253_402_300_799;
+        let seconds = unix_ns.div_euclid(1_000_000_000);
+        let nanos = unix_ns.rem_euclid(1_000_000_000) as u32;
+        if !FOUR_DIGIT_YEARS.contains(&seconds) {
+            let text = chrono::DateTime::from_timestamp(seconds as i64, nanos)
+                .unwrap_or_default()
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, false);
+            return text.parse().expect("chrono's RFC 3339 fits the capacity");
         }
-    };
-    digits(0, 4, year);
-    digits(5, 2, month);
-    digits(8, 2, day);
-    digits(11, 2, second_of_day / 3600);
-    digits(14, 2, second_of_day / 60 % 60);
-    digits(17, 2, second_of_day % 60);
-    digits(20, 6, nanos / 1000);
-    String::from_utf8(text.to_vec()).expect("ASCII digits and separators")
+        let seconds = seconds as i64;
+        let (year, month, day) = civil_date(seconds.div_euclid(86_400));
+        let second_of_day = seconds.rem_euclid(86_400) as u32;
+        const LAYOUT: &[u8; 32] = b"0000-00-00T00:00:00.000000+00:00";
+        let mut text = [0; Self::CAPACITY];
+        text[..LAYOUT.len()].copy_from_slice(LAYOUT);
+        let mut digits = |at: usize, width: usize, mut value: u32| {
+            for slot in text[at..at + width].iter_mut().rev() {
+                *slot = b'0' + (value % 10) as u8;
+                value /= 10;
+            }
+        };
+        digits(0, 4, year);
+        digits(5, 2, month);
+        digits(8, 2, day);
+        digits(11, 2, second_of_day / 3600);
+        digits(14, 2, second_of_day / 60 % 60);
+        digits(17, 2, second_of_day % 60);
+        digits(20, 6, nanos / 1000);
+        Self {
+            text,
+            len: LAYOUT.len() as u8,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.text[..usize::from(self.len)])
+            .expect("built from a str, cut at its end")
+    }
+}
+
+impl std::ops::Deref for Timestamp {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+/// Any text that fits (test fixtures, payloads read back); not checked to be a time.
+impl std::str::FromStr for Timestamp {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut stored = [0; Self::CAPACITY];
+        stored
+            .get_mut(..text.len())
+            .ok_or_else(|| format!("timestamp longer than {} bytes: {text:?}", Self::CAPACITY))?
+            .copy_from_slice(text.as_bytes());
+        Ok(Self {
+            text: stored,
+            len: text.len() as u8,
+        })
+    }
+}
+
+impl PartialEq<&str> for Timestamp {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::fmt::Debug for Timestamp {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), formatter)
+    }
+}
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// (year, month, day) of the proleptic Gregorian calendar `days` after 1970-01-01: Howard
@@ -597,7 +677,7 @@ fn civil_date(days: i64) -> (u32, u32, u32) {
 /// A captured error as the backend's ATError.
 pub fn at_error(error: CapturedError, settings: &PayloadSettings) -> AtError {
     AtError {
-        when: rfc3339(error.timestamp_ns as i128 + settings.realtime_offset_ns),
+        when: Timestamp::from_unix_ns(error.timestamp_ns as i128 + settings.realtime_offset_ns),
         error_type: error.error_type,
         message: error.message,
         root_error_type: error.root_error_type,
@@ -681,7 +761,9 @@ pub fn build(
     };
     let referer = request.header("referer").unwrap_or_default().to_owned();
     Payload {
-        timestamp: rfc3339(response.last_byte_ns as i128 + settings.realtime_offset_ns),
+        timestamp: Timestamp::from_unix_ns(
+            response.last_byte_ns as i128 + settings.realtime_offset_ns,
+        ),
         duration: response.last_byte_ns.saturating_sub(request.first_byte_ns),
         method,
         host,
@@ -823,7 +905,7 @@ mod tests {
         assert_eq!(
             payload.errors,
             vec![AtError {
-                when: "2025-11-24T16:00:00.000008+00:00".into(),
+                when: "2025-11-24T16:00:00.000008+00:00".parse().unwrap(),
                 error_type: "ValueError".into(),
                 message: "bad".into(),
                 root_error_type: "KeyError".into(),
@@ -1148,10 +1230,16 @@ Content-Type: text/csv\r\n\r\na,b\n1,2\n\r\n--XyZ--\r\n";
     #[test]
     fn timestamps_are_written_as_chrono_writes_them_at_every_edge() {
         let second = 1_000_000_000_i128;
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000+00:00");
-        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999999+00:00");
         assert_eq!(
-            rfc3339(951_782_400 * second + 999),
+            Timestamp::from_unix_ns(0),
+            "1970-01-01T00:00:00.000000+00:00"
+        );
+        assert_eq!(
+            Timestamp::from_unix_ns(-1),
+            "1969-12-31T23:59:59.999999+00:00"
+        );
+        assert_eq!(
+            Timestamp::from_unix_ns(951_782_400 * second + 999),
             "2000-02-29T00:00:00.000000+00:00",
             "a leap day; nanoseconds below a microsecond are cut, not rounded"
         );
@@ -1164,7 +1252,11 @@ Content-Type: text/csv\r\n\r\na,b\n1,2\n\r\n--XyZ--\r\n";
             i128::from(i64::MAX) * second,
             i128::MIN / 2,
         ] {
-            assert_eq!(rfc3339(unix_ns), rfc3339_by_chrono(unix_ns), "{unix_ns}");
+            assert_eq!(
+                Timestamp::from_unix_ns(unix_ns).as_str(),
+                rfc3339_by_chrono(unix_ns),
+                "{unix_ns}"
+            );
         }
     }
 
@@ -1175,7 +1267,8 @@ Content-Type: text/csv\r\n\r\na,b\n1,2\n\r\n--XyZ--\r\n";
             nanos in 0..1_000_000_000_i64,
         ) {
             let unix_ns = i128::from(seconds) * 1_000_000_000 + i128::from(nanos);
-            proptest::prop_assert_eq!(rfc3339(unix_ns), rfc3339_by_chrono(unix_ns));
+            let written = Timestamp::from_unix_ns(unix_ns);
+            proptest::prop_assert_eq!(written.as_str(), rfc3339_by_chrono(unix_ns));
         }
 
         /// The hand-written JSON is byte for byte what serde_json writes, whatever the text:

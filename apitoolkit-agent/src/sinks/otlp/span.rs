@@ -357,7 +357,7 @@ mod tests {
     fn attributes_follow_the_sdk_span() {
         let mut payload = payload();
         payload.errors = vec![AtError {
-            when: "2026-11-25T01:57:22.393941+00:00".into(),
+            when: "2026-11-25T01:57:22.393941+00:00".parse().unwrap(),
             error_type: "ValueError".into(),
             message: "bad".into(),
             root_error_type: "ValueError".into(),

@@ -516,14 +516,21 @@ impl MessageParser {
 
 type ParsedHead = (usize, StartLine, u8, Fields);
 
-fn collect_headers(headers: &[httparse::Header<'_>]) -> Fields {
+/// The fields of a head parsed from `buffer`, copied in one piece when they are UTF-8 (nearly
+/// always), else field by field with invalid values made lossy.
+fn collect_headers<'b>(buffer: &'b [u8], headers: &[httparse::Header<'b>]) -> Fields {
+    let parts = headers
+        .iter()
+        .map(|header| (header.name.as_bytes(), header.value));
+    if let Some(fields) = Fields::from_buffer(buffer, parts) {
+        return fields;
+    }
     let text_bytes = headers
         .iter()
         .map(|header| header.name.len() + header.value.len())
         .sum();
     let mut fields = Fields::with_capacity(text_bytes, headers.len());
     for header in headers {
-        // Values are nearly always valid UTF-8, which `from_utf8` checks a word at a time.
         match std::str::from_utf8(header.value) {
             Ok(value) => fields.push(header.name, value),
             Err(_) => fields.push(header.name, &String::from_utf8_lossy(header.value)),
@@ -546,7 +553,7 @@ fn parse_request_head<'b>(
                 target: request.path.unwrap_or_default().to_owned(),
             },
             request.version.unwrap_or(1),
-            collect_headers(request.headers),
+            collect_headers(buffer, request.headers),
         ))),
     }
 }
@@ -569,7 +576,7 @@ fn parse_response_head<'b>(
                 status: response.code.unwrap_or_default(),
             },
             response.version.unwrap_or(1),
-            collect_headers(response.headers),
+            collect_headers(buffer, response.headers),
         ))),
     }
 }
@@ -788,6 +795,25 @@ mod tests {
         let message = only_message(parse_all(&mut parser, None));
         assert_eq!(message.header("x-name"), Some("Zo\u{eb}"));
         assert_eq!(message.header("x-raw"), Some("a\u{fffd}b"));
+    }
+
+    #[test]
+    fn fields_copied_in_one_piece_are_the_fields_parsed() {
+        let head = b"HTTP/1.1 200 OK\r\nEmpty:\r\nX-Folded: a\r\n  b\r\nServer:  nginx \r\n\
+            Set-Cookie: a=1\r\nset-cookie: b=\xc3\xab\r\n\r\n";
+        let mut storage = [httparse::EMPTY_HEADER; USUAL_HEADERS];
+        let Ok(Some((_, _, _, fields))) = parse_response_head(head, &mut storage) else {
+            panic!("a complete head");
+        };
+        let one_by_one: Fields = storage[..fields.len()]
+            .iter()
+            .map(|header| (header.name, std::str::from_utf8(header.value).unwrap()))
+            .collect();
+        assert_eq!(fields, one_by_one);
+        assert_eq!(fields.get("empty"), Some(""));
+        assert_eq!(fields.get("server"), Some("nginx"));
+        assert_eq!(fields.get("SET-COOKIE"), Some("a=1"));
+        assert_eq!(fields.iter().last(), Some(("set-cookie", "b=\u{eb}")));
     }
 
     #[test]
