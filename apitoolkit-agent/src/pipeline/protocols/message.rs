@@ -92,10 +92,14 @@ impl Fields {
             return Some(Self::default());
         };
         let (start, end) = (first.name.0, last.value.1);
-        let text = std::str::from_utf8(&buffer[range((start, end))]).ok()?;
+        let text = std::str::from_utf8(buffer.get(range((start, end)))?).ok()?;
+        // httparse hands the fields on in order; any other order would not fit this stretch.
+        let within = |(from, to): (u32, u32)| {
+            (start <= from && to <= end).then(|| (from - start, to - start))
+        };
         for span in &mut spans {
-            span.name = (span.name.0 - start, span.name.1 - start);
-            span.value = (span.value.0 - start, span.value.1 - start);
+            span.name = within(span.name)?;
+            span.value = within(span.value)?;
         }
         Some(Self {
             text: text.to_owned(),
@@ -357,6 +361,8 @@ mod tests {
         assert!(
             Fields::from_buffer(invalid, [(&invalid[..1], &invalid[3..4])].into_iter()).is_none()
         );
+        let out_of_order = [(part(25, 6), part(33, 3)), (part(16, 4), part(22, 1))];
+        assert!(Fields::from_buffer(buffer, out_of_order.into_iter()).is_none());
         let elsewhere = b"Y";
         assert!(
             Fields::from_buffer(buffer, [(&elsewhere[..], &buffer[..1])].into_iter()).is_none()
