@@ -430,6 +430,29 @@ mod tests {
         assert!(queue.pop_lingering(10, usize::MAX, LINGER).await.is_none());
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_queue_lingers_from_its_first_push_and_no_linger_takes_what_is_there() {
+        let ms = std::time::Duration::from_millis;
+        let queue = PayloadQueue::new("test", 1 << 20);
+        let producer = queue.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ms(30)).await;
+            producer.push([payload("/1")]);
+        });
+        let started = tokio::time::Instant::now();
+        let batch = queue.pop_lingering(10, usize::MAX, LINGER).await;
+        assert_eq!(paths(batch), vec!["/1"]);
+        assert_eq!(started.elapsed(), ms(30) + LINGER);
+
+        queue.push([payload("/2")]);
+        let started = tokio::time::Instant::now();
+        let batch = queue
+            .pop_lingering(10, usize::MAX, std::time::Duration::ZERO)
+            .await;
+        assert_eq!(paths(batch), vec!["/2"]);
+        assert_eq!(started.elapsed(), std::time::Duration::ZERO);
+    }
+
     #[tokio::test]
     async fn pop_waits_for_a_push_from_another_thread() {
         let queue = PayloadQueue::new("test", 1 << 20);

@@ -4,8 +4,8 @@
 //!   the agent writing to stdout, and with the agent publishing to the Pub/Sub emulator;
 //! - a Flask app under gunicorn the same way, plus the same app instrumented with the
 //!   apitoolkit-flask SDK publishing to the emulator (what Flask users run today);
-//! - nginx at fixed rates (paced wrk) with and without the agent: plain and HTTPS at 4000 req/s for
-//!   the service's own CPU per request, in three interleaved rounds; 1000 and 5000 req/s, at 5000 also publishing to
+//! - nginx at fixed rates (paced wrk) with and without the agent: plain and HTTPS at 4000 req/s
+//!   for the service's own CPU per request, in three interleaved rounds; 1000 and 5000 req/s, at 5000 also publishing to
 //!   Pub/Sub and exporting OTLP spans to the test suite's receiver; 5000 req/s over 1000
 //!   connections for the agent's memory;
 //! - a Go net/http HTTPS server (crypto/tls probed in the executable) at saturation and at a
@@ -252,7 +252,8 @@ const SERVICE_CPU_ROUNDS: usize = 3;
 
 /// [`with_and_without_agent`] with the agent → stdout, `SERVICE_CPU_ROUNDS` times in a row:
 /// the first round's runs make the scenario's table, and each round's difference in the
-/// service's CPU per request is kept, so a drift of the machine between rounds cancels out.
+/// service's CPU per request is kept, so a drift of the machine between rounds cancels out
+/// (one within a round does not: each runs bare first).
 fn service_cpu_scenario(
     title: String,
     pid: u32,

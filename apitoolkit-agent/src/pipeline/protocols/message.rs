@@ -71,7 +71,8 @@ impl Fields {
     /// Fields whose names and values all lie in `buffer` (an HTTP/1 head): the stretch of it
     /// from the first name to the last value is checked as UTF-8 and copied whole, and each
     /// field found by where it lies in it, instead of a check and two copies per field. None
-    /// when that stretch is not UTF-8 or a part lies outside `buffer`.
+    /// when that stretch is not UTF-8, or a part lies outside it (out of order, or outside
+    /// `buffer`) or cuts a character.
     pub fn from_buffer<'b>(
         buffer: &'b [u8],
         pairs: impl ExactSizeIterator<Item = (&'b [u8], &'b [u8])>,
@@ -93,9 +94,13 @@ impl Fields {
         };
         let (start, end) = (first.name.0, last.value.1);
         let text = std::str::from_utf8(buffer.get(range((start, end)))?).ok()?;
-        // httparse hands the fields on in order; any other order would not fit this stretch.
+        // httparse hands the fields on in order, each edge next to an ASCII byte; a part out of
+        // order or cutting a character gives None rather than a field that panics when read.
         let within = |(from, to): (u32, u32)| {
-            (start <= from && to <= end).then(|| (from - start, to - start))
+            let part = (from.checked_sub(start)?, to.checked_sub(start)?);
+            let edges = [part.0, part.1];
+            let fits = to <= end && edges.iter().all(|&at| text.is_char_boundary(at as usize));
+            fits.then_some(part)
         };
         for span in &mut spans {
             span.name = within(span.name)?;
@@ -363,6 +368,12 @@ mod tests {
         );
         let out_of_order = [(part(25, 6), part(33, 3)), (part(16, 4), part(22, 1))];
         assert!(Fields::from_buffer(buffer, out_of_order.into_iter()).is_none());
+        let accented = "X: \u{e9}\r\nY: y".as_bytes();
+        let half_a_character = [
+            (&accented[..1], &accented[3..4]),
+            (&accented[7..8], &accented[10..11]),
+        ];
+        assert!(Fields::from_buffer(accented, half_a_character.into_iter()).is_none());
         let elsewhere = b"Y";
         assert!(
             Fields::from_buffer(buffer, [(&elsewhere[..], &buffer[..1])].into_iter()).is_none()

@@ -805,7 +805,15 @@ mod tests {
         let Ok(Some((_, _, _, fields))) = parse_response_head(head, &mut storage) else {
             panic!("a complete head");
         };
-        let one_by_one: Fields = storage[..fields.len()]
+        let parsed = &storage[..fields.len()];
+        let in_one_piece = parsed
+            .iter()
+            .map(|header| (header.name.as_bytes(), header.value));
+        assert!(
+            Fields::from_buffer(head, in_one_piece).is_some(),
+            "the head's fields are copied in one piece"
+        );
+        let one_by_one: Fields = parsed
             .iter()
             .map(|header| (header.name, std::str::from_utf8(header.value).unwrap()))
             .collect();
